@@ -1,0 +1,235 @@
+"""Model configurations as frozen dataclasses, with named presets.
+
+Every size-specific number of the CogVideoX family lives here and nowhere else: the model
+code reads it from a config. A config is validated once, when it is built, so a bad value
+fails before any weight is allocated.
+
+Presets: ``cogvideox-2b``, ``cogvideox-5b``, ``cogvideox-5b-i2v`` (DiT) and
+``cogvideox-2b`` / ``cogvideox-5b`` / ``cogvideox-5b-i2v`` (VAE: the same architecture,
+with a different latent scaling factor for 2B).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _from_dict(cls: type, values: dict[str, Any], *, source: str, ignored: frozenset[str]) -> Any:
+    """Builds ``cls`` from a diffusers-style config dict.
+
+    Known fields are taken, fields listed in ``ignored`` (bookkeeping such as ``_class_name``
+    or options with no effect on the math) are dropped, and anything else is an error: a
+    config we do not understand must not be silently half-applied.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    unknown = []
+    for key, value in values.items():
+        if key in names:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        elif key.startswith("_") or key in ignored:
+            continue
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{source}: unsupported config field(s) {sorted(unknown)} for {cls.__name__}")
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """CogVideoX transformer (CogVideoX 1.0 family: 2B, 5B, 5B-I2V).
+
+    Field names follow diffusers' ``CogVideoXTransformer3DModel`` config.json so a config file
+    maps onto this class one to one.
+    """
+
+    num_attention_heads: int = 48
+    attention_head_dim: int = 64
+    in_channels: int = 16
+    out_channels: int = 16
+    time_embed_dim: int = 512
+    text_embed_dim: int = 4096
+    num_layers: int = 42
+    patch_size: int = 2
+    # Pixel-space frame count of the training clips (49 -> 13 latent frames). diffusers keeps
+    # this in pixel space for backwards compatibility; we do the same so config.json loads as is.
+    sample_frames: int = 49
+    sample_height: int = 60  # latent rows of the base grid (480 px / 8)
+    sample_width: int = 90  # latent columns of the base grid (720 px / 8)
+    temporal_compression_ratio: int = 4
+    max_text_seq_length: int = 226
+    spatial_interpolation_scale: float = 1.875
+    temporal_interpolation_scale: float = 1.0
+    use_rotary_positional_embeddings: bool = True
+    use_learned_positional_embeddings: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    attention_bias: bool = True
+    norm_eps: float = 1e-5
+    norm_elementwise_affine: bool = True
+    activation_fn: str = "gelu-approximate"
+    timestep_activation_fn: str = "silu"
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        _check(self.num_attention_heads > 0 and self.attention_head_dim > 0, "heads and head dim must be positive")
+        _check(self.num_layers > 0, f"num_layers must be positive, got {self.num_layers}")
+        _check(self.patch_size > 0, f"patch_size must be positive, got {self.patch_size}")
+        _check(
+            self.sample_height % self.patch_size == 0 and self.sample_width % self.patch_size == 0,
+            f"sample_height/sample_width ({self.sample_height}x{self.sample_width}) must be multiples of "
+            f"patch_size {self.patch_size}",
+        )
+        _check(
+            (self.sample_frames - 1) % self.temporal_compression_ratio == 0,
+            f"sample_frames {self.sample_frames} must be k*{self.temporal_compression_ratio}+1",
+        )
+        _check(self.activation_fn == "gelu-approximate", f"activation_fn {self.activation_fn!r} is not supported")
+        _check(self.timestep_activation_fn == "silu", f"timestep_activation_fn {self.timestep_activation_fn!r} unsupported")
+        _check(self.norm_elementwise_affine, "norm_elementwise_affine=False is not supported")
+        _check(
+            self.use_rotary_positional_embeddings or not self.use_learned_positional_embeddings,
+            "learned positional embeddings without RoPE do not exist in the CogVideoX family",
+        )
+        if self.use_rotary_positional_embeddings:
+            # RoPE splits the head dim t:h:w = 1/4 : 3/8 : 3/8, each part made of (cos, sin) pairs.
+            _check(
+                self.attention_head_dim % 16 == 0,
+                f"attention_head_dim {self.attention_head_dim} must be a multiple of 16 for 3D RoPE",
+            )
+        if not self.use_rotary_positional_embeddings or self.use_learned_positional_embeddings:
+            _check(self.inner_dim % 16 == 0, f"inner dim {self.inner_dim} must be a multiple of 16 for 3D sin-cos")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def sample_latent_frames(self) -> int:
+        """Latent frames of the base clip (13 for 49 pixel frames)."""
+        return (self.sample_frames - 1) // self.temporal_compression_ratio + 1
+
+    @property
+    def patch_out_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.out_channels
+
+    @property
+    def uses_sincos_positions(self) -> bool:
+        """2B adds a fixed 3D sin-cos table; I2V adds a learned one (sin-cos off its base shape)."""
+        return not self.use_rotary_positional_embeddings or self.use_learned_positional_embeddings
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> DiTConfig:
+        _check(
+            values.get("patch_size_t") is None,
+            f"{source}: patch_size_t={values.get('patch_size_t')} is CogVideoX 1.5, which is not supported",
+        )
+        _check(
+            not values.get("ofs_embed_dim"),
+            f"{source}: ofs_embed_dim is CogVideoX 1.5 I2V, which is not supported",
+        )
+        _check(values.get("patch_bias", True), f"{source}: patch_bias=False is not supported")
+        return _from_dict(
+            cls,
+            values,
+            source=source,
+            ignored=frozenset({"dropout", "patch_size_t", "ofs_embed_dim", "patch_bias"}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """CogVideoX 3D causal VAE (diffusers ``AutoencoderKLCogVideoX`` field names)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = (128, 256, 256, 512)
+    layers_per_block: int = 3
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    act_fn: str = "silu"
+    temporal_compression_ratio: int = 4
+    sample_height: int = 480
+    sample_width: int = 720
+    scaling_factor: float = 0.7
+    use_quant_conv: bool = False
+    use_post_quant_conv: bool = False
+    invert_scale_latents: bool = False
+    down_block_types: tuple[str, ...] = field(default=("CogVideoXDownBlock3D",) * 4)
+    up_block_types: tuple[str, ...] = field(default=("CogVideoXUpBlock3D",) * 4)
+
+    def __post_init__(self) -> None:
+        n = len(self.block_out_channels)
+        _check(n >= 1, "block_out_channels must not be empty")
+        _check(
+            all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+            f"every block_out_channels {self.block_out_channels} must be divisible by norm_num_groups "
+            f"{self.norm_num_groups}",
+        )
+        _check(self.act_fn == "silu", f"act_fn {self.act_fn!r} is not supported")
+        _check(not self.use_quant_conv and not self.use_post_quant_conv, "quant convs are not used by CogVideoX")
+        _check(
+            self.down_block_types == ("CogVideoXDownBlock3D",) * n
+            and self.up_block_types == ("CogVideoXUpBlock3D",) * n,
+            "only CogVideoXDownBlock3D / CogVideoXUpBlock3D blocks exist in the CogVideoX VAE",
+        )
+        _check(self.temporal_compression_ratio in (1, 2, 4, 8), "temporal_compression_ratio must be a power of 2")
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> VAEConfig:
+        return _from_dict(
+            cls,
+            values,
+            source=source,
+            ignored=frozenset({"shift_factor", "latents_mean", "latents_std", "force_upcast", "dropout"}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+DIT_PRESETS: dict[str, DiTConfig] = {
+    "cogvideox-2b": DiTConfig(
+        num_attention_heads=30,
+        num_layers=30,
+        use_rotary_positional_embeddings=False,
+    ),
+    "cogvideox-5b": DiTConfig(),
+    "cogvideox-5b-i2v": DiTConfig(in_channels=32, use_learned_positional_embeddings=True),
+}
+
+VAE_PRESETS: dict[str, VAEConfig] = {
+    "cogvideox-2b": VAEConfig(scaling_factor=1.15258426),
+    "cogvideox-5b": VAEConfig(),
+    "cogvideox-5b-i2v": VAEConfig(),
+}
+
+
+def dit_preset(name: str) -> DiTConfig:
+    try:
+        return DIT_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown DiT preset {name!r}; valid: {sorted(DIT_PRESETS)}") from None
+
+
+def vae_preset(name: str) -> VAEConfig:
+    try:
+        return VAE_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown VAE preset {name!r}; valid: {sorted(VAE_PRESETS)}") from None

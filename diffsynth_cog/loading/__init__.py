@@ -1,0 +1,1 @@
+"""Reading weights from raw files and converting their keys onto our models."""

@@ -1,0 +1,34 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="diffsynth-cog",
+    version="0.1.0",
+    description="Long-video extension toolkit for CogVideoX: loading, ExVideo LoRA, generation and post-training",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["diffsynth_cog", "diffsynth_cog.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "safetensors>=0.4",
+        "transformers>=4.44",
+        "sentencepiece",
+        "protobuf",
+        "tqdm",
+        "numpy",
+        "pillow",
+        "imageio>=2.30",
+        "imageio-ffmpeg>=0.5",
+        "modelscope>=1.20",
+    ],
+    extras_require={
+        "train": ["lightning>=2.4", "deepspeed>=0.15"],
+        "flash": ["flash-attn>=2.6"],
+        # diffusers is the numerical reference the tests compare against; never imported by the library.
+        "test": ["pytest>=8", "diffusers==0.42.1", "lightning>=2.4", "ruff"],
+    },
+    entry_points={"console_scripts": ["diffsynth-cog=diffsynth_cog.cli:main"]},
+)
