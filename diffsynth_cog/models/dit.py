@@ -1,0 +1,346 @@
+"""The CogVideoX diffusion transformer (CogVideoX 1.0: 2B, 5B, 5B-I2V) in one file.
+
+Text tokens and video tokens run through every block side by side and meet in one full 3D
+attention over ``[text, video]``. Each block modulates the two streams separately (adaptive
+LayerNorm-Zero: shift / scale / gate per stream, from the timestep embedding).
+
+Positions:
+  * 2B: a fixed 3D sin-cos table added to the video tokens after patchifying.
+  * 5B: 3D RoPE on the video tokens' queries and keys (head dim split t:h:w = 1/4 : 3/8 : 3/8).
+  * 5B-I2V: RoPE plus a learned table over ``[text, video]`` at the training shape.
+Both tables and RoPE are built from the latent shape of each call, against the config's base
+grid, so any number of latent frames works (33 for 129 pixel frames).
+
+Module names follow DiffSynth-Studio's (``blocks.N.attn1.to_q``, ``blocks.N.ff.0``, ...), so
+ExVideo LoRA files address our layers directly.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from diffsynth_cog.configs import DiTConfig
+from diffsynth_cog.models.attention import attention
+
+# ----------------------------------------------------------------------------------------------
+# Position tables (pure functions of the shape and the config; cached per shape)
+
+
+def resize_crop_region(grid_hw: tuple[int, int], base_hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where a grid of ``grid_hw`` patches sits when fitted (aspect kept) into the base grid.
+
+    The RoPE coordinates of a frame span this region of the base grid, so a video of another
+    size sees positions on the scale the model was trained on. Returns ((top, left), (bottom, right)).
+    """
+    (h, w), (base_h, base_w) = grid_hw, base_hw
+    if h / w > base_h / base_w:
+        rh, rw = base_h, int(round(base_h / h * w))
+    else:
+        rw, rh = base_w, int(round(base_w / w * h))
+    top, left = int(round((base_h - rh) / 2.0)), int(round((base_w - rw) / 2.0))
+    return (top, left), (top + rh, left + rw)
+
+
+def _rope_axis(dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of one axis, each [len(positions), dim], every frequency repeated for its (re, im) pair."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # [dim/2]
+    angles = torch.outer(positions, inv_freq)  # [N, dim/2]
+    return angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1)
+
+
+@lru_cache(maxsize=16)
+def rope_table(config: DiTConfig, t: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """3D RoPE cos/sin for a ``t x h x w`` grid of patches: two float32 tensors [t*h*w, head_dim].
+
+    Spatial coordinates cover the crop region of the base grid in ``n`` even steps from its start
+    to ``end * (n - 1) / n`` (the reference's exact spacing); time is simply 0..t-1, so longer videos
+    extend the positions without interpolation (ExVideo's choice).
+    """
+    p = config.patch_size
+    (top, left), (bottom, right) = resize_crop_region((h, w), (config.sample_height // p, config.sample_width // p))
+    pos_h = torch.linspace(top, bottom * (h - 1) / h, h, dtype=torch.float32)
+    pos_w = torch.linspace(left, right * (w - 1) / w, w, dtype=torch.float32)
+    pos_t = torch.linspace(0, t * (t - 1) / t, t, dtype=torch.float32)
+    d = config.attention_head_dim
+    dim_t, dim_hw = d // 4, d // 8 * 3
+    parts = [
+        _rope_axis(dim_t, pos_t, config.rope_theta),
+        _rope_axis(dim_hw, pos_h, config.rope_theta),
+        _rope_axis(dim_hw, pos_w, config.rope_theta),
+    ]
+    out = []
+    for k in range(2):  # cos, then sin
+        ct, ch, cw = (part[k] for part in parts)
+        grid = torch.cat(
+            [
+                ct[:, None, None, :].expand(t, h, w, dim_t),
+                ch[None, :, None, :].expand(t, h, w, dim_hw),
+                cw[None, None, :, :].expand(t, h, w, dim_hw),
+            ],
+            dim=-1,
+        )  # [t, h, w, head_dim]
+        out.append(grid.reshape(t * h * w, d))
+    return out[0], out[1]
+
+
+def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """[N, dim] = [sin(pos * w_i), cos(pos * w_i)], w_i = 10000^(-i / (dim/2)); computed in float64."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    angles = positions.to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+@lru_cache(maxsize=16)
+def sincos_table(config: DiTConfig, t: int, h: int, w: int) -> torch.Tensor:
+    """Fixed 3D sin-cos position table [t*h*w, inner_dim] (float64), token order (t, h, w).
+
+    A quarter of the channels encode time, the rest space; of the spatial half-and-half, the
+    first half encodes the column and the second the row (the reference's layout).
+    """
+    dim = config.inner_dim
+    s, ts = config.spatial_interpolation_scale, config.temporal_interpolation_scale
+    cols = (torch.arange(w, dtype=torch.float32) / s).repeat(h)  # [h*w], column index of each patch
+    rows = (torch.arange(h, dtype=torch.float32) / s).repeat_interleave(w)  # [h*w]
+    spatial = torch.cat([_sincos_1d(dim * 3 // 8, cols), _sincos_1d(dim * 3 // 8, rows)], dim=1)  # [h*w, 3D/4]
+    temporal = _sincos_1d(dim // 4, torch.arange(t, dtype=torch.float32) / ts)  # [t, D/4]
+    table = torch.cat([temporal[:, None, :].expand(t, h * w, -1), spatial[None].expand(t, -1, -1)], dim=-1)
+    return table.reshape(t * h * w, dim)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, shift: float) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps: [B] -> [B, dim] float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / (half - shift))
+    angles = timesteps.float()[:, None] * freqs[None, :]
+    emb = torch.cat([angles.cos(), angles.sin()] if flip_sin_to_cos else [angles.sin(), angles.cos()], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates (even, odd) channel pairs of x [B, L, H, D] by the angles in cos/sin [L, D] (float32 math).
+
+    Text positions carry cos=1, sin=0, so one call covers the whole [text, video] sequence and no
+    slice of q/k has to be copied out and back in.
+    """
+    pairs = x.unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (a, b) -> (-b, a)
+    return (x.float() * cos[:, None, :] + rotated.float() * sin[:, None, :]).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+class AdaLayerNormZero(nn.Module):
+    """LayerNorm whose shift/scale (and residual gates) come from the timestep embedding, with
+    separate parameters for the video stream and the text stream."""
+
+    def __init__(self, cond_dim: int, dim: int, eps: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(cond_dim, 6 * dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(
+        self, video: torch.Tensor, text: torch.Tensor, cond: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # video [B, Lv, D], text [B, Lt, D], cond [B, C] -> modulated streams and their gates [B, 1, D]
+        shift, scale, gate, t_shift, t_scale, t_gate = self.linear(F.silu(cond))[:, None, :].chunk(6, dim=-1)
+        video = self.norm(video) * (1 + scale) + shift
+        text = self.norm(text) * (1 + t_scale) + t_shift
+        return video, text, gate, t_gate
+
+
+class AdaLayerNormOut(nn.Module):
+    """Final modulation before the output projection (shift, scale only)."""
+
+    def __init__(self, cond_dim: int, dim: int, eps: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(cond_dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.linear(F.silu(cond))[:, None, :].chunk(2, dim=-1)
+        return self.norm(x) * (1 + scale) + shift
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with per-head LayerNorm on q and k, and optional RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, bias: bool) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        inner = num_heads * head_dim
+        self.to_q = nn.Linear(dim, inner, bias=bias)
+        self.to_k = nn.Linear(dim, inner, bias=bias)
+        self.to_v = nn.Linear(dim, inner, bias=bias)
+        self.norm_q = nn.LayerNorm(head_dim, eps=1e-6)
+        self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
+        self.to_out = nn.Linear(inner, dim, bias=True)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        # x [B, L, D]; rope: cos/sin [L, head_dim] or None
+        heads = (self.num_heads, self.head_dim)
+        q = self.norm_q(self.to_q(x).unflatten(-1, heads))  # [B, L, H, Dh]
+        k = self.norm_k(self.to_k(x).unflatten(-1, heads))
+        v = self.to_v(x).unflatten(-1, heads)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v)  # [B, L, H, Dh]
+        return self.to_out(out.flatten(2))  # [B, L, D]
+
+
+class CogDiTBlock(nn.Module):
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        dim = config.inner_dim
+        self.norm1 = AdaLayerNormZero(config.time_embed_dim, dim, config.norm_eps)
+        self.attn1 = SelfAttention(dim, config.num_attention_heads, config.attention_head_dim, config.attention_bias)
+        self.norm2 = AdaLayerNormZero(config.time_embed_dim, dim, config.norm_eps)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        text: torch.Tensor,
+        cond: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # video [B, Lv, D], text [B, Lt, D], cond [B, time_embed_dim]
+        n_text = text.shape[1]
+        v, t, gate, t_gate = self.norm1(video, text, cond)
+        out = self.attn1(torch.cat([t, v], dim=1), rope)  # [B, Lt + Lv, D]
+        video = video + gate * out[:, n_text:]
+        text = text + t_gate * out[:, :n_text]
+
+        v, t, gate, t_gate = self.norm2(video, text, cond)
+        out = self.ff(torch.cat([t, v], dim=1))  # [B, Lt + Lv, D]
+        video = video + gate * out[:, n_text:]
+        text = text + t_gate * out[:, :n_text]
+        return video, text
+
+
+class CogDiT(nn.Module):
+    """CogVideoX transformer.
+
+    ``dit(latents, timestep, prompt_emb)``:
+      latents    [B, in_channels, T, H, W]  (T latent frames, H/W latent rows/cols)
+      timestep   [B] (or a scalar), in 0..num_train_timesteps-1
+      prompt_emb [B, L, text_embed_dim]
+    returns the v-prediction [B, out_channels, T, H, W].
+    """
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim, p = config.inner_dim, config.patch_size
+        self.patch_embed = nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
+        self.text_proj = nn.Linear(config.text_embed_dim, dim)
+        if config.use_learned_positional_embeddings:
+            # Learned table over [text, video] tokens at the training shape.
+            n = config.max_text_seq_length + config.sample_latent_frames * (config.sample_height // p) * (
+                config.sample_width // p
+            )
+            self.pos_embedding = nn.Parameter(torch.zeros(1, n, dim))
+        self.time_embed = nn.Sequential(
+            nn.Linear(dim, config.time_embed_dim), nn.SiLU(), nn.Linear(config.time_embed_dim, config.time_embed_dim)
+        )
+        self.blocks = nn.ModuleList([CogDiTBlock(config) for _ in range(config.num_layers)])
+        self.norm_final = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.norm_out = AdaLayerNormOut(config.time_embed_dim, dim, config.norm_eps)
+        self.proj_out = nn.Linear(dim, config.patch_out_dim)
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in the backward pass (non-reentrant, so frozen bases work)."""
+        self.gradient_checkpointing = enabled
+
+    def _check_inputs(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_emb: torch.Tensor) -> None:
+        c = self.config
+        if latents.ndim != 5:
+            raise ValueError(f"latents must be [B, C, T, H, W], got shape {list(latents.shape)}")
+        b, ch, _, h, w = latents.shape
+        if ch != c.in_channels:
+            raise ValueError(f"latents have {ch} channels, this DiT expects in_channels={c.in_channels}")
+        if h % c.patch_size or w % c.patch_size:
+            raise ValueError(f"latent height/width {h}x{w} must be multiples of patch_size {c.patch_size}")
+        if prompt_emb.ndim != 3 or prompt_emb.shape[0] != b or prompt_emb.shape[2] != c.text_embed_dim:
+            raise ValueError(
+                f"prompt_emb must be [B={b}, L, {c.text_embed_dim}], got shape {list(prompt_emb.shape)}"
+            )
+        if timestep.numel() not in (1, b):
+            raise ValueError(f"timestep must be a scalar or have B={b} entries, got shape {list(timestep.shape)}")
+        if c.use_learned_positional_embeddings:
+            if (h, w) != (c.sample_height, c.sample_width):
+                raise ValueError(
+                    f"this DiT has learned position embeddings for {c.sample_height}x{c.sample_width} latents "
+                    f"({c.sample_height * 8}x{c.sample_width * 8} px); got {h}x{w}"
+                )
+            if prompt_emb.shape[1] != c.max_text_seq_length:
+                raise ValueError(
+                    f"learned position embeddings need exactly {c.max_text_seq_length} text tokens, "
+                    f"got {prompt_emb.shape[1]}"
+                )
+
+    def _positions(self, t: int, h: int, w: int, n_text: int, device: torch.device, dtype: torch.dtype):
+        """Additive position table for [text, video] (or None) and the RoPE cos/sin (or None)."""
+        c = self.config
+        additive = None
+        if c.use_learned_positional_embeddings and t == c.sample_latent_frames:
+            additive = self.pos_embedding.to(dtype)  # [1, Lt + Lv, D]
+        elif c.uses_sincos_positions:
+            # 2B; and I2V at other lengths, where the reference falls back to the sin-cos table
+            # of the new shape instead of its learned one (kept for parity, see the tests).
+            video_table = sincos_table(c, t, h, w).to(device=device, dtype=dtype)
+            additive = torch.cat([video_table.new_zeros(n_text, video_table.shape[1]), video_table])[None]
+        rope = None
+        if c.use_rotary_positional_embeddings:
+            cos, sin = rope_table(c, t, h, w)
+            # Text tokens get the identity rotation (cos=1, sin=0).
+            cos = torch.cat([cos.new_ones(n_text, cos.shape[1]), cos]).to(device)
+            sin = torch.cat([sin.new_zeros(n_text, sin.shape[1]), sin]).to(device)
+            rope = (cos, sin)
+        return additive, rope
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_emb: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        timestep = torch.as_tensor(timestep, device=latents.device)
+        self._check_inputs(latents, timestep, prompt_emb)
+        b, _, t, h, w = latents.shape
+        p = c.patch_size
+        gh, gw = h // p, w // p
+        dtype = self.proj_out.weight.dtype
+        latents, prompt_emb = latents.to(dtype), prompt_emb.to(dtype)
+
+        cond = timestep_embedding(timestep.reshape(-1).expand(b), c.inner_dim, c.flip_sin_to_cos, c.freq_shift)
+        cond = self.time_embed(cond.to(dtype))  # [B, time_embed_dim]
+
+        frames = latents.transpose(1, 2).flatten(0, 1)  # [B*T, C, H, W]
+        video = self.patch_embed(frames)  # [B*T, D, gh, gw]
+        video = video.unflatten(0, (b, t)).flatten(3).transpose(2, 3).flatten(1, 2)  # [B, T*gh*gw, D]
+        text = self.text_proj(prompt_emb)  # [B, Lt, D]
+        n_text = text.shape[1]
+
+        additive, rope = self._positions(t, gh, gw, n_text, latents.device, dtype)
+        if additive is not None:
+            text = text + additive[:, :n_text]
+            video = video + additive[:, n_text:]
+
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                video, text = torch.utils.checkpoint.checkpoint(block, video, text, cond, rope, use_reentrant=False)
+            else:
+                video, text = block(video, text, cond, rope)
+
+        video = self.norm_out(self.norm_final(video), cond)
+        video = self.proj_out(video)  # [B, T*gh*gw, C_out*p*p], channels ordered (C_out, p_row, p_col)
+        video = video.reshape(b, t, gh, gw, c.out_channels, p, p)
+        video = video.permute(0, 4, 1, 2, 5, 3, 6)  # [B, C_out, T, gh, p, gw, p]
+        return video.reshape(b, c.out_channels, t, h, w)

@@ -1,0 +1,295 @@
+"""A local stand-in for the ModelScope hub, for tests that drive the real `modelscope` client.
+
+The server answers the HTTP calls that modelscope 1.40.2 (through `modelscope_hub` 0.5.x) makes for
+`snapshot_download` / `model_file_download` / `HubApi.list_repo_files`, checked against that source:
+
+    GET  /api/v1/models/{owner}/{name}/repo/files?Revision=..&Recursive=..[&Root=dir]  -> file listing
+    GET  /api/v1/models/{owner}/{name}/repo?Revision=..&FilePath=..                    -> file bytes
+    HEAD /api/v1/models/{owner}/{name}/repo?...                                          -> headers only
+    GET  /api/v1/models/{owner}/{name}/revisions                                         -> branches/tags
+    GET  /api/v1/models/{owner}/{name}                                                   -> repo info
+    GET  /api/v1/repos/internalAccelerationInfo                                          -> 404 (no intranet)
+
+File downloads honour `Range: bytes=N-` (and `bytes=N-M`) with `206 Partial Content`, like the real CDN.
+Repositories live in memory; each listing entry carries the file's true Size and Sha256, so
+`corrupt()` makes the server send different bytes of the same length: the client's checksum test
+must catch it. Every request is recorded, so tests can prove that a second download is skipped.
+
+Only 127.0.0.1 is bound (port 0: the OS picks a free port), so nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pytest
+
+_MODEL_ROUTE = re.compile(r"^/api/v1/models/(?P<owner>[^/]+)/(?P<name>[^/]+)(?P<rest>/.*)?$")
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+@dataclass
+class RecordedRequest:
+    """One request the emulator received (path without the query; query values as single strings)."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+
+
+@dataclass
+class EmulatedRepo:
+    """An in-memory model repository: repo path -> bytes; `served` overrides what a download sends."""
+
+    files: dict[str, bytes]
+    served: dict[str, bytes] = field(default_factory=dict)
+
+    def body(self, path: str) -> bytes:
+        return self.served.get(path, self.files[path])
+
+
+class ModelScopeEmulator:
+    """In-process HTTP server that speaks enough of the ModelScope API for downloads.
+
+    Use as a context manager, or call `start()` / `stop()`. `endpoint` is the URL to hand the
+    client (argument `endpoint=` or env `MODELSCOPE_ENDPOINT`).
+    """
+
+    def __init__(self, repos: Mapping[str, Mapping[str, bytes]] | None = None) -> None:
+        self.repos: dict[str, EmulatedRepo] = {}
+        for repo_id, files in (repos or {}).items():
+            self.add_repo(repo_id, files)
+        self.requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- repository content
+    def add_repo(self, repo_id: str, files: Mapping[str, bytes]) -> None:
+        """Create (or replace) repository `repo_id` ("owner/name") with these files."""
+        self.repos[repo_id] = EmulatedRepo(files=dict(files))
+
+    def corrupt(self, repo_id: str, path: str) -> None:
+        """Serve different bytes of the same length for `path`; the listing keeps the true Sha256."""
+        original = self.repos[repo_id].files[path]
+        self.repos[repo_id].served[path] = bytes(b ^ 0xFF for b in original) if original else b"x"
+
+    # ----------------------------------------------------------------- request accounting
+    def download_count(self, repo_id: str, path: str) -> int:
+        """How many GET requests asked for the bytes of `path` in `repo_id`."""
+        with self._lock:
+            return sum(
+                1
+                for r in self.requests
+                if r.method == "GET" and r.path == f"/api/v1/models/{repo_id}/repo" and r.query.get("FilePath") == path
+            )
+
+    def counts_by_path(self) -> Counter[str]:
+        """Request counts keyed by "METHOD path[?FilePath=...]"."""
+        with self._lock:
+            keys = [
+                f"{r.method} {r.path}" + (f"?FilePath={r.query['FilePath']}" if "FilePath" in r.query else "")
+                for r in self.requests
+            ]
+        return Counter(keys)
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def _record(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    # ----------------------------------------------------------------- server lifecycle
+    @property
+    def endpoint(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the emulator is not running; call start() first")
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> ModelScopeEmulator:
+        handler = _make_handler(self)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="modelscope-emulator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> ModelScopeEmulator:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _listing_entry(path: str, data: bytes) -> dict[str, Any]:
+    return {
+        "Name": path.rsplit("/", 1)[-1],
+        "Path": path,
+        "Type": "blob",
+        "Size": len(data),
+        "Sha256": hashlib.sha256(data).hexdigest(),
+        "Revision": "master",
+    }
+
+
+def _make_handler(emulator: ModelScopeEmulator) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the client's pooled session expects
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature fixed by the base class
+            """Silence the default stderr access log (pytest shows it as noise)."""
+
+        # ------------------------------------------------------------- plumbing
+        def _send_json(self, status: int, payload: Any) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _not_found(self, message: str) -> None:
+            self._send_json(404, {"Code": 10010205001, "Message": message, "Success": False})
+
+        def do_HEAD(self) -> None:  # noqa: N802 - http.server naming
+            self.do_GET()
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server naming
+            split = urlsplit(self.path)
+            path = unquote(split.path)
+            query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
+            emulator._record(RecordedRequest(self.command, path, query, dict(self.headers.items())))
+
+            if path == "/api/v1/repos/internalAccelerationInfo":
+                # Not inside an Alibaba Cloud region: the client falls back to the public route.
+                self._not_found("no intranet acceleration")
+                return
+            match = _MODEL_ROUTE.match(path)
+            if match is None:
+                self._not_found(f"unknown API path {path}")
+                return
+            repo_id = f"{match['owner']}/{match['name']}"
+            repo = emulator.repos.get(repo_id)
+            if repo is None:
+                self._not_found(f"model {repo_id} does not exist")
+                return
+            rest = match["rest"] or ""
+            if rest == "":
+                self._send_json(200, {"Code": 200, "Success": True, "Data": {"Path": match["owner"], "Name": match["name"]}})
+            elif rest == "/revisions":
+                revision_map = {"Branches": [{"Revision": "master", "CreatedAt": 0}], "Tags": []}
+                self._send_json(200, {"Code": 200, "Success": True, "Data": {"RevisionMap": revision_map}})
+            elif rest == "/repo/files":
+                self._listing(repo, query)
+            elif rest == "/repo":
+                self._file(repo, query.get("FilePath", ""))
+            else:
+                self._not_found(f"unknown model API path {rest}")
+
+        def _listing(self, repo: EmulatedRepo, query: dict[str, str]) -> None:
+            root = query.get("Root", "").strip("/")
+            entries = [
+                _listing_entry(p, data)
+                for p, data in sorted(repo.files.items())
+                if not root or p == root or p.startswith(root + "/")
+            ]
+            if root and not entries:
+                self._not_found(f"path {root} does not exist")
+                return
+            self._send_json(200, {"Code": 200, "Success": True, "Data": {"Files": entries}})
+
+        def _file(self, repo: EmulatedRepo, file_path: str) -> None:
+            if file_path not in repo.files:
+                self._not_found(f"file {file_path} does not exist")
+                return
+            data = repo.body(file_path)
+            start, end, status = 0, len(data) - 1, 200
+            range_header = self.headers.get("Range")
+            if range_header:
+                m = _RANGE.match(range_header.strip())
+                if m is None or int(m[1]) >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                start = int(m[1])
+                end = min(int(m[2]), len(data) - 1) if m[2] else len(data) - 1
+                status = 206
+            chunk = data[start : end + 1]
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(chunk)))
+            self.send_header("Accept-Ranges", "bytes")
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(chunk)
+
+    return Handler
+
+
+# Environment variables that would route the client elsewhere or make it use real credentials.
+_ENV_TO_CLEAR = (
+    "MODELSCOPE_DOMAIN",
+    "MODELSCOPE_PREFER_AI_SITE",
+    "MODELSCOPE_DOWNLOAD_INTRA_CLOUD",
+    "MODELSCOPE_DOWNLOAD_INTRA_CLOUD_REGION",
+    "MODELSCOPE_DOWNLOAD_INTER_CLOUD_REGIONS",
+)
+
+
+def isolate_modelscope(monkeypatch: pytest.MonkeyPatch, home: Path, endpoint: str) -> None:
+    """Point the client at `endpoint` and keep its cache, config and credentials under `home`.
+
+    `modelscope_hub.HubConfig` reads these variables each time a client object is built, so setting
+    them per test is enough (no module reload).
+    """
+    for name in _ENV_TO_CLEAR:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(home / "modelscope_cache"))
+    monkeypatch.setenv("MODELSCOPE_HOME", str(home / "modelscope_home"))
+    monkeypatch.setenv("MODELSCOPE_API_TOKEN", "")  # anonymous: never read a stored login
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", endpoint)
+
+
+@contextmanager
+def emulated_modelscope(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    repos: Mapping[str, Mapping[str, bytes]] | None = None,
+) -> Iterator[ModelScopeEmulator]:
+    """Run an emulator for the duration of a test, with MODELSCOPE_ENDPOINT and the cache isolated.
+
+    Test modules wrap this in a fixture (a fixture defined here would have to be star-imported).
+    """
+    with ModelScopeEmulator(repos) as emulator:
+        isolate_modelscope(monkeypatch, tmp_path / "home", emulator.endpoint)
+        yield emulator

@@ -1,0 +1,67 @@
+"""Tiny CogVideoX transformers saved in the real diffusers layout, for tests.
+
+The configs keep every structural flag of the real presets (position scheme, channel counts
+relations, qk-norm, text/video streams) and shrink only the sizes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_DIT = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,  # RoPE needs a multiple of 16
+    time_embed_dim=16,
+    text_embed_dim=24,
+    num_layers=2,
+    sample_width=6,
+    sample_height=4,
+    sample_frames=9,  # 3 latent frames
+    max_text_seq_length=7,
+    patch_size=2,
+    temporal_compression_ratio=4,
+)
+
+# Structural flags of each real preset.
+PRESET_FLAGS = {
+    "cogvideox-2b": dict(in_channels=4, out_channels=4, use_rotary_positional_embeddings=False),
+    "cogvideox-5b": dict(in_channels=4, out_channels=4, use_rotary_positional_embeddings=True),
+    "cogvideox-5b-i2v": dict(
+        in_channels=8, out_channels=4, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True
+    ),
+}
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Fills every parameter and persistent buffer with seeded noise.
+
+    diffusers zero-initialises some layers (e.g. gates, output projections); a comparison on
+    such weights would pass for the wrong reasons.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            noise = torch.randn(t.shape, generator=g, dtype=torch.float32) * scale
+            if t.ndim == 1 and "norm" in name and name.endswith("weight"):
+                noise = noise + 1.0  # LayerNorm gains around 1
+            t.copy_(noise.to(t.dtype))
+    return module
+
+
+def make_diffusers_dit(preset: str, seed: int = 0, **overrides):
+    from diffusers import CogVideoXTransformer3DModel
+
+    kwargs = {**TINY_DIT, **PRESET_FLAGS[preset], **overrides}
+    model = CogVideoXTransformer3DModel(**kwargs)
+    return randomize_(model, seed).eval()
+
+
+def save_diffusers_dit(root: Path, preset: str, seed: int = 0, **overrides) -> Path:
+    """Saves a tiny randomised diffusers transformer to ``root/transformer`` and returns that folder."""
+    folder = Path(root) / "transformer"
+    make_diffusers_dit(preset, seed, **overrides).save_pretrained(folder)
+    return folder
