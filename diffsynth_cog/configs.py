@@ -93,7 +93,9 @@ class DiTConfig:
             f"sample_frames {self.sample_frames} must be k*{self.temporal_compression_ratio}+1",
         )
         _check(self.activation_fn == "gelu-approximate", f"activation_fn {self.activation_fn!r} is not supported")
-        _check(self.timestep_activation_fn == "silu", f"timestep_activation_fn {self.timestep_activation_fn!r} unsupported")
+        _check(
+            self.timestep_activation_fn == "silu", f"timestep_activation_fn {self.timestep_activation_fn!r} unsupported"
+        )
         _check(self.norm_elementwise_affine, "norm_elementwise_affine=False is not supported")
         _check(
             self.use_rotary_positional_embeddings or not self.use_learned_positional_embeddings,

@@ -31,7 +31,9 @@ def diffusers_forward(model, latents, timestep, prompt_emb):
     rope = None
     if cfg.use_rotary_positional_embeddings:
         gh, gw = h // cfg.patch_size, w // cfg.patch_size
-        crops = get_resize_crop_region_for_grid((gh, gw), cfg.sample_width // cfg.patch_size, cfg.sample_height // cfg.patch_size)
+        crops = get_resize_crop_region_for_grid(
+            (gh, gw), cfg.sample_width // cfg.patch_size, cfg.sample_height // cfg.patch_size
+        )
         rope = get_3d_rotary_pos_embed(cfg.attention_head_dim, crops, (gh, gw), t)
     out = model(
         hidden_states=latents.transpose(1, 2),

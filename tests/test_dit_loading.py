@@ -33,7 +33,9 @@ _COMMON = dict(
 )
 FULL_CONFIGS = {
     "cogvideox-2b": dict(_COMMON, num_attention_heads=30, num_layers=30, in_channels=16),
-    "cogvideox-5b": dict(_COMMON, num_attention_heads=48, num_layers=42, in_channels=16, use_rotary_positional_embeddings=True),
+    "cogvideox-5b": dict(
+        _COMMON, num_attention_heads=48, num_layers=42, in_channels=16, use_rotary_positional_embeddings=True
+    ),
     "cogvideox-5b-i2v": dict(
         _COMMON,
         num_attention_heads=48,
@@ -169,7 +171,9 @@ def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
     cfg["text_embed_dim"] = 32
     (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(StateDictMismatchError, match=r"patch_embed.text_proj.weight: expected \[32, 32\], found \[32, 24\]"):
+    with pytest.raises(
+        StateDictMismatchError, match=r"patch_embed.text_proj.weight: expected \[32, 32\], found \[32, 24\]"
+    ):
         load_dit(tmp_path / "t")
 
 

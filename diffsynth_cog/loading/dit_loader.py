@@ -63,7 +63,7 @@ def dit_rename(key: str) -> str | None:
         index, rest = m.groups()
         for theirs, ours in _IN_BLOCK.items():
             if rest.startswith(theirs):
-                return f"blocks.{index}.{ours}{rest[len(theirs):]}"
+                return f"blocks.{index}.{ours}{rest[len(theirs) :]}"
         return None
     for theirs, ours in _TOP_LEVEL.items():
         if key.startswith(theirs):

@@ -116,7 +116,9 @@ def sincos_table(config: DiTConfig, t: int, h: int, w: int) -> torch.Tensor:
 def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, shift: float) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps: [B] -> [B, dim] float32."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / (half - shift))
+    freqs = torch.exp(
+        -math.log(10000) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / (half - shift)
+    )
     angles = timesteps.float()[:, None] * freqs[None, :]
     emb = torch.cat([angles.cos(), angles.sin()] if flip_sin_to_cos else [angles.sin(), angles.cos()], dim=-1)
     if dim % 2:
@@ -272,9 +274,7 @@ class CogDiT(nn.Module):
         if h % c.patch_size or w % c.patch_size:
             raise ValueError(f"latent height/width {h}x{w} must be multiples of patch_size {c.patch_size}")
         if prompt_emb.ndim != 3 or prompt_emb.shape[0] != b or prompt_emb.shape[2] != c.text_embed_dim:
-            raise ValueError(
-                f"prompt_emb must be [B={b}, L, {c.text_embed_dim}], got shape {list(prompt_emb.shape)}"
-            )
+            raise ValueError(f"prompt_emb must be [B={b}, L, {c.text_embed_dim}], got shape {list(prompt_emb.shape)}")
         if timestep.numel() not in (1, b):
             raise ValueError(f"timestep must be a scalar or have B={b} entries, got shape {list(timestep.shape)}")
         if c.use_learned_positional_embeddings:

@@ -1,0 +1,64 @@
+"""Shared pieces of the side-by-side benchmarks: timing with CUDA events, FLOP counts, reporting."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def timed(fn: Callable[[], Any], warmup: int = 1, repeat: int = 3) -> dict[str, float]:
+    """Median and min seconds of ``fn`` over ``repeat`` runs after ``warmup`` runs (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000.0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "runs": repeat}
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def reset_peak() -> None:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def dit_flops(n_params: int, tokens: int, inner_dim: int, layers: int, batch: int) -> float:
+    """Forward FLOPs: 2 per parameter per token for the linears, 4*L^2*D per layer for attention."""
+    return batch * (2 * n_params * tokens + 4 * tokens * tokens * inner_dim * layers)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_json(name: str, data: dict[str, Any]) -> Path:
+    out = Path(os.environ.get("OUT", "."))
+    path = out / name
+    path.write_text(json.dumps(data, indent=1))
+    return path
