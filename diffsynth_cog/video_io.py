@@ -1,0 +1,350 @@
+"""Reading and writing videos (H.264 mp4 through the ffmpeg binary bundled with imageio-ffmpeg).
+
+Frame conventions used across the toolkit:
+
+* a *frame list* is a list of RGB `PIL.Image.Image`, all the same size;
+* a *video tensor* is a float tensor `[3, F, H, W]` (or `[1, 3, F, H, W]`) with values in [-1, 1],
+  the range the VAE encodes and decodes.
+
+`save_video` writes yuv420p H.264, the pixel format every player accepts. yuv420p stores colour at
+half resolution, so both sides of a frame must be even: odd-sized frames are padded by repeating
+their last row and/or column (the saved video is then one pixel taller/wider; nothing is lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from .errors import DiffSynthCogError
+
+logger = logging.getLogger(__name__)
+
+VideoLike = Sequence[Image.Image] | Sequence[np.ndarray] | np.ndarray | torch.Tensor
+
+_MIN_QUALITY, _MAX_QUALITY = 1, 10
+
+
+class VideoReadError(DiffSynthCogError, OSError):
+    """A video file is missing, unreadable or corrupt (ffmpeg could not decode it)."""
+
+
+class VideoTooShortError(DiffSynthCogError, ValueError):
+    """A video holds fewer frames than the requested start / count / interval need."""
+
+
+class ImageReadError(DiffSynthCogError, OSError):
+    """An image file is missing or cannot be decoded."""
+
+
+# --------------------------------------------------------------------------------------------- conversion
+def video_to_tensor(frames: Sequence[Image.Image]) -> torch.Tensor:
+    """Frame list (F RGB images of one size H x W) -> float32 tensor `[3, F, H, W]` in [-1, 1]."""
+    if len(frames) == 0:
+        raise ValueError("video_to_tensor got an empty frame list")
+    array = _frames_to_uint8(frames)  # [F, H, W, 3] uint8
+    tensor = torch.from_numpy(array).permute(3, 0, 1, 2).contiguous()  # [3, F, H, W]
+    return tensor.float() / 127.5 - 1.0
+
+
+def tensor_to_frames(video: torch.Tensor) -> list[Image.Image]:
+    """Video tensor `[3, F, H, W]` or `[1, 3, F, H, W]` in [-1, 1] -> list of F RGB images.
+
+    Values outside [-1, 1] are clipped: a VAE decoder overshoots the range slightly, and clipping
+    is what every viewer would do anyway.
+    """
+    array = _tensor_to_uint8(video)  # [F, H, W, 3]
+    return [Image.fromarray(frame) for frame in array]
+
+
+def _tensor_to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[3, F, H, W] / [1, 3, F, H, W] tensor in [-1, 1] -> uint8 array [F, H, W, 3]."""
+    if video.ndim == 5:
+        if video.shape[0] != 1:
+            raise ValueError(
+                f"a 5-D video tensor must have batch size 1 ([1, 3, F, H, W]); got shape {tuple(video.shape)}"
+            )
+        video = video[0]
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(
+            f"expected a video tensor [3, F, H, W] or [1, 3, F, H, W] in [-1, 1]; got shape {tuple(video.shape)}"
+        )
+    if not video.is_floating_point():
+        raise ValueError(f"expected a float video tensor in [-1, 1]; got dtype {video.dtype}")
+    pixels = ((video.detach().float().cpu().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return pixels.permute(1, 2, 3, 0).contiguous().numpy()  # [F, H, W, 3]
+
+
+def _frames_to_uint8(frames: Sequence[Image.Image] | Sequence[np.ndarray]) -> np.ndarray:
+    """List of PIL images or HxWx3 uint8 arrays -> uint8 array [F, H, W, 3] (all frames one size)."""
+    arrays = []
+    for index, frame in enumerate(frames):
+        if isinstance(frame, Image.Image):
+            array = np.asarray(frame.convert("RGB"))
+        else:
+            array = np.asarray(frame)
+            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+                raise ValueError(
+                    f"frame {index}: expected a PIL image or a uint8 array [H, W, 3]; "
+                    f"got {array.dtype} array of shape {array.shape}"
+                )
+        if arrays and array.shape != arrays[0].shape:
+            raise ValueError(
+                f"frame {index} is {array.shape[1]}x{array.shape[0]} (WxH) but frame 0 is "
+                f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; all frames of a video must have one size"
+            )
+        arrays.append(array)
+    return np.stack(arrays)
+
+
+def _video_to_uint8(frames: VideoLike) -> np.ndarray:
+    """Any supported video input -> uint8 array [F, H, W, 3] (see `save_video` for the accepted forms)."""
+    if isinstance(frames, torch.Tensor):
+        return _tensor_to_uint8(frames)
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 4 or frames.shape[3] != 3:
+            raise ValueError(f"expected a numpy video [F, H, W, 3]; got shape {frames.shape}")
+        if frames.dtype == np.uint8:
+            return np.ascontiguousarray(frames)
+        if not np.issubdtype(frames.dtype, np.floating):
+            raise ValueError(f"a numpy video must be uint8 (0..255) or float (0..1); got dtype {frames.dtype}")
+        low, high = float(frames.min()), float(frames.max())
+        # A small tolerance: float pipelines land a hair outside [0, 1]; anything larger is a range mix-up
+        # (e.g. [-1, 1] or [0, 255] floats) that would silently produce a wrong video.
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise ValueError(
+                f"a float numpy video must hold values in [0, 1]; found [{low:.4g}, {high:.4g}]. "
+                "Pass uint8 for 0..255, or a torch tensor [3, F, H, W] for [-1, 1]."
+            )
+        return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if len(frames) == 0:
+        raise ValueError("save_video got an empty frame list")
+    return _frames_to_uint8(frames)
+
+
+def _pad_to_even(video: np.ndarray) -> np.ndarray:
+    """[F, H, W, 3] -> [F, H', W', 3] with H', W' even, repeating the last row/column (yuv420p needs even sides)."""
+    height, width = video.shape[1:3]
+    pad_h, pad_w = height % 2, width % 2
+    if pad_h == 0 and pad_w == 0:
+        return video
+    logger.warning(
+        "frame size %dx%d (WxH) is odd; yuv420p needs even sides, so the video is saved at %dx%d "
+        "with the last row/column repeated",
+        width,
+        height,
+        width + pad_w,
+        height + pad_h,
+    )
+    return np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+
+
+# --------------------------------------------------------------------------------------------- writing
+def save_video(
+    frames: VideoLike,
+    path: str | os.PathLike[str],
+    fps: float = 8,
+    quality: float = 5,
+    progress: bool = False,
+) -> Path:
+    """Write a video as H.264 (libx264, yuv420p) and return its path.
+
+    Args:
+        frames: one of
+            - a list of PIL images (converted to RGB) or of uint8 arrays `[H, W, 3]`;
+            - a numpy array `[F, H, W, 3]`: uint8 in 0..255, or float in [0, 1];
+            - a float tensor `[3, F, H, W]` or `[1, 3, F, H, W]` in [-1, 1] (the VAE's output range;
+              values outside are clipped).
+        path: output file; the container follows the suffix (use `.mp4`).
+        fps: frames per second (CogVideoX models are trained at 8).
+        quality: 1 (smallest file) .. 10 (near lossless), imageio-ffmpeg's scale: it maps to x264
+            `crf = int((1 - quality / 10) * 51)`, so 5 -> crf 25 and 10 -> crf 0.
+        progress: show a tqdm bar over frames.
+
+    The video is encoded into a temporary file in the same folder and renamed into place only when
+    ffmpeg finished, so an interrupted or failed write never leaves a half-written file at `path`.
+    Odd frame sizes are padded to even (see the module docstring).
+    """
+    if (
+        isinstance(quality, bool)
+        or not isinstance(quality, numbers.Real)
+        or not _MIN_QUALITY <= quality <= _MAX_QUALITY
+    ):
+        raise ValueError(f"quality must be a number in [{_MIN_QUALITY}, {_MAX_QUALITY}]; got {quality!r}")
+    if not fps > 0:
+        raise ValueError(f"fps must be positive; got {fps!r}")
+    video = _pad_to_even(_video_to_uint8(frames))  # [F, H, W, 3] uint8
+    num_frames, height, width = video.shape[:3]
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder (so the final rename is atomic) and same suffix (ffmpeg picks the container from it).
+    partial = target.with_name(f".{target.stem}.{uuid.uuid4().hex[:8]}.partial{target.suffix}")
+    writer = imageio_ffmpeg.write_frames(
+        str(partial),
+        (width, height),
+        pix_fmt_in="rgb24",
+        pix_fmt_out="yuv420p",
+        fps=float(fps),
+        quality=float(quality),
+        codec="libx264",
+        macro_block_size=2,  # sizes are already even; 2 stops imageio-ffmpeg from rescaling to multiples of 16
+        ffmpeg_log_level="error",
+    )
+    try:
+        writer.send(None)  # start ffmpeg
+        for frame in tqdm(video, total=num_frames, desc="save_video", unit="frame", disable=not progress):
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()  # waits for ffmpeg to finish the file
+        os.replace(partial, target)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    logger.info("saved %d frames (%dx%d, %s fps) to %s", num_frames, width, height, fps, target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------- reading
+def _resize_cover_crop(image: Image.Image, height: int | None, width: int | None) -> Image.Image:
+    """Resize keeping the aspect ratio so the image covers height x width, then centre-crop to it.
+
+    With only one of height/width given, the image is scaled to that side (aspect kept, no crop);
+    with neither, it is returned unchanged.
+    """
+    src_w, src_h = image.size
+    if height is None and width is None:
+        return image
+    if height is None or width is None:
+        scale = (width / src_w) if width is not None else (height / src_h)
+        new_size = (max(1, round(src_w * scale)), max(1, round(src_h * scale)))
+        return image if new_size == image.size else image.resize(new_size, Image.Resampling.LANCZOS)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive; got height={height}, width={width}")
+    scale = max(height / src_h, width / src_w)
+    # max() with the target guards against rounding down to one pixel short of covering it.
+    new_w, new_h = max(width, round(src_w * scale)), max(height, round(src_h * scale))
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def _ffmpeg_reason(error: BaseException) -> str:
+    """The most telling line of an imageio-ffmpeg error (its message embeds ffmpeg's whole stderr)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    tail = [line for line in lines if not line.startswith(("ffmpeg version", "built with", "configuration", "lib"))]
+    first = lines[0]
+    last = tail[-1] if tail else lines[-1]
+    return first if first == last else f"{first} ({last})"
+
+
+def _iter_decoded(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """Yield (width, height, rgb24 bytes) for each frame; ffmpeg failures become VideoReadError."""
+    if not path.is_file():
+        raise VideoReadError(f"video file not found: {path}")
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+        meta = next(reader)
+    except (OSError, RuntimeError, StopIteration) as error:
+        raise VideoReadError(f"cannot read video {path}: {_ffmpeg_reason(error)}") from error
+    width, height = (int(v) for v in meta["size"])
+    try:
+        for raw in reader:
+            yield width, height, raw
+    except (OSError, RuntimeError) as error:
+        raise VideoReadError(f"video {path} is corrupt or truncated: {_ffmpeg_reason(error)}") from error
+    finally:
+        reader.close()
+
+
+def load_video(
+    path: str | os.PathLike[str],
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    frame_interval: int = 1,
+    start_frame: int = 0,
+) -> list[Image.Image]:
+    """Read frames `start_frame, start_frame + frame_interval, ...` of a video as RGB images.
+
+    Args:
+        path: video file (anything ffmpeg decodes).
+        height, width: output size. Each frame is resized keeping its aspect ratio so that it covers
+            height x width, then centre-cropped to exactly that. Give neither to keep the file's size.
+        num_frames: frames to return; None returns every sampled frame to the end of the file.
+        frame_interval: step between sampled frames (1 = consecutive).
+        start_frame: index of the first frame returned (0-based).
+
+    Raises:
+        VideoReadError: the file is missing or ffmpeg cannot decode it.
+        VideoTooShortError: the file has fewer than `start_frame + (num_frames - 1) * frame_interval + 1`
+            frames (the message names the file, the frames it has and the frames needed).
+    """
+    if frame_interval < 1:
+        raise ValueError(f"frame_interval must be >= 1; got {frame_interval}")
+    if start_frame < 0:
+        raise ValueError(f"start_frame must be >= 0; got {start_frame}")
+    if num_frames is not None and num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1 or None; got {num_frames}")
+    source = Path(path)
+    last_needed = None if num_frames is None else start_frame + (num_frames - 1) * frame_interval
+
+    frames: list[Image.Image] = []
+    available = 0
+    decoded = _iter_decoded(source)
+    try:
+        for index, (frame_w, frame_h, raw) in enumerate(decoded):
+            available = index + 1
+            if index >= start_frame and (index - start_frame) % frame_interval == 0:
+                array = np.frombuffer(raw, dtype=np.uint8).reshape(frame_h, frame_w, 3)
+                frames.append(_resize_cover_crop(Image.fromarray(array), height, width))
+            if last_needed is not None and index >= last_needed:
+                break  # stop decoding: the rest of the file is not needed
+    finally:
+        decoded.close()  # stops ffmpeg now rather than whenever the generator is collected
+
+    if last_needed is not None and available <= last_needed:
+        raise VideoTooShortError(
+            f"video {source} has {available} frames, but start_frame={start_frame}, num_frames={num_frames}, "
+            f"frame_interval={frame_interval} need {last_needed + 1}"
+        )
+    if not frames:
+        raise VideoTooShortError(f"video {source} has {available} frames; start_frame={start_frame} is past the end")
+    return frames
+
+
+def load_image(
+    path_or_image: str | os.PathLike[str] | Image.Image,
+    height: int | None = None,
+    width: int | None = None,
+) -> Image.Image:
+    """Load an image (or take a PIL image) as RGB, resized to cover height x width and centre-cropped.
+
+    Used for the conditioning frame of image-to-video models.
+    """
+    if isinstance(path_or_image, Image.Image):
+        image = path_or_image
+    else:
+        source = Path(path_or_image)
+        if not source.is_file():
+            raise ImageReadError(f"image file not found: {source}")
+        try:
+            with Image.open(source) as opened:
+                opened.load()
+                image = opened.copy()
+        except (UnidentifiedImageError, OSError) as error:
+            raise ImageReadError(f"cannot read image {source}: {error}") from error
+    return _resize_cover_crop(image.convert("RGB"), height, width)
