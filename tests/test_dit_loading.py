@@ -169,10 +169,10 @@ def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
     ref = make_diffusers_dit("cogvideox-5b", seed=5)
     ref.save_pretrained(tmp_path / "t")
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
-    cfg["text_embed_dim"] = 32
+    cfg["text_embed_dim"] = 40
     (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
-        StateDictMismatchError, match=r"patch_embed.text_proj.weight: expected \[32, 32\], found \[32, 24\]"
+        StateDictMismatchError, match=r"patch_embed.text_proj.weight: expected \[32, 40\], found \[32, 32\]"
     ):
         load_dit(tmp_path / "t")
 

@@ -14,7 +14,7 @@ TINY_DIT = dict(
     num_attention_heads=2,
     attention_head_dim=16,  # RoPE needs a multiple of 16
     time_embed_dim=16,
-    text_embed_dim=24,
+    text_embed_dim=32,  # = the tiny T5 d_model of tests/tiny_text.py
     num_layers=2,
     sample_width=6,
     sample_height=4,
@@ -65,3 +65,45 @@ def save_diffusers_dit(root: Path, preset: str, seed: int = 0, **overrides) -> P
     folder = Path(root) / "transformer"
     make_diffusers_dit(preset, seed, **overrides).save_pretrained(folder)
     return folder
+
+
+TINY_VAE = dict(
+    block_out_channels=(8, 8, 16, 16),  # 4 levels: 8x spatial compression, as the real VAE
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_height=32,
+    sample_width=48,
+    scaling_factor=0.7,
+)
+
+
+def make_diffusers_vae(seed: int = 0, **overrides):
+    from diffusers import AutoencoderKLCogVideoX
+
+    model = AutoencoderKLCogVideoX(**{**TINY_VAE, **overrides})
+    return randomize_(model, seed, scale=0.1).eval()
+
+
+def save_tiny_model_folder(root: Path, preset: str = "cogvideox-5b", seed: int = 0, sampler: str = "ddim") -> Path:
+    """A whole CogVideoX model folder (text_encoder/, tokenizer/, transformer/, vae/, scheduler/) of tiny models."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+    from tiny_text import make_tiny_text_folder
+
+    root = Path(root)
+    make_tiny_text_folder(root, seed=seed)
+    make_diffusers_dit(preset, seed=seed).save_pretrained(root / "transformer")
+    make_diffusers_vae(seed=seed).save_pretrained(root / "vae")
+    cls = CogVideoXDDIMScheduler if sampler == "ddim" else CogVideoXDPMScheduler
+    shift = 3.0 if preset == "cogvideox-2b" else 1.0
+    cls(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
+        snr_shift_scale=shift,
+    ).save_config(root / "scheduler")
+    return root

@@ -1,0 +1,425 @@
+"""The latent cache: what :func:`~diffsynth_cog.training.prepare.prepare_cache` writes and the trainer reads.
+
+Layout of a cache folder::
+
+    cache_info.json                 shapes, dtype, scaling factor, clip geometry, model paths (CacheInfo)
+    00000000.safetensors            one record per clip, named by its dataset index:
+                                      "latents"    [C, T, h, w]  VAE latents already multiplied by the
+                                                                 scaling factor (the x0 of training)
+                                      "prompt_emb" [L, d]        T5 hidden states of the prompt
+                                      metadata: prompt, source, index, num_frames, height, width, ...
+    manifest.jsonl                  one JSON line per finished record (single process), or
+    manifest.rank00003.jsonl        one manifest per rank when several processes prepare the cache
+
+A record counts as finished only once its manifest line exists: the record file is renamed into
+place first and the line appended after, so a file without a line (an interrupted write) is
+redone and a line always points at a complete file. Readers merge every manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch.utils.data import Dataset
+
+from diffsynth_cog.configs import DiTConfig
+from diffsynth_cog.errors import DiffSynthCogError
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "diffsynth_cog.latent_cache"
+CACHE_VERSION = 1
+CACHE_INFO = "cache_info.json"
+MANIFEST = "manifest.jsonl"
+_RANK_MANIFEST = re.compile(r"^manifest\.rank(\d+)\.jsonl$")
+LATENTS_KEY, PROMPT_EMB_KEY = "latents", "prompt_emb"
+
+# safetensors header dtype names of the storage dtypes a cache may use.
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in _ST_DTYPES}
+
+
+class CacheError(DiffSynthCogError, ValueError):
+    """A latent cache is missing, inconsistent or corrupt (the message names the file)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16'; only the storage dtypes a cache supports."""
+    if dtype not in _ST_DTYPES:
+        raise ValueError(f"cache dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype}")
+    return str(dtype).removeprefix("torch.")
+
+
+def record_name(index: int) -> str:
+    """File name of the record of dataset index ``index``."""
+    return f"{index:08d}.safetensors"
+
+
+def manifest_name(rank: int = 0, world_size: int = 1) -> str:
+    """``manifest.jsonl`` for a single process, ``manifest.rank00003.jsonl`` for rank 3 of several."""
+    return MANIFEST if world_size == 1 else f"manifest.rank{rank:05d}.jsonl"
+
+
+def manifest_paths(cache_dir: Path) -> list[Path]:
+    """Every manifest in ``cache_dir``, in a fixed order (the single-process one first, then by rank)."""
+    found = []
+    if (cache_dir / MANIFEST).is_file():
+        found.append((-1, cache_dir / MANIFEST))
+    if cache_dir.is_dir():
+        for path in cache_dir.iterdir():
+            match = _RANK_MANIFEST.match(path.name)
+            if match and path.is_file():
+                found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+# --------------------------------------------------------------------------------------------- cache info
+@dataclass(frozen=True)
+class CacheInfo:
+    """What every record of a cache shares; written once as ``cache_info.json``.
+
+    latent_shape: [C, T, h, w] of ``latents`` (scaled by ``scaling_factor``). prompt_emb_shape:
+    [L, d] of ``prompt_emb``. dtype: storage dtype name ('bfloat16'). posterior: 'mean' or
+    'sample' (with ``seed``). num_frames, height, width, frame_interval: the pixel clips encoded.
+    """
+
+    latent_shape: tuple[int, int, int, int]
+    prompt_emb_shape: tuple[int, int]
+    dtype: str
+    scaling_factor: float
+    num_frames: int
+    height: int
+    width: int
+    frame_interval: int
+    temporal_compression_ratio: int
+    spatial_compression: int
+    posterior: str = "mean"
+    seed: int | None = None
+    tiled: bool = True
+    model_paths: Mapping[str, str] = field(default_factory=dict)
+    format: str = CACHE_FORMAT
+    version: int = CACHE_VERSION
+
+    # Fields whose change makes old records unusable with new ones (checked when a prepare resumes).
+    MUST_MATCH = (
+        "latent_shape",
+        "prompt_emb_shape",
+        "dtype",
+        "scaling_factor",
+        "num_frames",
+        "height",
+        "width",
+        "frame_interval",
+        "posterior",
+        "seed",
+        "format",
+        "version",
+    )
+
+    @property
+    def latent_channels(self) -> int:
+        return self.latent_shape[0]
+
+    @property
+    def latent_frames(self) -> int:
+        return self.latent_shape[1]
+
+    @property
+    def text_length(self) -> int:
+        return self.prompt_emb_shape[0]
+
+    @property
+    def text_dim(self) -> int:
+        return self.prompt_emb_shape[1]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _TORCH_DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["latent_shape"] = list(self.latent_shape)
+        values["prompt_emb_shape"] = list(self.prompt_emb_shape)
+        values["model_paths"] = dict(self.model_paths)
+        # Derived values, for people reading the file and for trainers in other languages.
+        values["latent_channels"], values["latent_frames"] = self.latent_channels, self.latent_frames
+        values["text_length"], values["text_dim"] = self.text_length, self.text_dim
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = CACHE_INFO) -> CacheInfo:
+        if values.get("format") != CACHE_FORMAT:
+            raise CacheError(f"{source}: not a diffsynth_cog latent cache (format {values.get('format')!r})")
+        if values.get("version") != CACHE_VERSION:
+            raise CacheError(
+                f"{source}: cache format version {values.get('version')}, this code reads version {CACHE_VERSION}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in names}
+        try:
+            kwargs["latent_shape"] = tuple(int(v) for v in kwargs["latent_shape"])
+            kwargs["prompt_emb_shape"] = tuple(int(v) for v in kwargs["prompt_emb_shape"])
+            info = cls(**kwargs)
+        except (KeyError, TypeError, ValueError) as error:
+            raise CacheError(f"{source}: malformed cache info ({type(error).__name__}: {error})") from error
+        if len(info.latent_shape) != 4 or len(info.prompt_emb_shape) != 2 or info.dtype not in _TORCH_DTYPES:
+            raise CacheError(
+                f"{source}: expected latent_shape [C, T, h, w], prompt_emb_shape [L, d] and dtype in "
+                f"{sorted(_TORCH_DTYPES)}; found {info.latent_shape}, {info.prompt_emb_shape}, {info.dtype!r}"
+            )
+        return info
+
+    @classmethod
+    def load(cls, cache_dir: str | os.PathLike[str]) -> CacheInfo:
+        path = Path(cache_dir) / CACHE_INFO
+        if not path.is_file():
+            raise CacheError(f"{Path(cache_dir)}: no {CACHE_INFO}; not a latent cache (run the prepare step first)")
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise CacheError(f"{path}: not valid JSON ({error})") from error
+        return cls.from_dict(values, source=str(path))
+
+    def differences(self, other: CacheInfo) -> list[str]:
+        """'name: self vs other' for every :attr:`MUST_MATCH` field that differs."""
+        return [
+            f"{name}: {getattr(self, name)!r} vs {getattr(other, name)!r}"
+            for name in self.MUST_MATCH
+            if getattr(self, name) != getattr(other, name)
+        ]
+
+    def check_dit(self, config: DiTConfig) -> None:
+        """Raises CacheError unless a text-to-video DiT with ``config`` can train on these records.
+
+        Checked: latent channels (DiT in/out channels), text length and width (max_text_seq_length,
+        text_embed_dim), latent height/width divisible by the patch size. The clip length is free:
+        long-video training uses more latent frames than ``config.sample_frames`` on purpose.
+        """
+        problems = []
+        channels = self.latent_channels
+        if config.in_channels != channels or config.out_channels != channels:
+            hint = (
+                " (an image-to-video DiT also needs first-frame image latents, which this cache does not hold)"
+                if config.in_channels == 2 * channels
+                else ""
+            )
+            problems.append(
+                f"latent channels {channels}, DiT in/out channels {config.in_channels}/{config.out_channels}{hint}"
+            )
+        if self.text_length != config.max_text_seq_length:
+            problems.append(
+                f"prompt_emb length {self.text_length}, DiT max_text_seq_length {config.max_text_seq_length}"
+            )
+        if self.text_dim != config.text_embed_dim:
+            problems.append(f"prompt_emb width {self.text_dim}, DiT text_embed_dim {config.text_embed_dim}")
+        _, _, h, w = self.latent_shape
+        if h % config.patch_size or w % config.patch_size:
+            problems.append(f"latent size {h}x{w} is not divisible by the DiT patch size {config.patch_size}")
+        if config.temporal_compression_ratio != self.temporal_compression_ratio:
+            problems.append(
+                f"temporal compression {self.temporal_compression_ratio}, DiT expects {config.temporal_compression_ratio}"
+            )
+        if problems:
+            raise CacheError("the latent cache does not fit the DiT config: " + "; ".join(problems))
+        if self.latent_frames != config.sample_latent_frames:
+            logger.info(
+                "cache clips have %d latent frames (%d pixel frames); the DiT's base clip has %d",
+                self.latent_frames,
+                self.num_frames,
+                config.sample_latent_frames,
+            )
+
+
+def write_json_atomic(path: Path, values: Mapping[str, Any]) -> None:
+    """Writes JSON to a temporary file beside ``path`` and renames it into place."""
+    # pid + random suffix: several ranks (possibly on several hosts) may write the same file at once.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    partial.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+# --------------------------------------------------------------------------------------------- manifests
+@dataclass(frozen=True)
+class CacheRecord:
+    """One finished record, as a manifest line describes it."""
+
+    index: int
+    file: str  # record file name, relative to the cache folder
+    source: str  # the video it was encoded from
+    prompt: str
+    bytes: int  # size of the record file when it was finished
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)
+
+
+def _parse_manifest_line(line: str, where: str) -> CacheRecord:
+    values = json.loads(line)  # JSONDecodeError handled by the caller
+    try:
+        return CacheRecord(
+            index=int(values["index"]),
+            file=str(values["file"]),
+            source=str(values.get("source", "")),
+            prompt=str(values.get("prompt", "")),
+            bytes=int(values["bytes"]),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise CacheError(
+            f"{where}: malformed manifest entry ({type(error).__name__}: {error}): {line[:200]}"
+        ) from error
+
+
+def iter_manifest(path: Path) -> Iterator[CacheRecord]:
+    """Records of one manifest file. An incomplete LAST line (a process stopped mid-append, or one
+    still writing) is skipped with a warning; an unparsable line elsewhere is a CacheError."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            yield _parse_manifest_line(line, where)
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # no newline after it: the line was never finished
+                logger.warning("%s: ignoring an incomplete last manifest line (its record will be redone)", where)
+                continue
+            raise CacheError(f"{where}: corrupt manifest line ({error}): {line[:200]}") from error
+
+
+def read_manifests(cache_dir: str | os.PathLike[str]) -> dict[int, CacheRecord]:
+    """Merged manifests of a cache: dataset index -> record (a later line for the same index wins)."""
+    merged: dict[int, CacheRecord] = {}
+    for path in manifest_paths(Path(cache_dir)):
+        for record in iter_manifest(path):
+            merged[record.index] = record
+    return merged
+
+
+def repair_manifest_tail(path: Path) -> None:
+    """Before appending to ``path``: make it end with a newline, dropping an unfinished last line.
+
+    Without this, the next line would be glued onto the remains of an interrupted one.
+    """
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    tail = data[cut:].decode("utf-8", errors="replace")
+    try:
+        json.loads(tail)
+    except json.JSONDecodeError:
+        logger.warning("%s: dropping an unfinished last line left by an interrupted run: %r", path, tail[:120])
+        with path.open("r+b") as handle:
+            handle.truncate(cut)
+        return
+    with path.open("ab") as handle:  # a complete entry that only lacks its newline
+        handle.write(b"\n")
+
+
+def finished_records(cache_dir: Path) -> dict[int, CacheRecord]:
+    """Records listed in a manifest whose file exists with the size the manifest recorded."""
+    done = {}
+    for index, record in read_manifests(cache_dir).items():
+        path = cache_dir / record.file
+        if path.is_file() and path.stat().st_size == record.bytes:
+            done[index] = record
+        else:
+            logger.info("record %d: %s is missing or was changed after it was finished; it will be redone", index, path)
+    return done
+
+
+# --------------------------------------------------------------------------------------------- dataset
+def _check_record_header(path: Path, info: CacheInfo) -> None:
+    """Shapes and dtypes of a record from its header only (no tensor data read)."""
+    expected = {LATENTS_KEY: list(info.latent_shape), PROMPT_EMB_KEY: list(info.prompt_emb_shape)}
+    want_dtype = _ST_DTYPES[info.torch_dtype]
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+            missing = [k for k in expected if k not in keys]
+            if missing:
+                raise CacheError(f"{path}: record lacks {missing}; it holds {sorted(keys)}")
+            for key, shape in expected.items():
+                tensor = handle.get_slice(key)
+                found_shape, found_dtype = list(tensor.get_shape()), tensor.get_dtype()
+                if found_shape != shape or found_dtype != want_dtype:
+                    raise CacheError(
+                        f"{path}: {key!r} is {found_dtype} {found_shape}, but {CACHE_INFO} says {want_dtype} {shape}; "
+                        "the record comes from another prepare run (delete it and its manifest line, or re-prepare)"
+                    )
+    except SafetensorError as error:
+        raise CacheError(f"{path}: unreadable record ({error}); delete it and re-run prepare to redo it") from error
+
+
+class LatentCacheDataset(Dataset):
+    """The records of a latent cache, ordered by dataset index.
+
+    Item ``i`` is ``{"latents": [C, T, h, w], "prompt_emb": [L, d], "index": int}`` (CPU tensors in
+    the cache's dtype; latents already scaled by the VAE scaling factor). ``info`` is the cache's
+    :class:`CacheInfo`; ``records`` the manifest entries (prompt and source video of each item).
+
+    At construction every record's header is checked against ``cache_info.json`` (shapes, dtype,
+    file size), so a bad file fails here, naming it, rather than hours into training. Pass
+    ``validate=False`` to skip the per-file checks for very large caches.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str], *, validate: bool = True) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.info = CacheInfo.load(self.cache_dir)
+        merged = read_manifests(self.cache_dir)
+        if not merged:
+            raise CacheError(f"{self.cache_dir}: the cache has no finished records (no manifest lines)")
+        self.records: list[CacheRecord] = [merged[i] for i in sorted(merged)]
+        if validate:
+            for record in self.records:
+                path = self.cache_dir / record.file
+                if not path.is_file():
+                    raise CacheError(
+                        f"{path}: listed in the manifest (index {record.index}) but missing; re-run prepare to redo it"
+                    )
+                size = path.stat().st_size
+                if size != record.bytes:
+                    raise CacheError(
+                        f"{path}: {size} bytes, but the manifest recorded {record.bytes}; the file was changed after "
+                        "prepare finished it (delete it and re-run prepare to redo it)"
+                    )
+                _check_record_header(path, self.info)
+        logger.info(
+            "latent cache %s: %d records, latents %s, prompt_emb %s, %s",
+            self.cache_dir,
+            len(self.records),
+            list(self.info.latent_shape),
+            list(self.info.prompt_emb_shape),
+            self.info.dtype,
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def indices(self) -> list[int]:
+        """Dataset indices of the items, in item order."""
+        return [r.index for r in self.records]
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        record = self.records[position]
+        path = self.cache_dir / record.file
+        try:
+            tensors = load_file(str(path))  # safetensors: no pickle
+        except (SafetensorError, OSError) as error:
+            raise CacheError(f"{path}: cannot read record {record.index} ({error})") from error
+        return {"latents": tensors[LATENTS_KEY], "prompt_emb": tensors[PROMPT_EMB_KEY], "index": record.index}

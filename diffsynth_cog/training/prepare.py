@@ -1,0 +1,441 @@
+"""The "prepare" step: run the T5 text encoder and the VAE encoder once over a dataset.
+
+Long-video training keeps only the DiT in the training process (ExVideo's recipe): prompts and clips
+are encoded ahead of time, here, and the trainer reads the results from a latent cache (layout in
+:mod:`diffsynth_cog.training.cache`). One record is written per clip, atomically; the step can be
+interrupted and re-run (finished records are not redone) and spread over several processes (sample
+``i`` goes to rank ``i % world_size``, each rank keeping its own manifest).
+
+Latents are the posterior MEAN by default. The VAE posterior is a Gaussian; diffusers' trainers draw
+a fresh sample from it at every step, which a cache cannot do: a cached draw is frozen, so it adds
+the same fixed perturbation in every epoch rather than acting as augmentation. The mean is the
+latent the decoder reconstructs from, and it is bit-reproducible, so a record redone after an
+interruption, or by another rank, is identical to the original. ``sample_posterior=True`` stores
+one draw instead, from a generator seeded by ``(seed, index)`` so that each record's draw does not
+depend on rank count or resume order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from diffsynth_cog.loading.vae_loader import load_vae_encoder
+from diffsynth_cog.models.text_encoder import DEFAULT_MAX_LENGTH, CogTextEncoder, load_text_encoder
+from diffsynth_cog.models.vae import CogVAE, CogVAEEncoder
+from diffsynth_cog.training.cache import (
+    CACHE_FORMAT,
+    CACHE_INFO,
+    LATENTS_KEY,
+    PROMPT_EMB_KEY,
+    CacheError,
+    CacheInfo,
+    CacheRecord,
+    dtype_name,
+    finished_records,
+    manifest_name,
+    record_name,
+    repair_manifest_tail,
+    write_json_atomic,
+)
+from diffsynth_cog.training.data import (
+    SKIP_REASONS,
+    SkippedSample,
+    VideoClipDataset,
+    VideoSample,
+    check_num_frames,
+    describe_skips,
+    first_item,
+    load_dataset_index,
+)
+
+logger = logging.getLogger(__name__)
+
+# 2B's latent scale; the 5B value (0.7) is the VAE loader's default. Used only when the VAE weights
+# come without a config.json (the scale is a statistic of the training latents, not a weight).
+_COGVIDEOX_2B_SCALING_FACTOR = 1.15258426
+
+
+@dataclass
+class PrepareSummary:
+    """What one :func:`prepare_cache` call did (for its rank).
+
+    written: records encoded and written now. skipped_existing: records of this rank already
+    finished by an earlier run. skipped_bad: clips that could not be read, with the reason.
+    other_ranks: records of the index that belong to other ranks.
+    """
+
+    cache_dir: Path
+    written: int = 0
+    skipped_existing: int = 0
+    skipped_bad: list[SkippedSample] = field(default_factory=list)
+    other_ranks: int = 0
+
+    @property
+    def skipped_by_reason(self) -> dict[str, int]:
+        """Reason -> count, every reason listed (zero counts included)."""
+        counts = Counter(s.reason for s in self.skipped_bad)
+        return {reason: counts.get(reason, 0) for reason in SKIP_REASONS}
+
+    def describe(self) -> str:
+        """'2 written, 1 already done, 2 skipped: 1 too short, 1 unreadable'."""
+        return f"{self.written} written, {self.skipped_existing} already done, {describe_skips(self.skipped_bad)}"
+
+
+@dataclass(frozen=True)
+class Encoders:
+    """The two frozen encoders of the prepare step and the paths they were loaded from."""
+
+    text_encoder: CogTextEncoder
+    vae_encoder: CogVAEEncoder
+    paths: dict[str, str]
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _read_json(path: Path) -> dict[str, object]:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the JSON config ({error})") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return values
+
+
+def _vae_scaling_factor_hint(vae_path: Path, model_dir: Path | None) -> float | None:
+    """With no config.json beside the VAE weights, the model's transformer config tells 2B (no RoPE) from 5B."""
+    folder = vae_path if vae_path.is_dir() else vae_path.parent
+    if (folder / "config.json").is_file() or model_dir is None:
+        return None
+    transformer_config = model_dir / "transformer" / "config.json"
+    if not transformer_config.is_file():
+        return None
+    is_2b = not _read_json(transformer_config).get("use_rotary_positional_embeddings", False)
+    return _COGVIDEOX_2B_SCALING_FACTOR if is_2b else None
+
+
+def load_encoders(
+    model_dir: str | os.PathLike[str] | None = None,
+    *,
+    text_encoder_path: str | os.PathLike[str] | None = None,
+    tokenizer_path: str | os.PathLike[str] | None = None,
+    vae_path: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    vae_dtype: torch.dtype | None = None,
+    max_text_length: int | None = None,
+    vae_scaling_factor: float | None = None,
+) -> Encoders:
+    """The T5 text encoder and the VAE encoder (no decoder) for :func:`prepare_cache`.
+
+    ``model_dir``: a CogVideoX model folder (``text_encoder/``, ``tokenizer/``, ``vae/``, and
+    ``transformer/config.json`` whose ``max_text_seq_length`` sets the prompt length). Any of
+    ``text_encoder_path`` / ``tokenizer_path`` / ``vae_path`` overrides the folder's part (or
+    replaces ``model_dir`` altogether). ``dtype``: weights of both encoders (``vae_dtype`` for the
+    VAE alone). ``max_text_length``: tokens per prompt (default: the transformer config's, else 226).
+    """
+    root = Path(model_dir).expanduser() if model_dir is not None else None
+    if root is not None and not root.is_dir():
+        raise FileNotFoundError(f"model folder not found: {root}")
+
+    def part(given: str | os.PathLike[str] | None, name: str) -> Path:
+        if given is not None:
+            return Path(given).expanduser()
+        if root is None:
+            raise ValueError(f"pass model_dir or {name}_path")
+        return root / name
+
+    text_path, vae_folder = part(text_encoder_path, "text_encoder"), part(vae_path, "vae")
+    tokenizer = Path(tokenizer_path) if tokenizer_path is not None else None
+    if tokenizer is None and root is not None and (root / "tokenizer").is_dir():
+        tokenizer = root / "tokenizer"
+    if max_text_length is None:
+        transformer_config = root / "transformer" / "config.json" if root is not None else None
+        if transformer_config is not None and transformer_config.is_file():
+            max_text_length = int(_read_json(transformer_config).get("max_text_seq_length", DEFAULT_MAX_LENGTH))
+        else:
+            max_text_length = DEFAULT_MAX_LENGTH
+    if vae_scaling_factor is None:
+        vae_scaling_factor = _vae_scaling_factor_hint(vae_folder, root)
+
+    text_encoder = load_text_encoder(
+        text_path, tokenizer_path=tokenizer, dtype=dtype, device=device, max_length=max_text_length
+    )
+    vae_encoder = load_vae_encoder(
+        vae_folder, dtype=vae_dtype or dtype, device=device, scaling_factor=vae_scaling_factor
+    ).eval()
+    vae_encoder.requires_grad_(False)
+    paths = {"text_encoder": str(text_path), "vae": str(vae_folder)}
+    if tokenizer is not None:
+        paths["tokenizer"] = str(tokenizer)
+    return Encoders(text_encoder=text_encoder, vae_encoder=vae_encoder, paths=paths)
+
+
+# --------------------------------------------------------------------------------------------- writing
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_record(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> int:
+    """Writes a safetensors record atomically (temporary file, fsync, rename); returns its size in bytes.
+
+    The temporary name is derived from the record's: each record belongs to one rank, so no two
+    processes write it at once, and a leftover from a killed run is simply overwritten.
+    """
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=dict(metadata))
+        _fsync_file(partial)  # the rename must not reach the disk before the data does
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def _cache_info(
+    text_encoder: CogTextEncoder,
+    vae_encoder: CogVAEEncoder | CogVAE,
+    *,
+    num_frames: int,
+    height: int,
+    width: int,
+    frame_interval: int,
+    dtype: torch.dtype,
+    sample_posterior: bool,
+    seed: int,
+    tiled: bool,
+    model_paths: Mapping[str, str | os.PathLike[str]] | None,
+) -> CacheInfo:
+    """The shapes every record will have, computed from the configs (no encoding needed)."""
+    config = vae_encoder.config
+    r, s = config.temporal_compression_ratio, config.spatial_compression
+    check_num_frames(num_frames, r)
+    for name, size in (("height", height), ("width", width)):
+        if size <= 0 or size % s:
+            raise ValueError(f"{name} must be a positive multiple of the VAE's spatial compression {s}, got {size}")
+    return CacheInfo(
+        latent_shape=(config.latent_channels, (num_frames - 1) // r + 1, height // s, width // s),
+        prompt_emb_shape=(text_encoder.max_length, text_encoder.d_model),
+        dtype=dtype_name(dtype),
+        scaling_factor=float(config.scaling_factor),
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        frame_interval=frame_interval,
+        temporal_compression_ratio=r,
+        spatial_compression=s,
+        posterior="sample" if sample_posterior else "mean",
+        seed=seed if sample_posterior else None,
+        tiled=tiled,
+        model_paths={k: str(v) for k, v in (model_paths or {}).items()},
+    )
+
+
+def _write_or_check_info(cache_dir: Path, info: CacheInfo) -> None:
+    """Writes cache_info.json, or checks that an existing cache was prepared with the same settings."""
+    path = cache_dir / CACHE_INFO
+    if not path.is_file():
+        write_json_atomic(path, info.to_dict())
+        return
+    existing = CacheInfo.load(cache_dir)
+    differences = existing.differences(info)
+    if differences:
+        raise CacheError(
+            f"{cache_dir} holds a cache prepared with other settings ({'; '.join(differences)}; cache vs this run). "
+            "Its records cannot be mixed with new ones: use another cache folder, or delete this one."
+        )
+    if existing.tiled != info.tiled:
+        logger.warning(
+            "%s was prepared with tiled=%s, this run uses tiled=%s; tiled and untiled latents differ slightly",
+            cache_dir,
+            existing.tiled,
+            info.tiled,
+        )
+    if dict(existing.model_paths) != dict(info.model_paths):
+        logger.warning(
+            "%s was prepared from %s, this run loads %s; make sure they are the same weights",
+            cache_dir,
+            dict(existing.model_paths),
+            dict(info.model_paths),
+        )
+
+
+def _record_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator for record ``index``'s posterior draw: same draw whatever rank or order encodes it."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
+
+
+def _iterate(dataset: VideoClipDataset, num_workers: int) -> Iterable[dict[str, object] | SkippedSample]:
+    if num_workers <= 0:
+        return (dataset[i] for i in range(len(dataset)))
+    # Workers decode the next clips (ffmpeg, resize) while the encoders run on the current one.
+    return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers, collate_fn=first_item)
+
+
+# --------------------------------------------------------------------------------------------- prepare
+def prepare_cache(
+    source: str | os.PathLike[str] | Sequence[VideoSample],
+    cache_dir: str | os.PathLike[str],
+    text_encoder: CogTextEncoder,
+    vae_encoder: CogVAEEncoder | CogVAE,
+    *,
+    num_frames: int = 129,
+    height: int = 480,
+    width: int = 720,
+    frame_interval: int = 1,
+    tiled: bool = True,
+    sample_posterior: bool = False,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    num_workers: int = 0,
+    model_paths: Mapping[str, str | os.PathLike[str]] | None = None,
+    progress: bool = True,
+) -> PrepareSummary:
+    """Encodes every clip of a dataset (this rank's share) into ``cache_dir``; returns what was done.
+
+    Args:
+        source: a dataset folder or index file (see :func:`~diffsynth_cog.training.data.load_dataset_index`)
+            or a list of :class:`VideoSample`.
+        cache_dir: output folder (created). Re-running on it resumes: records listed in a manifest
+            whose file is intact are skipped; the rest are (re)done.
+        text_encoder, vae_encoder: frozen encoders (see :func:`load_encoders`); a whole
+            :class:`CogVAE` works as well as its encoder.
+        num_frames, height, width, frame_interval: the clip read from each video (``num_frames`` =
+            4k+1, sides multiples of 8); videos shorter than ``(num_frames - 1) * frame_interval + 1``
+            frames are skipped.
+        tiled: spatial tiling in the VAE (bounds memory at 480x720 and above).
+        sample_posterior, seed: store one seeded posterior draw instead of the mean (module docstring).
+        rank, world_size: this process takes samples with ``index % world_size == rank``.
+        device: where inputs go (default: the VAE's weights' device).
+        dtype: storage dtype of latents and prompt embeddings.
+        num_workers: DataLoader worker processes that decode videos ahead of the encoders (0: inline).
+        model_paths: recorded in cache_info.json (e.g. ``load_encoders(...).paths``).
+        progress: tqdm bar over this rank's clips.
+
+    Unreadable (corrupt, missing) and too-short videos are skipped, never retried within the run and
+    never fatal; each is logged at INFO and the summary counts them by reason. Any other error
+    (e.g. out of memory) stops the run; finished records stay and a re-run continues after them.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    samples = load_dataset_index(source) if isinstance(source, (str, os.PathLike)) else list(source)
+    duplicates = sorted(i for i, n in Counter(s.index for s in samples).items() if n > 1)
+    if duplicates:
+        raise ValueError(f"sample indices must be unique (they name the cache records); repeated: {duplicates[:10]}")
+
+    out = Path(cache_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    info = _cache_info(
+        text_encoder,
+        vae_encoder,
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        frame_interval=frame_interval,
+        dtype=dtype,
+        sample_posterior=sample_posterior,
+        seed=seed,
+        tiled=tiled,
+        model_paths=model_paths,
+    )
+    _write_or_check_info(out, info)
+
+    mine = [s for s in samples if s.index % world_size == rank]
+    done = finished_records(out)  # every rank's manifest: a resume may use another world size
+    todo = [s for s in mine if s.index not in done]
+    by_index = {s.index: s for s in todo}
+    summary = PrepareSummary(
+        cache_dir=out, skipped_existing=len(mine) - len(todo), other_ranks=len(samples) - len(mine)
+    )
+    logger.info(
+        "prepare rank %d/%d: %d of %d clips are this rank's; %d already done, %d to encode into %s",
+        rank,
+        world_size,
+        len(mine),
+        len(samples),
+        summary.skipped_existing,
+        len(todo),
+        out,
+    )
+
+    param = next(vae_encoder.parameters())
+    compute_device = torch.device(device) if device is not None else param.device
+    vae_dtype = param.dtype
+    scale = float(vae_encoder.config.scaling_factor)
+    dataset = VideoClipDataset(todo, num_frames, height, width, frame_interval, on_error="report")
+
+    manifest_path = out / manifest_name(rank, world_size)
+    repair_manifest_tail(manifest_path)
+    with (
+        manifest_path.open("a", encoding="utf-8") as manifest,
+        tqdm(total=len(todo), desc=f"prepare rank {rank}", unit="clip", disable=not progress) as bar,
+    ):
+        for item in _iterate(dataset, num_workers):
+            bar.update(1)
+            if isinstance(item, SkippedSample):
+                summary.skipped_bad.append(item)
+                logger.info("skipped clip %d (%s): %s", item.index, item.reason.replace("_", " "), item.message)
+                bar.set_postfix(skipped=len(summary.skipped_bad))
+                continue
+            index, prompt = int(item["index"]), str(item["prompt"])
+            sample = by_index[index]
+            with torch.inference_mode():
+                prompt_emb = text_encoder.encode(prompt, device=compute_device)[0]  # [L, d]
+                video = item["video"].unsqueeze(0).to(device=compute_device, dtype=vae_dtype)  # [1, 3, F, H, W]
+                generator = _record_generator(seed, index) if sample_posterior else None
+                latents = vae_encoder.encode(video, tiled=tiled, sample=sample_posterior, generator=generator)[0]
+                # Scale in fp32 (x0 of training), then round once to the storage dtype.
+                latents = (latents.float() * scale).to(dtype).cpu()  # [C, T, h, w]
+                prompt_emb = prompt_emb.to(dtype).cpu()
+            for key, tensor, expected in (
+                (LATENTS_KEY, latents, info.latent_shape),
+                (PROMPT_EMB_KEY, prompt_emb, info.prompt_emb_shape),
+            ):
+                if tuple(tensor.shape) != tuple(expected):
+                    raise RuntimeError(f"clip {index}: {key} came out {list(tensor.shape)}, expected {list(expected)}")
+            metadata = {
+                "format": CACHE_FORMAT,
+                "index": str(index),
+                "prompt": prompt,
+                "source": str(sample.path),
+                "num_frames": str(num_frames),
+                "height": str(height),
+                "width": str(width),
+                "frame_interval": str(frame_interval),
+                "scaling_factor": repr(scale),
+                "posterior": info.posterior,
+            }
+            name = record_name(index)
+            size = write_record(out / name, {LATENTS_KEY: latents, PROMPT_EMB_KEY: prompt_emb}, metadata)
+            # The manifest line comes only after the record is in place: a line always means a whole file.
+            line = CacheRecord(index=index, file=name, source=str(sample.path), prompt=prompt, bytes=size)
+            manifest.write(line.to_json() + "\n")
+            manifest.flush()
+            os.fsync(manifest.fileno())
+            summary.written += 1
+
+    if summary.skipped_bad:
+        names = ", ".join(s.path.name for s in summary.skipped_bad[:20])
+        more = f" and {len(summary.skipped_bad) - 20} more" if len(summary.skipped_bad) > 20 else ""
+        logger.warning("prepare rank %d: %s (%s%s)", rank, summary.describe(), names, more)
+    else:
+        logger.info("prepare rank %d: %s", rank, summary.describe())
+    return summary

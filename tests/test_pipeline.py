@@ -1,0 +1,193 @@
+"""CogVideoPipeline end to end against diffusers' CogVideoXPipeline on tiny models.
+
+Both load the same model folder written by diffusers (``save_pretrained``); we load it through
+ModelManager. Given the same initial latents, both must reach the same final latents.
+Tolerance 1e-5 relative in fp32: the same operations in a slightly different order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import save_tiny_model_folder
+
+from diffsynth_cog import CogVideoPipeline, ModelManager
+from diffsynth_cog.pipeline import check_num_frames
+
+RTOL = 1e-5
+HEIGHT, WIDTH = 32, 48  # latents 4 x 6 = the tiny DiT's base grid
+FRAMES = 17  # 5 latent frames, beyond the tiny DiT's sample_frames (9 -> 3 latent frames)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tiny_model_folder(tmp_path_factory.mktemp("tiny-5b"), "cogvideox-5b", seed=4)
+
+
+@pytest.fixture(scope="module")
+def ours(folder):
+    manager = ModelManager(torch_dtype=torch.float32, device="cpu")
+    manager.load_models([folder])
+    return CogVideoPipeline.from_model_manager(manager)
+
+
+def reference(folder, sampler: str):
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXDPMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    cls = CogVideoXDDIMScheduler if sampler == "ddim" else CogVideoXDPMScheduler
+    pipe = CogVideoXPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
+        text_encoder=T5EncoderModel.from_pretrained(folder / "text_encoder"),
+        vae=AutoencoderKLCogVideoX.from_pretrained(folder / "vae"),
+        transformer=CogVideoXTransformer3DModel.from_pretrained(folder / "transformer"),
+        scheduler=cls.from_pretrained(folder / "scheduler"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def initial_latents(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 4, (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8, generator=g)
+
+
+@pytest.mark.parametrize(
+    "sampler,cfg,dynamic",
+    [("ddim", 6.0, False), ("ddim", 1.0, False), ("dpm", 6.0, False), ("dpm", 1.0, False), ("ddim", 6.0, True)],
+)
+def test_final_latents_match_diffusers(folder, ours, sampler, cfg, dynamic):
+    latents = initial_latents()
+    ref = reference(folder, sampler)
+    prompt, negative = "a red fox running through snow", "blurry"
+    expected = ref(
+        prompt=prompt,
+        negative_prompt=negative,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=FRAMES,
+        num_inference_steps=6,
+        guidance_scale=cfg,
+        use_dynamic_cfg=dynamic,
+        latents=latents.transpose(1, 2).clone(),
+        generator=torch.Generator().manual_seed(11),
+        output_type="latent",
+    ).frames.transpose(1, 2)
+    got = ours(
+        prompt=prompt,
+        negative_prompt=negative,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=FRAMES,
+        num_inference_steps=6,
+        cfg_scale=cfg,
+        use_dynamic_cfg=dynamic,
+        sampler=sampler,
+        latents=latents.clone(),
+        generator=torch.Generator().manual_seed(11),
+        output_type="latent",
+        progress_bar=False,
+    )
+    assert got.shape == expected.shape
+    assert rel_err(got, expected) < RTOL
+
+
+def test_decoded_video_matches_diffusers(folder, ours):
+    latents = initial_latents(1)
+    ref = reference(folder, "ddim")
+    kwargs = dict(height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=3)
+    expected = ref(
+        prompt="a cat", guidance_scale=6.0, latents=latents.transpose(1, 2).clone(), output_type="np", **kwargs
+    )
+    got = ours(prompt="a cat", cfg_scale=6.0, latents=latents.clone(), output_type="np", progress_bar=False, **kwargs)
+    expected = expected.frames[0]  # [F, H, W, 3] in [0, 1]
+    assert got.shape == expected.shape == (FRAMES, HEIGHT, WIDTH, 3)
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_pil_output_seed_and_callback(ours):
+    seen = []
+    frames = ours(
+        prompt="a boat",
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=9,
+        num_inference_steps=3,
+        seed=7,
+        progress_bar=False,
+        callback=lambda i, t, x: seen.append((i, t, tuple(x.shape))),
+    )
+    assert len(frames) == 9 and frames[0].size == (WIDTH, HEIGHT)
+    assert [s[0] for s in seen] == [0, 1, 2] and all(s[2] == (1, 4, 3, 4, 6) for s in seen)
+    again = ours(
+        prompt="a boat", height=HEIGHT, width=WIDTH, num_frames=9, num_inference_steps=3, seed=7, progress_bar=False
+    )
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(frames, again, strict=True))
+
+
+def test_video_to_video_keeps_structure_of_the_input(ours):
+    src = ours(
+        prompt="a boat", height=HEIGHT, width=WIDTH, num_frames=9, num_inference_steps=2, seed=1, progress_bar=False
+    )
+    kwargs = dict(prompt="a boat", height=HEIGHT, width=WIDTH, num_frames=9, num_inference_steps=10, seed=2)
+    light = ours(input_video=src, denoising_strength=0.2, output_type="np", progress_bar=False, **kwargs)
+    heavy = ours(input_video=src, denoising_strength=1.0, output_type="np", progress_bar=False, **kwargs)
+    base = np.stack([np.asarray(f, dtype=np.float32) / 255 for f in src])
+    assert np.abs(light - base).mean() < np.abs(heavy - base).mean()
+
+
+@pytest.mark.parametrize("frames", [48, 50, 0])
+def test_invalid_frame_count_suggests_nearest_valid(frames):
+    with pytest.raises(ValueError, match="4k\\+1.*Nearest valid values"):
+        check_num_frames(frames)
+
+
+def test_invalid_size_and_output_type_are_rejected(ours):
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ours(prompt="x", height=40, width=48, num_frames=9, progress_bar=False)
+    with pytest.raises(ValueError, match="output_type"):
+        ours(prompt="x", height=32, width=48, num_frames=9, output_type="gif", progress_bar=False)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        ours(prompt="x", height=32, width=48, num_frames=9, latents=torch.zeros(1, 4, 2, 4, 6), progress_bar=False)
+
+
+def test_model_cpu_offload_gives_the_same_latents(ours):
+    latents = initial_latents(2)
+    kwargs = dict(prompt="a tree", height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=2)
+    base = ours(latents=latents.clone(), output_type="latent", progress_bar=False, **kwargs)
+    for mode in ("model", "sequential"):
+        ours.offloader.set_mode(mode)
+        try:
+            got = ours(latents=latents.clone(), output_type="latent", progress_bar=False, **kwargs)
+        finally:
+            ours.disable_offload()
+        assert torch.equal(got, base), mode
+
+
+def test_tiled_dit_matches_untiled_when_one_tile_covers_the_frame(ours):
+    latents = initial_latents(3)
+    kwargs = dict(prompt="a tree", height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=2)
+    base = ours(latents=latents.clone(), output_type="latent", progress_bar=False, **kwargs)
+    same = ours(latents=latents.clone(), output_type="latent", progress_bar=False, dit_tiled=True, **kwargs)
+    assert torch.equal(same, base)
+    tiled = ours(
+        latents=latents.clone(),
+        output_type="latent",
+        progress_bar=False,
+        dit_tiled=True,
+        dit_tile_size=(4, 4),
+        dit_tile_stride=(2, 2),
+        **kwargs,
+    )
+    assert tiled.shape == base.shape and torch.isfinite(tiled).all()
