@@ -34,7 +34,7 @@ from diffsynth_cog.training.data import (
     VideoSample,
     load_dataset_index,
 )
-from diffsynth_cog.training.prepare import Encoders, _record_generator, load_encoders, prepare_cache
+from diffsynth_cog.training.prepare import Encoders, load_encoders, posterior_generator, prepare_cache
 from diffsynth_cog.video_io import load_video, save_video, video_to_tensor
 
 NUM_FRAMES, HEIGHT, WIDTH = 9, 32, 48
@@ -255,7 +255,9 @@ def test_bf16_storage_and_seeded_posterior_draw(dataset_dir: Path, encoders: Enc
     assert item["latents"].dtype == torch.bfloat16 and item["prompt_emb"].dtype == torch.bfloat16
     video = video_to_tensor(load_video(sample.path, HEIGHT, WIDTH, NUM_FRAMES))[None]
     enc = encoders.vae_encoder
-    draw = enc.encode(video, tiled=True, sample=True, generator=_record_generator(3, 4))[0] * enc.config.scaling_factor
+    draw = (
+        enc.encode(video, tiled=True, sample=True, generator=posterior_generator(3, 4))[0] * enc.config.scaling_factor
+    )
     mean = enc.encode(video, tiled=True)[0] * enc.config.scaling_factor
     # bf16 keeps 8 mantissa bits: relative rounding error <= 2^-8 per element, ~0.4% in norm at most.
     err = (item["latents"].float() - draw).norm() / draw.norm()

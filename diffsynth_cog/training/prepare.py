@@ -275,7 +275,7 @@ def _write_or_check_info(cache_dir: Path, info: CacheInfo) -> None:
         )
 
 
-def _record_generator(seed: int, index: int) -> torch.Generator:
+def posterior_generator(seed: int, index: int) -> torch.Generator:
     """A CPU generator for record ``index``'s posterior draw: same draw whatever rank or order encodes it."""
     return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
 
@@ -400,7 +400,7 @@ def prepare_cache(
             with torch.inference_mode():
                 prompt_emb = text_encoder.encode(prompt, device=compute_device)[0]  # [L, d]
                 video = item["video"].unsqueeze(0).to(device=compute_device, dtype=vae_dtype)  # [1, 3, F, H, W]
-                generator = _record_generator(seed, index) if sample_posterior else None
+                generator = posterior_generator(seed, index) if sample_posterior else None
                 latents = vae_encoder.encode(video, tiled=tiled, sample=sample_posterior, generator=generator)[0]
                 # Scale in fp32 (x0 of training), then round once to the storage dtype.
                 latents = (latents.float() * scale).to(dtype).cpu()  # [C, T, h, w]
