@@ -424,3 +424,18 @@ def test_cache_info_checks_the_dit_config(tmp_path: Path) -> None:
         info.check_dit(dataclasses.replace(fits, text_embed_dim=64))
     with pytest.raises(CacheError, match="image-to-video"):
         info.check_dit(dataclasses.replace(fits, in_channels=8))
+
+
+def test_rank_comes_from_the_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffsynth_cog.training.prepare import distributed_rank
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed_rank() == (0, 1, 0)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed_rank() == (3, 4, 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="RANK=3, WORLD_SIZE=2"):
+        distributed_rank()

@@ -181,6 +181,22 @@ def load_encoders(
     return Encoders(text_encoder=text_encoder, vae_encoder=vae_encoder, paths=paths)
 
 
+def distributed_rank() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the environment torchrun / Lightning / SLURM launchers set.
+
+    For sharding ``prepare_cache`` over processes without initialising a process group (the prepare
+    step needs no communication): launch N copies with ``torchrun --nproc-per-node N`` and pass
+    ``rank, world_size`` through, and ``cuda:{local_rank}`` as the device. (0, 1, 0) when unset.
+    """
+    env = os.environ
+    rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+    world_size = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    local_rank = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"environment gives RANK={rank}, WORLD_SIZE={world_size}: need 0 <= rank < world_size")
+    return rank, world_size, local_rank
+
+
 # --------------------------------------------------------------------------------------------- writing
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -261,7 +277,7 @@ def _write_or_check_info(cache_dir: Path, info: CacheInfo) -> None:
         )
     if existing.tiled != info.tiled:
         logger.warning(
-            "%s was prepared with tiled=%s, this run uses tiled=%s; tiled and untiled latents differ slightly",
+            "%s was prepared with tiled=%s, this run uses tiled=%s; tiled latents differ from untiled ones (per-tile normalisation)",
             cache_dir,
             existing.tiled,
             info.tiled,
