@@ -68,57 +68,70 @@ def main() -> None:
     device, dtype = "cuda", torch.bfloat16
     torch.manual_seed(0)
     ref, ours = build_pair(args.preset, dtype, device)
-    c = ours.config
     n_params = sum(p.numel() for p in ours.parameters())
     result = {**environment(), "preset": args.preset, "params": n_params, "batch": args.batch, "runs": {}}
     logger.info("%s", result)
 
-    for frames in args.frames:
-        t = (frames - 1) // c.temporal_compression_ratio + 1
-        h, w = c.sample_height, c.sample_width
-        g = torch.Generator(device).manual_seed(frames)
-        latents = torch.randn(args.batch, c.in_channels, t, h, w, device=device, dtype=dtype, generator=g)
-        prompt = torch.randn(
-            args.batch, c.max_text_seq_length, c.text_embed_dim, device=device, dtype=dtype, generator=g
-        )
-        timestep = torch.tensor([500, 500][: args.batch], device=device)
-        rope = reference_rope(ref, t, h, w, device)
-        tokens = t * (h // c.patch_size) * (w // c.patch_size) + c.max_text_seq_length
-        flops = dit_flops(n_params, tokens, c.inner_dim, c.num_layers, args.batch)
-
-        def run_ref(latents=latents, prompt=prompt, timestep=timestep, rope=rope):
-            return ref(
-                hidden_states=latents.transpose(1, 2),
-                encoder_hidden_states=prompt,
-                timestep=timestep,
-                image_rotary_emb=rope,
-                return_dict=False,
-            )[0].transpose(1, 2)
-
-        def run_ours(latents=latents, prompt=prompt, timestep=timestep):
-            return ours(latents, timestep, prompt)
-
-        entry = {"latent_frames": t, "tokens": tokens}
-        with torch.no_grad():
-            out_ref, out_ours = run_ref(), run_ours()
-            entry["rel_diff_vs_reference"] = rel_err(out_ours, out_ref)
-            entry["rel_diff_reference_rerun"] = rel_err(run_ref(), out_ref)
-            del out_ref, out_ours
-            for name, fn in (("reference", run_ref), ("ours", run_ours)):
-                reset_peak()
-                tm = timed(fn, warmup=1, repeat=args.repeat)
-                entry[name] = {
-                    **tm,
-                    "peak_GiB": round(peak_gib(), 2),
-                    "TFLOPs": round(flops / tm["median_s"] / 1e12, 1),
-                }
-                logger.info("%d frames %s: %s", frames, name, entry[name])
-            entry["speedup"] = entry["reference"]["median_s"] / entry["ours"]["median_s"]
-        result["runs"][f"{frames}f"] = entry
-        logger.info("%d frames: %s", frames, entry)
-        write_json(args.json, result)
+    passes = [("", False)] + ([("_compiled", True)] if args.compile else [])
+    for suffix, compiled in passes:
+        if compiled:
+            for block in ref.transformer_blocks:
+                block.compile(fullgraph=True)
+            # Not fullgraph for ours: the attention backend switch may be a graph break, which costs
+            # nothing here since attention is one opaque kernel either way.
+            ours.compile_blocks()
+        for frames in args.frames:
+            try:
+                measure(ref, ours, frames, suffix, args, result)
+            except Exception as e:  # a compiler failure is a result to report, not a reason to lose the run
+                logger.exception("%d frames%s failed", frames, suffix)
+                result["runs"][f"{frames}f{suffix}"] = {"error": repr(e)[:500]}
+            write_json(args.json, result)
     write_json(args.json, result)
     logger.info("done: %s", result)
+
+
+def measure(ref, ours, frames: int, suffix: str, args: argparse.Namespace, result: dict) -> None:
+    """Times both models at one length; ``suffix`` tags the pass ("" eager, "_compiled")."""
+    device, dtype = "cuda", torch.bfloat16
+    c = ours.config
+    t = (frames - 1) // c.temporal_compression_ratio + 1
+    h, w = c.sample_height, c.sample_width
+    g = torch.Generator(device).manual_seed(frames)
+    latents = torch.randn(args.batch, c.in_channels, t, h, w, device=device, dtype=dtype, generator=g)
+    prompt = torch.randn(args.batch, c.max_text_seq_length, c.text_embed_dim, device=device, dtype=dtype, generator=g)
+    timestep = torch.tensor([500, 500][: args.batch], device=device)
+    rope = reference_rope(ref, t, h, w, device)
+    tokens = t * (h // c.patch_size) * (w // c.patch_size) + c.max_text_seq_length
+    flops = dit_flops(result["params"], tokens, c.inner_dim, c.num_layers, args.batch)
+
+    def run_ref():
+        out = ref(
+            hidden_states=latents.transpose(1, 2),
+            encoder_hidden_states=prompt,
+            timestep=timestep,
+            image_rotary_emb=rope,
+            return_dict=False,
+        )
+        return out[0].transpose(1, 2)
+
+    def run_ours():
+        return ours(latents, timestep, prompt)
+
+    entry = {"latent_frames": t, "tokens": tokens}
+    with torch.no_grad():
+        out_ref, out_ours = run_ref(), run_ours()
+        entry["rel_diff_vs_reference"] = rel_err(out_ours, out_ref)
+        entry["rel_diff_reference_rerun"] = rel_err(run_ref(), out_ref)
+        del out_ref, out_ours
+        for name, fn in (("reference", run_ref), ("ours", run_ours)):
+            reset_peak()
+            tm = timed(fn, warmup=1, repeat=args.repeat)
+            entry[name] = {**tm, "peak_GiB": round(peak_gib(), 2), "TFLOPs": round(flops / tm["median_s"] / 1e12, 1)}
+            logger.info("%d frames%s %s: %s", frames, suffix, name, entry[name])
+    entry["speedup"] = entry["reference"]["median_s"] / entry["ours"]["median_s"]
+    result["runs"][f"{frames}f{suffix}"] = entry
+    logger.info("%d frames%s: %s", frames, suffix, entry)
 
 
 if __name__ == "__main__":

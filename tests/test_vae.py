@@ -437,3 +437,17 @@ def test_missing_key_is_named(saved, tmp_path):
     save_file(state, tmp_path / "vae.safetensors")
     with pytest.raises(StateDictMismatchError, match=r"up_blocks\.1\.resnets\.0\.norm2\.conv_b\.bias"):
         load_vae(tmp_path / "vae.safetensors")
+
+
+def test_decoder_only_file_infers_config_and_loads_the_decoder(saved, ours, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = saved
+    state = load_file(folder / "diffusion_pytorch_model.safetensors")
+    save_file({k: v for k, v in state.items() if k.startswith("decoder.")}, tmp_path / "decoder.safetensors")
+    decoder = load_vae_decoder(tmp_path / "decoder.safetensors")
+    assert decoder.config.block_out_channels == ours.config.block_out_channels
+    with torch.no_grad():
+        assert torch.equal(decoder.decode(latents(3, seed=35)), ours.decode(latents(3, seed=35)))
+    with pytest.raises(StateDictMismatchError, match=r"missing keys.*encoder\."):
+        load_vae(tmp_path / "decoder.safetensors")

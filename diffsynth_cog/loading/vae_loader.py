@@ -204,7 +204,11 @@ def vae_config_for(source: WeightsSource, *, scaling_factor: float | None = None
         config = VAEConfig.from_dict(source.config, source=str(source.config_path))
         if scaling_factor is not None:
             config = dataclasses.replace(config, scaling_factor=scaling_factor)
-            logger.info("VAE scaling_factor=%s (given; config.json says %s)", scaling_factor, source.config.get("scaling_factor"))
+            logger.info(
+                "VAE scaling_factor=%s (given; config.json says %s)",
+                scaling_factor,
+                source.config.get("scaling_factor"),
+            )
         else:
             logger.info("VAE scaling_factor=%s (from %s)", config.scaling_factor, source.config_path)
         return config

@@ -98,9 +98,7 @@ class CausalConv3d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
         super().__init__()
         self.time_kernel = kernel_size
-        self.conv = nn.Conv3d(
-            in_channels, out_channels, kernel_size, padding=(0, kernel_size // 2, kernel_size // 2)
-        )
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=(0, kernel_size // 2, kernel_size // 2))
         # Name under which this conv stores its frames in a ConvCache; set by the owning
         # encoder/decoder to its module path so caches are readable and unique.
         self.cache_key = ""
@@ -410,9 +408,7 @@ def _tiled(
                 _blend_rows_(rows[i - 1][j], out, blend[0])
             if j > 0:
                 _blend_cols_(row[j - 1], out, blend[1])
-    return torch.cat(
-        [torch.cat([out[:, :, :, : keep[0], : keep[1]] for out in row], dim=4) for row in rows], dim=3
-    )
+    return torch.cat([torch.cat([out[:, :, :, : keep[0], : keep[1]] for out in row], dim=4) for row in rows], dim=3)
 
 
 def _check_5d(x: object, what: str, layout: str) -> torch.Tensor:

@@ -1,0 +1,84 @@
+"""VAE decode at full size, ours and diffusers' side by side on the same random weights.
+
+Both share one set of bf16 weights (ours is built on the meta device and takes the reference's
+tensors with ``assign=True``). Reports time, peak memory and the relative difference of the
+decoded videos, untiled and tiled, at 13 and 33 latent frames (49 and 129 pixel frames).
+
+    python benchmarks/bench_vae.py --frames 49 129
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, peak_gib, rel_err, reset_peak, timed, write_json  # noqa: E402
+
+from diffsynth_cog.configs import vae_preset  # noqa: E402
+from diffsynth_cog.loading.convert import convert_state_dict  # noqa: E402
+from diffsynth_cog.loading.vae_loader import vae_rename  # noqa: E402
+from diffsynth_cog.models.vae import CogVAE  # noqa: E402
+
+logger = logging.getLogger("bench_vae")
+
+
+def build_pair(dtype: torch.dtype, device: str):
+    from diffusers import AutoencoderKLCogVideoX
+
+    with torch.device(device):
+        ref = AutoencoderKLCogVideoX(scaling_factor=0.7).to(dtype).eval().requires_grad_(False)
+    with torch.device("meta"):
+        ours = CogVAE(vae_preset("cogvideox-5b"))
+    sd = convert_state_dict(ref.state_dict(), ours, vae_rename, source="diffusers VAE (random init)")
+    ours.load_state_dict(sd, assign=True, strict=True)
+    return ref, ours.eval().requires_grad_(False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, nargs="+", default=[49, 129])
+    parser.add_argument("--json", default="bench_vae.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device, dtype = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    ref, ours = build_pair(dtype, device)
+    result = {**environment(), "runs": {}}
+    for frames in args.frames:
+        t = (frames - 1) // 4 + 1
+        z = torch.randn(1, 16, t, 60, 90, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(t))
+        for tiled in (False, True):
+            if tiled:
+                ref.enable_tiling()
+            else:
+                ref.disable_tiling()
+            entry = {}
+            with torch.no_grad():
+
+                def run_ref(z=z):
+                    return ref.decode(z).sample
+
+                def run_ours(z=z, tiled=tiled):
+                    return ours.decode(z, tiled=tiled)
+
+                out_ref, out_ours = run_ref(), run_ours()
+                entry["rel_diff_vs_reference"] = rel_err(out_ours, out_ref)
+                del out_ref, out_ours
+                for name, fn in (("reference", run_ref), ("ours", run_ours)):
+                    reset_peak()
+                    tm = timed(fn, warmup=0, repeat=1)
+                    entry[name] = {**tm, "peak_GiB": round(peak_gib(), 2)}
+            entry["speedup"] = entry["reference"]["median_s"] / entry["ours"]["median_s"]
+            result["runs"][f"decode_{frames}f_{'tiled' if tiled else 'untiled'}"] = entry
+            logger.info("%d frames tiled=%s: %s", frames, tiled, entry)
+            write_json(args.json, result)
+    logger.info("done: %s", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""The training job: one frozen :class:`TrainConfig`, read from a JSON file and validated up front.
+
+A job file (see ``train/*.json``) holds the fields below by name. Unknown keys are rejected (a
+misspelt ``learnig_rate`` must not silently train at the default) and every value is checked when
+the config is built, so a bad value fails before any model is loaded, with a message naming the
+field, the valid range and what was found.
+
+Defaults follow ExVideo's CogVideoX recipe: LoRA rank 64 on all eight Linear layers of every
+block, AdamW at lr 1e-5, bf16 base weights with fp32 LoRA parameters, gradient checkpointing.
+Relative paths are taken relative to the current directory (where the job is launched).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffsynth_cog.errors import DiffSynthCogError
+from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS
+
+STRATEGIES = ("auto", "deepspeed_stage_2")
+PRECISIONS = ("auto", "bf16", "fp32")
+ACCELERATORS = ("auto", "cpu", "gpu")
+EXPORT_DTYPES = ("fp32", "bf16", "fp16")
+NUM_TRAIN_TIMESTEPS = 1000  # CogVideoX's schedule length; the loaded scheduler config is checked again in setup
+
+
+class TrainConfigError(DiffSynthCogError, ValueError):
+    """A training config field is missing, unknown or out of range (the message names it)."""
+
+
+# A per-target LoRA setting as JSON gives it: a rank, [rank, alpha] or {"rank": r, "alpha": a}.
+TargetSetting = int | tuple[int, float] | Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A long-video LoRA post-training job.
+
+    Paths:
+        model: a CogVideoX model folder (``transformer/``, ``scheduler/``, and for validation videos
+            ``text_encoder/``, ``tokenizer/``, ``vae/``), or a ``transformer/`` folder / weights file.
+        cache_dir: the latent cache written by ``diffsynth-cog prepare``.
+        output_dir: checkpoints (``checkpoints/``), logs (``logs/``), the exported LoRA (``lora/``)
+            and validation videos (``validation/``).
+
+    LoRA:
+        lora_targets: Linear layer names (suffixes such as ``"attn1.to_q"``, ``"ff.0"``), each at
+            ``lora_rank``; or a dict target -> rank, [rank, alpha] or {"rank": r, "alpha": a}.
+        lora_rank, lora_alpha: defaults for targets without their own; alpha None = rank (scale 1).
+
+    Optimisation:
+        learning_rate, weight_decay (AdamW), warmup_steps (linear from 0, then constant),
+        max_steps (optimizer steps), grad_clip (max global grad norm, 0 = off), batch_size (per
+        device), grad_accumulation, seed, timestep_range (inclusive [min, max] of t ~ U{min..max}).
+
+    Hardware:
+        precision: "bf16" (base weights bf16, LoRA fp32), "fp32", or "auto" (bf16 on GPUs, fp32 on
+            CPU). strategy: "auto" (one device, or DDP) or "deepspeed_stage_2" (ZeRO-2: optimizer
+            states and gradients sharded; CUDA only). offload_optimizer: ZeRO-Offload of the
+            optimizer to the CPU (DeepSpeed only). accelerator, devices (per node), num_nodes,
+            gradient_checkpointing, num_workers (data loading processes).
+
+    Schedule:
+        checkpoint_every_n_steps, log_every_n_steps, validation_every_n_steps (0 = no validation
+        videos) with validation_prompts and the generation settings (None = the cache's clip size).
+    """
+
+    model: str
+    cache_dir: str
+    output_dir: str
+    lora_targets: tuple[str, ...] | Mapping[str, TargetSetting] = BLOCK_LINEAR_TARGETS
+    lora_rank: int = 64
+    lora_alpha: float | None = None
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.01  # torch AdamW's default, which ExVideo's trainer keeps
+    warmup_steps: int = 0
+    max_steps: int = 1000
+    grad_clip: float = 1.0
+    batch_size: int = 1
+    grad_accumulation: int = 1
+    seed: int = 0
+    timestep_range: tuple[int, int] = (0, NUM_TRAIN_TIMESTEPS - 1)
+    precision: str = "auto"
+    gradient_checkpointing: bool = True
+    strategy: str = "auto"
+    offload_optimizer: bool = False
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    num_workers: int = 2
+    checkpoint_every_n_steps: int = 250
+    log_every_n_steps: int = 10
+    validation_every_n_steps: int = 0
+    validation_prompts: tuple[str, ...] = field(default_factory=tuple)
+    validation_negative_prompt: str = ""
+    validation_num_frames: int | None = None
+    validation_height: int | None = None
+    validation_width: int | None = None
+    validation_num_inference_steps: int = 50
+    validation_cfg_scale: float = 7.0
+    validation_fps: int = 8
+    export_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+
+        def bad(name: str, expected: str) -> None:
+            problems.append(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        for name in ("model", "cache_dir", "output_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, os.PathLike)) or not str(value):
+                bad(name, "a non-empty path")
+        for name, low in (
+            ("lora_rank", 1),
+            ("max_steps", 1),
+            ("batch_size", 1),
+            ("grad_accumulation", 1),
+            ("num_nodes", 1),
+            ("checkpoint_every_n_steps", 1),
+            ("log_every_n_steps", 1),
+            ("validation_num_inference_steps", 1),
+            ("validation_fps", 1),
+            ("warmup_steps", 0),
+            ("num_workers", 0),
+            ("validation_every_n_steps", 0),
+            ("seed", 0),
+        ):
+            value = getattr(self, name)
+            if not is_int(value) or value < low:
+                bad(name, f"an integer >= {low}")
+        if not is_number(self.learning_rate) or not 0 < self.learning_rate <= 1:
+            bad("learning_rate", "a number in (0, 1]")
+        if not is_number(self.weight_decay) or not 0 <= self.weight_decay < 1:
+            bad("weight_decay", "a number in [0, 1)")
+        if not is_number(self.grad_clip) or self.grad_clip < 0:
+            bad("grad_clip", "a number >= 0 (0 = no clipping)")
+        if self.lora_alpha is not None and (not is_number(self.lora_alpha) or self.lora_alpha <= 0):
+            bad("lora_alpha", "a positive number or null (= the rank)")
+        if not is_number(self.validation_cfg_scale) or self.validation_cfg_scale < 0:
+            bad("validation_cfg_scale", "a number >= 0")
+        t = self.timestep_range
+        if (
+            not isinstance(t, tuple)
+            or len(t) != 2
+            or not all(is_int(v) for v in t)
+            or not 0 <= t[0] <= t[1] < NUM_TRAIN_TIMESTEPS
+        ):
+            bad("timestep_range", f"[min, max] integers with 0 <= min <= max <= {NUM_TRAIN_TIMESTEPS - 1}")
+        for name, choices in (
+            ("precision", PRECISIONS),
+            ("strategy", STRATEGIES),
+            ("accelerator", ACCELERATORS),
+            ("export_dtype", EXPORT_DTYPES),
+        ):
+            if getattr(self, name) not in choices:
+                bad(name, f"one of {list(choices)}")
+        if not ((is_int(self.devices) and self.devices >= 1) or self.devices == "auto"):
+            bad("devices", "an integer >= 1 or 'auto'")
+        for name in ("gradient_checkpointing", "offload_optimizer"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "true or false")
+        if self.offload_optimizer and self.strategy != "deepspeed_stage_2":
+            problems.append("offload_optimizer: needs strategy 'deepspeed_stage_2' (ZeRO-Offload)")
+        if self.strategy == "deepspeed_stage_2" and self.accelerator == "cpu":
+            problems.append("strategy: 'deepspeed_stage_2' is only supported on CUDA GPUs, but accelerator is 'cpu'")
+        for name in ("validation_num_frames", "validation_height", "validation_width"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < 1):
+                bad(name, "a positive integer or null (= the cache's clip size)")
+        if self.validation_num_frames is not None and is_int(self.validation_num_frames):
+            if (self.validation_num_frames - 1) % 4:
+                bad("validation_num_frames", "4k+1 frames (e.g. 49, 129)")
+        for name in ("validation_height", "validation_width"):
+            value = getattr(self, name)
+            if is_int(value) and value % 16:
+                bad(name, "a multiple of 16")
+        if not isinstance(self.validation_prompts, tuple) or not all(
+            isinstance(p, str) for p in self.validation_prompts
+        ):
+            bad("validation_prompts", "a list of strings")
+        elif self.validation_every_n_steps > 0 and not self.validation_prompts:
+            problems.append("validation_prompts: validation_every_n_steps > 0 needs at least one prompt")
+        if not isinstance(self.validation_negative_prompt, str):
+            bad("validation_negative_prompt", "a string")
+        problems += _target_problems(self.lora_targets)
+        if problems:
+            raise TrainConfigError("invalid training config: " + "; ".join(problems))
+
+    # -- derived values ------------------------------------------------------------------------
+
+    def lora_spec(self) -> dict[str, tuple[int, float]]:
+        """Target -> (rank, alpha) for :func:`~diffsynth_cog.lora.inject_lora` (alpha None -> rank)."""
+        spec: dict[str, tuple[int, float]] = {}
+        if isinstance(self.lora_targets, Mapping):
+            for target, setting in self.lora_targets.items():
+                if isinstance(setting, Mapping):
+                    rank, alpha = int(setting["rank"]), setting.get("alpha", self.lora_alpha)
+                elif isinstance(setting, (tuple, list)):
+                    rank, alpha = int(setting[0]), setting[1]
+                else:
+                    rank, alpha = int(setting), self.lora_alpha
+                spec[target] = (rank, float(rank if alpha is None else alpha))
+        else:
+            alpha = float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+            spec = {target: (self.lora_rank, alpha) for target in self.lora_targets}
+        return spec
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir).expanduser()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_path / "checkpoints"
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.output_path / "lora"
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "training config") -> TrainConfig:
+        """Builds a config from JSON-style values; unknown keys and missing required ones are errors."""
+        if not isinstance(values, Mapping):
+            raise TrainConfigError(f"{source}: expected a JSON object, found {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in values if k not in fields and not str(k).startswith("_"))
+        if unknown:
+            raise TrainConfigError(f"{source}: unknown field(s) {unknown}; valid fields: {sorted(fields)}")
+        required = [n for n, f in fields.items() if _is_required(f)]
+        missing = [n for n in required if n not in values]
+        if missing:
+            raise TrainConfigError(f"{source}: missing required field(s) {missing}")
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key.startswith("_"):  # "_comment" and the like
+                continue
+            if key in ("timestep_range", "validation_prompts") and isinstance(value, list):
+                value = tuple(value)
+            elif key == "lora_targets":
+                if isinstance(value, list):
+                    value = tuple(value)
+                elif isinstance(value, Mapping):
+                    value = {t: tuple(s) if isinstance(s, list) else s for t, s in value.items()}
+            kwargs[key] = value
+        try:
+            return cls(**kwargs)
+        except TrainConfigError as error:
+            raise TrainConfigError(f"{source}: {error}") from error
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> TrainConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"training config not found: {p}")
+        try:
+            values = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise TrainConfigError(f"{p}: not valid JSON ({error})") from error
+        return cls.from_dict(values, source=str(p))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible values (tuples as lists); ``from_dict(to_dict())`` gives the same config."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["timestep_range"] = list(self.timestep_range)
+        values["validation_prompts"] = list(self.validation_prompts)
+        if isinstance(self.lora_targets, Mapping):
+            values["lora_targets"] = {
+                t: list(s) if isinstance(s, tuple) else dict(s) if isinstance(s, Mapping) else s
+                for t, s in self.lora_targets.items()
+            }
+        else:
+            values["lora_targets"] = list(self.lora_targets)
+        for name in ("model", "cache_dir", "output_dir"):
+            values[name] = str(values[name])
+        return values
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _target_problems(targets: Any) -> list[str]:
+    if isinstance(targets, Mapping):
+        if not targets:
+            return ["lora_targets: expected at least one target, got an empty dict"]
+        problems = []
+        for target, setting in targets.items():
+            where = f"lora_targets[{target!r}]"
+            if not isinstance(target, str) or not target:
+                problems.append(f"lora_targets: target names must be non-empty strings, got {target!r}")
+                continue
+            if isinstance(setting, Mapping):
+                rank, alpha = setting.get("rank"), setting.get("alpha")
+                extra = sorted(set(setting) - {"rank", "alpha"})
+                if extra:
+                    problems.append(f"{where}: unknown key(s) {extra}; expected 'rank' and optionally 'alpha'")
+            elif isinstance(setting, (tuple, list)) and len(setting) == 2:
+                rank, alpha = setting
+            else:
+                rank, alpha = setting, None
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+                problems.append(
+                    f"{where}: expected a rank >= 1, [rank, alpha] or {{'rank': r, 'alpha': a}}, got {setting!r}"
+                )
+            elif alpha is not None and (
+                not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0
+            ):
+                problems.append(f"{where}: alpha must be a positive number, got {alpha!r}")
+        return problems
+    if isinstance(targets, (tuple, list)):
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            return [f"lora_targets: expected a non-empty list of layer names, got {targets!r}"]
+        return []
+    return [f"lora_targets: expected a list of layer names or a dict target -> rank, got {targets!r}"]
