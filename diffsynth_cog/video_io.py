@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -190,6 +189,8 @@ def save_video(
     target.parent.mkdir(parents=True, exist_ok=True)
     # Same folder (so the final rename is atomic) and same suffix (ffmpeg picks the container from it).
     partial = target.with_name(f".{target.stem}.{uuid.uuid4().hex[:8]}.partial{target.suffix}")
+    import imageio_ffmpeg  # imported on use: the library must import on machines without ffmpeg
+
     writer = imageio_ffmpeg.write_frames(
         str(partial),
         (width, height),
@@ -256,6 +257,8 @@ def _iter_decoded(path: Path) -> Iterator[tuple[int, int, bytes]]:
     if not path.is_file():
         raise VideoReadError(f"video file not found: {path}")
     try:
+        import imageio_ffmpeg
+
         reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
         meta = next(reader)
     except (OSError, RuntimeError, StopIteration) as error:

@@ -529,7 +529,10 @@ class CogVAEEncoder(nn.Module):
             )
             tile_px = (int(tile[0]), int(tile[1]))
             if any(t <= 0 or t % s for t in tile_px):
-                raise ValueError(f"tile_sample_size {tile_px} must be positive multiples of {s}")
+                raise ValueError(
+                    f"tile_sample_size {tile_px} must be positive multiples of {s} (when not given it is half "
+                    f"the config's sample_height x sample_width, {cfg.sample_height}x{cfg.sample_width})"
+                )
             if height > tile_px[0] or width > tile_px[1]:
                 tile_lat = (tile_px[0] // s, tile_px[1] // s)
                 stride_lat = _tile_stride(tile_lat, tile_overlap)

@@ -1,0 +1,220 @@
+"""The post-training stages of the ``diffsynth-cog`` command line.
+
+    diffsynth-cog prepare --dataset data/ --model models/CogVideoX-5b --cache cache/129f
+    diffsynth-cog train --config train/exvideo_129f_1gpu.json [--resume]
+    diffsynth-cog export-lora --checkpoint runs/x/checkpoints --output x.safetensors [--ema 0.9]
+
+This module is imported every time the command line starts (to register the sub-commands), so it
+imports nothing heavy at the top: Lightning, the models and the encoders load inside the commands.
+See train/README.md for whole jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def _default_device() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    # One process per GPU (torchrun sets LOCAL_RANK): each takes its own device.
+    return f"cuda:{_env_int('LOCAL_RANK', 0)}"
+
+
+# --------------------------------------------------------------------------------------------- prepare
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="encode a video dataset once (T5 + VAE) into a latent cache for training",
+        description="Run the T5 text encoder and the VAE encoder over every clip of a dataset and write one "
+        "safetensors record per clip (scaled latents + prompt embeddings) plus a manifest into --cache. "
+        "Interrupted runs continue where they stopped. Shard over several processes with --rank/--world-size "
+        "(default: $RANK/$WORLD_SIZE, as torchrun sets them).",
+    )
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help="dataset folder or index file (metadata.json, metadata.csv, or prompts.txt + videos.txt)",
+    )
+    p.add_argument(
+        "--model", required=True, help="CogVideoX model folder (text_encoder/, tokenizer/, vae/, transformer/)"
+    )
+    p.add_argument("--cache", required=True, help="output folder of the latent cache")
+    p.add_argument("--num-frames", type=int, default=129, help="frames per clip, 4k+1 (default 129)")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=720)
+    p.add_argument("--frame-interval", type=int, default=1, help="take every n-th frame of the source video")
+    p.add_argument("--rank", type=int, default=None, help="this process's shard (default: $RANK or 0)")
+    p.add_argument("--world-size", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
+    p.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="encoder weights and cache dtype")
+    p.add_argument("--no-tiled", action="store_true", help="encode without spatial tiling (more memory)")
+    p.add_argument(
+        "--sample-posterior", action="store_true", help="store one seeded VAE posterior draw instead of its mean"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=2, help="video decoding processes")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffsynth_cog.training.prepare import load_encoders, prepare_cache
+
+    rank = args.rank if args.rank is not None else _env_int("RANK", 0)
+    world_size = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE", 1)
+    device = args.device or _default_device()
+    dtype = getattr(torch, _DTYPES[args.dtype])
+    encoders = load_encoders(args.model, device=device, dtype=dtype)
+    summary = prepare_cache(
+        args.dataset,
+        args.cache,
+        encoders.text_encoder,
+        encoders.vae_encoder,
+        num_frames=args.num_frames,
+        height=args.height,
+        width=args.width,
+        frame_interval=args.frame_interval,
+        tiled=not args.no_tiled,
+        sample_posterior=args.sample_posterior,
+        seed=args.seed,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        dtype=dtype,
+        num_workers=args.num_workers,
+        model_paths=encoders.paths,
+        progress=not args.no_progress,
+    )
+    logger.info("prepare rank %d/%d -> %s: %s", rank, world_size, args.cache, summary.describe())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- train
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare string such as a path
+    return key.strip(), value
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a long-video LoRA on a latent cache (Lightning; DeepSpeed ZeRO-2 on several GPUs)",
+        description="Train the LoRA of a job file (see train/*.json and train/README.md). Checkpoints, logs and the "
+        "exported LoRA go to the job's output_dir. Several GPUs: set devices in the job (Lightning starts one "
+        "process per GPU) or launch with torchrun.",
+    )
+    p.add_argument("--config", required=True, help="job file (JSON)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        help="continue the run in output_dir (from last.ckpt), or from the given checkpoint",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job field (VALUE is JSON, e.g. --set learning_rate=1e-4 --set max_steps=200)",
+    )
+    p.add_argument("--no-export", action="store_true", help="do not export the LoRA at the end")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None):
+    """The TrainConfig of a job file with ``KEY=VALUE`` overrides applied (validated as a whole)."""
+    from diffsynth_cog.training.config import TrainConfig, TrainConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"training config not found: {p}")
+    try:
+        values = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise TrainConfigError(f"{p}: not valid JSON ({error})") from error
+    if not isinstance(values, dict):
+        raise TrainConfigError(f"{p}: expected a JSON object")
+    for text in overrides or []:
+        key, value = _parse_override(text)
+        values[key] = value
+    return TrainConfig.from_dict(values, source=str(p))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from diffsynth_cog.training.trainer import run_training
+
+    config = load_job(args.config, args.overrides)
+    resume: bool | str = False if args.resume is None else (True if args.resume == "last" else args.resume)
+    result = run_training(config, resume=resume, progress=not args.no_progress, export=not args.no_export)
+    if result.lora_path is not None:
+        logger.info("trained %d steps; LoRA written to %s", result.global_step, result.lora_path)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-lora",
+        help="write the LoRA of training checkpoints as a DiffSynth-format safetensors file",
+        description="Read Lightning .ckpt files or DeepSpeed checkpoint folders (or a run's checkpoints/ folder) "
+        "and write the LoRA in DiffSynth's layout (scale folded into B; ranks, alphas, targets in the header), "
+        "loadable with ModelManager.load_lora or DiffSynth-Studio. With --ema, average all given checkpoints "
+        "oldest first (ExVideo's EMA; gamma 0.9).",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        help="checkpoint file(s)/folder(s), or <output_dir>/checkpoints (its newest, or all with --ema)",
+    )
+    p.add_argument("--output", required=True, help="safetensors file to write")
+    p.add_argument("--ema", type=float, default=None, metavar="GAMMA", help="EMA over the checkpoints, e.g. 0.9")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="dtype of the written tensors")
+    p.set_defaults(func=cmd_export_lora)
+
+
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffsynth_cog.training.trainer import export_lora_from_checkpoints
+
+    path = export_lora_from_checkpoints(
+        args.checkpoint, args.output, ema_gamma=args.ema, dtype=getattr(torch, _DTYPES[args.dtype])
+    )
+    logger.info("wrote %s", path)
+    return 0
+
+
+def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``prepare``, ``train`` and ``export-lora`` on the ``diffsynth-cog`` parser."""
+    _add_prepare(subparsers)
+    _add_train(subparsers)
+    _add_export(subparsers)

@@ -1,0 +1,346 @@
+"""The LightningModule of long-video LoRA post-training: a frozen CogVideoX DiT plus trainable LoRA.
+
+Only the DiT lives in the training process (ExVideo's recipe): prompts and clips were encoded ahead
+of time by ``diffsynth-cog prepare``, so a batch is ``{"latents": [B, C, T, h, w] (scaled x0),
+"prompt_emb": [B, L, d]}`` read from the latent cache.
+
+Loss (CogVideoX's, as in diffusers' and CogVideo's trainers): per sample t ~ U{t_min..t_max},
+noise ~ N(0, I), x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, v_pred = DiT(x_t, t, prompt_emb),
+loss = mean(1 / (1 - a_t) * (x0_hat - x0)^2) with x0_hat = sqrt(a_t) x_t - sqrt(1 - a_t) v_pred.
+
+Randomness is a pure function of (seed, global step, micro-batch in the accumulation window, rank)
+(:func:`step_seed`), never of a generator's running state, so a run resumed from a checkpoint draws
+exactly the timesteps and noise the uninterrupted run would have drawn.
+
+Precision: the base weights are bf16 on GPUs (fp32 on CPU or with ``precision: "fp32"``), the LoRA
+parameters fp32 (ExVideo: extension module in fp32, the rest bf16). The module manages dtypes
+itself; Lightning runs in "32-true" mode (no autocast, no casting of the module), which also keeps
+DeepSpeed from casting the fp32 LoRA parameters to bf16.
+
+Checkpoints hold the LoRA weights only (plus optimizer and loop state): :meth:`on_save_checkpoint`
+drops the frozen base from Lightning's ``state_dict``, and the DeepSpeed strategy is built with
+``exclude_frozen_parameters=True`` (its engine writes the module itself). Resuming loads with
+``strict_loading = False`` after :meth:`on_load_checkpoint` has checked the LoRA keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from diffsynth_cog.configs import DiTConfig
+from diffsynth_cog.errors import StateDictMismatchError
+from diffsynth_cog.loading.dit_loader import infer_dit_config, load_dit
+from diffsynth_cog.loading.state_dict import resolve_weights, tensor_shapes
+from diffsynth_cog.lora import inject_lora, lora_layers
+from diffsynth_cog.models.dit import CogDiT
+from diffsynth_cog.schedulers import (
+    SchedulerConfig,
+    add_noise,
+    alphas_cumprod,
+    scheduler_preset,
+    v_prediction_loss,
+)
+from diffsynth_cog.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+# Our entry in every checkpoint: what an export needs without the model files (configs, LoRA layout).
+CHECKPOINT_KEY = "diffsynth_cog"
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------- model files
+@dataclass(frozen=True)
+class ModelPaths:
+    """Where the parts of a CogVideoX model are. ``root`` is None when a transformer was given directly."""
+
+    transformer: Path
+    root: Path | None
+    scheduler_config: Path | None
+
+
+def resolve_model_paths(model: str | os.PathLike[str]) -> ModelPaths:
+    """A CogVideoX model folder (with ``transformer/``), a ``transformer/`` folder, or a weights file."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path} (expected a CogVideoX model folder or a transformer folder)")
+    if path.is_dir() and (path / "transformer").is_dir():
+        root, transformer = path, path / "transformer"
+    else:
+        transformer = path
+        folder = path if path.is_dir() else path.parent
+        # A transformer folder inside a model folder: its siblings are the model's other parts.
+        root = folder.parent if (folder.parent / "scheduler").is_dir() else None
+    scheduler = None
+    if root is not None and (root / "scheduler" / "scheduler_config.json").is_file():
+        scheduler = root / "scheduler" / "scheduler_config.json"
+    return ModelPaths(transformer=transformer, root=root, scheduler_config=scheduler)
+
+
+def read_dit_config(model: str | os.PathLike[str]) -> DiTConfig:
+    """The transformer's config without loading weights (config.json, else inferred from tensor headers)."""
+    source = resolve_weights(resolve_model_paths(model).transformer)
+    if source.config is not None:
+        return DiTConfig.from_dict(source.config, source=str(source.config_path))
+    return infer_dit_config(tensor_shapes(source), source=str(source.path))
+
+
+def read_scheduler_config(model: str | os.PathLike[str], dit_config: DiTConfig) -> SchedulerConfig:
+    """The model's scheduler config; without one, the preset of its family (2B: SNR shift 3, 5B: none)."""
+    paths = resolve_model_paths(model)
+    if paths.scheduler_config is not None:
+        return SchedulerConfig.from_file(paths.scheduler_config)
+    preset = "cogvideox-5b" if dit_config.use_rotary_positional_embeddings else "cogvideox-2b"
+    logger.warning("%s: no scheduler/scheduler_config.json beside the transformer; using the %s preset", model, preset)
+    return scheduler_preset(preset)
+
+
+def base_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """dtype of the frozen base weights: bf16 on GPUs unless fp32 is asked for (LoRA is always fp32)."""
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return torch.float32
+    return torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------- randomness
+def step_seed(seed: int, step: int, micro_batch: int = 0, rank: int = 0) -> int:
+    """A 63-bit seed for one micro-batch, from (seed, optimizer step, micro-batch in the step, rank).
+
+    A hash rather than ``seed + step``: nearby seeds of different runs must not share streams, and
+    Python's ``hash()`` is salted per process, so it cannot be used across ranks or resumes.
+    """
+    text = f"diffsynth_cog/{seed}/{step}/{micro_batch}/{rank}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def lora_layout(dit: torch.nn.Module) -> dict[str, dict[str, float]]:
+    """Layer name -> {"rank", "alpha"} of every LoRA layer (what an export needs to rebuild them)."""
+    return {name: {"rank": layer.rank, "alpha": layer.alpha} for name, layer in lora_layers(dit).items()}
+
+
+# --------------------------------------------------------------------------------------------- the module
+class CogLoRAModule(pl.LightningModule):
+    """A frozen CogVideoX DiT with LoRA layers, trained with the v-prediction loss.
+
+    The DiT is loaded in :meth:`configure_model` (after :meth:`setup` read the scheduler), on the
+    strategy's device, so optimizers and DeepSpeed only ever see the LoRA parameters as trainable.
+    ``dit`` may be passed in instead (tests, notebooks); it must not carry LoRA layers yet.
+    """
+
+    def __init__(self, config: TrainConfig, dit: CogDiT | None = None) -> None:
+        super().__init__()
+        self.train_config = config
+        # JSON-compatible values only: checkpoints stay loadable with torch.load(weights_only=True).
+        self.save_hyperparameters({"train_config": config.to_dict()})
+        # The checkpoints hold the LoRA weights only; on_load_checkpoint checks them against the model.
+        self.strict_loading = False
+        self._given_dit = dit
+        self.dit: CogDiT | None = None
+        self.scheduler_config: SchedulerConfig | None = None
+        # a_t table (float64 [num_train_timesteps]); a plain attribute, not a buffer, so it is never
+        # saved in a checkpoint nor cast by .to(dtype).
+        self.alphas: torch.Tensor | None = None
+        self._last_batch_end: float | None = None
+        self._tokens_per_sample = 0
+
+    # -- building ------------------------------------------------------------------------------
+
+    def _root_device(self) -> torch.device:
+        if self._trainer is not None:
+            return self.trainer.strategy.root_device
+        return self.device
+
+    def setup(self, stage: str) -> None:
+        if self.scheduler_config is not None:
+            return
+        if self._given_dit is not None:
+            dit_config = self._given_dit.config
+        else:
+            dit_config = read_dit_config(self.train_config.model)
+        self.scheduler_config = read_scheduler_config(self.train_config.model, dit_config)
+        if self.scheduler_config.prediction_type != "v_prediction":
+            raise ValueError(
+                f"{self.train_config.model}: scheduler prediction_type is {self.scheduler_config.prediction_type!r}; "
+                "this trainer implements CogVideoX's v-prediction loss only"
+            )
+        top = self.train_config.timestep_range[1]
+        if top >= self.scheduler_config.num_train_timesteps:
+            raise ValueError(
+                f"timestep_range max {top} is outside the scheduler's 0..{self.scheduler_config.num_train_timesteps - 1}"
+            )
+        self.alphas = alphas_cumprod(self.scheduler_config)
+
+    def configure_model(self) -> None:
+        if self.dit is not None:
+            return
+        cfg = self.train_config
+        device = self._root_device()
+        dtype = base_dtype(cfg.precision, device)
+        if self._given_dit is not None:
+            dit = self._given_dit.to(device=device, dtype=dtype)
+        else:
+            dit = load_dit(resolve_model_paths(cfg.model).transformer, dtype=dtype, device=device)
+        if lora_layers(dit):
+            raise ValueError("configure_model: the DiT already carries LoRA layers; pass a plain DiT")
+        dit.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            dit.enable_gradient_checkpointing()
+        # A seeded init of the A matrices (B starts at zero), so two runs with one seed start equal.
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        inject_lora(dit, cfg.lora_spec(), generator=generator)
+        dit.train()
+        self.dit = dit
+        trainable = sum(p.numel() for p in dit.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in dit.parameters() if not p.requires_grad)
+        logger.info(
+            "DiT on %s: %d frozen %s base parameters, %d trainable fp32 LoRA parameters",
+            device,
+            frozen,
+            str(dtype).removeprefix("torch."),
+            trainable,
+        )
+
+    def _require_dit(self) -> CogDiT:
+        if self.dit is None or self.alphas is None:
+            raise RuntimeError("CogLoRAModule: call setup() and configure_model() first (Lightning does)")
+        return self.dit
+
+    # -- the loss ------------------------------------------------------------------------------
+
+    def sample_noise(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B] (long) uniform in ``timestep_range`` and noise like x0 [B, C, T, h, w] (float32)."""
+        low, high = self.train_config.timestep_range
+        t = torch.randint(low, high + 1, (x0.shape[0],), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+        return t, noise
+
+    def v_loss(self, x0: torch.Tensor, prompt_emb: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The CogVideoX training loss for given x0 [B, C, T, h, w], prompt_emb [B, L, d], t [B], noise."""
+        dit = self._require_dit()
+        x0 = x0.float()
+        x_t = add_noise(x0, noise.float(), t, self.alphas)  # [B, C, T, h, w] float32
+        v_pred = dit(x_t, t, prompt_emb)  # [B, C, T, h, w] in the base dtype
+        return v_prediction_loss(v_pred, x0, x_t, t, self.alphas)
+
+    def step_generator(self, micro_batch: int, device: torch.device) -> torch.Generator:
+        """The generator of one micro-batch (see :func:`step_seed`)."""
+        seed = step_seed(self.train_config.seed, self.global_step, micro_batch, self.global_rank)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x0 = batch["latents"].float()  # [B, C, T, h, w], already scaled by the VAE factor
+        prompt_emb = batch["prompt_emb"]  # [B, L, d]
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        generator = self.step_generator(batch_idx % accumulate, x0.device)
+        t, noise = self.sample_noise(x0, generator)
+        loss = self.v_loss(x0, prompt_emb, t, noise)
+
+        b, _, frames, h, w = x0.shape
+        p = self._require_dit().config.patch_size
+        self._tokens_per_sample = frames * (h // p) * (w // p) + prompt_emb.shape[1]
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=b)
+        if self._trainer is not None and self.trainer.optimizers:
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            self.log("train/lr", float(lr), on_step=True, on_epoch=False, batch_size=b)
+        return loss
+
+    # -- throughput ------------------------------------------------------------------------------
+
+    def on_train_start(self) -> None:
+        self._last_batch_end = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        # Wall time between consecutive batch ends: data loading, forward, backward and (every
+        # grad_accumulation batches) the optimizer step. On GPUs the logged loss synchronises often
+        # enough that the average over a logging interval is the real rate.
+        now = time.perf_counter()
+        if self._last_batch_end is not None and now > self._last_batch_end:
+            samples = batch["latents"].shape[0] * self.trainer.world_size
+            rate = samples / (now - self._last_batch_end)
+            self.log("train/samples_per_s", rate, on_step=True, on_epoch=False, batch_size=1)
+            self.log("train/tokens_per_s", rate * self._tokens_per_sample, on_step=True, on_epoch=False, batch_size=1)
+        self._last_batch_end = now
+
+    # -- optimisation ------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.train_config
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("no trainable parameters: the LoRA layers were not injected")
+        if cfg.offload_optimizer:
+            # ZeRO-Offload steps the optimizer on the CPU; DeepSpeed refuses torch's AdamW there.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(
+                params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, adamw_mode=True
+            )
+        else:
+            optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        warmup = cfg.warmup_steps
+
+        def warmup_factor(step: int) -> float:
+            # Linear warmup over the first `warmup` steps, then constant (ExVideo keeps lr constant).
+            return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def trainable_state_keys(self) -> set[str]:
+        """state_dict keys of the trainable (LoRA) parameters: ``dit.blocks.0.attn1.to_q.lora_A.weight``, ..."""
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """Our checkpoint entry: JSON-style values only (loadable with ``weights_only=True``)."""
+        dit = self._require_dit()
+        return {
+            "version": CHECKPOINT_FORMAT_VERSION,
+            "train_config": self.train_config.to_dict(),
+            "dit_config": dit.config.to_dict(),
+            "lora_layers": lora_layout(dit),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" in checkpoint:
+            keep = self.trainable_state_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[CHECKPOINT_KEY] = self.checkpoint_info()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        dit = self._require_dit()
+        info = checkpoint.get(CHECKPOINT_KEY)
+        if info is None:
+            raise StateDictMismatchError(
+                f"the checkpoint has no {CHECKPOINT_KEY!r} entry: it was not written by this trainer"
+            )
+        saved, current = info.get("lora_layers", {}), lora_layout(dit)
+        if saved != current:
+            differ = sorted(set(saved) ^ set(current)) or [n for n in current if saved.get(n) != current[n]]
+            raise StateDictMismatchError(
+                "the checkpoint's LoRA layers differ from this config's (lora_targets / lora_rank / lora_alpha "
+                f"changed?): e.g. {differ[:5]}"
+            )
+        if "state_dict" in checkpoint:  # DeepSpeed loads its own module file; Lightning's .ckpt comes here
+            expected, found = self.trainable_state_keys(), set(checkpoint["state_dict"])
+            if found != expected:
+                raise StateDictMismatchError(
+                    f"the checkpoint's weights do not match the LoRA parameters: missing {sorted(expected - found)[:5]}, "
+                    f"unexpected {sorted(found - expected)[:5]}"
+                )
+
+    def lora_weights(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights under the DiT's own names (``blocks.0.attn1.to_q.lora_A.weight``), fp32 CPU."""
+        from diffsynth_cog.lora import lora_state_dict
+
+        return lora_state_dict(self._require_dit())

@@ -1,0 +1,594 @@
+"""Building and running the training job, and exporting its LoRA from checkpoints.
+
+* :func:`build_trainer`: a ``lightning.Trainer`` for a :class:`TrainConfig`: strategy "auto" (one
+  device, or DDP) or DeepSpeed ZeRO-2 (CUDA only), step checkpoints that resume, CSV logs.
+* :func:`run_training`: seeds, checks the model and cache up front, trains (optionally resuming),
+  and exports the final LoRA as a DiffSynth-format safetensors file.
+* :func:`export_lora_from_checkpoints`: reads Lightning ``.ckpt`` files or DeepSpeed checkpoint
+  folders (``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary
+  pickled objects), optionally averages several with ExVideo's EMA (gamma 0.9), and writes the LoRA.
+  It needs no model files: each checkpoint carries the DiT config and the LoRA layout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+
+from diffsynth_cog.configs import DiTConfig
+from diffsynth_cog.errors import DiffSynthCogError
+from diffsynth_cog.lora import LoRAError, ema_lora_state_dicts, export_lora, inject_lora
+from diffsynth_cog.models.dit import CogDiT
+from diffsynth_cog.training.cache import CacheInfo
+from diffsynth_cog.training.config import TrainConfig, TrainConfigError
+from diffsynth_cog.training.datamodule import CachedLatentDataModule
+from diffsynth_cog.training.module import (
+    CHECKPOINT_KEY,
+    CogLoRAModule,
+    read_dit_config,
+    resolve_model_paths,
+)
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_STEM = "step{step:07d}"  # step0000250.ckpt
+LAST_CHECKPOINT = "last.ckpt"
+_STEP_NAME = re.compile(r"^step(\d+)\.ckpt$")
+_LORA_KEY = re.compile(r"^(?:dit\.)?(?P<name>.+\.lora_[AB]\.weight)$")
+_EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CheckpointError(DiffSynthCogError, ValueError):
+    """A training checkpoint is missing, unreadable, or not one this trainer wrote (the message names it)."""
+
+
+# --------------------------------------------------------------------------------------------- strategy
+class _KeepDtypesDeepSpeedPrecision(DeepSpeedPrecision):
+    """DeepSpeed in fp32 mode that leaves the module's dtypes alone.
+
+    Lightning's "32-true" DeepSpeed precision would cast the whole module to fp32 (the bf16 base
+    too), and its bf16 modes make DeepSpeed cast the fp32 LoRA parameters to bf16. The module
+    manages its own dtypes (bf16 frozen base, fp32 LoRA), so the engine runs plain fp32 ZeRO over
+    the only parameters it optimises: the fp32 LoRA.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("32-true")
+
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def tensor_init_context(self) -> nullcontext:
+        return nullcontext()
+
+    def module_init_context(self) -> nullcontext:
+        return nullcontext()
+
+
+def resolve_accelerator(config: TrainConfig) -> str:
+    """'gpu' or 'cpu' ('auto' picks a GPU when CUDA is available)."""
+    if config.accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if config.accelerator == "gpu" and not torch.cuda.is_available():
+        raise TrainConfigError("accelerator: 'gpu' was asked for, but CUDA is not available on this machine")
+    return config.accelerator
+
+
+def build_strategy(config: TrainConfig, accelerator: str) -> str | pl.strategies.Strategy:
+    """The Lightning strategy of ``config.strategy`` (DeepSpeed ZeRO-2 only on CUDA GPUs)."""
+    if config.strategy == "auto":
+        return "auto"
+    if accelerator != "gpu":
+        raise TrainConfigError(
+            "strategy: 'deepspeed_stage_2' is only supported on CUDA GPUs (no CUDA device here); use 'auto'"
+        )
+    if importlib.util.find_spec("deepspeed") is None:
+        raise TrainConfigError("strategy: 'deepspeed_stage_2' needs the deepspeed package (pip install deepspeed)")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if "exclude_frozen_parameters" not in inspect.signature(DeepSpeedStrategy.__init__).parameters:
+        raise TrainConfigError(
+            "strategy: 'deepspeed_stage_2' needs lightning >= 2.6 (DeepSpeedStrategy(exclude_frozen_parameters=...)); "
+            "without it every checkpoint would hold the whole frozen base model"
+        )
+    return DeepSpeedStrategy(
+        stage=2,
+        offload_optimizer=config.offload_optimizer,
+        # The engine saves the module itself (Lightning's on_save_checkpoint cannot filter it):
+        # only this keeps the frozen 5B base out of every checkpoint.
+        exclude_frozen_parameters=True,
+        precision_plugin=_KeepDtypesDeepSpeedPrecision(),
+    )
+
+
+# --------------------------------------------------------------------------------------------- callbacks
+class FinalCheckpoint(Callback):
+    """Saves the last step's checkpoint (and ``last.ckpt``) when training ends between checkpoint steps.
+
+    Runs in ``on_train_end``, before Lightning tears the strategy down (DeepSpeed needs its engine).
+    """
+
+    def __init__(self, dirpath: str | os.PathLike[str]) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        target = self.dirpath / (CHECKPOINT_STEM.format(step=step) + ".ckpt")
+        if step == 0 or target.exists():
+            return
+        trainer.save_checkpoint(target)
+        trainer.save_checkpoint(self.dirpath / LAST_CHECKPOINT)
+        logger.info("saved the final checkpoint %s", target)
+
+
+class ValidationVideoCallback(Callback):
+    """Every ``every_n_steps`` optimizer steps, rank 0 generates a video per prompt with the model
+    being trained (LoRA layers live, nothing merged) and writes ``step0000250_0.mp4``, ... to
+    ``output_dir``.
+
+    Needs ``text_encoder/``, ``tokenizer/`` and ``vae/`` in the model folder. The prompts are encoded
+    once, at the first validation, and the text encoder is freed again right after; the VAE decoder
+    stays loaded. ``num_frames`` / ``height`` / ``width``: the generated clip (e.g. the cache's).
+    Other ranks wait for rank 0 at their next collective operation.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        prompts: Sequence[str],
+        every_n_steps: int,
+        output_dir: str | os.PathLike[str],
+        *,
+        num_frames: int,
+        height: int,
+        width: int,
+        negative_prompt: str = "",
+        num_inference_steps: int = 50,
+        cfg_scale: float = 7.0,
+        seed: int = 0,
+        fps: int = 8,
+    ) -> None:
+        if every_n_steps < 1 or not prompts:
+            raise ValueError("ValidationVideoCallback needs every_n_steps >= 1 and at least one prompt")
+        root = resolve_model_paths(model_dir).root
+        if root is None or not (root / "text_encoder").is_dir() or not (root / "vae").is_dir():
+            raise FileNotFoundError(
+                f"validation videos need a whole model folder with text_encoder/ and vae/; {model_dir} is not one"
+            )
+        self.root = root
+        self.prompts, self.negative_prompt = list(prompts), negative_prompt
+        self.every_n_steps, self.output_dir = every_n_steps, Path(output_dir)
+        self.num_frames, self.height, self.width = num_frames, height, width
+        self.num_inference_steps, self.cfg_scale, self.seed, self.fps = num_inference_steps, cfg_scale, seed, fps
+        self._embeddings: list[torch.Tensor] | None = None
+        self._negative: torch.Tensor | None = None
+        self._decoder: torch.nn.Module | None = None
+        self._last_step = -1
+        self.written: list[Path] = []
+
+    def _prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        from diffsynth_cog.model_manager import ModelManager
+
+        manager = ModelManager(torch_dtype=dtype, device=device)
+        manager.load_model(self.root / "text_encoder")
+        encoder = manager.fetch_model("cog_text_encoder", require=True)
+        with torch.no_grad():
+            self._embeddings = [encoder.encode(p, device=device).to(dtype).cpu() for p in self.prompts]
+            self._negative = encoder.encode(self.negative_prompt, device=device).to(dtype).cpu()
+        del encoder, manager  # T5-XXL is ~10 GB in bf16: not kept next to the training run
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        manager = ModelManager(torch_dtype=dtype, device=device)
+        manager.load_model(self.root / "vae")
+        self._decoder = manager.fetch_model("cog_vae_decoder", require=True)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        # Called after every micro-batch: act once per optimizer step.
+        if step == 0 or step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step
+        if trainer.is_global_zero:
+            self.generate(pl_module.dit, step)
+
+    def generate(self, dit: CogDiT, step: int) -> list[Path]:
+        from diffsynth_cog.pipeline import CogVideoPipeline
+        from diffsynth_cog.schedulers import SchedulerConfig
+        from diffsynth_cog.video_io import save_video
+
+        device, dtype = dit.proj_out.weight.device, dit.proj_out.weight.dtype
+        if self._embeddings is None:
+            self._prepare(device, dtype)
+        scheduler = self.root / "scheduler"
+        pipe = CogVideoPipeline(
+            dit,
+            None,
+            None,
+            self._decoder,
+            scheduler_config=SchedulerConfig.from_file(scheduler) if scheduler.is_dir() else None,
+            device=device,
+            torch_dtype=dtype,
+        )
+        was_training = dit.training
+        dit.eval()
+        paths = []
+        try:
+            for i, emb in enumerate(self._embeddings or []):
+                frames = pipe(
+                    prompt_emb=emb.to(device),
+                    negative_prompt_emb=self._negative.to(device),
+                    height=self.height,
+                    width=self.width,
+                    num_frames=self.num_frames,
+                    cfg_scale=self.cfg_scale,
+                    num_inference_steps=self.num_inference_steps,
+                    seed=self.seed,
+                    tiled=device.type == "cuda",  # bounds the decoder's memory at 480x720
+                    progress_bar=False,
+                )
+                path = self.output_dir / f"{CHECKPOINT_STEM.format(step=step)}_{i}.mp4"
+                save_video(frames, path, fps=self.fps)
+                paths.append(path)
+        finally:
+            dit.train(was_training)
+        logger.info("step %d: wrote %d validation videos to %s", step, len(paths), self.output_dir)
+        self.written += paths
+        return paths
+
+
+# --------------------------------------------------------------------------------------------- trainer
+def build_trainer(
+    config: TrainConfig,
+    *,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+    logger_: bool = True,
+) -> pl.Trainer:
+    """A Trainer for ``config``. Strategy "auto" runs anywhere (the tests use it on the CPU);
+    "deepspeed_stage_2" needs CUDA GPUs. Checkpoints go to ``<output_dir>/checkpoints``."""
+    accelerator = resolve_accelerator(config)
+    strategy = build_strategy(config, accelerator)
+    checkpoints = ModelCheckpoint(
+        dirpath=config.checkpoint_dir,
+        filename=CHECKPOINT_STEM,
+        auto_insert_metric_name=False,
+        every_n_train_steps=config.checkpoint_every_n_steps,
+        save_top_k=-1,  # keep every step checkpoint: the EMA export averages them
+        save_last=True,
+        save_weights_only=False,  # optimizer and loop state too, so a run resumes exactly
+        save_on_train_epoch_end=False,
+    )
+    all_callbacks: list[Callback] = [*callbacks, FinalCheckpoint(config.checkpoint_dir), checkpoints]
+    kwargs: dict[str, Any] = {}
+    if config.strategy == "auto":
+        kwargs["precision"] = "32-true"  # the module sets its own dtypes (bf16 base, fp32 LoRA)
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=strategy,
+        max_steps=config.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=config.grad_accumulation,
+        gradient_clip_val=config.grad_clip if config.grad_clip > 0 else None,
+        gradient_clip_algorithm="norm",
+        log_every_n_steps=config.log_every_n_steps,
+        callbacks=all_callbacks,
+        logger=CSVLogger(config.output_path, name="logs") if logger_ else False,
+        # The DataModule shards and orders samples itself, resumably (see datamodule.py).
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        default_root_dir=config.output_path,
+        **kwargs,
+    )
+
+
+def preflight(config: TrainConfig) -> tuple[DiTConfig, CacheInfo]:
+    """Checks, before anything heavy is loaded, that the model and the cache exist and fit together."""
+    dit_config = read_dit_config(config.model)
+    info = CacheInfo.load(config.cache_dir)
+    info.check_dit(dit_config)
+    return dit_config, info
+
+
+def _resume_path(config: TrainConfig, resume: bool | str | os.PathLike[str]) -> Path | None:
+    existing = find_step_checkpoints(config.checkpoint_dir) if config.checkpoint_dir.is_dir() else []
+    if resume is False or resume is None:
+        if existing or (config.checkpoint_dir / LAST_CHECKPOINT).exists():
+            raise TrainConfigError(
+                f"output_dir: {config.checkpoint_dir} holds checkpoints of an earlier run; resume it "
+                "(diffsynth-cog train --resume) or choose another output_dir"
+            )
+        return None
+    if resume is True or resume == "last":
+        last = config.checkpoint_dir / LAST_CHECKPOINT
+        if last.exists():
+            return last
+        if existing:
+            return existing[-1]
+        logger.warning("nothing to resume in %s; starting a new run", config.checkpoint_dir)
+        return None
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
+    return path
+
+
+@dataclass
+class TrainingResult:
+    """What :func:`run_training` leaves behind. ``lora_path`` is None on ranks other than 0."""
+
+    trainer: pl.Trainer
+    module: CogLoRAModule
+    global_step: int
+    lora_path: Path | None
+
+
+def run_training(
+    config: TrainConfig,
+    resume: bool | str | os.PathLike[str] = False,
+    *,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+    export: bool = True,
+) -> TrainingResult:
+    """Trains ``config`` (resuming from ``last.ckpt`` with ``resume=True``, or from a given
+    checkpoint), then exports the LoRA to ``<output_dir>/lora/lora-step0001000.safetensors``."""
+    pl.seed_everything(config.seed, workers=True)
+    dit_config, info = preflight(config)
+    ckpt_path = _resume_path(config, resume)
+    extra = list(callbacks)
+    if config.validation_every_n_steps > 0:
+        extra.append(
+            ValidationVideoCallback(
+                config.model,
+                config.validation_prompts,
+                config.validation_every_n_steps,
+                config.output_path / "validation",
+                num_frames=config.validation_num_frames or info.num_frames,
+                height=config.validation_height or info.height,
+                width=config.validation_width or info.width,
+                negative_prompt=config.validation_negative_prompt,
+                num_inference_steps=config.validation_num_inference_steps,
+                cfg_scale=config.validation_cfg_scale,
+                seed=config.seed,
+                fps=config.validation_fps,
+            )
+        )
+    module = CogLoRAModule(config)
+    data = CachedLatentDataModule.from_config(config, dit_config=dit_config)
+    trainer = build_trainer(config, callbacks=extra, progress=progress)
+    logger.info(
+        "training %s on %s (%d records, latents %s) for %d steps%s",
+        config.model,
+        config.cache_dir,
+        len(data.dataset) if data.dataset is not None else -1,
+        list(info.latent_shape),
+        config.max_steps,
+        f", resuming from {ckpt_path}" if ckpt_path else "",
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    lora_path = None
+    if export and trainer.is_global_zero and trainer.global_step > 0:
+        name = f"lora-{CHECKPOINT_STEM.format(step=trainer.global_step)}.safetensors"
+        lora_path = export_lora(
+            module.dit,
+            config.lora_dir / name,
+            metadata=_export_metadata(module.checkpoint_info(), [trainer.global_step], None),
+            dtype=_EXPORT_DTYPES[config.export_dtype],
+        )
+    return TrainingResult(trainer=trainer, module=module, global_step=trainer.global_step, lora_path=lora_path)
+
+
+# --------------------------------------------------------------------------------------------- reading checkpoints
+@dataclass
+class LoRACheckpoint:
+    """The LoRA of one training checkpoint.
+
+    lora_weights: ``blocks.0.attn1.to_q.lora_A.weight`` -> fp32 tensor (B unscaled, as trained).
+    info: our checkpoint entry (``train_config``, ``dit_config``, ``lora_layers``).
+    """
+
+    path: Path
+    global_step: int
+    lora_weights: dict[str, torch.Tensor]
+    info: dict[str, Any]
+
+
+def _deepspeed_model_file(folder: Path) -> Path:
+    """The model-states file of a Lightning DeepSpeed checkpoint folder (tag from ``latest``)."""
+    tag_file = folder / "latest"
+    tag = tag_file.read_text(encoding="utf-8").strip() if tag_file.is_file() else "checkpoint"
+    tag_dir = folder / tag
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"{folder}: not a DeepSpeed checkpoint folder (no {tag}/ subfolder)")
+    preferred = tag_dir / "mp_rank_00_model_states.pt"
+    if preferred.is_file():
+        return preferred
+    found = sorted(tag_dir.glob("*model_states.pt"))
+    if not found:
+        raise CheckpointError(f"{tag_dir}: no *model_states.pt file in this DeepSpeed checkpoint")
+    return found[0]
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    try:
+        values = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError) as error:  # UnpicklingError is a RuntimeError subclass here
+        raise CheckpointError(
+            f"{path}: cannot read the checkpoint with torch.load(weights_only=True) ({type(error).__name__}: "
+            f"{str(error)[:300]})"
+        ) from error
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dict, found {type(values).__name__}")
+    return values
+
+
+def read_lora_checkpoint(path: str | os.PathLike[str]) -> LoRACheckpoint:
+    """Reads the LoRA weights and our entry from a ``.ckpt`` file or a DeepSpeed checkpoint folder."""
+    p = Path(path)
+    if p.is_dir():
+        values = _torch_load(_deepspeed_model_file(p))
+        weights = values.get("module")
+        where = "module"
+    elif p.is_file():
+        values = _torch_load(p)
+        weights = values.get("state_dict")
+        where = "state_dict"
+    else:
+        raise CheckpointError(f"checkpoint not found: {p}")
+    info = values.get(CHECKPOINT_KEY)
+    if not isinstance(info, dict) or not isinstance(weights, Mapping):
+        raise CheckpointError(
+            f"{p}: not a checkpoint of this trainer (no {CHECKPOINT_KEY!r} entry or no {where!r} weights)"
+        )
+    lora: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        match = _LORA_KEY.match(key)
+        if match and isinstance(value, torch.Tensor):
+            lora[match.group("name")] = value.detach().to(torch.float32)
+    if not lora:
+        raise CheckpointError(f"{p}: the checkpoint holds no LoRA weights (keys like {list(weights)[:3]})")
+    return LoRACheckpoint(path=p, global_step=int(values.get("global_step", -1)), lora_weights=lora, info=info)
+
+
+def find_step_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
+    """``step*.ckpt`` files (or DeepSpeed folders) in ``folder``, oldest step first (``last.ckpt`` left out)."""
+    found = []
+    for entry in Path(folder).iterdir():
+        match = _STEP_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry))
+    return [p for _, p in sorted(found)]
+
+
+def _is_single_checkpoint(path: Path) -> bool:
+    return path.is_file() or (path / "latest").is_file() or (path / "checkpoint").is_dir()
+
+
+def expand_checkpoints(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Checkpoint paths, with a folder of step checkpoints (``<output_dir>/checkpoints``) expanded."""
+    out: list[Path] = []
+    for given in paths:
+        p = Path(given)
+        if not p.exists():
+            raise CheckpointError(f"checkpoint not found: {p}")
+        if _is_single_checkpoint(p):
+            out.append(p)
+            continue
+        steps = find_step_checkpoints(p)
+        if not steps:
+            raise CheckpointError(f"{p}: no step*.ckpt checkpoints in this folder")
+        out += steps
+    return out
+
+
+# --------------------------------------------------------------------------------------------- export
+def lora_model_from_info(info: Mapping[str, Any], source: str = "checkpoint") -> CogDiT:
+    """A CogDiT on the meta device (no memory, no weights) with the checkpoint's LoRA layers, for export."""
+    try:
+        dit_config = DiTConfig.from_dict(dict(info["dit_config"]), source=f"{source}: dit_config")
+        layout = {name: (int(v["rank"]), float(v["alpha"])) for name, v in info["lora_layers"].items()}
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{source}: malformed {CHECKPOINT_KEY!r} entry ({error})") from error
+    with torch.device("meta"):
+        model = CogDiT(dit_config)
+    inject_lora(model, layout)  # full layer names: each target matches exactly its layer
+    return model
+
+
+def _export_metadata(info: Mapping[str, Any], steps: Sequence[int], gamma: float | None) -> dict[str, str]:
+    train_config = info.get("train_config", {})
+    metadata = {
+        "diffsynth_cog_global_step": str(steps[-1]),
+        "diffsynth_cog_train_config": json.dumps(train_config, sort_keys=True),
+        "base_model": str(train_config.get("model", "")),
+    }
+    if gamma is not None:
+        metadata["diffsynth_cog_ema_gamma"] = repr(gamma)
+        metadata["diffsynth_cog_ema_steps"] = json.dumps(list(steps))
+    return metadata
+
+
+def _ordered(paths: Sequence[Path]) -> list[Path]:
+    """Oldest first, by the step in the names (step0000250.ckpt); the given order if a name has none."""
+    steps = [_STEP_NAME.match(p.name) for p in paths]
+    if all(steps):
+        return [p for _, p in sorted(zip([int(m.group(1)) for m in steps], paths, strict=True))]
+    return list(paths)
+
+
+def export_lora_from_checkpoints(
+    checkpoints: Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    *,
+    ema_gamma: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Writes the DiffSynth-format LoRA of training checkpoints; returns the file written.
+
+    ``checkpoints``: ``.ckpt`` files, DeepSpeed checkpoint folders, or ``<output_dir>/checkpoints``
+    folders (expanded to their step checkpoints, ``last.ckpt`` left out). Without ``ema_gamma`` the
+    newest checkpoint is exported; with it, all are averaged oldest first (by the step in their
+    names, else in the order given), ``ema_k = gamma * ema_{k-1} + (1 - gamma) * lora_k`` (ExVideo's
+    post-training EMA, gamma 0.9), reading one checkpoint at a time. The file records ranks, alphas
+    and targets (``export_lora``) plus the step(s) and the training config.
+    """
+    paths = _ordered(expand_checkpoints(checkpoints))
+    if ema_gamma is not None and not 0.0 <= ema_gamma <= 1.0:
+        raise ValueError(f"ema gamma must be in [0, 1], got {ema_gamma}")
+    if ema_gamma is None:
+        if len(paths) > 1 and not all(_STEP_NAME.match(p.name) for p in paths):
+            raise CheckpointError(
+                f"{len(paths)} checkpoints given ({[str(p) for p in paths[:3]]}...): pass one, or average them "
+                "with an EMA gamma (--ema 0.9)"
+            )
+        newest = read_lora_checkpoint(paths[-1])
+        info, weights, steps = newest.info, newest.lora_weights, [newest.global_step]
+        logger.info("exporting the LoRA of %s (step %d)", newest.path, newest.global_step)
+    else:
+        steps = []
+        seen: dict[str, Any] = {}
+
+        def stream() -> Iterator[dict[str, torch.Tensor]]:
+            for path in paths:
+                checkpoint = read_lora_checkpoint(path)
+                layers = checkpoint.info.get("lora_layers")
+                if seen and layers != seen["info"].get("lora_layers"):
+                    raise CheckpointError(
+                        f"{path} and {seen['path']} have different LoRA layers; they cannot be averaged"
+                    )
+                seen.update(info=checkpoint.info, path=path)
+                steps.append(checkpoint.global_step)
+                yield checkpoint.lora_weights
+
+        weights = ema_lora_state_dicts(stream(), gamma=ema_gamma)
+        info = seen["info"]
+        logger.info("EMA (gamma %g) over %d checkpoints, steps %s", ema_gamma, len(steps), steps)
+    model = lora_model_from_info(info, source=str(paths[-1]))
+    try:
+        return export_lora(
+            model, output, metadata=_export_metadata(info, steps, ema_gamma), lora_weights=weights, dtype=dtype
+        )
+    except LoRAError as error:
+        raise CheckpointError(f"{paths[-1]}: {error}") from error
