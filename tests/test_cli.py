@@ -1,0 +1,67 @@
+"""The diffsynth-cog command line on a tiny model folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from tiny_models import save_tiny_model_folder
+
+from diffsynth_cog.cli import main
+from diffsynth_cog.video_io import load_video
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tiny_model_folder(tmp_path_factory.mktemp("tiny-5b"), "cogvideox-5b", seed=1)
+
+
+def test_generate_writes_an_mp4_with_the_right_frames_and_size(folder, tmp_path):
+    out = tmp_path / "out.mp4"
+    code = main(
+        [
+            "generate",
+            "--prompt",
+            "a lighthouse at dusk",
+            "--model",
+            str(folder),
+            "--lora",
+            "none",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--num-frames",
+            "9",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--steps",
+            "2",
+            "--output",
+            str(out),
+            "--no-download",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    frames = load_video(out)
+    assert len(frames) == 9 and frames[0].size == (48, 32)
+
+
+def test_generate_rejects_bad_frame_counts_with_a_suggestion(folder, tmp_path, caplog):
+    args = ["generate", "--prompt", "x", "--model", str(folder), "--lora", "none", "--device", "cpu"]
+    args += ["--dtype", "fp32", "--num-frames", "50", "--height", "32", "--width", "48", "--no-download"]
+    assert main(args + ["--output", str(tmp_path / "x.mp4")]) == 2
+    assert "Nearest valid values: [49, 53]" in caplog.text
+    assert not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "download"])
+def test_help_texts(command):
+    out = subprocess.run(
+        [sys.executable, "-m", "diffsynth_cog.cli", command, "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "usage: diffsynth-cog" in out and "--models-dir" in out
