@@ -191,3 +191,54 @@ def test_tiled_dit_matches_untiled_when_one_tile_covers_the_frame(ours):
         **kwargs,
     )
     assert tiled.shape == base.shape and torch.isfinite(tiled).all()
+
+
+@pytest.mark.parametrize("frames", [9, 17])  # 3 latent frames = learned positions; 5 = beyond them
+def test_image_to_video_matches_diffusers(tmp_path_factory, frames):
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from PIL import Image
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    folder = save_tiny_model_folder(tmp_path_factory.mktemp("tiny-i2v"), "cogvideox-5b-i2v", seed=6)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8))
+    latents = torch.randn(
+        1, 4, (frames - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(5)
+    )
+    ref = CogVideoXImageToVideoPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
+        text_encoder=T5EncoderModel.from_pretrained(folder / "text_encoder"),
+        vae=AutoencoderKLCogVideoX.from_pretrained(folder / "vae"),
+        transformer=CogVideoXTransformer3DModel.from_pretrained(folder / "transformer"),
+        scheduler=CogVideoXDDIMScheduler.from_pretrained(folder / "scheduler"),
+    )
+    ref.set_progress_bar_config(disable=True)
+    common = dict(prompt="waves", height=HEIGHT, width=WIDTH, num_frames=frames, num_inference_steps=3)
+    expected = ref(
+        image=image,
+        guidance_scale=6.0,
+        latents=latents.transpose(1, 2).clone(),
+        generator=torch.Generator().manual_seed(9),
+        output_type="latent",
+        max_sequence_length=7,  # the tiny DiT's text length (its learned positions cover exactly that)
+        **common,
+    ).frames.transpose(1, 2)
+    manager = ModelManager(torch_dtype=torch.float32, device="cpu", file_path_list=[folder])
+    pipe = CogVideoPipeline.from_model_manager(manager)
+    got = pipe(
+        input_image=image,
+        cfg_scale=6.0,
+        latents=latents.clone(),
+        generator=torch.Generator().manual_seed(9),
+        output_type="latent",
+        progress_bar=False,
+        **common,
+    )
+    assert rel_err(got, expected) < RTOL
+    with pytest.raises(ValueError, match="image-to-video model"):
+        pipe(progress_bar=False, **common)

@@ -150,22 +150,45 @@ class SpatialNorm3D(nn.Module):
 
     def forward(self, f: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         # The 1x1x1 convolutions commute with nearest resizing (a resize only repeats values),
-        # so they run at latent resolution: same numbers, 64x fewer multiply-adds at full size.
-        size = tuple(f.shape[2:])
-        scale = _resize_latent(_conv_over_time(self.conv_y, z), size)  # [B, C_f, T, H, W]
-        shift = _resize_latent(_conv_over_time(self.conv_b, z), size)  # [B, C_f, T, H, W]
-        return self.norm_layer(f) * scale + shift
+        # so they run at latent resolution, and the resize itself is a broadcast: the same
+        # numbers as resizing z first, without full-resolution copies of z, scale or shift.
+        scale = _conv_over_time(self.conv_y, z)  # [B, C_f, t, h, w]
+        shift = _conv_over_time(self.conv_b, z)  # [B, C_f, t, h, w]
+        return _modulate(self.norm_layer(f), scale, shift)  # [B, C_f, T, H, W]
 
 
-def _resize_latent(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Nearest resize of [B, C, t, h, w] to [B, C, *size], keeping the first frame separate
-    when the target has an odd frame count > 1 (the causal first frame is its own window)."""
-    frames = size[0]
+def _modulate(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``normed * resize(scale) + resize(shift)`` with a nearest resize of [B, C, t, h, w] to
+    normed's [B, C, T, H, W].
+
+    When T is odd and > 1 the first latent frame maps to the first frame only and the others
+    are spread over the rest (the causal first frame is its own window). Integer ratios, the
+    only ones the decoder produces, are done by broadcasting over split dimensions (in place
+    when no gradient is recorded); anything else falls back to an explicit resize.
+    """
+    frames = normed.shape[2]
     if frames > 1 and frames % 2 == 1:
-        first = F.interpolate(t[:, :, :1], size=(1, *size[1:]))
-        rest = F.interpolate(t[:, :, 1:], size=(frames - 1, *size[1:]))
-        return torch.cat([first, rest], dim=2)
-    return F.interpolate(t, size=size)
+        pairs = [(slice(0, 1), slice(0, 1)), (slice(1, None), slice(1, None))]
+    else:
+        pairs = [(slice(None), slice(None))]
+    in_place = not (torch.is_grad_enabled() and (normed.requires_grad or scale.requires_grad or shift.requires_grad))
+    outs = []
+    for dst, src in pairs:
+        part, y, b = normed[:, :, dst], scale[:, :, src], shift[:, :, src]
+        big, small = part.shape[2:], y.shape[2:]
+        if any(n % m for n, m in zip(big, small, strict=True)):
+            y, b = F.interpolate(y, size=tuple(big)), F.interpolate(b, size=tuple(big))
+            small = big
+        ratios = [n // m for n, m in zip(big, small, strict=True)]
+        # [B, C, t, rt, h, rh, w, rw] view of the part; latent values broadcast over the r axes.
+        split = part.view(*part.shape[:2], small[0], ratios[0], small[1], ratios[1], small[2], ratios[2])
+        y = y[:, :, :, None, :, None, :, None]
+        b = b[:, :, :, None, :, None, :, None]
+        if in_place:
+            split.mul_(y).add_(b)
+        else:
+            outs.append((split * y + b).view(part.shape))
+    return normed if in_place else torch.cat(outs, dim=2)
 
 
 def _per_frame_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -364,13 +387,21 @@ def _pair(value: float | Sequence[float], name: str) -> tuple[float, float]:
     return float(values[0]), float(values[1])
 
 
+def _mix(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a * (1 - w) + b * w`` rounded like the reference's per-column float weights: each
+    product is computed in float32 (float64 for float64 data) and rounded to the data type."""
+    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
+    wa, wb = (1 - w).to(compute), w.to(compute)
+    return (a.to(compute) * wa).to(a.dtype) + (b.to(compute) * wb).to(a.dtype)
+
+
 def _blend_rows_(above: torch.Tensor, tile: torch.Tensor, extent: int) -> None:
     """Linear cross-fade of ``tile``'s first rows with ``above``'s last rows, in place."""
     extent = min(above.shape[3], tile.shape[3], extent)
     if extent <= 0:
         return
     w = (torch.arange(extent, dtype=torch.float64) / extent).view(1, 1, 1, extent, 1)
-    tile[:, :, :, :extent] = above[:, :, :, -extent:] * (1 - w).to(tile) + tile[:, :, :, :extent] * w.to(tile)
+    tile[:, :, :, :extent] = _mix(above[:, :, :, -extent:], tile[:, :, :, :extent], w)
 
 
 def _blend_cols_(left: torch.Tensor, tile: torch.Tensor, extent: int) -> None:
@@ -379,7 +410,7 @@ def _blend_cols_(left: torch.Tensor, tile: torch.Tensor, extent: int) -> None:
     if extent <= 0:
         return
     w = torch.arange(extent, dtype=torch.float64) / extent
-    tile[..., :extent] = left[..., -extent:] * (1 - w).to(tile) + tile[..., :extent] * w.to(tile)
+    tile[..., :extent] = _mix(left[..., -extent:], tile[..., :extent], w)
 
 
 def _tiled(

@@ -377,17 +377,19 @@ def run_training(
         )
     module = CogLoRAModule(config)
     data = CachedLatentDataModule.from_config(config, dit_config=dit_config)
+    data.setup("fit")  # opens the cache and checks every record's header before any model is loaded
     trainer = build_trainer(config, callbacks=extra, progress=progress)
     logger.info(
         "training %s on %s (%d records, latents %s) for %d steps%s",
         config.model,
         config.cache_dir,
-        len(data.dataset) if data.dataset is not None else -1,
+        len(data.dataset or ()),
         list(info.latent_shape),
         config.max_steps,
         f", resuming from {ckpt_path}" if ckpt_path else "",
     )
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    # weights_only: a resumed checkpoint is read without unpickling arbitrary objects.
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     lora_path = None
     if export and trainer.is_global_zero and trainer.global_step > 0:
         name = f"lora-{CHECKPOINT_STEM.format(step=trainer.global_step)}.safetensors"
