@@ -25,10 +25,10 @@ setup(
         "modelscope>=1.20",
     ],
     extras_require={
-        "train": ["lightning>=2.4", "deepspeed>=0.15"],
+        "train": ["lightning>=2.6", "deepspeed>=0.15"],
         "flash": ["flash-attn>=2.6"],
         # diffusers is the numerical reference the tests compare against; never imported by the library.
-        "test": ["pytest>=8", "diffusers==0.42.1", "peft>=0.13", "lightning>=2.4", "ruff"],
+        "test": ["pytest>=8", "diffusers==0.42.1", "peft>=0.13", "lightning>=2.6", "ruff"],
     },
     entry_points={"console_scripts": ["diffsynth-cog=diffsynth_cog.cli:main"]},
 )

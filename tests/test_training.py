@@ -8,6 +8,7 @@ encoded once per module through the ``diffsynth-cog prepare`` command.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS, ema_lora_state_dicts, lora_
 from diffsynth_cog.training.cache import LatentCacheDataset
 from diffsynth_cog.training.config import TrainConfig, TrainConfigError
 from diffsynth_cog.training.datamodule import StreamSampler
-from diffsynth_cog.training.trainer import build_trainer, run_training
+from diffsynth_cog.training.trainer import build_trainer, export_lora_from_checkpoints, run_training
 from diffsynth_cog.video_io import load_video, save_video
 
 NUM_FRAMES, HEIGHT, WIDTH = 9, 32, 48
@@ -301,6 +302,34 @@ def test_prepare_train_export_generate_end_to_end(workspace: dict[str, Path], tm
     with safe_open(str(latest), "pt") as a, safe_open(str(trained), "pt") as b:
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in b.keys())
 
+    # A DeepSpeed checkpoint folder (the layout Lightning's DeepSpeedStrategy writes: latest ->
+    # checkpoint/mp_rank_00_model_states.pt holding the engine's entries, "module" with the trainable
+    # weights only, and Lightning's client state) exports the same LoRA.
+    ds_folder = tmp_path / "step0000008.ckpt"
+    (ds_folder / "checkpoint").mkdir(parents=True)
+    (ds_folder / "latest").write_text("checkpoint")
+    lightning_state = {k: v for k, v in steps[-1].items() if k not in ("state_dict", "optimizer_states")}
+    engine_state = {
+        "module": steps[-1]["state_dict"],
+        "buffer_names": [],
+        "param_shapes": [OrderedDict((k, v.shape) for k, v in steps[-1]["state_dict"].items())],
+        "frozen_param_shapes": None,
+        "shared_params": {},
+        "lr_scheduler": None,
+        "sparse_tensor_module_names": set(),
+        "skipped_steps": 0,
+        "global_steps": 8,
+        "global_samples": 8,
+        "dp_world_size": 1,
+        "mp_world_size": 1,
+        "ds_config": {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0},
+        "ds_version": "0.16.5",
+    }
+    torch.save({**engine_state, **lightning_state}, ds_folder / "checkpoint" / "mp_rank_00_model_states.pt")
+    from_ds = export_lora_from_checkpoints([ds_folder], tmp_path / "from_ds.safetensors")
+    with safe_open(str(from_ds), "pt") as a, safe_open(str(trained), "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in b.keys())
+
     # Generate with and without the trained LoRA (same seed) through the command line.
     common = ["generate", "--prompt", "a cat", "--model", str(model), "--device", "cpu", "--dtype", "fp32"]
     common += ["--num-frames", str(NUM_FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH)]
@@ -312,6 +341,6 @@ def test_prepare_train_export_generate_end_to_end(workspace: dict[str, Path], tm
     base, tuned, again = (frames_of(videos[n]) for n in ("base", "lora", "again"))
     assert base.shape == tuned.shape == (NUM_FRAMES, HEIGHT, WIDTH, 3)
     assert np.array_equal(base, again)  # generation is deterministic: a difference comes from the LoRA
-    # Mean absolute difference in 8-bit levels; H.264 at this size keeps differences above ~1 level.
-    print("DIFF", np.abs(tuned - base).mean())
+    # Mean absolute difference in 8-bit levels (measured: 19); the same-seed rerun above is bitwise
+    # equal, so anything clearly above H.264's rounding (a level or two) is the LoRA's doing.
     assert np.abs(tuned - base).mean() > 2.0, np.abs(tuned - base).mean()

@@ -391,7 +391,7 @@ def _mix(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``a * (1 - w) + b * w`` rounded like the reference's per-column float weights: each
     product is computed in float32 (float64 for float64 data) and rounded to the data type."""
     compute = torch.float64 if a.dtype == torch.float64 else torch.float32
-    wa, wb = (1 - w).to(compute), w.to(compute)
+    wa, wb = (1 - w).to(a.device, compute), w.to(a.device, compute)
     return (a.to(compute) * wa).to(a.dtype) + (b.to(compute) * wb).to(a.dtype)
 
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Sampler
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.training.cache import CacheInfo, LatentCacheDataset
 from diffsynth_cog.training.config import TrainConfig
+from diffsynth_cog.training.module import read_dit_config
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +156,10 @@ class CachedLatentDataModule(pl.LightningDataModule):
 
     @classmethod
     def from_config(cls, config: TrainConfig, dit_config: DiTConfig | None = None) -> CachedLatentDataModule:
+        """The DataModule of a job; the DiT config is read from the job's model (headers only) if not given."""
         return cls(
             config.cache_dir,
-            dit_config=dit_config,
+            dit_config=dit_config if dit_config is not None else read_dit_config(config.model),
             batch_size=config.batch_size,
             max_steps=config.max_steps,
             grad_accumulation=config.grad_accumulation,

@@ -40,7 +40,7 @@ from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.errors import StateDictMismatchError
 from diffsynth_cog.loading.dit_loader import infer_dit_config, load_dit
 from diffsynth_cog.loading.state_dict import resolve_weights, tensor_shapes
-from diffsynth_cog.lora import inject_lora, lora_layers
+from diffsynth_cog.lora import inject_lora, lora_layers, lora_state_dict
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.schedulers import (
     SchedulerConfig,
@@ -341,6 +341,4 @@ class CogLoRAModule(pl.LightningModule):
 
     def lora_weights(self) -> dict[str, torch.Tensor]:
         """The LoRA weights under the DiT's own names (``blocks.0.attn1.to_q.lora_A.weight``), fp32 CPU."""
-        from diffsynth_cog.lora import lora_state_dict
-
         return lora_state_dict(self._require_dit())

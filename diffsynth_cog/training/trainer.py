@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import os
+import pickle
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
@@ -121,16 +122,18 @@ class FinalCheckpoint(Callback):
     """Saves the last step's checkpoint (and ``last.ckpt``) when training ends between checkpoint steps.
 
     Runs in ``on_train_end``, before Lightning tears the strategy down (DeepSpeed needs its engine).
+    Whether to save is decided from the step count, never from the file system, so that every
+    rank takes the same decision (a DeepSpeed save is a collective operation).
     """
 
-    def __init__(self, dirpath: str | os.PathLike[str]) -> None:
-        self.dirpath = Path(dirpath)
+    def __init__(self, dirpath: str | os.PathLike[str], every_n_steps: int) -> None:
+        self.dirpath, self.every_n_steps = Path(dirpath), every_n_steps
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        target = self.dirpath / (CHECKPOINT_STEM.format(step=step) + ".ckpt")
-        if step == 0 or target.exists():
+        if step == 0 or step % self.every_n_steps == 0:  # ModelCheckpoint saved this step already
             return
+        target = self.dirpath / (CHECKPOINT_STEM.format(step=step) + ".ckpt")
         trainer.save_checkpoint(target)
         trainer.save_checkpoint(self.dirpath / LAST_CHECKPOINT)
         logger.info("saved the final checkpoint %s", target)
@@ -181,16 +184,22 @@ class ValidationVideoCallback(Callback):
         self._last_step = -1
         self.written: list[Path] = []
 
-    def _prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+    def _prepare(self, device: torch.device, dtype: torch.dtype, max_text_length: int) -> None:
         from diffsynth_cog.model_manager import ModelManager
+        from diffsynth_cog.models.text_encoder import load_text_encoder
 
-        manager = ModelManager(torch_dtype=dtype, device=device)
-        manager.load_model(self.root / "text_encoder")
-        encoder = manager.fetch_model("cog_text_encoder", require=True)
+        tokenizer = self.root / "tokenizer"
+        encoder = load_text_encoder(
+            self.root / "text_encoder",
+            tokenizer_path=tokenizer if tokenizer.is_dir() else None,
+            dtype=dtype,
+            device=device,
+            max_length=max_text_length,  # as the prepare step encoded the training prompts
+        )
         with torch.no_grad():
             self._embeddings = [encoder.encode(p, device=device).to(dtype).cpu() for p in self.prompts]
             self._negative = encoder.encode(self.negative_prompt, device=device).to(dtype).cpu()
-        del encoder, manager  # T5-XXL is ~10 GB in bf16: not kept next to the training run
+        del encoder  # T5-XXL is ~10 GB in bf16: not kept next to the training run
         if device.type == "cuda":
             torch.cuda.empty_cache()
         manager = ModelManager(torch_dtype=dtype, device=device)
@@ -215,7 +224,7 @@ class ValidationVideoCallback(Callback):
 
         device, dtype = dit.proj_out.weight.device, dit.proj_out.weight.dtype
         if self._embeddings is None:
-            self._prepare(device, dtype)
+            self._prepare(device, dtype, dit.config.max_text_seq_length)
         scheduler = self.root / "scheduler"
         pipe = CogVideoPipeline(
             dit,
@@ -259,7 +268,7 @@ def build_trainer(
     *,
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
-    logger_: bool = True,
+    csv_logs: bool = True,
 ) -> pl.Trainer:
     """A Trainer for ``config``. Strategy "auto" runs anywhere (the tests use it on the CPU);
     "deepspeed_stage_2" needs CUDA GPUs. Checkpoints go to ``<output_dir>/checkpoints``."""
@@ -275,7 +284,11 @@ def build_trainer(
         save_weights_only=False,  # optimizer and loop state too, so a run resumes exactly
         save_on_train_epoch_end=False,
     )
-    all_callbacks: list[Callback] = [*callbacks, FinalCheckpoint(config.checkpoint_dir), checkpoints]
+    all_callbacks: list[Callback] = [
+        *callbacks,
+        FinalCheckpoint(config.checkpoint_dir, config.checkpoint_every_n_steps),
+        checkpoints,
+    ]
     kwargs: dict[str, Any] = {}
     if config.strategy == "auto":
         kwargs["precision"] = "32-true"  # the module sets its own dtypes (bf16 base, fp32 LoRA)
@@ -291,7 +304,7 @@ def build_trainer(
         gradient_clip_algorithm="norm",
         log_every_n_steps=config.log_every_n_steps,
         callbacks=all_callbacks,
-        logger=CSVLogger(config.output_path, name="logs") if logger_ else False,
+        logger=CSVLogger(config.output_path, name="logs") if csv_logs else False,
         # The DataModule shards and orders samples itself, resumably (see datamodule.py).
         use_distributed_sampler=False,
         limit_val_batches=0,
@@ -436,7 +449,7 @@ def _deepspeed_model_file(folder: Path) -> Path:
 def _torch_load(path: Path) -> dict[str, Any]:
     try:
         values = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError) as error:  # UnpicklingError is a RuntimeError subclass here
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as error:
         raise CheckpointError(
             f"{path}: cannot read the checkpoint with torch.load(weights_only=True) ({type(error).__name__}: "
             f"{str(error)[:300]})"
