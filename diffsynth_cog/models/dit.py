@@ -17,7 +17,9 @@ ExVideo LoRA files address our layers directly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -229,6 +231,21 @@ class CogDiTBlock(nn.Module):
         return video, text
 
 
+@dataclass(frozen=True)
+class DiTState:
+    """What flows between the DiT's stages: the two token streams and the shared conditioning.
+
+    video [B, T*gh*gw, D], text [B, Lt, D], cond [B, time_embed_dim], rope: cos/sin [Lt + Lv, head_dim]
+    or None; shape: (B, T, H, W) of the latents.
+    """
+
+    video: torch.Tensor
+    text: torch.Tensor
+    cond: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    shape: tuple[int, int, int, int]
+
+
 class CogDiT(nn.Module):
     """CogVideoX transformer.
 
@@ -315,7 +332,8 @@ class CogDiT(nn.Module):
             rope = (cos, sin)
         return additive, rope
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_emb: torch.Tensor) -> torch.Tensor:
+    def embed(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_emb: torch.Tensor) -> DiTState:
+        """Inputs -> token streams, timestep conditioning and positions (everything the blocks need)."""
         c = self.config
         timestep = torch.as_tensor(timestep, device=latents.device)
         self._check_inputs(latents, timestep, prompt_emb)
@@ -338,15 +356,29 @@ class CogDiT(nn.Module):
         if additive is not None:
             text = text + additive[:, :n_text]
             video = video + additive[:, n_text:]
+        return DiTState(video=video, text=text, cond=cond, rope=rope, shape=(b, t, h, w))
 
-        for block in self.blocks:
+    def run_blocks(self, state: DiTState, start: int = 0, stop: int | None = None) -> DiTState:
+        """Blocks ``start:stop`` on the token streams (all of them by default)."""
+        video, text = state.video, state.text
+        for block in self.blocks[start:stop]:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                video, text = torch.utils.checkpoint.checkpoint(block, video, text, cond, rope, use_reentrant=False)
+                video, text = torch.utils.checkpoint.checkpoint(
+                    block, video, text, state.cond, state.rope, use_reentrant=False
+                )
             else:
-                video, text = block(video, text, cond, rope)
+                video, text = block(video, text, state.cond, state.rope)
+        return dataclasses.replace(state, video=video, text=text)
 
-        video = self.norm_out(self.norm_final(video), cond)
+    def head(self, state: DiTState) -> torch.Tensor:
+        """Video tokens -> v-prediction [B, C_out, T, H, W]."""
+        c, p = self.config, self.config.patch_size
+        b, t, h, w = state.shape
+        video = self.norm_out(self.norm_final(state.video), state.cond)
         video = self.proj_out(video)  # [B, T*gh*gw, C_out*p*p], channels ordered (C_out, p_row, p_col)
-        video = video.reshape(b, t, gh, gw, c.out_channels, p, p)
+        video = video.reshape(b, t, h // p, w // p, c.out_channels, p, p)
         video = video.permute(0, 4, 1, 2, 5, 3, 6)  # [B, C_out, T, gh, p, gw, p]
         return video.reshape(b, c.out_channels, t, h, w)
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_emb: torch.Tensor) -> torch.Tensor:
+        return self.head(self.run_blocks(self.embed(latents, timestep, prompt_emb)))
