@@ -29,6 +29,7 @@ from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.vae import CogVAEDecoder, CogVAEEncoder
 from diffsynth_cog.offload import ModelOffloader
 from diffsynth_cog.schedulers import SchedulerConfig, add_noise, make_sampler, scheduler_preset
+from diffsynth_cog.step_cache import StepCache
 from diffsynth_cog.tiling import tiled_dit_forward
 from diffsynth_cog.video_io import load_image, tensor_to_frames, video_to_tensor
 
@@ -170,14 +171,19 @@ class CogVideoPipeline:
         dit_tiled: bool,
         tile_size: tuple[int, int],
         tile_stride: tuple[int, int],
+        step_cache: StepCache | None = None,
     ) -> torch.Tensor:
-        """The DiT's v-prediction for a batch of latents [B, C, T, h, w] (float32 out)."""
+        """The DiT's v-prediction for a batch of latents [B, C, T, h, w] (float32 out).
+
+        ``step_cache`` (already reset for this generation) stands in for the DiT call: one call per step."""
         x = latents.to(self.torch_dtype)
         if image_latents is not None:  # I2V: the image's latent rides along as extra channels
             x = torch.cat([x, image_latents.to(self.torch_dtype)], dim=1)
         t = torch.full((x.shape[0],), timestep, device=self.device, dtype=torch.long)
         if dit_tiled:
             return tiled_dit_forward(self.dit, x, t, prompt_emb, tile_size, tile_stride).float()
+        if step_cache is not None:
+            return step_cache(self.dit, x, t, prompt_emb).float()
         return self.dit(x, t, prompt_emb).float()
 
     # -- generation --------------------------------------------------------------------------
@@ -210,6 +216,7 @@ class CogVideoPipeline:
         output_type: str = "pil",
         progress_bar: bool = True,
         callback: StepCallback | None = None,
+        step_cache: StepCache | float | None = None,
     ) -> list[Image.Image] | np.ndarray | torch.Tensor:
         """Generates one video.
 
@@ -228,6 +235,10 @@ class CogVideoPipeline:
             output_type: "pil" (list of frames), "np" (float array [F, H, W, 3] in [0, 1]) or "latent"
                 (the final latents [B, C, T, h, w]).
             callback: called after every step with (step index, timestep, latents).
+            step_cache: skip the DiT's blocks 1..N-1 on steps where block 0's output barely changed,
+                reusing the last computed residual (see ``diffsynth_cog.step_cache``). A number is the
+                threshold of a fresh ``StepCache`` (0 = never skip = exact); pass a ``StepCache`` to
+                read its ``stats()`` afterwards (it is reset at the start of every call).
         """
         check_num_frames(num_frames, self.dit.config.temporal_compression_ratio)
         check_size(height, width)
@@ -237,6 +248,10 @@ class CogVideoPipeline:
             raise ValueError(f"denoising_strength must be in (0, 1]; got {denoising_strength}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1; got {num_inference_steps}")
+        if step_cache is not None and not isinstance(step_cache, StepCache):
+            step_cache = StepCache(threshold=step_cache)
+        if step_cache is not None and dit_tiled:
+            raise ValueError("step_cache does not support dit_tiled=True (each tile is a separate DiT call)")
         is_i2v = self.dit.config.in_channels != self.dit.config.out_channels
         if is_i2v and input_image is None:
             raise ValueError("this transformer is an image-to-video model: pass input_image")
@@ -265,6 +280,8 @@ class CogVideoPipeline:
 
         strength = denoising_strength if input_video is not None else 1.0
         steps = make_sampler(sampler, self.scheduler_config, num_inference_steps, strength=strength)
+        if step_cache is not None:
+            step_cache.reset(len(steps.timesteps))
         if input_video is not None:
             video = input_video if isinstance(input_video, torch.Tensor) else video_to_tensor(input_video)[None]
             if tuple(video.shape[2:]) != (num_frames, height, width):
@@ -290,7 +307,7 @@ class CogVideoPipeline:
             for i, timestep in enumerate(tqdm(steps.timesteps.tolist(), desc="denoising", disable=not progress_bar)):
                 model_in = torch.cat([latents] * 2) if use_cfg else latents
                 v = self.predict_velocity(
-                    model_in, timestep, context, image_latents, dit_tiled, dit_tile_size, dit_tile_stride
+                    model_in, timestep, context, image_latents, dit_tiled, dit_tile_size, dit_tile_stride, step_cache
                 )
                 if use_cfg:
                     scale = dynamic_guidance(cfg_scale, timestep, num_inference_steps) if use_dynamic_cfg else cfg_scale

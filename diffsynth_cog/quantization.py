@@ -1,0 +1,529 @@
+"""Opt-in quantized Linear layers for the CogVideoX DiT (inference only).
+
+Two modes, chosen with ``quantize_dit(dit, mode)``; both swap the eight Linear layers of every
+block (``BLOCK_LINEAR_TARGETS``: attention q/k/v/out, the two feed-forward layers and the two
+AdaLN modulation layers) in place and leave everything else (patch embedding, text projection,
+time embedding, norms, output projection) in the model's dtype.
+
+``"fp8"``: speed. ``Float8Linear`` runs its matmul on fp8 e4m3 tensor cores through
+``torch._scaled_mm`` with row-wise scales:
+
+* the weight [N, K] is quantized once, one fp32 scale per output channel (amax of the row / 448),
+  and kept as fp8 codes [N, K] (row-major, handed to ``_scaled_mm`` as the column-major view
+  ``.t()`` [K, N] that it wants) plus a scale [1, N];
+* the activation [M, K] (leading dims flattened) is quantized on every call, one scale per token
+  (amax of the row / 448, scale [M, 1]);
+* ``out[m, n] = sa[m] * sw[n] * sum_k A8[m, k] W8[n, k] + bias[n]`` with fp32 accumulation, returned
+  in the activation's dtype (bf16 for our models); the bias goes into the ``_scaled_mm`` call (it
+  accepts a bf16/fp16 bias with row-wise scales when the output is bf16/fp16).
+
+Needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell) and K, N multiples of 16
+(``_scaled_mm``'s constraint; other layers stay ``nn.Linear``, which no CogVideoX block layer is).
+On any other device the layer runs ``_emulate``: the same quantization followed by an fp32 matmul of
+the dequantized operands. That path is for tests and CPU checks only (it is slower than the bf16
+Linear it replaces), and exists so the quantization code the GPU runs is exercised on CPU.
+
+``"int8"``: memory. ``Int8WeightLinear`` stores int8 codes with one symmetric fp32 scale per output
+channel (amax / 127) and dequantizes the weight to the activation dtype on every forward, then calls
+``F.linear``. The matmul itself is unchanged (bf16), so it costs the dequantization pass (cheap next
+to a 35k-token matmul, dominant for the M=2 modulation layers) and saves memory only.
+
+Memory (weights): an fp8 or int8 layer holds 1 byte per weight + 4 bytes per output channel + the
+bias in the model's dtype; the original bf16/fp32 weight is not kept anywhere (``from_linear`` does
+not hold a reference to it, so an in-place ``quantize_dit`` frees each bf16 weight as it goes, unless
+something else, such as another model sharing the tensors, still references it). For CogVideoX-5B
+the block Linear weights are 5.549 B of the 5.570 B parameters, so the DiT shrinks from 10.4 GiB
+(bf16) to about 5.2 GiB in either mode. Transient memory per fp8 layer call: the activation's fp8
+copy (M*K bytes) and one activation-sized temporary in its dtype while quantizing (eager mode;
+``torch.compile`` fuses the quantization into one kernel). Per int8 layer call: one dequantized
+weight (N*K in the activation dtype, plus an fp32 temporary in eager mode).
+
+Accuracy (measured in ``tests/test_quantization.py``): e4m3 keeps 3 mantissa bits, so a matmul of
+quantized operands on random data is off by ~3-4% relative to the fp32 result; int8 per-channel
+weights alone give ~0.5-1%. Quantize after merging LoRAs (``merge_lora``): a quantized layer has no
+full-precision weight to merge into, and an injected training ``LoRALinear`` is refused.
+
+Do not call ``model.to(dtype)`` expecting the quantized codes to change: the layers keep their codes
+and scales in their own dtypes (fp8/int8 and fp32) and follow device moves only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffsynth_cog.errors import DiffSynthCogError
+from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS, LoRALinear
+
+logger = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448: e4m3fn has no infinities, overflow would be NaN
+INT8_MAX = 127  # symmetric: -128 is never used, so q and -q are both representable
+FP8_MIN_CAPABILITY = (8, 9)  # Ada; Hopper is 9.0
+_MM_ALIGNMENT = 16  # _scaled_mm wants K and N divisible by 16
+# A row of zeros would give scale 0 and 0/0 = NaN; any positive floor works since its codes are all 0.
+_MIN_AMAX = 1e-12
+MODES = ("fp8", "int8")
+
+
+class QuantizationError(DiffSynthCogError, ValueError):
+    """A quantization request cannot be carried out; the model was not changed."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization math (shared by the GPU path, the CPU emulation and the tests)
+
+
+def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise fp8 e4m3 quantization: x [M, K] -> (codes [M, K] float8_e4m3fn, scales [M, 1] float32).
+
+    ``x ~= codes.float() * scales``; each row's largest magnitude maps to 448 (the e4m3 max).
+    bf16 input is scaled in bf16 with the scale rounded to bf16 (so no fp32 copy of a large
+    activation is made in eager mode); the returned fp32 scale is exactly the one used, so the
+    dequantization is consistent. Any other dtype is scaled in fp32.
+    """
+    work_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    x = x.to(work_dtype)
+    # inf-norm reduction: the row amax without materialising |x| (exact in any dtype).
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True)  # [M, 1]
+    scale = (amax.float().clamp(min=_MIN_AMAX) / FP8_MAX).to(work_dtype)  # [M, 1]
+    # The division can land a hair above 448 when the scale was rounded; clamp before the cast
+    # because the e4m3fn cast does not saturate.
+    codes = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # [M, K]
+    return codes, scale.float()
+
+
+def int8_quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantization: w [N, K] -> (codes [N, K] int8, scales [N, 1] float32).
+
+    scale = amax(|row|) / 127 and codes = round(w / scale), so ``|w - codes * scale| <= scale / 2``.
+    """
+    w = w.float()
+    amax = torch.linalg.vector_norm(w, ord=float("inf"), dim=-1, keepdim=True)  # [N, 1]
+    scale = amax.clamp(min=_MIN_AMAX) / INT8_MAX  # [N, 1]
+    codes = torch.round(w / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)  # [N, K]
+    return codes, scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+class _QuantizedLinear(nn.Module):
+    """Shared parts: shapes, the bias, and dtype-stable code/scale buffers.
+
+    ``qweight`` and ``weight_scale`` are persistent buffers (they are in the state dict). fp8 and
+    fp32 count as floating point for ``Module.to(dtype)``, which would turn fp8 codes into bf16 and
+    round the fp32 scales; ``_apply`` keeps their dtypes and lets them follow device moves only.
+    """
+
+    mode: str = ""
+    _FIXED_DTYPE_BUFFERS = ("qweight", "weight_scale")
+
+    def __init__(self, in_features: int, out_features: int, source_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.source_dtype = source_dtype  # dtype of the weight that was quantized (for dequantize_dit)
+        self.register_parameter("bias", None)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> _QuantizedLinear:
+        before = {name: self._buffers[name] for name in self._FIXED_DTYPE_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and old is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)  # a dtype cast: take the device move only
+        return self
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: input has {x.shape[-1]} features (shape {list(x.shape)}), "
+                f"the layer expects {self.in_features}"
+            )
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the codes and scales stand for, [N, K] in ``dtype`` (computed in fp32)."""
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        """Bytes held by this layer's codes, scales and bias."""
+        tensors = [self.qweight, self.weight_scale] + ([self.bias] if self.bias is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` with the dequantized weight (not the original: quantization is lossy).
+
+        dtype defaults to the bias dtype (it follows the model's ``.to``), else the source dtype.
+        """
+        if dtype is None:
+            dtype = self.bias.dtype if self.bias is not None else self.source_dtype
+        with torch.device("meta"):  # no init work for a weight replaced at once
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.weight = nn.Parameter(self.dequantized_weight(dtype), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, mode={self.mode}"
+        )
+
+
+class Float8Linear(_QuantizedLinear):
+    """Inference-only replacement of an ``nn.Linear`` whose matmul runs in fp8 e4m3 (row-wise scales).
+
+    Buffers: ``qweight`` [N, K] float8_e4m3fn (row-major), ``weight_scale`` [1, N] float32; bias
+    [N] in the source dtype. ``forward(x [..., K]) -> [..., N]`` in x's dtype (bf16 for our models).
+    On CUDA it calls ``torch._scaled_mm`` (``_scaled``); on any other device ``_emulate`` computes
+    the same quantized product in fp32 (tests / CPU only).
+
+    use_fast_accum: let the fp8 tensor cores accumulate without periodic promotion to fp32
+    (faster; what inference recipes use; a little less accurate for long K).
+    """
+
+    mode = "fp8"
+    # Whether the bias goes into the _scaled_mm call (one fused epilogue) or is added afterwards.
+    # torch accepts a bf16/fp16 bias with row-wise scales (cuBLASLt epilogue from CUDA 12.9, the
+    # CUTLASS kernel before); set False on the class to rule it out if a build misbehaves.
+    fuse_bias: bool = True
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        use_fast_accum: bool = True,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if in_features % _MM_ALIGNMENT or out_features % _MM_ALIGNMENT:
+            raise QuantizationError(
+                f"Float8Linear needs in_features and out_features divisible by {_MM_ALIGNMENT} "
+                f"(torch._scaled_mm), got {in_features} -> {out_features}"
+            )
+        super().__init__(in_features, out_features, dtype)
+        self.use_fast_accum = use_fast_accum
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device))
+        self.register_buffer("weight_scale", torch.ones(1, out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+
+    @staticmethod
+    def supports(linear: nn.Linear) -> bool:
+        """Whether ``_scaled_mm`` can take this layer's shape (K and N divisible by 16)."""
+        return linear.in_features % _MM_ALIGNMENT == 0 and linear.out_features % _MM_ALIGNMENT == 0
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, *, use_fast_accum: bool = True) -> Float8Linear:
+        """Quantizes ``linear``'s weight per output channel on the weight's device (fp32 math).
+
+        The new layer lives on the same device; it keeps no reference to the original weight.
+        """
+        _check_plain_linear(linear)
+        weight = linear.weight.detach()
+        with torch.device("meta"):
+            layer = cls(
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                use_fast_accum=use_fast_accum,
+                dtype=weight.dtype,
+            )
+        codes, scale = fp8_quantize_rows(weight.float())  # [N, K], [N, 1]
+        layer.qweight = codes
+        layer.weight_scale = scale.t().contiguous()  # [1, N]: _scaled_mm's row-wise scale of mat2 [K, N]
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.qweight.float() * self.weight_scale.t()).to(dtype)  # [N, K]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [..., K] -> [..., N]
+        self._check_input(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [M, K]; a copy only if x's last dims are not contiguous
+        out = self._scaled(x2) if x2.device.type == "cuda" else self._emulate(x2)  # [M, N]
+        return out.reshape(*lead, self.out_features)
+
+    def _scaled(self, x2: torch.Tensor) -> torch.Tensor:
+        """The GPU path: x2 [M, K] -> [M, N] through ``torch._scaled_mm`` (row-wise scales)."""
+        codes, scale_a = fp8_quantize_rows(x2)  # [M, K] row-major fp8, [M, 1] fp32
+        codes = codes.contiguous()  # elementwise ops keep the input's strides; _scaled_mm wants row-major A
+        # _scaled_mm takes bf16/fp16 outputs with a bias of the same dtype; an fp32 output takes no bias.
+        out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        fused_bias = self.bias is not None and out_dtype != torch.float32 and self.fuse_bias
+        out = torch._scaled_mm(
+            codes,
+            self.qweight.t(),  # [K, N] column-major view of the row-major [N, K] codes
+            scale_a=scale_a,  # [M, 1]
+            scale_b=self.weight_scale,  # [1, N]
+            bias=self.bias.to(out_dtype) if fused_bias else None,
+            out_dtype=out_dtype,
+            use_fast_accum=self.use_fast_accum,
+        )  # [M, N]
+        if self.bias is not None and not fused_bias:
+            out = out + self.bias.to(out.dtype)
+        return out.to(x2.dtype)
+
+    def _emulate(self, x2: torch.Tensor) -> torch.Tensor:
+        """For tests and CPU only: the same quantized product as ``_scaled``, as an fp32 matmul.
+
+        ``(A8.float() * sa) @ (W8.float() * sw).T + bias``, returned in x2's dtype. Much slower than
+        the Linear it replaces; it exists so the quantization the GPU runs can be checked anywhere.
+        """
+        codes, scale_a = fp8_quantize_rows(x2)  # [M, K], [M, 1]
+        out = (codes.float() * scale_a) @ self.dequantized_weight(torch.float32).t()  # [M, N]
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x2.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", use_fast_accum={self.use_fast_accum}"
+
+
+class Int8WeightLinear(_QuantizedLinear):
+    """Weight-only int8 ``nn.Linear`` replacement (memory mode, inference only).
+
+    Buffers: ``qweight`` [N, K] int8, ``weight_scale`` [N, 1] float32; bias [N] in the source dtype.
+    ``forward(x [..., K])`` dequantizes the weight to x's dtype and calls ``F.linear``, so the output
+    equals ``F.linear(x, self.dequantized_weight(x.dtype), bias)`` exactly.
+    """
+
+    mode = "int8"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, dtype)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> Int8WeightLinear:
+        """Quantizes ``linear``'s weight per output channel (symmetric) on the weight's device."""
+        _check_plain_linear(linear)
+        weight = linear.weight.detach()
+        with torch.device("meta"):
+            layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=weight.dtype)
+        layer.qweight, layer.weight_scale = int8_quantize_rows(weight)  # [N, K] int8, [N, 1] fp32
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        # fp32 product, one rounding to dtype: codes up to 127 and the scale stay exact until then.
+        return (self.qweight.float() * self.weight_scale).to(dtype)  # [N, K]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [..., K] -> [..., N]
+        self._check_input(x)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+
+def _check_plain_linear(linear: nn.Module) -> None:
+    if isinstance(linear, LoRALinear):
+        raise QuantizationError(
+            "cannot quantize a LoRALinear (a LoRA injected for training): quantize after merging. "
+            "Export it with export_lora(), merge_lora() the file into a freshly loaded DiT, then quantize."
+        )
+    if not isinstance(linear, nn.Linear):
+        raise QuantizationError(f"expected an nn.Linear, got {type(linear).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-model swap
+
+
+def _module_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _check_fp8_device(model: nn.Module) -> None:
+    """fp8 needs ``_scaled_mm`` on an NVIDIA GPU of compute capability >= 8.9; name what was found."""
+    major, minor = FP8_MIN_CAPABILITY
+    need = f"fp8 mode runs torch._scaled_mm, which needs a CUDA GPU of compute capability >= {major}.{minor} (Ada, Hopper+)"
+    hint = "mode='int8' saves the same memory on any device"
+    model_device = _module_device(model)
+    if torch.version.hip is not None:
+        raise QuantizationError(f"{need}; this torch is a ROCm build ({torch.version.hip}). {hint}")
+    if model_device.type == "cuda":
+        device = model_device
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        raise QuantizationError(
+            f"{need}; found no CUDA device (torch.cuda.is_available() is False, the DiT is on {model_device}). {hint}"
+        )
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        raise QuantizationError(
+            f"{need}; found {device} = {torch.cuda.get_device_name(device)} with compute capability "
+            f"{capability[0]}.{capability[1]}. {hint}"
+        )
+    if model_device.type != "cuda":
+        logger.warning(
+            "quantize_dit: the DiT is on %s; its fp8 layers run the slow fp32 emulation there. Move it to %s "
+            "(%s) before running it.",
+            model_device,
+            device,
+            torch.cuda.get_device_name(device),
+        )
+
+
+def _targeted_layers(model: nn.Module, targets: Sequence[str]) -> tuple[dict[str, nn.Linear], list[str]]:
+    """name -> Linear for every module whose name ends (at a dot) with a target; and the problems."""
+    chosen: dict[str, nn.Linear] = {}
+    problems: list[str] = []
+    matched = dict.fromkeys(targets, 0)
+    lora_layers = []
+    for name, module in model.named_modules():
+        hits = [t for t in targets if name and (name == t or name.endswith("." + t))]
+        if not hits:
+            continue
+        for t in hits:
+            matched[t] += 1
+        if isinstance(module, LoRALinear):  # before the Linear check: LoRALinear is an nn.Linear
+            lora_layers.append(name)
+        elif isinstance(module, _QuantizedLinear):
+            problems.append(f"{name!r} is already quantized ({module.mode}); call dequantize_dit first")
+        elif not isinstance(module, nn.Linear):
+            problems.append(f"target {max(hits, key=len)!r} matches {name!r}, a {type(module).__name__}, not a Linear")
+        else:
+            chosen[name] = module
+    if lora_layers:
+        problems.append(
+            f"{len(lora_layers)} targeted layer(s) are LoRALinear (a LoRA injected for training), e.g. "
+            f"{lora_layers[:3]}. Quantize after merging: export_lora() the trained LoRA, load the base DiT "
+            f"fresh, merge_lora() the file into it, then quantize_dit()"
+        )
+    unmatched = [t for t, n in matched.items() if n == 0]
+    if unmatched:
+        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        problems.append(f"target(s) {unmatched} match no layer; Linear layers are named like {linear_names[:8]}")
+    return chosen, problems
+
+
+def _tensor_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+@torch.no_grad()
+def quantize_dit(
+    dit: nn.Module,
+    mode: str,
+    targets: Sequence[str] = BLOCK_LINEAR_TARGETS,
+    *,
+    use_fast_accum: bool = True,
+    progress: bool = False,
+) -> list[str]:
+    """Swaps the targeted Linear layers of ``dit`` for quantized ones in place; returns their names.
+
+    Args:
+        mode: ``"fp8"`` (``Float8Linear``: fp8 e4m3 matmuls, speed; needs CUDA compute capability
+            >= 8.9) or ``"int8"`` (``Int8WeightLinear``: int8 weights, memory; any device).
+        targets: module-name suffixes at a dot boundary, as ``inject_lora`` takes them; default
+            ``BLOCK_LINEAR_TARGETS``, the eight Linear layers of every block.
+        use_fast_accum: fp8 only; see ``Float8Linear``.
+        progress: show a tqdm bar over the layers.
+
+    Quantization runs on the device the weights are on (fastest on the GPU); each original weight is
+    dropped as its layer is swapped. fp8 layers whose K or N is not a multiple of 16 stay
+    ``nn.Linear`` (logged). Merge LoRAs before quantizing: injected ``LoRALinear`` layers are refused,
+    and ``restore_base_weights`` cannot undo a merge into a quantized layer.
+
+    Raises ``QuantizationError`` (model untouched) for an unknown mode, for fp8 without a suitable
+    GPU, for targets that match no layer or a non-Linear, and for LoRALinear or already-quantized layers.
+    """
+    if mode not in MODES:
+        raise QuantizationError(
+            f"unknown quantization mode {mode!r}; choose 'fp8' (fp8 e4m3 matmuls for speed, CUDA compute "
+            f"capability >= 8.9) or 'int8' (int8 weights dequantized per call, for memory)"
+        )
+    if isinstance(targets, str):
+        targets = (targets,)
+    if mode == "fp8":
+        _check_fp8_device(dit)
+    chosen, problems = _targeted_layers(dit, targets)
+    if problems:
+        raise QuantizationError(f"quantize_dit({mode!r}) on {type(dit).__name__}: " + "; ".join(problems))
+
+    skipped = [n for n, m in chosen.items() if mode == "fp8" and not Float8Linear.supports(m)]
+    before = after = 0
+    done: list[str] = []
+    for name, linear in tqdm(chosen.items(), desc=f"quantize {mode}", unit="layer", disable=not progress):
+        if name in skipped:
+            continue
+        if mode == "fp8":
+            layer: _QuantizedLinear = Float8Linear.from_linear(linear, use_fast_accum=use_fast_accum)
+        else:
+            layer = Int8WeightLinear.from_linear(linear)
+        before += _tensor_bytes(linear)
+        after += layer.weight_bytes()
+        parent_name, _, child = name.rpartition(".")
+        setattr(dit.get_submodule(parent_name), child, layer)
+        done.append(name)
+    chosen.clear()  # drop our references to the replaced layers so their weights can be freed
+    if skipped:
+        logger.warning(
+            "quantize_dit: %d layer(s) kept as nn.Linear, K or N not divisible by %d: %s",
+            len(skipped),
+            _MM_ALIGNMENT,
+            skipped[:5],
+        )
+    logger.info(
+        "quantized %d Linear layers of %s to %s: their weights %.2f GiB -> %.2f GiB",
+        len(done),
+        type(dit).__name__,
+        mode,
+        before / 2**30,
+        after / 2**30,
+    )
+    return done
+
+
+@torch.no_grad()
+def dequantize_dit(dit: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """Turns every quantized layer back into an ``nn.Linear`` holding its *dequantized* weight.
+
+    Approximate by nature: the original weights are gone; this gives the weights the quantized model
+    was computing with. dtype: see ``_QuantizedLinear.to_linear``. Returns the names restored.
+    """
+    names = [n for n, m in dit.named_modules() if isinstance(m, _QuantizedLinear)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = dit.get_submodule(parent_name)
+        setattr(parent, child, getattr(parent, child).to_linear(dtype))
+    logger.info("dequantized %d layers of %s back to nn.Linear", len(names), type(dit).__name__)
+    return names
+
+
+def quantized_layers(model: nn.Module) -> dict[str, _QuantizedLinear]:
+    """name -> quantized layer, for every Float8Linear / Int8WeightLinear in ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _QuantizedLinear)}
