@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import logging
 import sys
@@ -68,6 +69,18 @@ def make_inputs(ref, ours: CogDiT, frames: int, batch: int, device: str) -> dict
         "latent_frames": t,
         "tokens": t * (h // c.patch_size) * (w // c.patch_size) + c.max_text_seq_length,
     }
+
+
+def reference_forward(ref, i: dict[str, Any]) -> torch.Tensor:
+    """The diffusers model on our inputs, output as [B, C, T, H, W] like ours."""
+    out = ref(
+        hidden_states=i["latents"].transpose(1, 2),
+        encoder_hidden_states=i["prompt"],
+        timestep=i["timestep"],
+        image_rotary_emb=i["rope"],
+        return_dict=False,
+    )
+    return out[0].transpose(1, 2)
 
 
 def measure(
@@ -157,18 +170,7 @@ def run_benchmark(
     exact: dict[int, torch.Tensor] = {}
     for f in frames:
         i = inputs[f]
-
-        def run_ref(i: dict[str, Any] = i) -> torch.Tensor:
-            out = ref(
-                hidden_states=i["latents"].transpose(1, 2),
-                encoder_hidden_states=i["prompt"],
-                timestep=i["timestep"],
-                image_rotary_emb=i["rope"],
-                return_dict=False,
-            )
-            return out[0].transpose(1, 2)
-
-        entry, out_ref = measure(run_ref, None, model_gib(ref), repeat)
+        entry, out_ref = measure(functools.partial(reference_forward, ref, i), None, model_gib(ref), repeat)
         record(f"{f}f_reference", {**entry, "tokens": i["tokens"]})
         entry, exact[f] = measure(ours_fn(ours, f), None, model_gib(ours), repeat)
         entry["rel_diff_vs_reference"] = rel_err(exact[f], out_ref)

@@ -89,10 +89,6 @@ class CogVideoPipeline:
             scheduler_config = scheduler_preset(preset)
             logger.info("no scheduler_config.json found; using the %s scheduler preset", preset)
         self.scheduler_config = scheduler_config
-        if text_encoder is not None and text_encoder.max_length != dit.config.max_text_seq_length:
-            # The DiT was trained on prompts of exactly this many tokens (its learned positions, if any, too).
-            logger.info("text length set to the DiT's max_text_seq_length=%d", dit.config.max_text_seq_length)
-            text_encoder.max_length = dit.config.max_text_seq_length
         self.device = torch.device(device)
         self.torch_dtype = torch_dtype
         self.offloader = ModelOffloader(self.device, mode="none")
