@@ -195,7 +195,9 @@ def log_table(result: dict[str, Any]) -> None:
             + (f"; auto threshold {result['auto_threshold']:g}" if "auto_threshold" in result else "")
         )
     lines.append(f"{'threshold':>10} {'computed':>8} {'skipped':>7} {'time s':>7} {'speedup':>7} {'rel err':>9}  exact")
-    lines.append(f"{'no cache':>10} {s['steps']:>8} {0:>7} {result['exact']['time_s']:>7.2f} {1.0:>7.2f} {0.0:>9.2e}  yes")
+    lines.append(
+        f"{'no cache':>10} {s['steps']:>8} {0:>7} {result['exact']['time_s']:>7.2f} {1.0:>7.2f} {0.0:>9.2e}  yes"
+    )
     for r in result["runs"]:
         lines.append(
             f"{r['threshold']:>10g} {r['computed']:>8} {r['skipped']:>7} {r['time_s']:>7.2f} {r['speedup']:>7.2f} "

@@ -1,0 +1,89 @@
+"""Where the time of one DiT step goes: a torch.profiler trace of one CFG-batch forward, grouped.
+
+Full-size 5B DiT, random bf16 weights, eager (and optionally with per-block torch.compile). Kernels
+are grouped into attention, matmul (GEMM), normalisation, elementwise/other, by kernel name.
+
+    python benchmarks/profile_dit.py --frames 129 [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_json  # noqa: E402
+
+from diffsynth_cog.configs import dit_preset  # noqa: E402
+from diffsynth_cog.models.dit import CogDiT  # noqa: E402
+
+logger = logging.getLogger("profile_dit")
+
+GROUPS = (
+    ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa", "mha")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul", "scaled_mm")),
+    ("norm", ("layer_norm", "layernorm", "group_norm")),
+)
+
+
+def group_of(name: str) -> str:
+    lower = name.lower()
+    for group, keys in GROUPS:
+        if any(k in lower for k in keys):
+            return group
+    return "elementwise/other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=129)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    c = dit_preset("cogvideox-5b")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        dit = CogDiT(c).to(torch.bfloat16).eval().requires_grad_(False)
+    if args.compile:
+        dit.compile_blocks()
+    t = (args.frames - 1) // 4 + 1
+    x = torch.randn(2, 16, t, 60, 90, device="cuda", dtype=torch.bfloat16)
+    ctx = torch.randn(2, 226, 4096, device="cuda", dtype=torch.bfloat16)
+    ts = torch.tensor([500, 500], device="cuda")
+    with torch.no_grad():
+        for _ in range(2):
+            dit(x, ts, ctx)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            dit(x, ts, ctx)
+            torch.cuda.synchronize()
+    totals: dict[str, float] = defaultdict(float)
+    kernels: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if evt.device_type == torch.autograd.DeviceType.CUDA and cuda_us:
+            totals[group_of(evt.key)] += cuda_us / 1e6
+            kernels[evt.key] += cuda_us / 1e6
+    total = sum(totals.values())
+    result = {
+        **environment(),
+        "frames": args.frames,
+        "compiled": args.compile,
+        "gpu_time_s": round(total, 3),
+        "groups_s": {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+        "groups_share": {k: round(v / total, 3) for k, v in totals.items()},
+        "top_kernels_s": {k[:120]: round(v, 3) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]},
+    }
+    write_json(args.json or f"profile_dit_{args.frames}f{'_compiled' if args.compile else ''}.json", result)
+    logger.info("RESULT %s", result)
+
+
+if __name__ == "__main__":
+    main()
