@@ -76,6 +76,19 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--offload", choices=["none", "model", "sequential"], default="none", help="memory mode")
     p.add_argument("--no-tiled-vae", action="store_true", help="decode without spatial tiling (more memory)")
+    p.add_argument(
+        "--quantize",
+        choices=["none", "fp8", "int8"],
+        default="none",
+        help="DiT linear layers in fp8 (faster on Hopper/Ada, ~2%% error) or int8 weights (half the DiT memory)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (faster after warm-up)")
+    p.add_argument(
+        "--step-cache",
+        type=float,
+        default=0.0,
+        help="reuse the DiT's deep residual when block 0 changes less than this (0 = off, exact)",
+    )
     p.add_argument("--no-download", action="store_true", help="never download; fail if models are missing")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
@@ -156,6 +169,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     manager.load_models([model_dir])
     if lora is not None:
         manager.load_lora(lora, lora_alpha=args.lora_alpha)
+    if args.quantize != "none":
+        from diffsynth_cog.quantization import quantize_dit
+
+        dit = manager.fetch_model("cog_dit", require=True)
+        dit.to(args.device if args.offload == "none" else "cpu")
+        quantize_dit(dit, args.quantize)  # after the LoRA merge: quantized layers take no LoRA
+    if args.compile:
+        manager.fetch_model("cog_dit", require=True).compile_blocks()
     pipe = CogVideoPipeline.from_model_manager(manager, device=args.device)
     if args.offload == "model":
         pipe.enable_model_cpu_offload()
@@ -180,6 +201,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         tiled=not args.no_tiled_vae,
         progress_bar=not args.no_progress,
+        step_cache=args.step_cache or None,
     )
     save_video(frames, args.output, fps=args.fps, quality=args.quality)
     logger.info("wrote %s (%d frames)", args.output, len(frames))

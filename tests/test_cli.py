@@ -65,3 +65,12 @@ def test_help_texts(command):
         [sys.executable, "-m", "diffsynth_cog.cli", command, "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "usage: diffsynth-cog" in out and "--models-dir" in out
+
+
+def test_generate_with_int8_weights_and_step_cache(folder, tmp_path):
+    out = tmp_path / "q.mp4"
+    args = ["generate", "--prompt", "a lighthouse", "--model", str(folder), "--lora", "none", "--device", "cpu"]
+    args += ["--dtype", "fp32", "--num-frames", "9", "--height", "32", "--width", "48", "--steps", "4"]
+    args += ["--quantize", "int8", "--step-cache", "0.5", "--output", str(out), "--no-download", "--no-progress"]
+    assert main(args) == 0
+    assert len(load_video(out)) == 9
