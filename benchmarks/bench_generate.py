@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["none", "model", "sequential"])
     parser.add_argument("--reference-modes", nargs="*", default=["none", "model"])
+    parser.add_argument("--quantize", choices=["none", "fp8", "int8"], default="none", help="our DiT's linears")
     parser.add_argument("--json", default="bench_generate.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -178,11 +179,17 @@ def main() -> None:
     with torch.device("cuda"):
         dit = CogDiT(dit_preset("cogvideox-5b")).to(dtype).eval().requires_grad_(False)
         vae = CogVAE(vae_preset("cogvideox-5b")).to(dtype).eval().requires_grad_(False)
+    if args.quantize != "none":
+        from diffsynth_cog.quantization import quantize_dit
+
+        quantize_dit(dit, args.quantize)
+        args.reference_modes = []  # the reference cannot take quantized weights
     t5 = t5_xxl_encoder("cuda", dtype)
     tokenizer = load_tokenizer(Path(args.tokenizer))
     text_encoder = CogTextEncoder(t5, tokenizer)
     pipe = CogVideoPipeline(dit, text_encoder, vae.encoder, vae.decoder, device="cuda", torch_dtype=dtype)
-    result = {**environment(), "frames": args.frames, "steps": args.steps, "ours": {}, "reference": {}}
+    result = {**environment(), "frames": args.frames, "steps": args.steps, "quantize": args.quantize}
+    result |= {"ours": {}, "reference": {}}
     for mode in args.modes:
         result["ours"][mode] = run_ours(pipe, mode, args)
         logger.info("ours %s: %s", mode, result["ours"][mode])
