@@ -24,7 +24,7 @@ import torch
 from diffsynth_cog.errors import ModelDetectionError
 from diffsynth_cog.loading.dit_loader import is_dit_checkpoint, load_dit
 from diffsynth_cog.loading.state_dict import resolve_weights, tensor_shapes
-from diffsynth_cog.loading.vae_loader import is_vae_checkpoint, load_vae
+from diffsynth_cog.loading.vae_loader import is_vae_checkpoint, load_vae, scaling_factor_hint
 from diffsynth_cog.lora import LoRAMergeReport, merge_lora, restore_base_weights
 from diffsynth_cog.models.text_encoder import is_t5_checkpoint, load_text_encoder
 from diffsynth_cog.schedulers import SchedulerConfig
@@ -135,7 +135,7 @@ class ModelManager:
             added = [self._add("cog_dit", p, model)]
             self._find_side_files(p if p.is_dir() else p.parent)
         elif kind == "vae":
-            vae = load_vae(p, dtype=dtype, device=device, scaling_factor=self._vae_scaling_factor(p))
+            vae = load_vae(p, dtype=dtype, device=device, scaling_factor=scaling_factor_hint(p))
             added = [self._add("cog_vae_encoder", p, vae.encoder), self._add("cog_vae_decoder", p, vae.decoder)]
         else:
             folder = p if p.is_dir() else p.parent
@@ -169,21 +169,6 @@ class ModelManager:
             self.scheduler_config_path = scheduler / "scheduler_config.json"
             self.scheduler_config = SchedulerConfig.from_file(self.scheduler_config_path)
             logger.info("scheduler config from %s", self.scheduler_config_path)
-
-    @staticmethod
-    def _vae_scaling_factor(path: Path) -> float | None:
-        """The latent scale is not in the VAE weights. With no vae/config.json, read the model's other
-        configs: a 2B transformer (no RoPE) means 1.15258426; otherwise the loader's 5B default."""
-        folder = path if path.is_dir() else path.parent
-        if (folder / "config.json").is_file():
-            return None
-        transformer_config = folder.parent / "transformer" / "config.json"
-        if transformer_config.is_file():
-            config = json.loads(transformer_config.read_text(encoding="utf-8"))
-            if not config.get("use_rotary_positional_embeddings", False):
-                return 1.15258426
-            return 0.7
-        return None
 
     # -- access ------------------------------------------------------------------------------
 

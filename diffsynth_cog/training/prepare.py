@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from diffsynth_cog.loading.vae_loader import load_vae_encoder
+from diffsynth_cog.loading.vae_loader import load_vae_encoder, scaling_factor_hint
 from diffsynth_cog.models.text_encoder import DEFAULT_MAX_LENGTH, CogTextEncoder, load_text_encoder
 from diffsynth_cog.models.vae import CogVAE, CogVAEEncoder
 from diffsynth_cog.training.cache import (
@@ -60,10 +60,6 @@ from diffsynth_cog.training.data import (
 )
 
 logger = logging.getLogger(__name__)
-
-# 2B's latent scale; the 5B value (0.7) is the VAE loader's default. Used only when the VAE weights
-# come without a config.json (the scale is a statistic of the training latents, not a weight).
-_COGVIDEOX_2B_SCALING_FACTOR = 1.15258426
 
 
 @dataclass
@@ -112,18 +108,6 @@ def _read_json(path: Path) -> dict[str, object]:
     return values
 
 
-def _vae_scaling_factor_hint(vae_path: Path, model_dir: Path | None) -> float | None:
-    """With no config.json beside the VAE weights, the model's transformer config tells 2B (no RoPE) from 5B."""
-    folder = vae_path if vae_path.is_dir() else vae_path.parent
-    if (folder / "config.json").is_file() or model_dir is None:
-        return None
-    transformer_config = model_dir / "transformer" / "config.json"
-    if not transformer_config.is_file():
-        return None
-    is_2b = not _read_json(transformer_config).get("use_rotary_positional_embeddings", False)
-    return _COGVIDEOX_2B_SCALING_FACTOR if is_2b else None
-
-
 def load_encoders(
     model_dir: str | os.PathLike[str] | None = None,
     *,
@@ -166,7 +150,7 @@ def load_encoders(
         else:
             max_text_length = DEFAULT_MAX_LENGTH
     if vae_scaling_factor is None:
-        vae_scaling_factor = _vae_scaling_factor_hint(vae_folder, root)
+        vae_scaling_factor = scaling_factor_hint(vae_folder, root)
 
     text_encoder = load_text_encoder(
         text_path, tokenizer_path=tokenizer, dtype=dtype, device=device, max_length=max_text_length
