@@ -112,6 +112,30 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_download)
 
 
+def _add_upload(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "upload-lora",
+        help="upload a trained LoRA file (or folder) to a ModelScope model repository",
+        description="Creates the repository if needed (private by default) and uploads the LoRA. The token comes "
+        "from --token or the MODELSCOPE_API_TOKEN environment variable.",
+    )
+    p.add_argument("path", help="the exported LoRA .safetensors file, or a folder")
+    p.add_argument("--repo-id", required=True, help="owner/name on ModelScope")
+    p.add_argument("--token", default=None)
+    p.add_argument("--endpoint", default=None)
+    p.add_argument("--visibility", choices=["private", "public"], default="private")
+    p.set_defaults(func=cmd_upload)
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from diffsynth_cog.downloads import upload_lora
+
+    token = args.token or os.environ.get("MODELSCOPE_API_TOKEN")
+    url = upload_lora(args.path, args.repo_id, token=token, endpoint=args.endpoint, visibility=args.visibility)
+    logger.info("uploaded %s -> %s", args.path, url)
+    return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from diffsynth_cog.downloads import download_models
 
@@ -214,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_download(sub)
+    _add_upload(sub)
     try:
         from diffsynth_cog.training.cli import add_training_commands
     except ImportError:  # training extras (lightning) not installed

@@ -59,12 +59,14 @@ def test_generate_rejects_bad_frame_counts_with_a_suggestion(folder, tmp_path, c
     assert not (tmp_path / "x.mp4").exists()
 
 
-@pytest.mark.parametrize("command", ["generate", "download"])
-def test_help_texts(command):
+@pytest.mark.parametrize(
+    "command,option", [("generate", "--models-dir"), ("download", "--models-dir"), ("upload-lora", "--repo-id")]
+)
+def test_help_texts(command, option):
     out = subprocess.run(
         [sys.executable, "-m", "diffsynth_cog.cli", command, "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert "usage: diffsynth-cog" in out and "--models-dir" in out
+    assert "usage: diffsynth-cog" in out and option in out
 
 
 def test_generate_with_int8_weights_and_step_cache(folder, tmp_path):
