@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -254,7 +255,10 @@ class CogVideoPipeline:
         if input_image is not None and not is_i2v:
             raise ValueError("input_image needs an I2V transformer (e.g. CogVideoX-5B-I2V)")
         if generator is None:
-            generator = torch.Generator("cpu").manual_seed(seed if seed is not None else torch.seed() % 2**63)
+            if seed is None:  # a fresh seed without touching the caller's global RNG state
+                seed = int.from_bytes(os.urandom(8), "little") >> 1
+                logger.info("seed: %d", seed)
+            generator = torch.Generator("cpu").manual_seed(seed)
 
         use_cfg = cfg_scale > 1.0
         if prompt_emb is None:
