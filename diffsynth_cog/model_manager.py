@@ -93,7 +93,12 @@ class ModelManager:
             return "model_folder"
         config_file = (p if p.is_dir() else p.parent) / "config.json"
         if config_file.is_file():
-            config = json.loads(config_file.read_text(encoding="utf-8"))
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise ModelDetectionError(f"{config_file}: unreadable config.json ({e})") from e
+            if not isinstance(config, dict):
+                raise ModelDetectionError(f"{config_file}: config.json must hold a JSON object")
             names = [config.get("_class_name")] + list(config.get("architectures") or [])
             for n in names:
                 if n in _CLASS_KINDS:

@@ -33,7 +33,8 @@ def build_and_load(
     """
     with torch.device("meta"):
         model = make_model()
-    state_dict = dict(iter_tensors(source, dtype=dtype, device=device))
+    # Keys the converter will ignore (e.g. the encoder of a decoder-only load) are never read.
+    state_dict = dict(iter_tensors(source, dtype=dtype, device=device, skip=lambda k: ignorable(k) is not None))
     converted = convert_state_dict(state_dict, model, rename, source=str(source.path), ignorable=ignorable)
     model.load_state_dict(converted, strict=True, assign=True)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

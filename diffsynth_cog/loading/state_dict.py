@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,9 +172,16 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def iter_tensors(
-    source: WeightsSource, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    source: WeightsSource,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    skip: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (key, tensor) one at a time, so a loader never holds two copies of a large model."""
+    """Yields (key, tensor) one at a time, so a loader never holds two copies of a large model.
+
+    Keys for which ``skip(key)`` is true are not read at all (safetensors files; a pickle-free
+    torch file is memory-mapped, so its skipped tensors are not read either).
+    """
     seen: set[str] = set()
     for f in source.files:
         if f.suffix in SAFETENSORS_SUFFIXES:
@@ -185,6 +192,8 @@ def iter_tensors(
                         if k in seen:
                             raise WeightsFileError(f"{f}: key {k!r} appears in more than one shard")
                         seen.add(k)
+                        if skip is not None and skip(k):
+                            continue
                         t = st.get_tensor(k)
                         yield k, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
             except SafetensorError as e:
@@ -194,6 +203,8 @@ def iter_tensors(
                 if k in seen:
                     raise WeightsFileError(f"{f}: key {k!r} appears in more than one file")
                 seen.add(k)
+                if skip is not None and skip(k):
+                    continue
                 t = t.to(device)
                 yield k, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
 
