@@ -27,6 +27,8 @@ setup(
     extras_require={
         "train": ["lightning>=2.6", "deepspeed>=0.15"],
         "flash": ["flash-attn>=2.6"],
+        # FlashAttention-3 (Hopper), forward-only build: the fastest exact attention for inference.
+        "fa3": ["fa3-fwd>=0.0.3"],
         # diffusers is the numerical reference the tests compare against; never imported by the library.
         "test": ["pytest>=8", "diffusers==0.42.1", "peft>=0.13", "lightning>=2.6", "ruff"],
     },

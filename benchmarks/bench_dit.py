@@ -23,6 +23,7 @@ from common import dit_flops, environment, peak_gib, rel_err, reset_peak, timed,
 from diffsynth_cog.configs import dit_preset  # noqa: E402
 from diffsynth_cog.loading.convert import convert_state_dict  # noqa: E402
 from diffsynth_cog.loading.dit_loader import dit_rename  # noqa: E402
+from diffsynth_cog.models import attention as attn  # noqa: E402
 from diffsynth_cog.models.dit import CogDiT  # noqa: E402
 
 logger = logging.getLogger("bench_dit")
@@ -61,15 +62,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="2 = one CFG step (cond + uncond)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time both sides with per-block torch.compile")
+    parser.add_argument("--attention", default="auto", choices=attn.BACKENDS, help="our attention backend")
     parser.add_argument("--json", default="bench_dit.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     device, dtype = "cuda", torch.bfloat16
+    attn.set_attention_backend(args.attention)
     torch.manual_seed(0)
     ref, ours = build_pair(args.preset, dtype, device)
     n_params = sum(p.numel() for p in ours.parameters())
     result = {**environment(), "preset": args.preset, "params": n_params, "batch": args.batch, "runs": {}}
+    result["attention"] = attn.resolve_backend(torch.device(device))
     logger.info("%s", result)
 
     passes = [("", False)] + ([("_compiled", True)] if args.compile else [])

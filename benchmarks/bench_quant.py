@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dit import build_pair, reference_rope  # noqa: E402
 from common import environment, peak_gib, rel_err, reset_peak, timed, write_json  # noqa: E402
 
+from diffsynth_cog.models import attention as attn  # noqa: E402
 from diffsynth_cog.models.dit import CogDiT  # noqa: E402
 from diffsynth_cog.quantization import Float8Linear, quantize_dit  # noqa: E402
 
@@ -140,6 +141,7 @@ def run_benchmark(
     repeat: int = 2,
     compile_fp8: bool = True,
     precise_accum: bool = False,
+    fp8_attention: bool = False,
     json_name: str = "bench_quant.json",
     device: str = "cuda",
 ) -> dict[str, Any]:
@@ -181,11 +183,15 @@ def run_benchmark(
         i["rope"] = None
     gc.collect()
 
-    variants: list[tuple[str, str, dict[str, Any]]] = [("fp8", "fp8", {"use_fast_accum": True})]
+    result["exact_attention"] = attn.resolve_backend(torch.device(device))
+    # (label, quantization mode, its kwargs, attention backend or None for the exact one)
+    variants: list[tuple[str, str, dict[str, Any], str | None]] = [("fp8", "fp8", {"use_fast_accum": True}, None)]
     if precise_accum:
-        variants.append(("fp8_precise", "fp8", {"use_fast_accum": False}))
-    variants.append(("int8", "int8", {}))
-    for label, mode, kwargs in variants:
+        variants.append(("fp8_precise", "fp8", {"use_fast_accum": False}, None))
+    variants.append(("int8", "int8", {}, None))
+    if fp8_attention:
+        variants.append(("fp8_attn8", "fp8", {"use_fast_accum": True}, "fa3-fp8"))
+    for label, mode, kwargs, attention_backend in variants:
         model = None
         try:
             model = copy.deepcopy(ours)
@@ -194,7 +200,11 @@ def run_benchmark(
             torch.cuda.synchronize()
             result[f"{label}_quantize_s"] = round(time.perf_counter() - start, 2)
             result[f"{label}_layers"] = len(names)
-            passes = [(label, False)] + ([(f"{label}_compiled", True)] if label == "fp8" and compile_fp8 else [])
+            if attention_backend is not None:
+                attn.set_attention_backend(attention_backend)
+                passes = [(f"{label}_compiled", True)] if compile_fp8 else [(label, False)]
+            else:
+                passes = [(label, False)] + ([(f"{label}_compiled", True)] if label == "fp8" and compile_fp8 else [])
             for tag, compiled in passes:
                 if compiled:
                     model.compile_blocks()
@@ -210,6 +220,7 @@ def run_benchmark(
             logger.exception("%s failed", label)
             result["runs"][f"{label}_error"] = repr(e)[:500]
         finally:
+            attn.set_attention_backend("auto")
             del model
             torch._dynamo.reset()  # compiled graphs hold on to the model
             gc.collect()
@@ -261,6 +272,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip the fp8 + per-block torch.compile pass")
     parser.add_argument("--precise-accum", action="store_true", help="also time fp8 with use_fast_accum=False")
+    parser.add_argument("--fp8-attention", action="store_true", help="also run fp8 linears + fa3-fp8 attention")
     parser.add_argument("--no-fused-bias", action="store_true", help="add the fp8 bias after _scaled_mm")
     parser.add_argument("--json", default="bench_quant.json")
     args = parser.parse_args()
@@ -274,6 +286,7 @@ def main() -> None:
         repeat=args.repeat,
         compile_fp8=not args.no_compile,
         precise_accum=args.precise_accum,
+        fp8_attention=args.fp8_attention,
         json_name=args.json,
     )
 

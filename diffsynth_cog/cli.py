@@ -22,6 +22,9 @@ logger = logging.getLogger("diffsynth_cog.cli")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DEFAULT_MODEL = "CogVideoX-5B"
 DEFAULT_LORA = "ExVideo-CogVideoX-LoRA-129f-v1"
+# Kept in step with diffsynth_cog.models.attention.BACKENDS (a test checks), so that building the
+# parser does not import torch.
+ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-cudnn", "fa3", "flash-attn", "fa3-fp8", "sage")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -83,6 +86,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="DiT linear layers in fp8 (faster on Hopper/Ada, ~2%% error) or int8 weights (half the DiT memory)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (faster after warm-up)")
+    p.add_argument(
+        "--attention",
+        choices=list(ATTENTION_BACKENDS),
+        default="auto",
+        help="attention kernel: auto picks FlashAttention-3 on Hopper when installed (pip install fa3-fwd), else "
+        "cuDNN; fa3-fp8 and sage are faster approximations",
+    )
     p.add_argument(
         "--step-cache",
         type=float,
@@ -184,7 +194,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from diffsynth_cog import CogVideoPipeline, ModelManager, load_video, save_video
+    from diffsynth_cog.models.attention import set_attention_backend
 
+    set_attention_backend(args.attention)  # first: a missing kernel package fails before any loading
     model_dir = _resolve_model(args)
     lora = _resolve_lora(args, model_dir)
     dtype = getattr(torch, DTYPES[args.dtype])

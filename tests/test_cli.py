@@ -76,3 +76,21 @@ def test_generate_with_int8_weights_and_step_cache(folder, tmp_path):
     args += ["--quantize", "int8", "--step-cache", "0.5", "--output", str(out), "--no-download", "--no-progress"]
     assert main(args) == 0
     assert len(load_video(out)) == 9
+
+
+def test_cli_attention_choices_match_the_library():
+    from diffsynth_cog.cli import ATTENTION_BACKENDS
+    from diffsynth_cog.models.attention import BACKENDS
+
+    assert ATTENTION_BACKENDS == BACKENDS
+
+
+def test_generate_with_a_missing_attention_kernel_fails_before_loading(folder, tmp_path, monkeypatch, caplog):
+    from diffsynth_cog.models import attention
+
+    monkeypatch.setattr(attention, "_fa3_module", lambda: None)
+    # The model path does not exist either: the attention check must be what fails, before any loading.
+    args = ["generate", "--prompt", "x", "--model", str(folder / "missing"), "--attention", "fa3", "--device", "cpu"]
+    assert main(args + ["--output", str(tmp_path / "x.mp4"), "--no-download"]) == 2
+    assert "pip install fa3-fwd" in caplog.text and "missing" not in caplog.text
+    assert attention.get_attention_backend() == "auto"

@@ -3,39 +3,82 @@
 ``attention(q, k, v)`` takes ``[B, L, H, D]`` tensors (the layout the projections produce, so
 no transpose is needed for kernels that want it) and returns ``[B, L, H, D]``.
 
-Backends:
+Exact backends (same math as the reference, bf16 rounding aside):
   * ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` with PyTorch's own choice.
-  * ``"sdpa-cudnn"``: the same, preferring the cuDNN kernel (measured fastest on Hopper at
+  * ``"sdpa-cudnn"``: the same, preferring the cuDNN kernel (fastest of PyTorch's on Hopper at
     CogVideoX shapes), falling back to flash / memory-efficient / math.
-  * ``"flash-attn"``: the ``flash_attn`` package, when installed.
-  * ``"sage"``: ``sageattention`` (8-bit QK; opt-in, not exact).
-  * ``"auto"`` (default): ``sdpa-cudnn`` on CUDA devices of compute capability >= 9.0, else ``sdpa``.
+  * ``"fa3"``: FlashAttention-3, the Hopper kernel, from the official ``flash_attn_interface``
+    build or the forward-only ``fa3-fwd`` wheel (``fa3_fwd_interface``); bf16 only. The
+    forward-only build cannot train, so calls that need a gradient fall back to ``sdpa-cudnn``.
+  * ``"flash-attn"``: the ``flash_attn`` (FlashAttention-2) package, when installed.
+
+Opt-in approximate backends (faster, not exact; see BENCHMARKS.md for their error):
+  * ``"fa3-fp8"``: q, k and v quantized to float8 e4m3 with one scale per (batch, head), then
+    FlashAttention-3's fp8 kernel. Inference only.
+  * ``"sage"``: ``sageattention`` (8-bit QK).
+
+``"auto"`` (default): ``fa3`` on compute capability 9.x when it is installed, else ``sdpa-cudnn``
+on CUDA devices of compute capability >= 9.0, else ``sdpa``.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import logging
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "sdpa", "sdpa-cudnn", "flash-attn", "sage")
+BACKENDS = ("auto", "sdpa", "sdpa-cudnn", "fa3", "flash-attn", "fa3-fp8", "sage")
+APPROXIMATE_BACKENDS = ("fa3-fp8", "sage")
+# FlashAttention-3 ships as the official Hopper build (forward and backward) or as the
+# forward-only ``fa3-fwd`` wheel; the first one found is used.
+FA3_MODULES = ("flash_attn_interface", "fa3_fwd_interface")
+FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 _backend = "auto"
 
 
+@functools.cache
+def _fa3_module() -> ModuleType | None:
+    for name in FA3_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            try:
+                return importlib.import_module(name)
+            except (ImportError, OSError) as e:  # a build for another torch/CUDA: say why, use another kernel
+                logger.warning("FlashAttention-3 module %s is installed but does not load: %s", name, e)
+    return None
+
+
+def fa3_available() -> bool:
+    """True when a FlashAttention-3 build imports in this process."""
+    return _fa3_module() is not None
+
+
+def _fa3_trains() -> bool:
+    module = _fa3_module()
+    return module is not None and module.__name__ == "flash_attn_interface"
+
+
 def set_attention_backend(name: str) -> None:
-    """Selects the attention kernel for every model in this process."""
+    """Selects the attention kernel for every model in this process (see the module docstring)."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; valid: {BACKENDS}")
     if name == "flash-attn" and importlib.util.find_spec("flash_attn") is None:
         raise ValueError("attention backend 'flash-attn' needs the flash-attn package (pip install flash-attn)")
+    if name in ("fa3", "fa3-fp8") and not fa3_available():
+        raise ValueError(
+            f"attention backend {name!r} needs FlashAttention-3: the Hopper build of flash-attention "
+            "(module flash_attn_interface) or the fa3-fwd wheel (pip install fa3-fwd)"
+        )
     if name == "sage" and importlib.util.find_spec("sageattention") is None:
-        raise ValueError("attention backend 'sage' needs the sageattention package")
+        raise ValueError("attention backend 'sage' needs the sageattention package (pip install sageattention)")
     _backend = name
     logger.info("attention backend: %s", name)
 
@@ -64,31 +107,93 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return flash_attn_func(q, k, v)
 
 
+# FlashAttention-3 is wrapped as a custom op with a shape-only fake, so torch.compile keeps a
+# whole block in one graph around it (the kernel itself stays opaque to the compiler).
+@torch.library.custom_op("diffsynth_cog::fa3", mutates_args=())
+def _fa3_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    module = _fa3_module()
+    if module is None:
+        raise RuntimeError("FlashAttention-3 is not installed (flash_attn_interface or fa3_fwd_interface)")
+    out = module.flash_attn_func(q, k, v, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@_fa3_op.register_fake
+def _(q, k, v, q_descale=None, k_descale=None, v_descale=None):  # noqa: ANN001, ANN202
+    dtype = torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype
+    return q.new_empty(q.shape, dtype=dtype)
+
+
+def _fa3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if q.dtype != torch.bfloat16 or (torch.is_grad_enabled() and not _fa3_trains() and _needs_grad(q, k, v)):
+        return _sdpa_cudnn(q, k, v)  # fp16/fp32, or training with the forward-only build
+    return _fa3_op(q, k, v)
+
+
+def quantize_fp8_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, L, H, D] -> (float8 e4m3fn [B, L, H, D], descale [B, H] fp32) with x ~= x8 * descale.
+
+    One scale per (batch, head) maps that head's largest magnitude to the format's largest
+    finite value (448), so nothing saturates; ``descale`` is what FlashAttention-3 multiplies back.
+    """
+    amax = x.abs().amax(dim=(1, 3)).float().clamp_min(1e-12)  # [B, H]
+    scale = FP8_MAX / amax
+    x8 = (x.float() * scale[:, None, :, None]).to(torch.float8_e4m3fn)
+    return x8, scale.reciprocal()
+
+
+def _fa3_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if _needs_grad(q, k, v) and torch.is_grad_enabled():
+        raise RuntimeError("attention backend 'fa3-fp8' is inference only; use 'auto' or 'fa3' for training")
+    (q8, qd), (k8, kd), (v8, vd) = (quantize_fp8_per_head(t) for t in (q, k, v))
+    return _fa3_op(q8, k8, v8, qd, kd, vd).to(q.dtype)
+
+
 def _sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     from sageattention import sageattn
 
     return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return any(t.requires_grad for t in tensors)
+
+
 _KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "sdpa": _sdpa,
     "sdpa-cudnn": _sdpa_cudnn,
+    "fa3": _fa3,
     "flash-attn": _flash_attn,
+    "fa3-fp8": _fa3_fp8,
     "sage": _sage,
 }
 
 
-def _resolve(device: torch.device) -> str:
+def resolve_backend(device: torch.device) -> str:
+    """The kernel ``attention`` uses for tensors on ``device`` under the current setting."""
     if _backend != "auto":
         return _backend
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
-        return "sdpa-cudnn"
+    if device.type == "cuda":
+        major = torch.cuda.get_device_capability(device)[0]
+        if major == 9 and fa3_available():
+            return "fa3"
+        if major >= 9:
+            return "sdpa-cudnn"
     return "sdpa"
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Full (non-causal) multi-head attention. q, k, v: [B, L, H, D] -> [B, L, H, D]."""
-    name = _resolve(q.device)
-    if name in ("flash-attn", "sage") and (q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16)):
-        name = "sdpa"  # these kernels only take half precision on CUDA
+    name = resolve_backend(q.device)
+    if name not in ("sdpa", "sdpa-cudnn") and (
+        q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16)
+    ):
+        name = "sdpa"  # the other kernels only take half precision on CUDA
     return _KERNELS[name](q, k, v)
