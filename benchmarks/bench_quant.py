@@ -142,6 +142,7 @@ def run_benchmark(
     compile_fp8: bool = True,
     precise_accum: bool = False,
     fp8_attention: bool = False,
+    only: Sequence[str] | None = None,
     json_name: str = "bench_quant.json",
     device: str = "cuda",
 ) -> dict[str, Any]:
@@ -191,6 +192,8 @@ def run_benchmark(
     variants.append(("int8", "int8", {}, None))
     if fp8_attention:
         variants.append(("fp8_attn8", "fp8", {"use_fast_accum": True}, "fa3-fp8"))
+    if only:
+        variants = [v for v in variants if v[0] in only]
     for label, mode, kwargs, attention_backend in variants:
         model = None
         try:
@@ -273,6 +276,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the fp8 + per-block torch.compile pass")
     parser.add_argument("--precise-accum", action="store_true", help="also time fp8 with use_fast_accum=False")
     parser.add_argument("--fp8-attention", action="store_true", help="also run fp8 linears + fa3-fp8 attention")
+    parser.add_argument("--only", nargs="+", help="run only these variants (fp8 fp8_precise int8 fp8_attn8)")
     parser.add_argument("--no-fused-bias", action="store_true", help="add the fp8 bias after _scaled_mm")
     parser.add_argument("--json", default="bench_quant.json")
     args = parser.parse_args()
@@ -287,6 +291,7 @@ def main() -> None:
         compile_fp8=not args.no_compile,
         precise_accum=args.precise_accum,
         fp8_attention=args.fp8_attention,
+        only=args.only,
         json_name=args.json,
     )
 

@@ -185,6 +185,66 @@ def test_decode_with_gradients_matches_inference_and_backpropagates(ours):
 # Temporal chunks and the explicit cache
 
 
+@pytest.mark.parametrize("groups,channels", [(32, 64), (4, 8), (1, 5)])
+def test_split_group_norm_matches_torch_group_norm(groups, channels):
+    """Same output as F.group_norm: fp32 to rounding, bf16 within one bf16 step."""
+    g = torch.Generator().manual_seed(groups)
+    x = torch.randn(2, channels, 3, 10, 12, generator=g) * 3 + 0.5
+    w, b = 1 + 0.2 * torch.randn(channels, generator=g), 0.2 * torch.randn(channels, generator=g)
+    fast = vae_module.group_norm_stats_split
+    F = torch.nn.functional
+    assert rel(fast(x, groups, w, b, 1e-6), F.group_norm(x, groups, w, b, 1e-6)) < 1e-6
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    want = F.group_norm(xb, groups, wb, bb, 1e-6).float()
+    assert (fast(xb, groups, wb, bb, 1e-6).float() - want).abs().max() <= want.abs().max() * 2**-7
+    assert rel(fast(x, groups, None, None, 1e-6), F.group_norm(x, groups, None, None, 1e-6)) < 1e-6
+
+
+def test_split_group_norm_holds_bf16_accuracy_when_the_mean_dwarfs_the_spread():
+    """E[x^2] - E[x]^2 in fp32 at |mean| / std = 100: still within bf16's own rounding (2^-8)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, 4, 16, 16, generator=g) + 100.0
+    want = torch.nn.functional.group_norm(x, 2, eps=1e-6)
+    assert rel(vae_module.group_norm_stats_split(x, 2, None, None, 1e-6), want) < 2**-8
+
+
+def test_split_group_norm_keeps_a_channels_last_layout_and_its_values():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 8, 3, 5, 7, generator=g)
+    fast = vae_module.group_norm_stats_split
+    out = fast(x.contiguous(memory_format=torch.channels_last_3d), 4, None, None, 1e-6)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert rel(out, fast(x, 4, None, None, 1e-6)) < 1e-6
+
+
+def test_group_norm_module_is_torch_group_norm_off_gpu_and_in_training():
+    g = torch.Generator().manual_seed(4)
+    norm = vae_module.GroupNorm(2, 4)
+    x = torch.randn(1, 4, 2, 3, 3, generator=g)
+    assert torch.equal(norm(x), torch.nn.functional.group_norm(x, 2, norm.weight, norm.bias, norm.eps))
+    x.requires_grad_(True)
+    norm(x).square().sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_channels_last_decode_and_encode_equal_channels_first(ours, tiled):
+    z = latents(3, 8, 12, seed=5)
+    x = video(9, 64, 96, seed=6)
+    kwargs = dict(tiled=tiled, tile_latent_size=(4, 6)) if tiled else {}
+    enc_kwargs = dict(tiled=tiled, tile_sample_size=(32, 48)) if tiled else {}
+    try:
+        with torch.no_grad():
+            ours.decoder.channels_last = ours.encoder.channels_last = False
+            want_x, want_z = ours.decode(z, **kwargs), ours.encode(x, **enc_kwargs)
+            ours.decoder.channels_last = ours.encoder.channels_last = True
+            got_x, got_z = ours.decode(z, **kwargs), ours.encode(x, **enc_kwargs)
+    finally:
+        ours.decoder.channels_last = ours.encoder.channels_last = None
+    assert got_x.is_contiguous() and got_z.is_contiguous()
+    assert rel(got_x, want_x) <= PARITY_TOL and rel(got_z, want_z) <= PARITY_TOL
+
+
 def test_chunk_schedule_matches_diffusers_slicing():
     # diffusers: max(n // c, 1) chunks, the first one taking the n % c extra frames.
     assert temporal_chunks(9, 2) == [(0, 3), (3, 5), (5, 7), (7, 9)]
