@@ -4,7 +4,11 @@ Both share one set of bf16 weights (ours is built on the meta device and takes t
 tensors with ``assign=True``). Reports time, peak memory and the relative difference of the
 decoded videos, untiled and tiled, at 13 and 33 latent frames (49 and 129 pixel frames).
 
-    python benchmarks/bench_vae.py --frames 49 129
+    python benchmarks/bench_vae.py --frames 49 129 [--fp32-check]
+
+``--fp32-check`` first decodes 13 latent frames (untiled) with an fp32 copy of the reference and
+reports how far each bf16 decoder (the reference's and ours) lands from it: the scale of "bf16 noise"
+that the ours-vs-reference difference is to be read against.
 """
 
 from __future__ import annotations
@@ -39,9 +43,26 @@ def build_pair(dtype: torch.dtype, device: str):
     return ref, ours.eval().requires_grad_(False)
 
 
+def fp32_check(ref, ours) -> dict[str, float]:
+    """rel distance of the bf16 reference and of ours from an fp32 reference, 13 latent frames, untiled."""
+    import copy
+
+    z = torch.randn(1, 16, 13, 60, 90, device="cuda", generator=torch.Generator("cuda").manual_seed(13))
+    ref.disable_tiling()
+    with torch.no_grad():
+        exact = copy.deepcopy(ref).float().decode(z).sample
+        torch.cuda.empty_cache()
+        zb = z.to(torch.bfloat16)
+        return {
+            "reference_bf16_vs_fp32": rel_err(ref.decode(zb).sample, exact),
+            "ours_bf16_vs_fp32": rel_err(ours.decode(zb), exact),
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, nargs="+", default=[49, 129])
+    parser.add_argument("--frames", type=int, nargs="*", default=[49, 129])
+    parser.add_argument("--fp32-check", action="store_true", help="distance of both bf16 decoders from fp32")
     parser.add_argument("--json", default="bench_vae.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -49,6 +70,10 @@ def main() -> None:
     torch.manual_seed(0)
     ref, ours = build_pair(dtype, device)
     result = {**environment(), "runs": {}}
+    if args.fp32_check:
+        result["fp32_check"] = fp32_check(ref, ours)
+        logger.info("fp32 check: %s", result["fp32_check"])
+        write_json(args.json, result)
     for frames in args.frames:
         t = (frames - 1) // 4 + 1
         z = torch.randn(1, 16, t, 60, 90, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(t))

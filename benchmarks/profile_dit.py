@@ -3,7 +3,7 @@
 Full-size 5B DiT, random bf16 weights, eager (and optionally with per-block torch.compile). Kernels
 are grouped into attention, matmul (GEMM), normalisation, elementwise/other, by kernel name.
 
-    python benchmarks/profile_dit.py --frames 129 [--compile]
+    python benchmarks/profile_dit.py --frames 129 [--compile] [--attention fa3] [--quantize fp8]
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
 
 from diffsynth_cog.configs import dit_preset  # noqa: E402
+from diffsynth_cog.models import attention as attn  # noqa: E402
 from diffsynth_cog.models.dit import CogDiT  # noqa: E402
 
 logger = logging.getLogger("profile_dit")
 
 GROUPS = (
     ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa", "mha")),
-    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul", "scaled_mm")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul", "scaled_mm", "f8f8")),
     ("norm", ("layer_norm", "layernorm", "group_norm")),
 )
 
@@ -44,6 +45,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=129)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--attention", default="auto", choices=attn.BACKENDS)
+    parser.add_argument("--quantize", choices=["none", "fp8", "int8"], default="none")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -51,6 +54,11 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.device("cuda"):
         dit = CogDiT(c).to(torch.bfloat16).eval().requires_grad_(False)
+    attn.set_attention_backend(args.attention)
+    if args.quantize != "none":
+        from diffsynth_cog.quantization import quantize_dit
+
+        quantize_dit(dit, args.quantize)
     if args.compile:
         dit.compile_blocks()
     t = (args.frames - 1) // 4 + 1
@@ -76,12 +84,17 @@ def main() -> None:
         **environment(),
         "frames": args.frames,
         "compiled": args.compile,
+        "attention": attn.resolve_backend(torch.device("cuda")),
+        "quantize": args.quantize,
         "gpu_time_s": round(total, 3),
         "groups_s": {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
         "groups_share": {k: round(v / total, 3) for k, v in totals.items()},
         "top_kernels_s": {k[:120]: round(v, 3) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]},
     }
-    write_json(args.json or f"profile_dit_{args.frames}f{'_compiled' if args.compile else ''}.json", result)
+    tag = f"{'_compiled' if args.compile else ''}_{result['attention']}" + (
+        f"_{args.quantize}" if args.quantize != "none" else ""
+    )
+    write_json(args.json or f"profile_dit_{args.frames}f{tag}.json", result)
     logger.info("RESULT %s", result)
 
 
