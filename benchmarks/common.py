@@ -6,7 +6,8 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,25 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     path = out / name
     path.write_text(json.dumps(data, indent=1))
     return path
+
+
+def kernel_times(prof: Any, groups: Sequence[tuple[str, Sequence[str]]], top: int = 15) -> dict[str, Any]:
+    """CUDA kernel time of a finished ``torch.profiler.profile``, grouped by the first group whose
+    keys occur in the kernel's name (else "elementwise/other"), plus the ``top`` kernels by time."""
+    totals: dict[str, float] = defaultdict(float)
+    kernels: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if evt.device_type != torch.autograd.DeviceType.CUDA or not cuda_us:
+            continue
+        lower = evt.key.lower()
+        group = next((g for g, keys in groups if any(k in lower for k in keys)), "elementwise/other")
+        totals[group] += cuda_us / 1e6
+        kernels[evt.key] += cuda_us / 1e6
+    total = sum(totals.values())
+    return {
+        "gpu_time_s": round(total, 3),
+        "groups_s": {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+        "groups_share": {k: round(v / total, 3) for k, v in totals.items()} if total else {},
+        "top_kernels_s": {k[:140]: round(v, 3) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]},
+    }

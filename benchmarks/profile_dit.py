@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json  # noqa: E402
+from common import environment, kernel_times, write_json  # noqa: E402
 
 from diffsynth_cog.configs import dit_preset  # noqa: E402
 from diffsynth_cog.models import attention as attn  # noqa: E402
@@ -31,14 +30,6 @@ GROUPS = (
     ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul", "scaled_mm", "f8f8")),
     ("norm", ("layer_norm", "layernorm", "group_norm")),
 )
-
-
-def group_of(name: str) -> str:
-    lower = name.lower()
-    for group, keys in GROUPS:
-        if any(k in lower for k in keys):
-            return group
-    return "elementwise/other"
 
 
 def main() -> None:
@@ -72,24 +63,13 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             dit(x, ts, ctx)
             torch.cuda.synchronize()
-    totals: dict[str, float] = defaultdict(float)
-    kernels: dict[str, float] = defaultdict(float)
-    for evt in prof.key_averages():
-        cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
-        if evt.device_type == torch.autograd.DeviceType.CUDA and cuda_us:
-            totals[group_of(evt.key)] += cuda_us / 1e6
-            kernels[evt.key] += cuda_us / 1e6
-    total = sum(totals.values())
     result = {
         **environment(),
         "frames": args.frames,
         "compiled": args.compile,
         "attention": attn.resolve_backend(torch.device("cuda")),
         "quantize": args.quantize,
-        "gpu_time_s": round(total, 3),
-        "groups_s": {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
-        "groups_share": {k: round(v / total, 3) for k, v in totals.items()},
-        "top_kernels_s": {k[:120]: round(v, 3) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]},
+        **kernel_times(prof, GROUPS, top=12),
     }
     tag = f"{'_compiled' if args.compile else ''}_{result['attention']}" + (
         f"_{args.quantize}" if args.quantize != "none" else ""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, peak_gib, rel_err, reset_peak, timed, write_json  # noqa: E402
+from common import environment, kernel_times, peak_gib, rel_err, reset_peak, timed, write_json  # noqa: E402
 
 from diffsynth_cog.configs import vae_preset  # noqa: E402
 from diffsynth_cog.models.vae import CogVAE  # noqa: E402
@@ -34,14 +33,6 @@ GROUPS = (
     ("layout/copy/cat", ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "cat", "permute")),
     ("upsample", ("upsample", "interpolate", "nearest")),
 )
-
-
-def group_of(name: str) -> str:
-    lower = name.lower()
-    for group, keys in GROUPS:
-        if any(k in lower for k in keys):
-            return group
-    return "elementwise/other"
 
 
 def to_channels_last(module: nn.Module) -> None:
@@ -85,20 +76,10 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 run()
                 torch.cuda.synchronize()
-        totals: dict[str, float] = defaultdict(float)
-        kernels: dict[str, float] = defaultdict(float)
-        for evt in prof.key_averages():
-            cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
-            if evt.device_type == torch.autograd.DeviceType.CUDA and cuda_us:
-                totals[group_of(evt.key)] += cuda_us / 1e6
-                kernels[evt.key] += cuda_us / 1e6
-        total = sum(totals.values())
         entry = {
             **tm,
             "peak_GiB": round(peak, 2),
-            "gpu_time_s": round(total, 3),
-            "groups_s": {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
-            "top_kernels_s": {k[:140]: round(v, 3) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:15]},
+            **kernel_times(prof, GROUPS),
         }
         if layout != args.layouts[0]:
             entry["rel_diff_vs_first_layout"] = rel_err(outputs[layout], outputs[args.layouts[0]])
