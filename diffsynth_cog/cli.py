@@ -91,7 +91,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         choices=list(ATTENTION_BACKENDS),
         default="auto",
         help="attention kernel: auto picks FlashAttention-3 on Hopper when installed (pip install fa3-fwd), else "
-        "cuDNN; fa3-fp8 and sage are faster approximations",
+        "cuDNN; fa3-fp8 is a faster fp8 approximation (Hopper), sage an 8-bit one",
     )
     p.add_argument(
         "--step-cache",
