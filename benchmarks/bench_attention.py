@@ -6,9 +6,11 @@ One CFG step's attention call: batch 2, 48 heads of 64, over the joint [text, vi
 ||out - exact|| / ||exact|| on a subset of query rows, against fp32 attention over all keys.
 
 Inputs are unit-variance q, k, v (what the per-head LayerNorm of q and k gives); ``--sharpness``
-multiplies q to make the softmax peakier (logit std = sharpness), which is harder for 8-bit formats.
+multiplies q to make the softmax peakier (logit std = sharpness), which is harder for 8-bit formats;
+``--key-offset`` adds one random vector of that standard deviation to every key of a head (the shared
+per-channel offset trained DiTs' keys carry; exact attention does not change, 8-bit formats lose range).
 
-    python benchmarks/bench_attention.py --frames 49 129 [--sharpness 1 4]
+    python benchmarks/bench_attention.py --frames 49 129 [--sharpness 1 4] [--key-offset 0 5]
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[49, 129])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--sharpness", type=float, nargs="+", default=[1.0, 4.0])
+    parser.add_argument("--key-offset", type=float, nargs="+", default=[0.0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rows", type=int, default=512, help="query rows checked against fp32")
     parser.add_argument("--json", default="bench_attention.json")
@@ -75,11 +78,13 @@ def main() -> None:
     for frames in args.frames:
         n = tokens_for(frames)
         flops = 4 * args.batch * HEADS * n * n * HEAD_DIM
-        for sharp in args.sharpness:
+        for sharp, offset in [(s, o) for s in args.sharpness for o in args.key_offset]:
             g = torch.Generator("cuda").manual_seed(frames)
             shape = (args.batch, n, HEADS, HEAD_DIM)
             q, k, v = (torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
             q = q * sharp
+            if offset:
+                k = k + offset * torch.randn(1, 1, HEADS, HEAD_DIM, device="cuda", generator=g, dtype=k.dtype)
             rows = torch.linspace(0, n - 1, args.rows, device="cuda").long()
             exact = exact_rows(q, k, v, rows)
             entry: dict[str, dict] = {}
@@ -95,13 +100,16 @@ def main() -> None:
                     entry[name] = {"error": repr(e)[:300]}
                     continue
                 entry[name] = {**tm, "TFLOPs": round(flops / tm["median_s"] / 1e12, 1), "rel_err_vs_fp32": err}
-                logger.info("%d frames (%d tokens) sharpness %g %s: %s", frames, n, sharp, name, entry[name])
+                logger.info(
+                    "%d f (%d tokens) sharpness %g offset %g %s: %s", frames, n, sharp, offset, name, entry[name]
+                )
             attn.set_attention_backend("auto")
             base = entry.get("sdpa-cudnn", {}).get("median_s")
             for e in entry.values():
                 if base and "median_s" in e:
                     e["speedup_vs_cudnn"] = round(base / e["median_s"], 3)
-            result["runs"][f"{frames}f_sharp{sharp:g}"] = {"tokens": n, **entry}
+            key = f"{frames}f_sharp{sharp:g}" + (f"_koffset{offset:g}" if offset else "")
+            result["runs"][key] = {"tokens": n, **entry}
             write_json(args.json, result)
             del q, k, v, exact
     logger.info("done: %s", result)

@@ -103,6 +103,22 @@ def test_fa3_fp8_passes_fp8_tensors_with_per_head_descales_and_stays_close(fa3: 
     assert err < 0.08, err  # e4m3 keeps 3 mantissa bits; a wrong scale would be off by orders
 
 
+def test_fa3_fp8_centres_keys_so_a_shared_key_offset_costs_no_accuracy(fa3: StandInFA3) -> None:
+    q, k, v = qkv()
+    g = torch.Generator().manual_seed(7)
+    k = (k.float() + 8.0 * torch.randn(1, 1, 3, 16, generator=g)).bfloat16()  # same offset for every key
+    want = exact(q, k, v)
+    with torch.no_grad():
+        centred = attn._fa3_fp8(q, k, v)
+        plain = attn._fa3_op(
+            *(attn.quantize_fp8_per_head(t)[0] for t in (q, k, v)),
+            *[attn.quantize_fp8_per_head(t)[1] for t in (q, k, v)],
+        )
+    err_centred = ((centred.float() - want).norm() / want.norm()).item()
+    err_plain = ((plain.float() - want).norm() / want.norm()).item()
+    assert err_centred < 0.08 and err_centred < err_plain / 2, (err_centred, err_plain)
+
+
 def test_fa3_fp8_refuses_to_train(fa3: StandInFA3) -> None:
     q, k, v = qkv(requires_grad=True)
     with pytest.raises(RuntimeError, match="inference only"):

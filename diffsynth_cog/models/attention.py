@@ -13,8 +13,8 @@ Exact backends (same math as the reference, bf16 rounding aside):
   * ``"flash-attn"``: the ``flash_attn`` (FlashAttention-2) package, when installed.
 
 Opt-in approximate backends (faster, not exact; see BENCHMARKS.md for their error):
-  * ``"fa3-fp8"``: q, k and v quantized to float8 e4m3 with one scale per (batch, head), then
-    FlashAttention-3's fp8 kernel. Inference only.
+  * ``"fa3-fp8"``: q, k and v quantized to float8 e4m3 with one scale per (batch, head) (keys
+    centred first, which the softmax cannot see), then FlashAttention-3's fp8 kernel. Inference only.
   * ``"sage"``: ``sageattention`` (8-bit QK).
 
 ``"auto"`` (default): ``fa3`` on compute capability 9.x when it is installed, else ``sdpa-cudnn``
@@ -152,6 +152,11 @@ def quantize_fp8_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _fa3_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if _needs_grad(q, k, v) and torch.is_grad_enabled():
         raise RuntimeError("attention backend 'fa3-fp8' is inference only; use 'auto' or 'fa3' for training")
+    # Subtracting one vector from every key shifts each query's logits by a constant, which the
+    # softmax ignores; keys of trained DiTs share large per-channel offsets, so removing the mean
+    # key first lets each head's fp8 scale cover only what varies (SageAttention's "smooth K").
+    k = k.float()
+    k = k - k.mean(dim=1, keepdim=True)  # [B, L, H, D], fp32
     (q8, qd), (k8, kd), (v8, vd) = (quantize_fp8_per_head(t) for t in (q, k, v))
     return _fa3_op(q8, k8, v8, qd, kd, vd).to(q.dtype)
 
