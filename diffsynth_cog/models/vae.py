@@ -502,14 +502,25 @@ def _tiled(
     return torch.cat([torch.cat([out[:, :, :, : keep[0], : keep[1]] for out in row], dim=4) for row in rows], dim=3)
 
 
-def _activation_layout(channels_last: bool | None, x: torch.Tensor) -> torch.memory_format:
-    """The layout chunks run in: channels-last on CUDA unless the module says otherwise.
+def _run_chunks(
+    part: CogVAEEncoder | CogVAEDecoder, x: torch.Tensor, chunks: list[tuple[int, int]], bar: tqdm
+) -> torch.Tensor:
+    """Runs ``part`` over the temporal chunks of x [B, C, T, H, W], carrying the conv cache, and
+    joins the outputs along time.
 
-    cuDNN's 3D convolutions run channels-last on tensor cores; channels-first inputs cost a
-    transpose in and out of every convolution (7% of a decode on an H200).
+    Chunks run channels-last on CUDA unless ``part.channels_last`` says otherwise: cuDNN's 3D
+    convolutions run channels-last on tensor cores, and channels-first inputs cost a transpose in
+    and out of every convolution (7% of a decode on an H200). Outputs come back contiguous.
     """
-    use = x.is_cuda if channels_last is None else channels_last
-    return torch.channels_last_3d if use else torch.contiguous_format
+    use = x.is_cuda if part.channels_last is None else part.channels_last
+    layout = torch.channels_last_3d if use else torch.contiguous_format
+    cache: ConvCache | None = None
+    outs = []
+    for start, end in chunks:
+        out, cache = part(x[:, :, start:end].contiguous(memory_format=layout), cache)  # [B, C', t, h, w]
+        outs.append(out.contiguous())
+        bar.update(1)
+    return torch.cat(outs, dim=2)
 
 
 def _check_5d(x: object, what: str, layout: str) -> torch.Tensor:
@@ -645,22 +656,12 @@ class CogVAEEncoder(nn.Module):
                         video,
                         tile_px,
                         (stride_lat[0] * s, stride_lat[1] * s),
-                        lambda t: self._encode_chunks(t, chunks, bar),
+                        lambda t: _run_chunks(self, t, chunks, bar),
                         blend=(tile_lat[0] - stride_lat[0], tile_lat[1] - stride_lat[1]),
                         keep=stride_lat,
                     )
         with tqdm(total=len(chunks), desc="VAE encode", disable=not progress) as bar:
-            return self._encode_chunks(video, chunks, bar)
-
-    def _encode_chunks(self, video: torch.Tensor, chunks: list[tuple[int, int]], bar: tqdm) -> torch.Tensor:
-        cache: ConvCache | None = None
-        outs = []
-        layout = _activation_layout(self.channels_last, video)
-        for start, end in chunks:
-            moments, cache = self(video[:, :, start:end].contiguous(memory_format=layout), cache)  # [B, 2L, t, h, w]
-            outs.append(moments.contiguous())
-            bar.update(1)
-        return torch.cat(outs, dim=2)
+            return _run_chunks(self, video, chunks, bar)
 
     def encode(
         self,
@@ -798,22 +799,12 @@ class CogVAEDecoder(nn.Module):
                         latents,
                         tile_lat,
                         stride,
-                        lambda t: self._decode_chunks(t, chunks, bar),
+                        lambda t: _run_chunks(self, t, chunks, bar),
                         blend=((tile_lat[0] - stride[0]) * s, (tile_lat[1] - stride[1]) * s),
                         keep=(stride[0] * s, stride[1] * s),
                     )
         with tqdm(total=len(chunks), desc="VAE decode", disable=not progress) as bar:
-            return self._decode_chunks(latents, chunks, bar)
-
-    def _decode_chunks(self, latents: torch.Tensor, chunks: list[tuple[int, int]], bar: tqdm) -> torch.Tensor:
-        cache: ConvCache | None = None
-        outs = []
-        layout = _activation_layout(self.channels_last, latents)
-        for start, end in chunks:
-            frames, cache = self(latents[:, :, start:end].contiguous(memory_format=layout), cache)  # [B, C, T, H, W]
-            outs.append(frames.contiguous())
-            bar.update(1)
-        return torch.cat(outs, dim=2)
+            return _run_chunks(self, latents, chunks, bar)
 
 
 class CogVAE(nn.Module):
