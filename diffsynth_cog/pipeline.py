@@ -15,28 +15,27 @@ Memory modes (``enable_*`` methods):
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
+from diffsynth_cog.configs import DiTConfig
+from diffsynth_cog.denoiser import AttentionPart, Denoiser, StepSkipper
 from diffsynth_cog.model_manager import ModelManager
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.vae import CogVAEDecoder, CogVAEEncoder
 from diffsynth_cog.offload import ModelOffloader
-from diffsynth_cog.schedulers import SchedulerConfig, add_noise, make_sampler, scheduler_preset
+from diffsynth_cog.sampling import Conditions, StepCallback, denoise, draw_noise
+from diffsynth_cog.schedulers import Sampler, SchedulerConfig, add_noise, make_sampler, scheduler_preset
 from diffsynth_cog.step_cache import StepCache
-from diffsynth_cog.tiling import tiled_dit_forward
+from diffsynth_cog.tiling import TileSpec
 from diffsynth_cog.video_io import load_image, tensor_to_frames, video_to_tensor
 
 logger = logging.getLogger(__name__)
-
-StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, latents [B, C, T, H, W])
 
 
 def check_num_frames(num_frames: int, compression: int = 4) -> None:
@@ -54,12 +53,6 @@ def check_size(height: int, width: int, multiple: int = 16) -> None:
     """Pixel sizes must be multiples of 16: the VAE's 8x times the DiT's 2x2 patches."""
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive multiples of {multiple}; got {height}x{width}")
-
-
-def dynamic_guidance(cfg_scale: float, timestep: int, num_inference_steps: int) -> float:
-    """Guidance that grows over the steps (the reference's ``use_dynamic_cfg`` formula, verbatim in math:
-    it uses the timestep value where one would expect the step index)."""
-    return 1 + cfg_scale * (1 - math.cos(math.pi * ((num_inference_steps - timestep) / num_inference_steps) ** 5.0)) / 2
 
 
 class CogVideoPipeline:
@@ -159,31 +152,79 @@ class CogVideoPipeline:
             video = self.vae_decoder.decode(scaled, tiled=tiled, progress=progress)
         return video.float().clamp(-1, 1).cpu()
 
-    def predict_velocity(
+    # -- generation ------------------------------------------------------------------------
+
+    def make_denoiser(
         self,
-        latents: torch.Tensor,
-        timestep: int,
-        prompt_emb: torch.Tensor,
-        image_latents: torch.Tensor | None,
-        dit_tiled: bool,
-        tile_size: tuple[int, int],
-        tile_stride: tuple[int, int],
-        step_cache: StepCache | None = None,
+        *,
+        attention: str | AttentionPart | None = None,
+        step_cache: StepSkipper | float | None = None,
+        dit_tiles: TileSpec | None = None,
+    ) -> Denoiser:
+        """The denoiser of one generation, from the call's options (see :class:`~diffsynth_cog.denoiser.Denoiser`)."""
+        if step_cache is not None and not isinstance(step_cache, StepSkipper):
+            step_cache = StepCache(threshold=step_cache)
+        return Denoiser(self.dit, attention=attention, step_skip=step_cache, tiles=dit_tiles)
+
+    def encode_conditions(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str],
+        *,
+        guided: bool,
+        prompt_emb: torch.Tensor | None = None,
+        negative_prompt_emb: torch.Tensor | None = None,
+        input_image: Image.Image | str | None = None,
+        latent_shape: tuple[int, int, int, int, int],
+        tiled: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Conditions:
+        """Stage 1: the text embeddings (both halves with guidance) and, for I2V, the image's latent channels."""
+        if prompt_emb is None:
+            prompt_emb = self.encode_prompt(prompt)
+        if guided and negative_prompt_emb is None:
+            negative_prompt_emb = self.encode_prompt(negative_prompt)
+        context = torch.cat([negative_prompt_emb, prompt_emb]) if guided else prompt_emb
+        image_latents = None
+        if input_image is not None:
+            _, _, frames, h, w = latent_shape
+            image = video_to_tensor([load_image(input_image, h * 8, w * 8)])[None]  # [1, 3, 1, H, W]
+            first = self.encode_video(image, tiled, generator)  # [1, C, 1, h, w]
+            pad = first.new_zeros(first.shape[0], first.shape[1], frames - 1, *first.shape[3:])
+            image_latents = torch.cat([first, pad], dim=2)
+            if guided:
+                image_latents = torch.cat([image_latents] * 2)
+        return Conditions(context=context.to(self.device, self.torch_dtype), image_latents=image_latents, guided=guided)
+
+    def initial_latents(
+        self,
+        latent_shape: tuple[int, int, int, int, int],
+        sampler: Sampler,
+        generator: torch.Generator,
+        *,
+        latents: torch.Tensor | None = None,
+        input_video: torch.Tensor | None = None,
+        tiled: bool = False,
     ) -> torch.Tensor:
-        """The DiT's v-prediction for a batch of latents [B, C, T, h, w] (float32 out).
+        """Stage 2: the latents the loop starts from (float32, on the device): noise, or for video-to-video the
+        encoded video noised to the sampler's first timestep. ``latents`` replaces the drawn noise."""
+        clean = None
+        if input_video is not None:  # encoded first: the reference draws its posterior sample before the noise
+            clean = self.encode_video(input_video, tiled, generator)
+        noise = draw_noise(latent_shape, generator) if latents is None else latents
+        noise = noise.to(self.device, torch.float32)
+        if clean is None:
+            return noise
+        return add_noise(clean, noise, int(sampler.timesteps[0]), sampler.alphas_cumprod.float())
 
-        ``step_cache`` (already reset for this generation) stands in for the DiT call: one call per step."""
-        x = latents.to(self.torch_dtype)
-        if image_latents is not None:  # I2V: the image's latent rides along as extra channels
-            x = torch.cat([x, image_latents.to(self.torch_dtype)], dim=1)
-        t = torch.full((x.shape[0],), timestep, device=self.device, dtype=torch.long)
-        if dit_tiled:
-            return tiled_dit_forward(self.dit, x, t, prompt_emb, tile_size, tile_stride).float()
-        if step_cache is not None:
-            return step_cache(self.dit, x, t, prompt_emb).float()
-        return self.dit(x, t, prompt_emb).float()
-
-    # -- generation --------------------------------------------------------------------------
+    def decode(self, latents: torch.Tensor, output_type: str, tiled: bool, progress: bool):
+        """Stage 4: final latents -> the requested output (pil frames, a float array, or the latents)."""
+        if output_type == "latent":
+            return latents
+        video = self.decode_latents(latents, tiled, progress)[0]  # [3, F, H, W]
+        if output_type == "np":
+            return ((video + 1) / 2).permute(1, 2, 3, 0).numpy()
+        return tensor_to_frames(video)
 
     @torch.no_grad()
     def __call__(
@@ -207,13 +248,12 @@ class CogVideoPipeline:
         prompt_emb: torch.Tensor | None = None,
         negative_prompt_emb: torch.Tensor | None = None,
         tiled: bool = False,
-        dit_tiled: bool = False,
-        dit_tile_size: tuple[int, int] = (60, 90),
-        dit_tile_stride: tuple[int, int] = (30, 45),
+        dit_tiled: bool | TileSpec = False,
+        attention: str | AttentionPart | None = None,
         output_type: str = "pil",
         progress_bar: bool = True,
         callback: StepCallback | None = None,
-        step_cache: StepCache | float | None = None,
+        step_cache: StepSkipper | float | None = None,
     ) -> list[Image.Image] | np.ndarray | torch.Tensor:
         """Generates one video.
 
@@ -226,9 +266,11 @@ class CogVideoPipeline:
             cfg_scale: classifier-free guidance (<= 1 disables it: one DiT pass per step).
             sampler: "ddim" (deterministic) or "dpm" (stochastic; its noise comes from the generator).
             seed / generator: the initial noise (and DPM's per-step noise). A seed makes a CPU generator,
-                so results do not depend on the device.
+                so results do not depend on the device; a seed gives the noise diffusers' pipelines draw.
             latents: initial noise [B, C, T, H/8, W/8] instead of drawing it.
-            tiled: tiled VAE. dit_tiled: the DiT on overlapping spatial tiles (latent units).
+            tiled: tiled VAE. dit_tiled: the DiT on overlapping spatial tiles (True: 480x720-pixel tiles
+                overlapping by half; or a ``tiling.TileSpec``).
+            attention: this call's attention kernel (one of ``models.attention.BACKENDS``) or attention part.
             output_type: "pil" (list of frames), "np" (float array [F, H, W, 3] in [0, 1]) or "latent"
                 (the final latents [B, C, T, h, w]).
             callback: called after every step with (step index, timestep, latents).
@@ -237,92 +279,77 @@ class CogVideoPipeline:
                 threshold of a fresh ``StepCache`` (0 = never skip = exact); pass a ``StepCache`` to
                 read its ``stats()`` afterwards (it is reset at the start of every call).
         """
-        check_num_frames(num_frames, self.dit.config.temporal_compression_ratio)
-        check_size(height, width)
+        # Checks first: nothing is encoded or drawn for a call that cannot run.
+        config = self.dit.config
+        latent_shape = latent_shape_for(config, num_frames, height, width)
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent'; got {output_type!r}")
         if not 0.0 < denoising_strength <= 1.0:
             raise ValueError(f"denoising_strength must be in (0, 1]; got {denoising_strength}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1; got {num_inference_steps}")
-        if step_cache is not None and not isinstance(step_cache, StepCache):
-            step_cache = StepCache(threshold=step_cache)
-        if step_cache is not None and dit_tiled:
-            raise ValueError("step_cache does not support dit_tiled=True (each tile is a separate DiT call)")
-        is_i2v = self.dit.config.in_channels != self.dit.config.out_channels
+        is_i2v = config.in_channels != config.out_channels
         if is_i2v and input_image is None:
             raise ValueError("this transformer is an image-to-video model: pass input_image")
         if input_image is not None and not is_i2v:
             raise ValueError("input_image needs an I2V transformer (e.g. CogVideoX-5B-I2V)")
-        if generator is None:
-            if seed is None:  # a fresh seed without touching the caller's global RNG state
-                seed = int.from_bytes(os.urandom(8), "little") >> 1
-                logger.info("seed: %d", seed)
-            generator = torch.Generator("cpu").manual_seed(seed)
-
-        use_cfg = cfg_scale > 1.0
-        if prompt_emb is None:
-            prompt_emb = self.encode_prompt(prompt)
-        if use_cfg and negative_prompt_emb is None:
-            negative_prompt_emb = self.encode_prompt(negative_prompt)
-        context = torch.cat([negative_prompt_emb, prompt_emb]) if use_cfg else prompt_emb
-        context = context.to(self.device, self.torch_dtype)
-
-        c = self.dit.config
-        shape = (1, c.out_channels, (num_frames - 1) // c.temporal_compression_ratio + 1, height // 8, width // 8)
-        if latents is None:
-            noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {list(shape)} for these settings; got {list(latents.shape)}")
-            noise = latents
-        noise = noise.to(self.device, torch.float32)
-
-        strength = denoising_strength if input_video is not None else 1.0
-        steps = make_sampler(sampler, self.scheduler_config, num_inference_steps, strength=strength)
-        if step_cache is not None:
-            step_cache.reset(len(steps.timesteps))
+        if latents is not None and tuple(latents.shape) != latent_shape:
+            raise ValueError(
+                f"latents must have shape {list(latent_shape)} for these settings; got {list(latents.shape)}"
+            )
+        video = None
         if input_video is not None:
             video = input_video if isinstance(input_video, torch.Tensor) else video_to_tensor(input_video)[None]
             if tuple(video.shape[2:]) != (num_frames, height, width):
                 raise ValueError(
                     f"input_video must have {num_frames} frames of {height}x{width}; got {list(video.shape)}"
                 )
-            clean = self.encode_video(video, tiled, generator)
-            latents = add_noise(clean, noise, int(steps.timesteps[0]), steps.alphas_cumprod.float())
-        else:
-            latents = noise
+        tiles = (TileSpec((480, 720), (0.5, 0.5)) if dit_tiled is True else dit_tiled) or None
+        denoiser = self.make_denoiser(attention=attention, step_cache=step_cache, dit_tiles=tiles)
+        strength = denoising_strength if video is not None else 1.0
+        steps = make_sampler(sampler, self.scheduler_config, num_inference_steps, strength=strength)
+        generator = generator if generator is not None else seeded_generator(seed)
 
-        image_latents = None
-        if input_image is not None:
-            image = video_to_tensor([load_image(input_image, height, width)])[None]  # [1, 3, 1, H, W]
-            first = self.encode_video(image, tiled, generator)  # [1, C, 1, h, w]
-            pad = first.new_zeros(first.shape[0], first.shape[1], shape[2] - 1, *first.shape[3:])
-            image_latents = torch.cat([first, pad], dim=2)
-            if use_cfg:
-                image_latents = torch.cat([image_latents] * 2)
-
-        state = None
+        guided = cfg_scale > 1.0
+        conditions = self.encode_conditions(
+            prompt,
+            negative_prompt,
+            guided=guided,
+            prompt_emb=prompt_emb,
+            negative_prompt_emb=negative_prompt_emb,
+            input_image=input_image,
+            latent_shape=latent_shape,
+            tiled=tiled,
+            generator=generator,
+        )
+        start = self.initial_latents(latent_shape, steps, generator, latents=latents, input_video=video, tiled=tiled)
         with self.offloader.using("dit"):
-            for i, timestep in enumerate(tqdm(steps.timesteps.tolist(), desc="denoising", disable=not progress_bar)):
-                model_in = torch.cat([latents] * 2) if use_cfg else latents
-                v = self.predict_velocity(
-                    model_in, timestep, context, image_latents, dit_tiled, dit_tile_size, dit_tile_stride, step_cache
-                )
-                if use_cfg:
-                    scale = dynamic_guidance(cfg_scale, timestep, num_inference_steps) if use_dynamic_cfg else cfg_scale
-                    v_uncond, v_text = v.chunk(2)
-                    v = v_uncond + scale * (v_text - v_uncond)
-                # The step is elementwise, but DPM draws noise: the reference draws it in its
-                # [B, T, C, H, W] layout, so stepping on that view keeps a seed's trajectory the same.
-                latents, state = steps.step(v.transpose(1, 2), i, latents.transpose(1, 2), state, generator=generator)
-                latents = latents.transpose(1, 2)
-                if callback is not None:
-                    callback(i, timestep, latents)
+            final = denoise(
+                denoiser,
+                steps,
+                start,
+                conditions,
+                cfg_scale=cfg_scale,
+                dynamic_cfg=use_dynamic_cfg,
+                generator=generator,
+                callback=callback,
+                progress=progress_bar,
+            )
+        return self.decode(final, output_type, tiled, progress_bar)
 
-        if output_type == "latent":
-            return latents
-        video = self.decode_latents(latents, tiled, progress_bar)[0]  # [3, F, H, W]
-        if output_type == "np":
-            return ((video + 1) / 2).permute(1, 2, 3, 0).numpy()
-        return tensor_to_frames(video)
+
+def latent_shape_for(config: DiTConfig, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
+    """The latents [1, C, T, H/8, W/8] of one video; checks the frame count and the size."""
+    check_num_frames(num_frames, config.temporal_compression_ratio)
+    check_size(height, width)
+    frames = (num_frames - 1) // config.temporal_compression_ratio + 1
+    return (1, config.out_channels, frames, height // 8, width // 8)
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator from ``seed`` (so results do not depend on the device); a fresh seed, logged, when None
+    (without touching the caller's global RNG state)."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") >> 1
+        logger.info("seed: %d", seed)
+    return torch.Generator("cpu").manual_seed(seed)

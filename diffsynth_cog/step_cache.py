@@ -24,11 +24,15 @@ step alone could let a slow, steady drift skip forever; the sum of consecutive d
 drift from the last computed step.
 
 Threshold semantics: the distance of one step is the relative L1 distance
-``mean|r_i - r_{i-1}| / mean|r_{i-1}|`` of block 0's residuals ``r`` at steps i-1 and i, over the
-whole CFG batch (one decision for the batch). A step is skipped when the sum of these distances
+``sum|r_i - r_{i-1}| / sum|r_{i-1}|`` of block 0's residuals ``r`` at steps i-1 and i, over the
+whole CFG batch (one decision for the batch; summed over every process that shares the DiT call, so
+they all decide alike). A step is skipped when the sum of these distances
 since the last computed step is *strictly* below ``threshold``. ``threshold = 0`` therefore never
 skips and gives bitwise the same result as no cache; larger values skip more (0.05 - 0.2 is the
 usual range for trained models; the right value depends on the model and the step count).
+
+Within the denoiser (``diffsynth_cog.denoiser``) this is the step-skipping part: it runs a DiT
+call's blocks. With spatial tiles, every tile keeps its own residual, sum and decision.
 """
 
 from __future__ import annotations
@@ -36,36 +40,43 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Hashable
 
 import torch
 
+from diffsynth_cog.denoiser import TokenSplit
 from diffsynth_cog.models.dit import CogDiT, DiTState
 
 logger = logging.getLogger(__name__)
 
 
+def l1_change(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """``[sum|current - previous|, sum|previous|]`` in float32 (sums, so processes can add theirs)."""
+    return torch.stack([(current - previous).abs().sum(dtype=torch.float32), previous.abs().sum(dtype=torch.float32)])
+
+
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """``mean|current - previous| / mean|previous|`` (float32 accumulation); inf if ``previous`` is all zero."""
-    change = (current - previous).abs().mean(dtype=torch.float32)
-    scale = previous.abs().mean(dtype=torch.float32)
-    change, scale = torch.stack([change, scale]).tolist()  # one device sync per step, not two
+    """``sum|current - previous| / sum|previous|``; inf if ``previous`` is all zero."""
+    change, scale = l1_change(current, previous).tolist()  # one device sync per step, not two
     return math.inf if scale == 0.0 else change / scale
 
 
+@dataclasses.dataclass
+class _Track:
+    """What one DiT call site (the whole frame, or one tile) remembers between steps."""
+
+    accumulated: float = 0.0
+    previous_signal: torch.Tensor | None = None  # block 0's video residual [B, Lv, D], last step
+    residual: tuple[torch.Tensor, torch.Tensor] | None = None  # blocks 1.. on (video, text), float32
+
+
 class StepCache:
-    """State of step caching across the denoising steps of ONE generation.
+    """Step caching across the denoising steps of ONE generation: the denoiser's step-skipping part.
 
-    Usage (the pipeline does this for you: ``pipe(..., step_cache=0.1)`` or ``step_cache=StepCache(0.1)``)::
-
-        cache = StepCache(threshold=0.1)
-        cache.reset(num_steps)
-        for step in range(num_steps):
-            v = cache(dit, latents, timestep, prompt_emb)  # instead of dit(latents, timestep, prompt_emb)
-        cache.stats()  # {"steps": ..., "computed": ..., "skipped": ..., ...}
-
-    Each call is the next step; :meth:`reset` starts a new generation and clears everything (the
-    pipeline calls it at the start of every generation, so one object can be reused and its
-    :meth:`stats` then describe the latest generation).
+    Usage: ``pipe(..., step_cache=0.1)`` or ``step_cache=StepCache(0.1)`` (then read ``stats()``), or
+    ``Denoiser(dit, step_skip=StepCache(0.1))``. :meth:`start` begins a new generation and clears
+    everything (the pipeline calls it at the start of every generation, so one object can be reused and
+    its :meth:`stats` then describe the latest generation).
 
     Args:
         threshold: skip while the accumulated relative L1 change of block 0's residual is below this
@@ -73,8 +84,11 @@ class StepCache:
         warmup: number of first steps always computed in full (the first steps change the most).
 
     Memory: the stored residual of both token streams (float32, ``[B, L, inner_dim]`` each) and block 0's
-    residual of the previous step (model dtype), i.e. about 0.65 GB for a 49-frame CFG batch of the 5B model.
+    residual of the previous step (model dtype), i.e. about 0.65 GB for a 49-frame CFG batch of the 5B model
+    (per tile, with tiles).
     """
+
+    name = "step-cache"
 
     def __init__(self, threshold: float, warmup: int = 2) -> None:
         if not (isinstance(threshold, int | float) and not isinstance(threshold, bool)):
@@ -85,20 +99,19 @@ class StepCache:
             raise ValueError(f"warmup must be an integer >= 0; got {warmup!r}")
         self.threshold = float(threshold)
         self.warmup = warmup
-        self.reset(0)
+        self.start(0)
 
-    def reset(self, num_steps: int) -> None:
-        """Starts a new generation of ``num_steps`` steps: forgets the residual, the sum and the counts."""
+    def start(self, num_steps: int) -> None:
+        """Starts a new generation of ``num_steps`` steps: forgets the residuals, sums and counts."""
         if num_steps < 0:
             raise ValueError(f"num_steps must be >= 0; got {num_steps}")
         self.num_steps = num_steps
         self.step = 0
-        self.accumulated = 0.0
-        self._previous_signal: torch.Tensor | None = None  # block 0's video residual [B, Lv, D], last step
-        self._residual: tuple[torch.Tensor, torch.Tensor] | None = None  # blocks 1.. on (video, text), float32
+        self._tracks: dict[Hashable, _Track] = {}
+        self._step_skipped: list[bool] = []  # decisions of the current step's calls
         self.computed_steps: list[int] = []
-        self.skipped_steps: list[int] = []
-        self.distances: list[float | None] = []  # per step; None where there is no previous step
+        self.skipped_steps: list[int] = []  # steps on which every call (tile) was skipped
+        self.distances: list[float | None] = []  # per call; None where there is no previous step
 
     def stats(self) -> dict[str, object]:
         """Counts of this generation: steps done, computed, skipped, which were skipped, and the distances."""
@@ -112,46 +125,48 @@ class StepCache:
             "distances": list(self.distances),
         }
 
-    def _must_compute(self, step: int) -> bool:
-        if step < self.warmup or step == self.num_steps - 1 or self._residual is None:
+    def _must_compute(self, track: _Track) -> bool:
+        if self.step < self.warmup or self.step == self.num_steps - 1 or track.residual is None:
             return True
         # `not <` rather than `>=`: a NaN distance (should never happen) computes the step.
-        return not self.accumulated < self.threshold
+        return not track.accumulated < self.threshold
 
-    def __call__(
-        self, dit: CogDiT, latents: torch.Tensor, timestep: torch.Tensor, prompt_emb: torch.Tensor
-    ) -> torch.Tensor:
-        """One step's ``dit(latents, timestep, prompt_emb)``, with blocks 1..N-1 skipped when the cache allows.
-
-        latents [B, C_in, T, H, W], timestep [B] or scalar, prompt_emb [B, L, text_embed_dim]
-        -> v-prediction [B, C_out, T, H, W] in the DiT's dtype.
-        """
+    def run(self, dit: CogDiT, state: DiTState, key: Hashable, reduce: TokenSplit) -> DiTState:
+        """The blocks of one DiT call of the current step, with blocks 1..N-1 skipped when the cache allows."""
         if self.step >= self.num_steps:
             raise RuntimeError(
                 f"StepCache was called for step {self.step + 1} of a generation announced with "
-                f"reset(num_steps={self.num_steps}); call reset(num_steps) before each generation"
+                f"start(num_steps={self.num_steps}); call start(num_steps) before each generation"
             )
-        step = self.step
-        state = dit.embed(latents, timestep, prompt_emb)
+        track = self._tracks.setdefault(key, _Track())
         first = dit.run_blocks(state, start=0, stop=1)
         signal = first.video - state.video  # [B, Lv, D], block 0's contribution
-
-        distance = None if self._previous_signal is None else relative_l1(signal, self._previous_signal)
+        distance = None
+        if track.previous_signal is not None:
+            change, scale = reduce.all_reduce(l1_change(signal, track.previous_signal)).tolist()
+            distance = math.inf if scale == 0.0 else change / scale
         self.distances.append(distance)
-        self._previous_signal = signal
-        self.accumulated += math.inf if distance is None else distance
+        track.previous_signal = signal
+        track.accumulated += math.inf if distance is None else distance
 
-        if self._must_compute(step):
+        if self._must_compute(track):
             last = dit.run_blocks(first, start=1)
             # float32: there the difference of two bf16 tensors is (nearly) exact, so on an unchanged input
             # block 0's output plus the residual gives back the last block's output.
-            self._residual = (last.video.float() - first.video.float(), last.text.float() - first.text.float())
-            self.accumulated = 0.0
-            self.computed_steps.append(step)
-        else:
-            last = self._reuse(first)
-            self.skipped_steps.append(step)
+            track.residual = (last.video.float() - first.video.float(), last.text.float() - first.text.float())
+            track.accumulated = 0.0
+            self._step_skipped.append(False)
+            return last
+        self._step_skipped.append(True)
+        video_residual, text_residual = track.residual
+        video = (first.video.float() + video_residual).to(first.video.dtype)  # [B, Lv, D]
+        text = (first.text.float() + text_residual).to(first.text.dtype)  # [B, Lt, D]
+        return dataclasses.replace(first, video=video, text=text)
 
+    def end_step(self) -> None:
+        """Books the current step as computed or skipped (skipped when every call skipped) and moves on."""
+        (self.skipped_steps if all(self._step_skipped) else self.computed_steps).append(self.step)
+        self._step_skipped = []
         self.step += 1
         if self.step == self.num_steps:
             logger.info(
@@ -162,11 +177,3 @@ class StepCache:
                 len(self.skipped_steps),
                 self.skipped_steps,
             )
-        return dit.head(last)  # [B, C_out, T, H, W]
-
-    def _reuse(self, first: DiTState) -> DiTState:
-        """Block 0's output of this step plus the stored residual of blocks 1..N-1."""
-        video_residual, text_residual = self._residual
-        video = (first.video.float() + video_residual).to(first.video.dtype)  # [B, Lv, D]
-        text = (first.text.float() + text_residual).to(first.text.dtype)  # [B, Lt, D]
-        return dataclasses.replace(first, video=video, text=text)

@@ -1,72 +1,171 @@
-"""Spatial tiling of the DiT for resolutions above its base grid.
+"""Spatial tiles: one planner and one blender for the VAE and the DiT.
 
-The latent frame is split into overlapping tiles (every tile sees all frames); each tile runs
-through the DiT on its own, with positions computed for the tile, and the overlaps are blended
-with linear ramps, so seams fade instead of showing.
+A model that does not fit (or was not trained for) a whole frame runs on overlapping tiles: a tile
+starts every ``stride`` rows / columns and spans ``tile`` (the last ones are cut at the edge), each
+tile runs on its own, and the results are stitched. Stitching cross-fades every tile linearly with
+its upper and left neighbours over their overlap, then keeps the tile's first ``stride`` rows and
+columns; tiles are visited in raster order and blended in place, which is the reference's (diffusers')
+exact arithmetic for the VAE. The DiT uses the same stitching.
+
+Sizes are given to users in pixels (:class:`TileSpec`); each model converts them to its own input
+units when it plans (:meth:`TileSpec.grid`): latent rows for the DiT and the VAE decoder, pixels for
+the VAE encoder.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
 import torch
 
-from diffsynth_cog.models.dit import CogDiT
+# Default overlap (fraction of a tile, rows then columns): the values the CogVideoX release tuned for
+# its 480x720 VAE tiles.
+DEFAULT_TILE_OVERLAP = (1 / 6, 1 / 5)
 
 
-def tile_starts(size: int, tile: int, stride: int) -> list[int]:
-    """Start offsets covering ``size`` with tiles of ``tile`` every ``stride``; the last tile is
-    shifted back to end exactly at ``size`` (no partial tiles)."""
-    if tile >= size:
-        return [0]
-    starts = list(range(0, size - tile, stride))
-    starts.append(size - tile)
-    return sorted(set(starts))
+def pair(value: float | Sequence[float], name: str) -> tuple[float, float]:
+    """A number or a (rows, columns) pair -> a pair of floats."""
+    if isinstance(value, int | float):
+        return float(value), float(value)
+    values = tuple(value)
+    if len(values) != 2:
+        raise ValueError(f"{name} must be a number or a (rows, columns) pair, got {value!r}")
+    return float(values[0]), float(values[1])
 
 
-def _ramp(length: int, ramp: int, at_start: bool, at_end: bool) -> torch.Tensor:
-    """Blend weights along one axis: rising over ``ramp`` samples at an inner edge, flat at an image edge."""
-    pos = torch.arange(length, dtype=torch.float32)
-    w = torch.ones(length)
-    if ramp > 0:
-        if not at_start:
-            w = torch.minimum(w, (pos + 1) / (ramp + 1))
-        if not at_end:
-            w = torch.minimum(w, (length - pos) / (ramp + 1))
-    return w
+@dataclass(frozen=True)
+class TileGrid:
+    """Overlapping tiles over a ``size`` = (rows, columns) input, in the input's units.
 
-
-def tiled_dit_forward(
-    dit: CogDiT,
-    latents: torch.Tensor,
-    timestep: torch.Tensor,
-    prompt_emb: torch.Tensor,
-    tile_size: tuple[int, int] = (60, 90),
-    tile_stride: tuple[int, int] = (30, 45),
-) -> torch.Tensor:
-    """``dit(latents, timestep, prompt_emb)`` computed on overlapping spatial tiles.
-
-    latents [B, C_in, T, H, W] -> [B, C_out, T, H, W]. ``tile_size`` / ``tile_stride`` are in latent
-    rows/columns; tile sizes must be multiples of the patch size (strides need not be: a tile's
-    patches are aligned to its own corner).
+    A tile starts every ``stride`` and spans ``tile`` (cut at the edge, so the last tiles of a row or
+    column may be smaller); consecutive tiles overlap by ``tile - stride``.
     """
-    b, _, t, h, w = latents.shape
-    p = dit.config.patch_size
-    th, tw = min(tile_size[0], h), min(tile_size[1], w)
-    sh, sw = tile_stride
-    if th % p or tw % p:
-        raise ValueError(f"tile_size {tile_size} must be a multiple of the patch size {p}")
-    if (th, tw) == (h, w):
-        return dit(latents, timestep, prompt_emb)
-    if not (0 < sh <= th and 0 < sw <= tw):
-        raise ValueError(f"tile_stride {tile_stride} must be positive and at most the tile size {(th, tw)}")
-    out = torch.zeros(b, dit.config.out_channels, t, h, w, device=latents.device, dtype=torch.float32)
-    weight = torch.zeros(1, 1, 1, h, w, device=latents.device, dtype=torch.float32)
-    rows, cols = tile_starts(h, th, sh), tile_starts(w, tw, sw)
-    for r in rows:
-        for c in cols:
-            tile = dit(latents[:, :, :, r : r + th, c : c + tw], timestep, prompt_emb).float()
-            wr = _ramp(th, th - sh, r == 0, r + th == h)
-            wc = _ramp(tw, tw - sw, c == 0, c + tw == w)
-            mask = (wr[:, None] * wc[None, :]).to(latents.device)[None, None, None]  # [1, 1, 1, th, tw]
-            out[:, :, :, r : r + th, c : c + tw] += tile * mask
-            weight[:, :, :, r : r + th, c : c + tw] += mask
-    return (out / weight).to(latents.dtype)
+
+    size: tuple[int, int]
+    tile: tuple[int, int]
+    stride: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        for name in ("size", "tile", "stride"):
+            if min(getattr(self, name)) < 1:
+                raise ValueError(f"tile grid {name} {getattr(self, name)} must be positive")
+        if any(s > t for s, t in zip(self.stride, self.tile, strict=True)):
+            raise ValueError(f"tile stride {self.stride} must not exceed the tile size {self.tile} (gaps)")
+
+    @classmethod
+    def with_overlap(
+        cls,
+        size: tuple[int, int],
+        tile: tuple[int, int],
+        overlap: float | Sequence[float] | None = None,
+        multiple: int = 1,
+    ) -> TileGrid:
+        """Tiles of ``tile`` overlapping by the fraction ``overlap`` (default ``DEFAULT_TILE_OVERLAP``);
+        strides are rounded down to a multiple of ``multiple`` (the model's input granularity)."""
+        fractions = pair(overlap if overlap is not None else DEFAULT_TILE_OVERLAP, "tile_overlap")
+        if not all(0.0 <= f < 1.0 for f in fractions):
+            raise ValueError(f"tile_overlap {fractions} must be fractions in [0, 1)")
+        if any(t < 1 or t % multiple for t in tile):
+            raise ValueError(f"tile size {tile} must be a positive multiple of {multiple}")
+        stride = tuple(int(t // multiple * (1 - f)) * multiple for t, f in zip(tile, fractions, strict=True))
+        if min(stride) < 1:
+            raise ValueError(
+                f"tile size {tile} with overlap {fractions} leaves no stride between tiles; use larger tiles"
+            )
+        return cls(size=size, tile=tile, stride=stride)
+
+    @property
+    def single(self) -> bool:
+        """One tile covers the whole input."""
+        return self.tile[0] >= self.size[0] and self.tile[1] >= self.size[1]
+
+    def starts(self) -> tuple[list[int], list[int]]:
+        """Start rows and start columns of the tiles."""
+        return list(range(0, self.size[0], self.stride[0])), list(range(0, self.size[1], self.stride[1]))
+
+    def __len__(self) -> int:
+        return math.ceil(self.size[0] / self.stride[0]) * math.ceil(self.size[1] / self.stride[1])
+
+
+def _mix(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a * (1 - w) + b * w`` rounded like the reference's per-column float weights: each
+    product is computed in float32 (float64 for float64 data) and rounded to the data type."""
+    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
+    wa, wb = (1 - w).to(a.device, compute), w.to(a.device, compute)
+    return (a.to(compute) * wa).to(a.dtype) + (b.to(compute) * wb).to(a.dtype)
+
+
+def _blend_(before: torch.Tensor, tile: torch.Tensor, extent: int, dim: int) -> None:
+    """Linear cross-fade of ``tile``'s first ``extent`` entries along ``dim`` with ``before``'s last ones, in place."""
+    extent = min(before.shape[dim], tile.shape[dim], extent)
+    if extent <= 0:
+        return
+    w = (torch.arange(extent, dtype=torch.float64) / extent).view([-1] + [1] * (tile.ndim - 1 - dim))
+    head = tile.narrow(dim, 0, extent)
+    head.copy_(_mix(before.narrow(dim, before.shape[dim] - extent, extent), head, w))
+
+
+def stitch(tiles: list[list[torch.Tensor]], blend: tuple[int, int], keep: tuple[int, int]) -> torch.Tensor:
+    """Joins a raster of result tiles [..., rows, columns] (``tiles[i][j]``, the results of the tiles of
+    row i, column j): each is cross-faded over ``blend`` with its (already blended) upper and left
+    neighbours, then cropped to its first ``keep`` rows / columns. Blends in place."""
+    for i, row in enumerate(tiles):
+        for j, out in enumerate(row):
+            if i > 0:
+                _blend_(tiles[i - 1][j], out, blend[0], out.ndim - 2)
+            if j > 0:
+                _blend_(row[j - 1], out, blend[1], out.ndim - 1)
+    return torch.cat([torch.cat([out[..., : keep[0], : keep[1]] for out in row], dim=-1) for row in tiles], dim=-2)
+
+
+def map_tiles(
+    x: torch.Tensor,
+    grid: TileGrid,
+    run: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor],
+    scale: Fraction | int = 1,
+) -> torch.Tensor:
+    """``run`` over the tiles of x [..., rows, columns], stitched.
+
+    ``run(tile, (row, col))`` gets each tile and its start, and returns a result whose last two sizes
+    are the tile's times ``scale`` (8 for a VAE decoder, 1/8 for its encoder, 1 for the DiT).
+    """
+    if tuple(x.shape[-2:]) != grid.size:
+        raise ValueError(f"input of {tuple(x.shape[-2:])} rows x columns does not match the tile grid's {grid.size}")
+    rows, cols = grid.starts()
+    th, tw = grid.tile
+    results = [[run(x[..., r : r + th, c : c + tw], (r, c)) for c in cols] for r in rows]
+    scale = Fraction(scale)
+    blend = tuple(int((t - s) * scale) for t, s in zip(grid.tile, grid.stride, strict=True))
+    keep = tuple(int(s * scale) for s in grid.stride)
+    return stitch(results, blend, keep)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """Tiles as users give them: ``size`` in pixels (rows, columns) and ``overlap`` as a fraction of a tile."""
+
+    size: tuple[int, int]
+    overlap: tuple[float, float] = DEFAULT_TILE_OVERLAP
+
+    def __post_init__(self) -> None:
+        size = tuple(int(v) for v in pair(self.size, "tile size"))
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "overlap", pair(self.overlap, "tile_overlap"))
+        if min(size) < 1:
+            raise ValueError(f"tile size {size} px must be positive")
+        if not all(0.0 <= f < 1.0 for f in self.overlap):
+            raise ValueError(f"tile_overlap {self.overlap} must be fractions in [0, 1)")
+
+    def grid(self, size: tuple[int, int], pixels_per_unit: int, multiple: int = 1) -> TileGrid:
+        """The grid over an input of ``size`` (its own units, ``pixels_per_unit`` pixels each); tile sizes
+        and strides are multiples of ``multiple`` units."""
+        tile = tuple(t // pixels_per_unit for t in self.size)
+        if any(t * pixels_per_unit != p or t % multiple or t < multiple for t, p in zip(tile, self.size, strict=True)):
+            raise ValueError(
+                f"tile size {self.size} px must be a positive multiple of {pixels_per_unit * multiple} px "
+                f"({multiple} input unit(s) of {pixels_per_unit} px)"
+            )
+        return TileGrid.with_overlap(size, tile, self.overlap, multiple)  # type: ignore[arg-type]

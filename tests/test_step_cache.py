@@ -13,7 +13,9 @@ import torch
 from tiny_models import make_diffusers_dit, save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
+from diffsynth_cog.denoiser import Denoiser
 from diffsynth_cog.step_cache import StepCache, relative_l1
+from diffsynth_cog.tiling import TileSpec
 
 HEIGHT, WIDTH, FRAMES = 32, 48, 17  # latents [1, 4, 5, 4, 6]
 NUM_LAYERS = 3
@@ -147,8 +149,9 @@ def test_reused_residual_reproduces_the_full_output_when_the_input_does_not_chan
     with torch.no_grad():
         full = dit(x, t, p)
         cache = StepCache(threshold=0.01, warmup=1)
-        cache.reset(3)
-        outs = [cache(dit, x, t, p) for _ in range(3)]
+        denoiser = Denoiser(dit, step_skip=cache)
+        denoiser.start(3)
+        outs = [denoiser(x, 500, p) for _ in range(3)]
     assert cache.computed_steps == [0, 2] and cache.skipped_steps == [1]
     assert cache.distances == [None, 0.0, 0.0]
     assert torch.equal(outs[0], full)
@@ -169,10 +172,24 @@ def test_invalid_settings_are_rejected(pipe):
         StepCache(threshold="0.1")
     with pytest.raises(ValueError, match="warmup must be an integer >= 0"):
         StepCache(threshold=0.1, warmup=-1)
-    with pytest.raises(ValueError, match="dit_tiled"):
-        generate(pipe, 2, step_cache=0.1, dit_tiled=True)
     cache = StepCache(threshold=0.1)
     generate(pipe, 2, step_cache=cache)
-    x, t = torch.zeros(1, 4, 5, 4, 6), torch.zeros(1, dtype=torch.long)
-    with pytest.raises(RuntimeError, match="reset\\(num_steps=2\\)"):
-        cache(pipe.dit, x, t, torch.zeros(1, 7, 32))
+    x = torch.zeros(1, 4, 5, 4, 6)
+    with pytest.raises(RuntimeError, match="start\\(num_steps=2\\)"):
+        Denoiser(pipe.dit, step_skip=cache)(x, 0, torch.zeros(1, 7, 32))
+
+
+TILES = TileSpec((32, 32), (0.5, 0.5))  # 2 x 3 tiles (4 x 4 latents, every 2) over the 4 x 6 latent frame
+
+
+def test_step_cache_composes_with_dit_tiles_keeping_one_state_per_tile(pipe):
+    # Threshold 0: every tile computes every step, so the cached path equals the tiled path bitwise.
+    tiled = generate(pipe, 6, dit_tiled=TILES)
+    exact = StepCache(threshold=0.0)
+    assert torch.equal(generate(pipe, 6, dit_tiled=TILES, step_cache=exact), tiled)
+    assert exact.stats()["computed"] == 6 and len(exact.distances) == 6 * 6  # one distance per tile and step
+    # A threshold no change can reach: every tile skips after the warm-up, apart from the last step.
+    skipping = StepCache(threshold=1e9, warmup=2)
+    got = generate(pipe, 6, dit_tiled=TILES, step_cache=skipping)
+    assert skipping.skipped_steps == [2, 3, 4] and skipping.computed_steps == [0, 1, 5]
+    assert torch.isfinite(got).all() and not torch.equal(got, tiled)

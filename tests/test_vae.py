@@ -231,7 +231,7 @@ def test_group_norm_module_is_torch_group_norm_off_gpu_and_in_training():
 def test_channels_last_decode_and_encode_equal_channels_first(ours, tiled):
     z = latents(3, 8, 12, seed=5)
     x = video(9, 64, 96, seed=6)
-    kwargs = dict(tiled=tiled, tile_latent_size=(4, 6)) if tiled else {}
+    kwargs = dict(tiled=tiled, tile_sample_size=(32, 48)) if tiled else {}
     enc_kwargs = dict(tiled=tiled, tile_sample_size=(32, 48)) if tiled else {}
     try:
         with torch.no_grad():
@@ -319,7 +319,7 @@ def test_tiled_small_tiles_match_diffusers_tiled(ref, ours):
             want_z = ref.encode(x).latent_dist.mode()
             want_x = ref.decode(z).sample
             got_z = ours.encode(x, tiled=True, tile_sample_size=(32, 48), tile_overlap=(1 / 4, 1 / 3))
-            got_x = ours.decode(z, tiled=True, tile_latent_size=(4, 6), tile_overlap=(1 / 4, 1 / 3))
+            got_x = ours.decode(z, tiled=True, tile_sample_size=(32, 48), tile_overlap=(1 / 4, 1 / 3))
     finally:
         set_ref_tiling(ref, False)
     assert got_z.shape == (1, 4, 3, 8, 12) and got_x.shape == (1, 3, 9, 64, 96)
@@ -350,7 +350,7 @@ def test_tiled_decode_is_a_crossfade_of_independently_decoded_tiles(ours):
     its crop, and 16-pixel overlaps fade linearly from the left tile to the right one."""
     z = latents(3, 4, 12, seed=25)
     with torch.no_grad():
-        got = ours.decode(z, tiled=True, tile_latent_size=(4, 6), tile_overlap=(0.0, 1 / 3))
+        got = ours.decode(z, tiled=True, tile_sample_size=(32, 48), tile_overlap=(0.0, 1 / 3))
         t0, t1, t2 = (ours.decode(z[..., a:b]) for a, b in [(0, 6), (4, 10), (8, 12)])
     ramp = torch.arange(16, dtype=torch.float32) / 16
     expected = torch.cat(
@@ -377,9 +377,9 @@ def test_tiled_agrees_with_untiled_approximately(ours):
     z = latents(3, 8, 12, seed=26)
     with torch.no_grad():
         untiled = ours.decode(z)
-        small = ours.decode(z, tiled=True, tile_latent_size=(4, 6), tile_overlap=(1 / 4, 1 / 3))
-        large = ours.decode(z, tiled=True, tile_latent_size=(6, 8), tile_overlap=(1 / 3, 1 / 4))
-        whole = ours.decode(z, tiled=True, tile_latent_size=(8, 12))
+        small = ours.decode(z, tiled=True, tile_sample_size=(32, 48), tile_overlap=(1 / 4, 1 / 3))
+        large = ours.decode(z, tiled=True, tile_sample_size=(48, 64), tile_overlap=(1 / 3, 1 / 4))
+        whole = ours.decode(z, tiled=True, tile_sample_size=(64, 96))
         unrelated = ours.decode(latents(3, 8, 12, seed=27))
     err_small, err_large = rel(small, untiled), rel(large, untiled)
     assert err_large < err_small < 0.5
@@ -391,7 +391,7 @@ def test_tiling_parameters_are_validated(ours):
     with pytest.raises(ValueError, match="multiples of 8"):
         ours.encode(video(9), tiled=True, tile_sample_size=(20, 24))
     with pytest.raises(ValueError, match="tile_overlap"):
-        ours.decode(latents(3), tiled=True, tile_latent_size=(2, 2), tile_overlap=1.5)
+        ours.decode(latents(3), tiled=True, tile_sample_size=(16, 16), tile_overlap=1.5)
 
 
 # ----------------------------------------------------------------------------------------------

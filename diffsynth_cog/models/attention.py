@@ -1,7 +1,15 @@
-"""Attention kernels behind one function, chosen once per process.
+"""Attention kernels behind one function, and how a DiT call chooses one.
 
-``attention(q, k, v)`` takes ``[B, L, H, D]`` tensors (the layout the projections produce, so
-no transpose is needed for kernels that want it) and returns ``[B, L, H, D]``.
+``attention(q, k, v, backend)`` takes ``[B, L, H, D]`` tensors (the layout the projections produce,
+so no transpose is needed for kernels that want it) and returns ``[B, L, H, D]``.
+
+Choosing the kernel, most specific first:
+  * per call: ``with attention_backend("fa3"): pipe(...)`` (or ``dit(...)``) for every model called
+    inside the block (a context variable, so threads and tasks do not see each other's choice);
+  * per model: ``dit.set_attention_backend("fa3")``;
+  * per process: ``set_attention_backend("fa3")``, the default of every model (initially ``"auto"``).
+A DiT call resolves the choice once, when it embeds its inputs, into a :class:`DenseAttention`
+that its blocks call; other attention parts (masks, sequence splits) take the same place.
 
 Exact backends (same math as the reference, bf16 rounding aside):
   * ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` with PyTorch's own choice.
@@ -23,11 +31,14 @@ on CUDA devices of compute capability >= 9.0, else ``sdpa``.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib
 import importlib.util
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -42,6 +53,10 @@ APPROXIMATE_BACKENDS = ("fa3-fp8", "sage")
 FA3_MODULES = ("flash_attn_interface", "fa3_fwd_interface")
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 _backend = "auto"
+_call_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention_backend", default=None)
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""What a DiT's attention layers call: q, k, v [B, L, H, D] -> [B, L, H, D]."""
 
 
 @functools.cache
@@ -65,9 +80,8 @@ def _fa3_trains() -> bool:
     return module is not None and module.__name__ == "flash_attn_interface"
 
 
-def set_attention_backend(name: str) -> None:
-    """Selects the attention kernel for every model in this process (see the module docstring)."""
-    global _backend
+def check_backend(name: str) -> str:
+    """``name`` if it is a known backend whose package imports here; ValueError saying what to install otherwise."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; valid: {BACKENDS}")
     if name == "flash-attn" and importlib.util.find_spec("flash_attn") is None:
@@ -79,12 +93,34 @@ def set_attention_backend(name: str) -> None:
         )
     if name == "sage" and importlib.util.find_spec("sageattention") is None:
         raise ValueError("attention backend 'sage' needs the sageattention package (pip install sageattention)")
-    _backend = name
+    return name
+
+
+def set_attention_backend(name: str) -> None:
+    """Selects the default attention kernel of every model in this process (see the module docstring)."""
+    global _backend
+    _backend = check_backend(name)
     logger.info("attention backend: %s", name)
 
 
 def get_attention_backend() -> str:
+    """The process-wide default."""
     return _backend
+
+
+@contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Every DiT call inside the block uses ``name``, whatever its model's or the process's setting."""
+    token = _call_backend.set(check_backend(name))
+    try:
+        yield
+    finally:
+        _call_backend.reset(token)
+
+
+def choose_backend(model_backend: str | None = None) -> str:
+    """The backend a DiT call uses: the per-call choice, else the model's, else the process default."""
+    return _call_backend.get() or model_backend or _backend
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -181,10 +217,11 @@ _KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.T
 }
 
 
-def resolve_backend(device: torch.device) -> str:
-    """The kernel ``attention`` uses for tensors on ``device`` under the current setting."""
-    if _backend != "auto":
-        return _backend
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """The kernel that ``backend`` (default: the process default) means for tensors on ``device``."""
+    backend = backend or _backend
+    if backend != "auto":
+        return backend
     if device.type == "cuda":
         major = torch.cuda.get_device_capability(device)[0]
         if major == 9 and fa3_available():
@@ -194,11 +231,29 @@ def resolve_backend(device: torch.device) -> str:
     return "sdpa"
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full (non-causal) multi-head attention. q, k, v: [B, L, H, D] -> [B, L, H, D]."""
-    name = resolve_backend(q.device)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """Full (non-causal) multi-head attention. q, k, v: [B, L, H, D] -> [B, L, H, D].
+
+    ``backend``: one of ``BACKENDS`` (default: the process default)."""
+    name = resolve_backend(q.device, backend)
     if name not in ("sdpa", "sdpa-cudnn") and (
         q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16)
     ):
         name = "sdpa"  # the other kernels only take half precision on CUDA
     return _KERNELS[name](q, k, v)
+
+
+@dataclass(frozen=True)
+class DenseAttention:
+    """Full attention over the whole sequence with one backend: the default attention part of a DiT call."""
+
+    backend: str = "auto"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention(q, k, v, self.backend)
+
+
+@functools.cache
+def dense_attention(backend: str) -> DenseAttention:
+    """One shared instance per backend, so compiled blocks see the same object from call to call."""
+    return DenseAttention(check_backend(backend))

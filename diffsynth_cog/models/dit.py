@@ -28,7 +28,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from diffsynth_cog.configs import DiTConfig
-from diffsynth_cog.models.attention import attention
+from diffsynth_cog.models.attention import Attend, check_backend, choose_backend, dense_attention
 
 # ----------------------------------------------------------------------------------------------
 # Position tables (pure functions of the shape and the config; cached per shape)
@@ -189,15 +189,15 @@ class SelfAttention(nn.Module):
         self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
         self.to_out = nn.Linear(inner, dim, bias=True)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        # x [B, L, D]; rope: cos/sin [L, head_dim] or None
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, attend: Attend) -> torch.Tensor:
+        # x [B, L, D]; rope: cos/sin [L, head_dim] or None; attend: the call's attention part
         heads = (self.num_heads, self.head_dim)
         q = self.norm_q(self.to_q(x).unflatten(-1, heads))  # [B, L, H, Dh]
         k = self.norm_k(self.to_k(x).unflatten(-1, heads))
         v = self.to_v(x).unflatten(-1, heads)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v)  # [B, L, H, Dh]
+        out = attend(q, k, v)  # [B, L, H, Dh]
         return self.to_out(out.flatten(2))  # [B, L, D]
 
 
@@ -216,11 +216,12 @@ class CogDiTBlock(nn.Module):
         text: torch.Tensor,
         cond: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
+        attend: Attend,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # video [B, Lv, D], text [B, Lt, D], cond [B, time_embed_dim]
         n_text = text.shape[1]
         v, t, gate, t_gate = self.norm1(video, text, cond)
-        out = self.attn1(torch.cat([t, v], dim=1), rope)  # [B, Lt + Lv, D]
+        out = self.attn1(torch.cat([t, v], dim=1), rope, attend)  # [B, Lt + Lv, D]
         video = video + gate * out[:, n_text:]
         text = text + t_gate * out[:, :n_text]
 
@@ -232,11 +233,35 @@ class CogDiTBlock(nn.Module):
 
 
 @dataclass(frozen=True)
-class DiTState:
-    """What flows between the DiT's stages: the two token streams and the shared conditioning.
+class TokenLayout:
+    """Where the tokens of one DiT call sit: ``n_text`` text tokens, then the video tokens of a
+    ``grid`` = (latent frames, patch rows, patch columns), flattened frame by frame, row by row."""
 
-    video [B, T*gh*gw, D], text [B, Lt, D], cond [B, time_embed_dim], rope: cos/sin [Lt + Lv, head_dim]
-    or None; shape: (B, T, H, W) of the latents.
+    n_text: int
+    grid: tuple[int, int, int]
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[1] * self.grid[2]
+
+    @property
+    def n_video(self) -> int:
+        return self.grid[0] * self.tokens_per_frame
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_text + self.n_video
+
+
+@dataclass(frozen=True)
+class DiTState:
+    """What flows between the DiT's stages: the two token streams, the shared conditioning, and how
+    the blocks attend.
+
+    video [B, Lv, D], text [B, Lt, D], cond [B, time_embed_dim], rope: cos/sin [Lt + Lv, head_dim] or None;
+    shape: (B, T, H, W) of the latents; layout: the full token sequence; attend: the attention part.
+    Parts of the denoiser may hand the blocks a share of the tokens (a sequence split): then video, text
+    and rope hold that share, while shape and layout still describe the whole call.
     """
 
     video: torch.Tensor
@@ -244,6 +269,8 @@ class DiTState:
     cond: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor] | None
     shape: tuple[int, int, int, int]
+    layout: TokenLayout
+    attend: Attend
 
 
 class CogDiT(nn.Module):
@@ -276,6 +303,12 @@ class CogDiT(nn.Module):
         self.norm_out = AdaLayerNormOut(config.time_embed_dim, dim, config.norm_eps)
         self.proj_out = nn.Linear(dim, config.patch_out_dim)
         self.gradient_checkpointing = False
+        self.attention_backend: str | None = None  # None: the process default
+
+    def set_attention_backend(self, name: str | None) -> None:
+        """This model's attention kernel (one of ``models.attention.BACKENDS``; None = the process default).
+        A ``with attention_backend(...)`` block still overrides it for the calls inside."""
+        self.attention_backend = None if name is None else check_backend(name)
 
     def compile_blocks(self, **compile_kwargs: object) -> None:
         """Regional ``torch.compile``: each block is compiled (they share one graph), the rest stays
@@ -332,8 +365,13 @@ class CogDiT(nn.Module):
             rope = (cos, sin)
         return additive, rope
 
-    def embed(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_emb: torch.Tensor) -> DiTState:
-        """Inputs -> token streams, timestep conditioning and positions (everything the blocks need)."""
+    def embed(
+        self, latents: torch.Tensor, timestep: torch.Tensor, prompt_emb: torch.Tensor, attend: Attend | None = None
+    ) -> DiTState:
+        """Inputs -> token streams, timestep conditioning and positions (everything the blocks need).
+
+        ``attend``: the attention part of this call (default: dense attention with the kernel chosen
+        per call, per model or per process, see ``models.attention``)."""
         c = self.config
         timestep = torch.as_tensor(timestep, device=latents.device)
         self._check_inputs(latents, timestep, prompt_emb)
@@ -356,7 +394,10 @@ class CogDiT(nn.Module):
         if additive is not None:
             text = text + additive[:, :n_text]
             video = video + additive[:, n_text:]
-        return DiTState(video=video, text=text, cond=cond, rope=rope, shape=(b, t, h, w))
+        if attend is None:
+            attend = dense_attention(choose_backend(self.attention_backend))
+        layout = TokenLayout(n_text=n_text, grid=(t, gh, gw))
+        return DiTState(video=video, text=text, cond=cond, rope=rope, shape=(b, t, h, w), layout=layout, attend=attend)
 
     def run_blocks(self, state: DiTState, start: int = 0, stop: int | None = None) -> DiTState:
         """Blocks ``start:stop`` on the token streams (all of them by default)."""
@@ -364,21 +405,27 @@ class CogDiT(nn.Module):
         for block in self.blocks[start:stop]:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 video, text = torch.utils.checkpoint.checkpoint(
-                    block, video, text, state.cond, state.rope, use_reentrant=False
+                    block, video, text, state.cond, state.rope, state.attend, use_reentrant=False
                 )
             else:
-                video, text = block(video, text, state.cond, state.rope)
+                video, text = block(video, text, state.cond, state.rope, state.attend)
         return dataclasses.replace(state, video=video, text=text)
+
+    def project(self, state: DiTState) -> torch.Tensor:
+        """Video tokens -> output patches [B, Lv, C_out*p*p], channels ordered (C_out, p_row, p_col)."""
+        return self.proj_out(self.norm_out(self.norm_final(state.video), state.cond))
+
+    def unpatchify(self, patches: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+        """Output patches [B, T*gh*gw, C_out*p*p] of latents of ``shape`` (B, T, H, W) -> [B, C_out, T, H, W]."""
+        c, p = self.config, self.config.patch_size
+        b, t, h, w = shape
+        video = patches.reshape(b, t, h // p, w // p, c.out_channels, p, p)
+        video = video.permute(0, 4, 1, 2, 5, 3, 6)  # [B, C_out, T, gh, p, gw, p]
+        return video.reshape(b, c.out_channels, t, h, w)
 
     def head(self, state: DiTState) -> torch.Tensor:
         """Video tokens -> v-prediction [B, C_out, T, H, W]."""
-        c, p = self.config, self.config.patch_size
-        b, t, h, w = state.shape
-        video = self.norm_out(self.norm_final(state.video), state.cond)
-        video = self.proj_out(video)  # [B, T*gh*gw, C_out*p*p], channels ordered (C_out, p_row, p_col)
-        video = video.reshape(b, t, h // p, w // p, c.out_channels, p, p)
-        video = video.permute(0, 4, 1, 2, 5, 3, 6)  # [B, C_out, T, gh, p, gw, p]
-        return video.reshape(b, c.out_channels, t, h, w)
+        return self.unpatchify(self.project(state), state.shape)
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_emb: torch.Tensor) -> torch.Tensor:
         return self.head(self.run_blocks(self.embed(latents, timestep, prompt_emb)))

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffsynth_cog.configs import VAEConfig
+from diffsynth_cog.tiling import DEFAULT_TILE_OVERLAP, TileGrid, TileSpec, map_tiles, pair
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +46,6 @@ ConvCache = dict[str, torch.Tensor]
 # (8 pixel frames); other chunk sizes change the GroupNorm statistics and give visibly worse
 # frames, so this is a property of the checkpoints rather than a tuning knob.
 LATENT_FRAMES_PER_CHUNK = 2
-
-# Default tile overlap (fraction of the tile, rows then columns). These are the values the
-# CogVideoX release tuned for its 480x720 resolution; tile *sizes* come from the config.
-DEFAULT_TILE_OVERLAP = (1 / 6, 1 / 5)
 
 # The checkpoints' spatial norms and the encoder's output norm use eps 1e-6 whatever
 # ``norm_eps`` says (only the plain resnet GroupNorms follow ``norm_eps``). Every released
@@ -438,70 +436,6 @@ def temporal_chunks(num_frames: int, chunk: int) -> list[tuple[int, int]]:
     return [(0 if i == 0 else chunk * i + extra, min(chunk * (i + 1) + extra, num_frames)) for i in range(count)]
 
 
-def _pair(value: float | Sequence[float], name: str) -> tuple[float, float]:
-    if isinstance(value, (int, float)):
-        return float(value), float(value)
-    values = tuple(value)
-    if len(values) != 2:
-        raise ValueError(f"{name} must be a number or a (rows, columns) pair, got {value!r}")
-    return float(values[0]), float(values[1])
-
-
-def _mix(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``a * (1 - w) + b * w`` rounded like the reference's per-column float weights: each
-    product is computed in float32 (float64 for float64 data) and rounded to the data type."""
-    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
-    wa, wb = (1 - w).to(a.device, compute), w.to(a.device, compute)
-    return (a.to(compute) * wa).to(a.dtype) + (b.to(compute) * wb).to(a.dtype)
-
-
-def _blend_rows_(above: torch.Tensor, tile: torch.Tensor, extent: int) -> None:
-    """Linear cross-fade of ``tile``'s first rows with ``above``'s last rows, in place."""
-    extent = min(above.shape[3], tile.shape[3], extent)
-    if extent <= 0:
-        return
-    w = (torch.arange(extent, dtype=torch.float64) / extent).view(1, 1, 1, extent, 1)
-    tile[:, :, :, :extent] = _mix(above[:, :, :, -extent:], tile[:, :, :, :extent], w)
-
-
-def _blend_cols_(left: torch.Tensor, tile: torch.Tensor, extent: int) -> None:
-    """Linear cross-fade of ``tile``'s first columns with ``left``'s last columns, in place."""
-    extent = min(left.shape[4], tile.shape[4], extent)
-    if extent <= 0:
-        return
-    w = torch.arange(extent, dtype=torch.float64) / extent
-    tile[..., :extent] = _mix(left[..., -extent:], tile[..., :extent], w)
-
-
-def _tiled(
-    x: torch.Tensor,
-    tile: tuple[int, int],
-    stride: tuple[int, int],
-    run: Callable[[torch.Tensor], torch.Tensor],
-    blend: tuple[int, int],
-    keep: tuple[int, int],
-) -> torch.Tensor:
-    """Runs ``run`` on overlapping tiles of ``x`` and stitches the results.
-
-    Tiles start every ``stride`` input rows/columns and span ``tile``; each result tile is
-    cross-faded over ``blend`` rows/columns with its (already blended) upper and left
-    neighbours, then cropped to its first ``keep`` rows/columns. Raster order and in-place
-    blending reproduce the reference implementation's numbers exactly.
-    """
-    height, width = x.shape[3], x.shape[4]
-    rows = [
-        [run(x[:, :, :, i : i + tile[0], j : j + tile[1]]) for j in range(0, width, stride[1])]
-        for i in range(0, height, stride[0])
-    ]
-    for i, row in enumerate(rows):
-        for j, out in enumerate(row):
-            if i > 0:
-                _blend_rows_(rows[i - 1][j], out, blend[0])
-            if j > 0:
-                _blend_cols_(row[j - 1], out, blend[1])
-    return torch.cat([torch.cat([out[:, :, :, : keep[0], : keep[1]] for out in row], dim=4) for row in rows], dim=3)
-
-
 def _run_chunks(
     part: CogVAEEncoder | CogVAEDecoder, x: torch.Tensor, chunks: list[tuple[int, int]], bar: tqdm
 ) -> torch.Tensor:
@@ -637,29 +571,10 @@ class CogVAEEncoder(nn.Module):
         height, width = video.shape[3], video.shape[4]
         chunks = temporal_chunks(video.shape[2], self.frames_per_chunk)
         if tiled:
-            tile = _pair(
-                tile_sample_size if tile_sample_size is not None else (cfg.sample_height // 2, cfg.sample_width // 2),
-                "tile_sample_size",
-            )
-            tile_px = (int(tile[0]), int(tile[1]))
-            if any(t <= 0 or t % s for t in tile_px):
-                raise ValueError(
-                    f"tile_sample_size {tile_px} must be positive multiples of {s} (when not given it is half "
-                    f"the config's sample_height x sample_width, {cfg.sample_height}x{cfg.sample_width})"
-                )
-            if height > tile_px[0] or width > tile_px[1]:
-                tile_lat = (tile_px[0] // s, tile_px[1] // s)
-                stride_lat = _tile_stride(tile_lat, tile_overlap)
-                count = _count_tiles((height, width), (stride_lat[0] * s, stride_lat[1] * s))
-                with tqdm(total=count * len(chunks), desc="VAE encode", disable=not progress) as bar:
-                    return _tiled(
-                        video,
-                        tile_px,
-                        (stride_lat[0] * s, stride_lat[1] * s),
-                        lambda t: _run_chunks(self, t, chunks, bar),
-                        blend=(tile_lat[0] - stride_lat[0], tile_lat[1] - stride_lat[1]),
-                        keep=stride_lat,
-                    )
+            grid = _tile_grid(cfg, (height, width), tile_sample_size, tile_overlap, pixels_per_unit=1)
+            if not grid.single:
+                with tqdm(total=len(grid) * len(chunks), desc="VAE encode", disable=not progress) as bar:
+                    return map_tiles(video, grid, lambda t, _: _run_chunks(self, t, chunks, bar), Fraction(1, s))
         with tqdm(total=len(chunks), desc="VAE encode", disable=not progress) as bar:
             return _run_chunks(self, video, chunks, bar)
 
@@ -691,19 +606,27 @@ class CogVAEEncoder(nn.Module):
         return mean + std * noise
 
 
-def _tile_stride(tile: tuple[int, int], overlap: float | Sequence[float] | None) -> tuple[int, int]:
-    """Stride between tile starts, in the units of ``tile``, for an overlap fraction."""
-    fractions = _pair(overlap if overlap is not None else DEFAULT_TILE_OVERLAP, "tile_overlap")
-    if not all(0.0 <= f < 1.0 for f in fractions):
-        raise ValueError(f"tile_overlap {fractions} must be fractions in [0, 1)")
-    stride = (int(tile[0] * (1 - fractions[0])), int(tile[1] * (1 - fractions[1])))
-    if min(stride) < 1:
-        raise ValueError(f"tile size {tile} with overlap {fractions} leaves no stride between tiles; use larger tiles")
-    return stride
-
-
-def _count_tiles(size: tuple[int, int], stride: tuple[int, int]) -> int:
-    return math.ceil(size[0] / stride[0]) * math.ceil(size[1] / stride[1])
+def _tile_grid(
+    config: VAEConfig,
+    size: tuple[int, int],
+    tile_sample_size: int | Sequence[int] | None,
+    tile_overlap: float | Sequence[float] | None,
+    pixels_per_unit: int,
+) -> TileGrid:
+    """The tiles over ``size`` input units (pixels for the encoder, latents for the decoder). Tile sizes are
+    in pixels; the default is half the config's sample size (the reference's ``enable_tiling``)."""
+    s = config.spatial_compression
+    default = ((config.sample_height // 2) // s * s, (config.sample_width // 2) // s * s)
+    spec = TileSpec(
+        pair(tile_sample_size, "tile_sample_size") if tile_sample_size is not None else default,
+        tile_overlap if tile_overlap is not None else DEFAULT_TILE_OVERLAP,
+    )
+    if any(t % s for t in spec.size):
+        raise ValueError(
+            f"tile_sample_size {spec.size} must be positive multiples of {s} (when not given it is half "
+            f"the config's sample_height x sample_width, {config.sample_height}x{config.sample_width})"
+        )
+    return spec.grid(size, pixels_per_unit, multiple=s // pixels_per_unit)
 
 
 class CogVAEDecoder(nn.Module):
@@ -767,17 +690,17 @@ class CogVAEDecoder(nn.Module):
         latents: torch.Tensor,
         *,
         tiled: bool = False,
-        tile_latent_size: int | Sequence[int] | None = None,
+        tile_sample_size: int | Sequence[int] | None = None,
         tile_overlap: float | Sequence[float] | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
         """Unscaled latents [B, L, t, h, w] -> video [B, C_out, 4(t-1)+1, 8h, 8w] in about [-1, 1].
 
         Latent frames go through the decoder two at a time (the first chunk takes one more when
-        t is odd), carrying the causal cache. ``tile_latent_size`` (latent rows and columns;
-        default half the config's sample size / 8) and ``tile_overlap`` (fraction of a tile,
-        default ``DEFAULT_TILE_OVERLAP``) only matter with ``tiled=True``, and only when the
-        latents are larger than one tile.
+        t is odd), carrying the causal cache. ``tile_sample_size`` (pixels of the decoded tile,
+        rows and columns, multiples of 8; default half the config's sample size) and ``tile_overlap``
+        (fraction of a tile, default ``DEFAULT_TILE_OVERLAP``) only matter with ``tiled=True``, and
+        only when the latents are larger than one tile.
         """
         self.check_latents(latents)
         cfg = self.config
@@ -785,24 +708,10 @@ class CogVAEDecoder(nn.Module):
         height, width = latents.shape[3], latents.shape[4]
         chunks = temporal_chunks(latents.shape[2], LATENT_FRAMES_PER_CHUNK)
         if tiled:
-            default = ((cfg.sample_height // 2) // s, (cfg.sample_width // 2) // s)
-            tile = _pair(tile_latent_size if tile_latent_size is not None else default, "tile_latent_size")
-            tile_lat = (int(tile[0]), int(tile[1]))
-            if min(tile_lat) <= 0:
-                raise ValueError(f"tile_latent_size {tile_lat} must be positive")
-            if height > tile_lat[0] or width > tile_lat[1]:
-                stride = _tile_stride(tile_lat, tile_overlap)
-                with tqdm(
-                    total=_count_tiles((height, width), stride) * len(chunks), desc="VAE decode", disable=not progress
-                ) as bar:
-                    return _tiled(
-                        latents,
-                        tile_lat,
-                        stride,
-                        lambda t: _run_chunks(self, t, chunks, bar),
-                        blend=((tile_lat[0] - stride[0]) * s, (tile_lat[1] - stride[1]) * s),
-                        keep=(stride[0] * s, stride[1] * s),
-                    )
+            grid = _tile_grid(cfg, (height, width), tile_sample_size, tile_overlap, pixels_per_unit=s)
+            if not grid.single:
+                with tqdm(total=len(grid) * len(chunks), desc="VAE decode", disable=not progress) as bar:
+                    return map_tiles(latents, grid, lambda t, _: _run_chunks(self, t, chunks, bar), s)
         with tqdm(total=len(chunks), desc="VAE decode", disable=not progress) as bar:
             return _run_chunks(self, latents, chunks, bar)
 
@@ -859,7 +768,7 @@ class CogVAE(nn.Module):
         latents: torch.Tensor,
         *,
         tiled: bool = False,
-        tile_latent_size: int | Sequence[int] | None = None,
+        tile_sample_size: int | Sequence[int] | None = None,
         tile_overlap: float | Sequence[float] | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
@@ -869,7 +778,7 @@ class CogVAE(nn.Module):
         """
         decoder: CogVAEDecoder = self._part("decoder")  # type: ignore[assignment]
         return decoder.decode(
-            latents, tiled=tiled, tile_latent_size=tile_latent_size, tile_overlap=tile_overlap, progress=progress
+            latents, tiled=tiled, tile_sample_size=tile_sample_size, tile_overlap=tile_overlap, progress=progress
         )
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,189 @@
+"""The denoiser: one denoising step's v-prediction, composed of orthogonal parts.
+
+A step asks the DiT for ``v(latents, timestep, text)``. How that call is carried out is decided by
+independent parts, each with a default that is the plain, exact computation:
+
+  * **attention** - what the blocks' attention layers compute: dense attention with a kernel
+    (``models.attention``; chosen per call, per model or per process) or an :class:`AttentionPart`
+    that builds its own (a sparse mask, say) for the call's token layout;
+  * **split** - a :class:`TokenSplit` that hands this process its share of the work (batch rows,
+    a slice of the token sequence) and joins the results; the default :class:`WholeCall` keeps all;
+  * **step skipping** - a :class:`StepSkipper` that runs the blocks, or reuses earlier work when
+    the step barely changes (``step_cache.StepCache``); default: run every block;
+  * **tiles** - a :class:`~diffsynth_cog.tiling.TileSpec`: the DiT runs on overlapping spatial tiles
+    stitched by the shared tile blender; each tile keeps its own step-skipping state.
+
+One DiT call is ``embed -> [attention part] -> split.scatter -> blocks (skipper) -> project ->
+split.gather -> unpatchify``, run per tile. Every part sees only its own inputs, so parts combine
+freely; a combination that means nothing is refused when the denoiser is built, naming both parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from diffsynth_cog.models.attention import Attend, check_backend, choose_backend, dense_attention
+from diffsynth_cog.models.dit import CogDiT, DiTState, TokenLayout
+from diffsynth_cog.tiling import TileSpec, map_tiles
+
+
+@runtime_checkable
+class AttentionPart(Protocol):
+    """Builds the attention of a DiT call from its token layout (e.g. a block-sparse mask)."""
+
+    name: str
+
+    def build(self, layout: TokenLayout, device: torch.device) -> Attend: ...
+
+
+@runtime_checkable
+class TokenSplit(Protocol):
+    """Shares a DiT call between processes: which rows / tokens this one computes, and the join."""
+
+    name: str
+
+    def scatter(self, state: DiTState) -> DiTState:
+        """The embedded call -> this process's share (its blocks' inputs, rope and attention)."""
+        ...
+
+    def gather(self, patches: torch.Tensor, state: DiTState) -> torch.Tensor:
+        """This process's output patches [b, l, C*p*p] -> those of the whole call [B, Lv, C*p*p]."""
+        ...
+
+    def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """Sums ``values`` over every process sharing the call, so that they all decide alike."""
+        ...
+
+
+@runtime_checkable
+class StepSkipper(Protocol):
+    """Runs a DiT call's blocks, skipping work on steps that barely differ from earlier ones."""
+
+    name: str
+
+    def start(self, num_steps: int) -> None:
+        """A new generation of ``num_steps`` steps begins: forget everything."""
+        ...
+
+    def run(self, dit: CogDiT, state: DiTState, key: Hashable, reduce: TokenSplit) -> DiTState:
+        """The state after all blocks, for the call ``key`` (one per tile) of the current step."""
+        ...
+
+    def end_step(self) -> None:
+        """The current step's calls are done."""
+        ...
+
+
+class WholeCall:
+    """The default split: this process computes the whole call."""
+
+    name = "whole"
+
+    def scatter(self, state: DiTState) -> DiTState:
+        return state
+
+    def gather(self, patches: torch.Tensor, state: DiTState) -> torch.Tensor:
+        return patches
+
+    def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+
+WHOLE_CALL = WholeCall()
+
+
+class Denoiser:
+    """``denoiser(latents, timestep, context)`` -> v-prediction (float32), composed of parts.
+
+    Args:
+        dit: the transformer.
+        attention: a kernel name (one of ``models.attention.BACKENDS``) or an :class:`AttentionPart`;
+            None = the kernel chosen per call / per model / per process.
+        split: how the call is shared between processes (default: not at all).
+        step_skip: a :class:`StepSkipper` (default: every block at every step).
+        tiles: run the DiT on overlapping spatial tiles (pixels; see ``tiling.TileSpec``).
+
+    Call :meth:`start` before each generation (it resets the step-skipping state); then call the
+    denoiser once per step, with every step's timestep.
+    """
+
+    def __init__(
+        self,
+        dit: CogDiT,
+        *,
+        attention: str | AttentionPart | None = None,
+        split: TokenSplit | None = None,
+        step_skip: StepSkipper | None = None,
+        tiles: TileSpec | None = None,
+    ) -> None:
+        self.dit = dit
+        if isinstance(attention, str):
+            attention = check_backend(attention)
+        elif attention is not None and not isinstance(attention, AttentionPart):
+            raise TypeError(f"attention must be a backend name or an AttentionPart; got {type(attention).__name__}")
+        self.attention = attention
+        self.split = split if split is not None else WHOLE_CALL
+        self.step_skip = step_skip
+        self.tiles = tiles
+        for part in (self.split, step_skip):
+            check = getattr(part, "check_compatible", None)
+            if check is not None:
+                check(self)
+
+    def parts(self) -> dict[str, str]:
+        """The parts in use, by name (for logs and benchmark records)."""
+        attention = self.attention if isinstance(self.attention, str | None) else self.attention.name
+        return {
+            "attention": attention or choose_backend(self.dit.attention_backend),
+            "split": self.split.name,
+            "step_skip": self.step_skip.name if self.step_skip is not None else "none",
+            "tiles": "none" if self.tiles is None else f"{self.tiles.size[0]}x{self.tiles.size[1]}px",
+        }
+
+    def start(self, num_steps: int) -> None:
+        """A new generation of ``num_steps`` denoising steps begins."""
+        if self.step_skip is not None:
+            self.step_skip.start(num_steps)
+
+    def _attend(self, layout: TokenLayout, device: torch.device) -> Attend:
+        if self.attention is None:
+            return dense_attention(choose_backend(self.dit.attention_backend))
+        if isinstance(self.attention, str):
+            return dense_attention(self.attention)
+        return self.attention.build(layout, device)
+
+    def call_dit(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, key: Hashable = None):
+        """One DiT call on latents [B, C_in, T, H, W] -> v-prediction [B, C_out, T, H, W] (the DiT's dtype)."""
+        state = self.dit.embed(latents, timestep, context)
+        state = dataclasses.replace(state, attend=self._attend(state.layout, latents.device))
+        state = self.split.scatter(state)
+        if self.step_skip is not None:
+            state = self.step_skip.run(self.dit, state, key, self.split)
+        else:
+            state = self.dit.run_blocks(state)
+        patches = self.split.gather(self.dit.project(state), state)
+        return self.dit.unpatchify(patches, state.shape)
+
+    def __call__(self, latents: torch.Tensor, timestep: int, context: torch.Tensor) -> torch.Tensor:
+        """latents [B, C_in, T, H, W] (any float dtype), timestep (one for the batch), context [B, L, D_text]
+        -> v-prediction [B, C_out, T, H, W] in float32."""
+        dtype = self.dit.proj_out.weight.dtype
+        x = latents.to(dtype)
+        t = torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
+        context = context.to(dtype)
+        if self.tiles is None:
+            v = self.call_dit(x, t, context)
+        else:
+            p = self.dit.config.patch_size
+            grid = self.tiles.grid(tuple(x.shape[-2:]), pixels_per_unit=8, multiple=p)
+            if grid.single:
+                v = self.call_dit(x, t, context, key=(0, 0))
+            else:
+                v = map_tiles(x, grid, lambda tile, start: self.call_dit(tile, t, context, key=start).float())
+        if self.step_skip is not None:
+            self.step_skip.end_step()
+        return v.float()
