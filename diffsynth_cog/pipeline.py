@@ -72,6 +72,7 @@ class CogVideoPipeline:
         scheduler_config: SchedulerConfig | None = None,
         device: str | torch.device = "cuda",
         torch_dtype: torch.dtype = torch.bfloat16,
+        offload: str = "none",
     ) -> None:
         self.dit = dit
         self.text_encoder = text_encoder
@@ -85,7 +86,9 @@ class CogVideoPipeline:
         self.scheduler_config = scheduler_config
         self.device = torch.device(device)
         self.torch_dtype = torch_dtype
-        self.offloader = ModelOffloader(self.device, mode="none")
+        # The starting memory mode: with "model" or "sequential", models loaded on the CPU never visit the
+        # device all at once (the later enable_* calls would come after that).
+        self.offloader = ModelOffloader(self.device, mode=offload)
         self.offloader.register(self.models())
 
     @classmethod
@@ -94,6 +97,7 @@ class CogVideoPipeline:
         model_manager: ModelManager,
         device: str | torch.device | None = None,
         torch_dtype: torch.dtype | None = None,
+        offload: str = "none",
     ) -> CogVideoPipeline:
         return cls(
             dit=model_manager.fetch_model("cog_dit", require=True),
@@ -103,6 +107,7 @@ class CogVideoPipeline:
             scheduler_config=model_manager.scheduler_config,
             device=device if device is not None else model_manager.device,
             torch_dtype=torch_dtype if torch_dtype is not None else model_manager.torch_dtype,
+            offload=offload,
         )
 
     def models(self) -> dict[str, torch.nn.Module]:

@@ -219,3 +219,23 @@ def test_changing_mode_inside_a_using_block_is_refused():
     with offloader.using("dit"), pytest.raises(RuntimeError, match="leave the block first"):
         offloader.set_mode("none")
     cases.check_at_home(offloader, dit)
+
+
+def test_a_pipeline_built_offloaded_keeps_its_models_at_home_from_the_start(tmp_path):
+    """pipe = CogVideoPipeline(..., offload="model"): models loaded on the CPU stay in their (CPU) homes;
+    nothing is first copied to the device as building a pipeline in mode "none" does."""
+    import torch
+    from tiny_models import save_tiny_model_folder
+
+    from diffsynth_cog import CogVideoPipeline, ModelManager
+
+    folder = save_tiny_model_folder(tmp_path, "cogvideox-5b", seed=2)
+    manager = ModelManager(torch_dtype=torch.float32, device="cpu", file_path_list=[folder])
+    pipe = CogVideoPipeline.from_model_manager(manager, offload="model")
+    assert pipe.offloader.mode == "model"
+    for model in pipe.models().values():
+        for t in list(model.parameters()) + list(model.buffers()):
+            home = pipe.offloader.home_of(t)
+            assert home is not None and t.data_ptr() == home.data_ptr()
+    plain = CogVideoPipeline.from_model_manager(manager)
+    assert all(plain.offloader.home_of(t) is None for t in plain.dit.parameters())
