@@ -36,6 +36,8 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not verbose:  # the ModelScope client's retries log a warning each; our error says what failed
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
