@@ -140,7 +140,7 @@ def _add_upload(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    from diffsynth_cog.downloads import upload_lora
+    from diffsynth_cog.uploads import upload_lora
 
     token = args.token or os.environ.get("MODELSCOPE_API_TOKEN")
     url = upload_lora(args.path, args.repo_id, token=token, endpoint=args.endpoint, visibility=args.visibility)

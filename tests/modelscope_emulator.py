@@ -45,6 +45,7 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import sys
 import threading
 from collections import Counter
@@ -475,3 +476,11 @@ def emulated_modelscope(
     with ModelScopeEmulator(repos, tokens) as emulator:
         isolate_modelscope(monkeypatch, tmp_path / "home", emulator.endpoint)
         yield emulator
+
+
+def closed_port_endpoint() -> str:
+    """An http URL on 127.0.0.1 where nothing listens (bind, read the port, close)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
