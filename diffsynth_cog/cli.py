@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_download(sub)
     _add_upload(sub)
+    from diffsynth_cog.info import add_info_command
+
+    add_info_command(sub)
     try:
         from diffsynth_cog.training.cli import add_training_commands
     except ImportError:  # training extras (lightning) not installed

@@ -295,6 +295,50 @@ def _missing_offline(preset: ModelPreset, local_dir: Path, manifest: Mapping[str
     return missing
 
 
+@dataclass(frozen=True)
+class LocalStatus:
+    """What `models_dir` holds of a preset, judged without network access and without hashing.
+
+    `state`: "verified" (every file as the last verified download left it: size and mtime as in the
+    manifest), "changed" (all present, but some file's size or mtime differs from the manifest: check it
+    with `download --verify`), "present" (everything a complete copy needs is there, no manifest: copied
+    by hand), "incomplete" (`missing` names what is not), or "absent" (nothing there).
+    """
+
+    preset: str
+    state: str
+    path: Path
+    size: int = 0
+    missing: tuple[str, ...] = ()
+
+
+def local_status(preset: ModelPreset, models_dir: str | os.PathLike[str]) -> LocalStatus:
+    """How much of `preset` is in `models_dir` (see `LocalStatus`); reads file metadata only."""
+    root = Path(models_dir)
+    local_dir = preset.local_dir(root)
+    result = preset.result_path(root)
+    if not result.exists():
+        return LocalStatus(preset.name, "absent", result)
+    manifest = _read_manifest(root, preset)
+    if manifest:
+        missing, changed, size = [], False, 0
+        for path, entry in manifest.items():
+            try:
+                stat = (local_dir / path).stat()
+            except FileNotFoundError:
+                missing.append(path)
+                continue
+            size += stat.st_size
+            changed |= stat.st_size != entry.get("size") or stat.st_mtime_ns != entry.get("mtime_ns")
+        if missing:
+            return LocalStatus(preset.name, "incomplete", result, size, tuple(sorted(missing)))
+        return LocalStatus(preset.name, "changed" if changed else "verified", result, size)
+    missing = tuple(sorted(_missing_offline(preset, local_dir, None)))
+    files = [result] if result.is_file() else [f for f in result.rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    return LocalStatus(preset.name, "incomplete" if missing else "present", result, size, missing)
+
+
 # --------------------------------------------------------------------------------------------- client glue
 def _effective_endpoint(endpoint: str | None) -> str | None:
     # Read the env var on every call and pass it explicitly: the client caches its default
