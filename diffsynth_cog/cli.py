@@ -254,8 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_download(sub)
     _add_upload(sub)
     from diffsynth_cog.info import add_info_command
+    from diffsynth_cog.webui import add_webui_command
 
     add_info_command(sub)
+    add_webui_command(sub)
     try:
         from diffsynth_cog.training.cli import add_training_commands
     except ImportError:  # training extras (lightning) not installed
