@@ -29,8 +29,20 @@ setup(
         "flash": ["flash-attn>=2.6"],
         # FlashAttention-3 (Hopper), forward-only build: the fastest exact attention for inference.
         "fa3": ["fa3-fwd>=0.0.3"],
+        # `diffsynth-cog webui` (Gradio 6 API: theme at launch, Video(buttons=...)).
+        "webui": ["gradio>=6.0"],
         # diffusers is the numerical reference the tests compare against; never imported by the library.
-        "test": ["pytest>=8", "diffusers==0.42.1", "peft>=0.13", "lightning>=2.6", "ruff"],
+        # The web UI test drives Debian's chromium/chromedriver (apt, see .ci/run) through Selenium.
+        # DiffSynth-Studio 1.1.9, the sampling reference, is installed without its dependencies by .ci/run.
+        "test": [
+            "pytest>=8",
+            "diffusers==0.42.1",
+            "peft>=0.13",
+            "lightning>=2.6",
+            "ruff",
+            "gradio>=6.0",
+            "selenium>=4.20",
+        ],
     },
     entry_points={"console_scripts": ["diffsynth-cog=diffsynth_cog.cli:main"]},
 )

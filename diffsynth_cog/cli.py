@@ -36,6 +36,8 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not verbose:  # the ModelScope client's retries log a warning each; our error says what failed
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -138,7 +140,7 @@ def _add_upload(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    from diffsynth_cog.downloads import upload_lora
+    from diffsynth_cog.uploads import upload_lora
 
     token = args.token or os.environ.get("MODELSCOPE_API_TOKEN")
     url = upload_lora(args.path, args.repo_id, token=token, endpoint=args.endpoint, visibility=args.visibility)
@@ -251,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_download(sub)
     _add_upload(sub)
+    from diffsynth_cog.info import add_info_command
+    from diffsynth_cog.webui import add_webui_command
+
+    add_info_command(sub)
+    add_webui_command(sub)
     try:
         from diffsynth_cog.training.cli import add_training_commands
     except ImportError:  # training extras (lightning) not installed

@@ -1,4 +1,4 @@
-"""Model downloads from ModelScope into DiffSynth-Studio's `models/` layout, and LoRA uploads.
+"""Model downloads from ModelScope into DiffSynth-Studio's `models/` layout (uploads: `uploads.py`).
 
 Downloads go through the real `modelscope` client (`snapshot_download(..., local_dir=...)`), which
 verifies every file against the Sha256 of the repository listing and resumes `*.incomplete` partial
@@ -295,6 +295,50 @@ def _missing_offline(preset: ModelPreset, local_dir: Path, manifest: Mapping[str
     return missing
 
 
+@dataclass(frozen=True)
+class LocalStatus:
+    """What `models_dir` holds of a preset, judged without network access and without hashing.
+
+    `state`: "verified" (every file as the last verified download left it: size and mtime as in the
+    manifest), "changed" (all present, but some file's size or mtime differs from the manifest: check it
+    with `download --verify`), "present" (everything a complete copy needs is there, no manifest: copied
+    by hand), "incomplete" (`missing` names what is not), or "absent" (nothing there).
+    """
+
+    preset: str
+    state: str
+    path: Path
+    size: int = 0
+    missing: tuple[str, ...] = ()
+
+
+def local_status(preset: ModelPreset, models_dir: str | os.PathLike[str]) -> LocalStatus:
+    """How much of `preset` is in `models_dir` (see `LocalStatus`); reads file metadata only."""
+    root = Path(models_dir)
+    local_dir = preset.local_dir(root)
+    result = preset.result_path(root)
+    if not result.exists():
+        return LocalStatus(preset.name, "absent", result)
+    manifest = _read_manifest(root, preset)
+    if manifest:
+        missing, changed, size = [], False, 0
+        for path, entry in manifest.items():
+            try:
+                stat = (local_dir / path).stat()
+            except FileNotFoundError:
+                missing.append(path)
+                continue
+            size += stat.st_size
+            changed |= stat.st_size != entry.get("size") or stat.st_mtime_ns != entry.get("mtime_ns")
+        if missing:
+            return LocalStatus(preset.name, "incomplete", result, size, tuple(sorted(missing)))
+        return LocalStatus(preset.name, "changed" if changed else "verified", result, size)
+    missing = tuple(sorted(_missing_offline(preset, local_dir, None)))
+    files = [result] if result.is_file() else [f for f in result.rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    return LocalStatus(preset.name, "incomplete" if missing else "present", result, size, missing)
+
+
 # --------------------------------------------------------------------------------------------- client glue
 def _effective_endpoint(endpoint: str | None) -> str | None:
     # Read the env var on every call and pass it explicitly: the client caches its default
@@ -514,54 +558,3 @@ def _download_one(preset: ModelPreset, root: Path, endpoint: str | None, *, veri
             missing=wrong,
         )
     _write_manifest(root, preset, remote)
-
-
-def upload_lora(
-    path: str | os.PathLike[str],
-    repo_id: str,
-    token: str | None = None,
-    endpoint: str | None = None,
-    *,
-    path_in_repo: str | None = None,
-    commit_message: str | None = None,
-    visibility: str = "private",
-    api: Any | None = None,
-) -> str:
-    """Upload a trained LoRA (a `.safetensors` file, or a folder of files) to a ModelScope model repo.
-
-    Creates `repo_id` ("owner/name") if needed (`visibility` "private" by default, so nothing is
-    published by accident), then uploads with `HubApi.upload_file` / `upload_folder`. `token` defaults
-    to the client's stored login or env MODELSCOPE_API_TOKEN; `api` takes an existing
-    `modelscope.hub.api.HubApi` (tests, custom sessions). Returns the repository id.
-    """
-    source = Path(path)
-    if not source.exists():
-        raise FileNotFoundError(f"LoRA to upload not found: {source}")
-    if source.is_file() and source.suffix != ".safetensors":
-        raise ValueError(f"expected a .safetensors LoRA file; got {source}")
-    if not _REPO_ID.match(repo_id):
-        raise ValueError(f"repo_id must look like 'owner/name'; got {repo_id!r}")
-    if visibility not in ("private", "public"):
-        raise ValueError(f"visibility must be 'private' or 'public'; got {visibility!r}")
-    if api is None:
-        from modelscope.hub.api import HubApi
-
-        api = HubApi(endpoint=_effective_endpoint(endpoint), token=token)
-    message = commit_message or f"Upload LoRA {source.name}"
-    api.create_repo(repo_id, visibility=visibility, exist_ok=True)
-    if source.is_file():
-        api.upload_file(
-            repo_id=repo_id,
-            path_or_fileobj=str(source),
-            path_in_repo=path_in_repo or source.name,
-            commit_message=message,
-        )
-    else:
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(source),
-            path_in_repo=path_in_repo or "",
-            commit_message=message,
-        )
-    logger.info("uploaded %s to ModelScope repo %s", source, repo_id)
-    return repo_id

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 SUPPORTED_BETA_SCHEDULES = ("scaled_linear",)
 SUPPORTED_PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
 SUPPORTED_TIMESTEP_SPACINGS = ("trailing", "linspace", "leading")
-SAMPLER_KINDS = ("ddim", "dpm")
+SAMPLER_KINDS = ("ddim", "dpm", "diffsynth")
 
 # Keys of diffusers' scheduler_config.json that do not change the CogVideoX math: the CogVideoX steppers
 # never clip or threshold the x0 prediction, whatever these say.
@@ -371,14 +372,120 @@ class DPMSampler(Sampler):
         return keep * sample + from_x0 * x0_extrapolated + noise_scale * noise, SamplerState(x0=x0, timestep=t)
 
 
+class DiffSynthSampler(Sampler):
+    """DiffSynth-Studio 1.1.x's own DDIM for CogVideoX (its ``EnhancedDDIMScheduler``), to reproduce its videos.
+
+    It differs from the released CogVideoX scheduler in three ways:
+
+    * the schedule is fixed (scaled-linear betas 0.00085 -> 0.012, zero-terminal-SNR rescale, no SNR
+      shift, v-prediction) whatever the model's scheduler_config.json says, and it is computed in
+      float32 (then read back as Python floats);
+    * the timesteps run from ``max_t = round(T * strength) - 1`` down to 0 in equal float strides,
+      each rounded with Python's ``round`` (50 steps: 999, 979, ..., 20, 0);
+    * each step lands on the *next listed* timestep (``a_p = 1`` after the last one), with
+      ``x <- x (sqrt(a_t a_p) + sqrt((1-a_t)(1-a_p))) + v (sqrt(a_t (1-a_p)) - sqrt(a_p (1-a_t)))``.
+
+    The step multiplies in the dtype of the tensors it gets: to reproduce DiffSynth, keep the latents in
+    the pipeline's dtype (see :func:`diffsynth_noise`) and pass the guided DiT output in that dtype.
+    """
+
+    kind = "diffsynth"
+
+    def __init__(self, config: SchedulerConfig, num_inference_steps: int, *, strength: float = 1.0) -> None:
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if config.snr_shift_scale != 1.0:
+            logger.warning(
+                "sampler 'diffsynth' follows DiffSynth-Studio and ignores snr_shift_scale=%s of this model's "
+                "scheduler config (DiffSynth-Studio only runs CogVideoX-5B, which has none)",
+                config.snr_shift_scale,
+            )
+        self.config = config
+        self.num_inference_steps = num_inference_steps
+        n_train = DIFFSYNTH_SCHEDULE.num_train_timesteps
+        root = torch.linspace(  # float32 on purpose, as the reference
+            math.sqrt(DIFFSYNTH_SCHEDULE.beta_start),
+            math.sqrt(DIFFSYNTH_SCHEDULE.beta_end),
+            n_train,
+            dtype=torch.float32,
+        )
+        a = torch.cumprod(1.0 - root.square(), dim=0).sqrt()
+        first, last = a[0].clone(), a[-1].clone()
+        a = ((a - last) * (first / (first - last))).square()
+        self._alphas: list[float] = a.tolist()  # the reference's step works on these Python floats
+        self.alphas_cumprod = torch.tensor(self._alphas, dtype=torch.float64)
+        self._final_alpha = torch.tensor(1.0, dtype=torch.float64)
+
+        max_t = max(round(n_train * strength) - 1, 0)
+        count = min(num_inference_steps, max_t + 1)
+        if count == 1:
+            steps = [max_t]
+        else:
+            stride = max_t / (count - 1)  # divide first, then multiply: the reference's rounding
+            steps = [round(max_t - i * stride) for i in range(count)]
+        self.timesteps = torch.tensor(steps, dtype=torch.int64)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        i: int,
+        sample: torch.Tensor,
+        state: SamplerState | None = None,
+        generator: GeneratorArg = None,
+    ) -> tuple[torch.Tensor, SamplerState]:
+        """One step from ``timesteps[i]`` to ``timesteps[i + 1]`` (a clean sample after the last), in the
+        tensors' dtype. ``state`` and ``generator`` are accepted for a uniform interface and not used."""
+        t = self._timestep(i)
+        a_t = self._alphas[t]
+        a_p = self._alphas[int(self.timesteps[i + 1])] if i + 1 < len(self.timesteps) else 1.0
+        keep = math.sqrt(a_t * a_p) + math.sqrt((1 - a_t) * (1 - a_p))
+        from_v = -math.sqrt(a_p * (1 - a_t)) + math.sqrt(a_t * (1 - a_p))
+        return sample * keep + model_output * from_v, SamplerState(timestep=t)
+
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``clean`` noised to the first timestep (video-to-video), in the tensors' dtype, as the reference."""
+        a = self._alphas[int(self.timesteps[0])]
+        return math.sqrt(a) * clean + math.sqrt(1 - a) * noise
+
+
+# DiffSynth-Studio's CogVideoX schedule constants (its pipeline builds its scheduler with these).
+DIFFSYNTH_SCHEDULE = SchedulerConfig(snr_shift_scale=1.0)
+
+
+def diffsynth_noise(
+    num_frames: int,
+    height: int,
+    width: int,
+    *,
+    seed: int | None,
+    dtype: torch.dtype,
+    channels: int = 16,
+) -> torch.Tensor:
+    """The initial noise DiffSynth-Studio 1.1.x's CogVideo pipeline draws for ``seed``.
+
+    ``torch.randn((1, channels, num_frames // 4 + 1, height // 8, width // 8))`` on the CPU, drawn
+    directly in ``dtype`` (the pipeline's dtype: bf16 noise is not fp32 noise rounded) from
+    ``torch.Generator("cpu").manual_seed(seed)``; ``seed=None`` draws from the global RNG (so
+    ``torch.manual_seed(6)`` before the call reproduces DiffSynth's example). Returns a CPU tensor.
+    """
+    shape = (1, channels, num_frames // 4 + 1, height // 8, width // 8)
+    generator = None if seed is None else torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, device="cpu", dtype=dtype)
+
+
 def make_sampler(
     kind: str, config: SchedulerConfig, num_inference_steps: int, *, strength: float = 1.0
-) -> DDIMSampler | DPMSampler:
-    """``kind``: "ddim" or "dpm". ``strength`` < 1 keeps only the last steps (video-to-video)."""
+) -> DDIMSampler | DPMSampler | DiffSynthSampler:
+    """``kind``: "ddim", "dpm" or "diffsynth" (DiffSynth-Studio's own DDIM, :class:`DiffSynthSampler`).
+    ``strength`` < 1 keeps only the last steps (video-to-video)."""
     if kind == "ddim":
         return DDIMSampler(config, num_inference_steps, strength=strength)
     if kind == "dpm":
         return DPMSampler(config, num_inference_steps, strength=strength)
+    if kind == "diffsynth":
+        return DiffSynthSampler(config, num_inference_steps, strength=strength)
     raise ValueError(f"unknown sampler {kind!r}; choose one of {SAMPLER_KINDS}")
 
 

@@ -10,6 +10,27 @@ The server answers the HTTP calls that modelscope 1.40.2 (through `modelscope_hu
     GET  /api/v1/models/{owner}/{name}                                                   -> repo info
     GET  /api/v1/repos/internalAccelerationInfo                                          -> 404 (no intranet)
 
+Uploads (`HubApi.create_repo`, `upload_file`, `upload_folder`), read off `modelscope_hub` 0.5.1
+(`api.HubApi.create_repo`, `_legacy_api.LegacyClient.create_repo/validate_blobs/upload_blob/create_commit`,
+`_upload.UploadManager`):
+
+    POST /api/v1/models                      {"Path": owner, "Name", "Visibility": 1 private | 5 public, "License"}
+         -> 200 {"Code": 200, "Data": {...}}; an existing repo -> 400 with business Code 10010101001, which
+            the client maps to AlreadyExistsError (`create_repo(exist_ok=True)` and the uploader ignore it)
+    POST /api/v1/repos/models/{owner}/{name}/info/lfs/objects/batch   {"operation": "upload", "objects":
+         [{"oid": sha256, "size"}]} -> Data.objects[i].actions.upload.href = where to PUT the bytes (no
+            "actions" when the blob is already stored: the client skips the transfer)
+    PUT  {href}  (here /lfs/{owner}/{name}/{sha256})  raw bytes; the server checks size and Sha256
+    POST /api/v1/repos/models/{owner}/{name}/commit/{revision}  {"commit_message", "actions": [{"action":
+         "create"|"update"|"delete", "path", "type": "lfs"|"normal", "size", "sha256", "content" (base64
+         for "normal"), "encoding"}]} -> the files appear in the repository (and in the download listing)
+
+LFS ("type": "lfs") is what the client uses for `.safetensors` (its MODEL_LFS_SUFFIX) and for anything
+large; small text files ride inline in the commit. Writes need `Authorization: Bearer <token>` (the
+client also sends the token as cookie `m_session_id`) naming a token in `tokens` whose user is the
+repository's owner: no or an unknown token -> 401 (AuthenticationError), someone else's namespace ->
+403 (PermissionDeniedError). Reads stay anonymous, so a test can download what it uploaded.
+
 File downloads honour `Range: bytes=N-` (and `bytes=N-M`) with `206 Partial Content`, like the real CDN.
 Repositories live in memory; each listing entry carries the file's true Size and Sha256, so
 `corrupt()` makes the server send different bytes of the same length: the client's checksum test
@@ -20,9 +41,11 @@ Only 127.0.0.1 is bound (port 0: the OS picks a free port), so nothing leaves th
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
+import socket
 import sys
 import threading
 from collections import Counter
@@ -37,6 +60,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 
 _MODEL_ROUTE = re.compile(r"^/api/v1/models/(?P<owner>[^/]+)/(?P<name>[^/]+)(?P<rest>/.*)?$")
+_WRITE_ROUTE = re.compile(r"^/api/v1/repos/models/(?P<owner>[^/]+)/(?P<name>[^/]+)/(?P<rest>.+)$")
+_BLOB_ROUTE = re.compile(r"^/lfs/(?P<owner>[^/]+)/(?P<name>[^/]+)/(?P<oid>[0-9a-f]{64})$")
+# Business codes of the real hub that the client maps to exception classes (modelscope_hub.errors).
+CODE_MODEL_EXISTS = 10010101001
+CODE_BAD_TOKEN = 10010103009
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
@@ -52,10 +80,14 @@ class RecordedRequest:
 
 @dataclass
 class EmulatedRepo:
-    """An in-memory model repository: repo path -> bytes; `served` overrides what a download sends."""
+    """An in-memory model repository: repo path -> bytes; `served` overrides what a download sends.
+
+    `visibility` is what `create_repo` asked for (1 private, 5 public); `commits` the commit messages."""
 
     files: dict[str, bytes]
     served: dict[str, bytes] = field(default_factory=dict)
+    visibility: int = 5
+    commits: list[str] = field(default_factory=list)
 
     def body(self, path: str) -> bytes:
         return self.served.get(path, self.files[path])
@@ -79,8 +111,14 @@ class ModelScopeEmulator:
     client (argument `endpoint=` or env `MODELSCOPE_ENDPOINT`).
     """
 
-    def __init__(self, repos: Mapping[str, Mapping[str, bytes]] | None = None) -> None:
+    def __init__(
+        self, repos: Mapping[str, Mapping[str, bytes]] | None = None, tokens: Mapping[str, str] | None = None
+    ) -> None:
+        """`repos`: repo id -> {path: bytes}. `tokens`: access token -> user name (who may write to the
+        repositories under that owner name)."""
         self.repos: dict[str, EmulatedRepo] = {}
+        self.tokens: dict[str, str] = dict(tokens or {})
+        self.blobs: dict[str, bytes] = {}  # LFS storage: sha256 -> bytes
         for repo_id, files in (repos or {}).items():
             self.add_repo(repo_id, files)
         self.requests: list[RecordedRequest] = []
@@ -193,11 +231,135 @@ def _make_handler(emulator: ModelScopeEmulator) -> type[BaseHTTPRequestHandler]:
         def do_HEAD(self) -> None:  # noqa: N802 - http.server naming
             self.do_GET()
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        def _read_body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                parts = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        return b"".join(parts)
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline()
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _start(self) -> tuple[str, dict[str, str]]:
             split = urlsplit(self.path)
             path = unquote(split.path)
             query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
             emulator._record(RecordedRequest(self.command, path, query, dict(self.headers.items())))
+            return path, query
+
+        def _authorized(self, owner: str) -> bool:
+            """Checks the Bearer token against `emulator.tokens`; answers 401/403 itself when it fails."""
+            auth = self.headers.get("Authorization", "")
+            token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
+            user = emulator.tokens.get(token) if token else None
+            if user is None:
+                message = "AccessToken is invalid or expired" if token else "login required: no access token"
+                self._send_json(401, {"Code": CODE_BAD_TOKEN, "Message": message, "Success": False})
+                return False
+            if user != owner:
+                self._send_json(403, {"Code": 403, "Message": f"{user} cannot write to {owner}", "Success": False})
+                return False
+            return True
+
+        def _ok(self, data: Any) -> None:
+            self._send_json(200, {"Code": 200, "Success": True, "Data": data})
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server naming
+            path, _ = self._start()
+            body = self._read_body()
+            try:
+                payload = json.loads(body) if body else {}
+            except json.JSONDecodeError:
+                self._send_json(400, {"Code": 400, "Message": "body is not JSON", "Success": False})
+                return
+            if path == "/api/v1/models":
+                self._create_repo(payload)
+                return
+            match = _WRITE_ROUTE.match(path)
+            if match is None:
+                self._not_found(f"unknown API path {path}")
+                return
+            repo_id = f"{match['owner']}/{match['name']}"
+            if not self._authorized(match["owner"]):
+                return
+            repo = emulator.repos.get(repo_id)
+            if repo is None:
+                self._not_found(f"model {repo_id} does not exist")
+            elif match["rest"] == "info/lfs/objects/batch":
+                self._lfs_batch(repo_id, payload)
+            elif match["rest"].startswith("commit/"):
+                self._commit(repo, payload)
+            else:
+                self._not_found(f"unknown API path {path}")
+
+        def _create_repo(self, payload: dict[str, Any]) -> None:
+            owner, name = str(payload.get("Path", "")), str(payload.get("Name", ""))
+            if not owner or not name:
+                self._send_json(400, {"Code": 400, "Message": "Path and Name are required", "Success": False})
+                return
+            if not self._authorized(owner):
+                return
+            repo_id = f"{owner}/{name}"
+            if repo_id in emulator.repos:
+                message = f"model {repo_id} already exists"
+                self._send_json(400, {"Code": CODE_MODEL_EXISTS, "Message": message, "Success": False})
+                return
+            emulator.repos[repo_id] = EmulatedRepo(files={}, visibility=int(payload.get("Visibility", 5)))
+            self._ok({"Path": owner, "Name": name, "Visibility": emulator.repos[repo_id].visibility})
+
+        def _lfs_batch(self, repo_id: str, payload: dict[str, Any]) -> None:
+            objects = []
+            for obj in payload.get("objects", []):
+                oid, size = str(obj["oid"]), int(obj["size"])
+                entry: dict[str, Any] = {"oid": oid, "size": size}
+                if oid not in emulator.blobs:  # stored blobs are reused: no upload action
+                    entry["actions"] = {"upload": {"href": f"{emulator.endpoint}/lfs/{repo_id}/{oid}"}}
+                objects.append(entry)
+            self._ok({"objects": objects})
+
+        def _commit(self, repo: EmulatedRepo, payload: dict[str, Any]) -> None:
+            staged: dict[str, bytes | None] = {}
+            for action in payload.get("actions", []):
+                path = str(action["path"])
+                if action["action"] == "delete":
+                    staged[path] = None
+                elif action.get("type") == "lfs":
+                    data = emulator.blobs.get(str(action["sha256"]))
+                    if data is None or len(data) != int(action["size"]):
+                        message = f"{path}: LFS object {action['sha256']} was not uploaded"
+                        self._send_json(400, {"Code": 400, "Message": message, "Success": False})
+                        return
+                    staged[path] = data
+                else:
+                    staged[path] = base64.b64decode(action.get("content", ""))
+            for path, data in staged.items():  # all or nothing, like a git commit
+                if data is None:
+                    repo.files.pop(path, None)
+                else:
+                    repo.files[path] = data
+            repo.commits.append(str(payload.get("commit_message", "")))
+            self._ok({"CommitId": hashlib.sha1(repr(sorted(repo.files)).encode()).hexdigest()})
+
+        def do_PUT(self) -> None:  # noqa: N802 - http.server naming
+            path, _ = self._start()
+            data = self._read_body()
+            match = _BLOB_ROUTE.match(path)
+            if match is None:
+                self._not_found(f"unknown upload path {path}")
+                return
+            if not self._authorized(match["owner"]):
+                return
+            if hashlib.sha256(data).hexdigest() != match["oid"]:
+                self._send_json(400, {"Code": 400, "Message": "content does not match its Sha256", "Success": False})
+                return
+            emulator.blobs[match["oid"]] = data
+            self._ok({})
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server naming
+            path, query = self._start()
 
             if path == "/api/v1/repos/internalAccelerationInfo":
                 # Not inside an Alibaba Cloud region: the client falls back to the public route.
@@ -305,11 +467,20 @@ def emulated_modelscope(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     repos: Mapping[str, Mapping[str, bytes]] | None = None,
+    tokens: Mapping[str, str] | None = None,
 ) -> Iterator[ModelScopeEmulator]:
     """Run an emulator for the duration of a test, with MODELSCOPE_ENDPOINT and the cache isolated.
 
     Test modules wrap this in a fixture (a fixture defined here would have to be star-imported).
     """
-    with ModelScopeEmulator(repos) as emulator:
+    with ModelScopeEmulator(repos, tokens) as emulator:
         isolate_modelscope(monkeypatch, tmp_path / "home", emulator.endpoint)
         yield emulator
+
+
+def closed_port_endpoint() -> str:
+    """An http URL on 127.0.0.1 where nothing listens (bind, read the port, close)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"

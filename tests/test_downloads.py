@@ -9,13 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from modelscope_emulator import ModelScopeEmulator, emulated_modelscope, isolate_modelscope
+from modelscope_emulator import ModelScopeEmulator, closed_port_endpoint, emulated_modelscope, isolate_modelscope
 
 from diffsynth_cog.downloads import (
     MANIFEST_FOLDER,
@@ -25,7 +23,6 @@ from diffsynth_cog.downloads import (
     UnknownPresetError,
     download_models,
     get_preset,
-    upload_lora,
 )
 
 COG_2B = "ZhipuAI/CogVideoX-2b"
@@ -73,14 +70,6 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[ModelScopeE
 @pytest.fixture
 def models_dir(tmp_path: Path) -> Path:
     return tmp_path / "models"
-
-
-def closed_port_endpoint() -> str:
-    """An http URL on 127.0.0.1 where nothing listens (bind, read the port, close)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 def file_downloads(hub: ModelScopeEmulator) -> list[str]:
@@ -260,36 +249,3 @@ def test_presets_match_diffsynth_layout() -> None:
     assert lora.result_path("models") == Path("models/lora") / LORA_FILE
     with pytest.raises(ValueError, match="exactly one"):
         ModelPreset(name="x", model_id="a/b", subfolder="x")
-
-
-class FakeHubApi:
-    """Records the calls upload_lora makes (the real upload protocol is not emulated)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-
-    def create_repo(self, repo_id: str, **kwargs: Any) -> None:
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-
-    def upload_file(self, **kwargs: Any) -> dict:
-        self.calls.append(("upload_file", kwargs))
-        return {}
-
-    def upload_folder(self, **kwargs: Any) -> dict:
-        self.calls.append(("upload_folder", kwargs))
-        return {}
-
-
-def test_upload_lora_creates_private_repo_then_uploads(tmp_path: Path) -> None:
-    lora = tmp_path / "my_lora.safetensors"
-    lora.write_bytes(b"weights")
-    api = FakeHubApi()
-    assert upload_lora(lora, "me/my-lora", api=api) == "me/my-lora"
-    assert api.calls[0] == ("create_repo", {"repo_id": "me/my-lora", "visibility": "private", "exist_ok": True})
-    assert api.calls[1][0] == "upload_file"
-    assert api.calls[1][1]["path_in_repo"] == "my_lora.safetensors"
-    assert api.calls[1][1]["path_or_fileobj"] == str(lora)
-    with pytest.raises(ValueError, match="owner/name"):
-        upload_lora(lora, "no-owner", api=api)
-    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
-        upload_lora(tmp_path / "missing.safetensors", "me/x", api=api)
