@@ -70,7 +70,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="denoising steps (DiffSynth's ExVideo example uses 100)")
     p.add_argument("--cfg-scale", type=float, default=7.0)
     p.add_argument("--dynamic-cfg", action="store_true", help="guidance growing over the steps")
-    p.add_argument("--sampler", choices=["ddim", "dpm"], default="ddim")
+    p.add_argument(
+        "--sampler",
+        choices=["ddim", "dpm", "diffsynth"],
+        default="ddim",
+        help="ddim (default), dpm, or diffsynth: DiffSynth-Studio 1.1.x's own DDIM and seed conventions",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--quality", type=int, default=5, help="mp4 quality 1-10")

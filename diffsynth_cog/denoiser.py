@@ -74,7 +74,7 @@ class StepSkipper(Protocol):
         ...
 
     def end_step(self) -> None:
-        """The current step's calls are done."""
+        """The current step's calls are done (called by the sampling loop once per step)."""
         ...
 
 
@@ -107,8 +107,9 @@ class Denoiser:
         step_skip: a :class:`StepSkipper` (default: every block at every step).
         tiles: run the DiT on overlapping spatial tiles (pixels; see ``tiling.TileSpec``).
 
-    Call :meth:`start` before each generation (it resets the step-skipping state); then call the
-    denoiser once per step, with every step's timestep.
+    Call :meth:`start` before each generation (it resets the step-skipping state), then for every step
+    call the denoiser (once, or once per ``call`` name when a step makes several DiT calls, e.g. the two
+    guidance halves separately) and :meth:`end_step`.
     """
 
     def __init__(
@@ -149,6 +150,11 @@ class Denoiser:
         if self.step_skip is not None:
             self.step_skip.start(num_steps)
 
+    def end_step(self) -> None:
+        """Every DiT call of the current step has been made."""
+        if self.step_skip is not None:
+            self.step_skip.end_step()
+
     def _attend(self, layout: TokenLayout, device: torch.device) -> Attend:
         if self.attention is None:
             return dense_attention(choose_backend(self.dit.attention_backend))
@@ -168,22 +174,21 @@ class Denoiser:
         patches = self.split.gather(self.dit.project(state), state)
         return self.dit.unpatchify(patches, state.shape)
 
-    def __call__(self, latents: torch.Tensor, timestep: int, context: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, latents: torch.Tensor, timestep: int, context: torch.Tensor, call: Hashable = None
+    ) -> torch.Tensor:
         """latents [B, C_in, T, H, W] (any float dtype), timestep (one for the batch), context [B, L, D_text]
-        -> v-prediction [B, C_out, T, H, W] in float32."""
+        -> v-prediction [B, C_out, T, H, W] in float32. ``call`` names this call within its step when a
+        step makes several (each keeps its own step-skipping state)."""
         dtype = self.dit.proj_out.weight.dtype
         x = latents.to(dtype)
         t = torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
         context = context.to(dtype)
         if self.tiles is None:
-            v = self.call_dit(x, t, context)
+            v = self.call_dit(x, t, context, key=(call, (0, 0)))
         else:
             p = self.dit.config.patch_size
             grid = self.tiles.grid(tuple(x.shape[-2:]), pixels_per_unit=8, multiple=p)
-            if grid.single:
-                v = self.call_dit(x, t, context, key=(0, 0))
-            else:
-                v = map_tiles(x, grid, lambda tile, start: self.call_dit(tile, t, context, key=start).float())
-        if self.step_skip is not None:
-            self.step_skip.end_step()
+            run = lambda tile, start: self.call_dit(tile, t, context, key=(call, start)).float()  # noqa: E731
+            v = run(x, (0, 0)) if grid.single else map_tiles(x, grid, run)
         return v.float()

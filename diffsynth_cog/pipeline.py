@@ -29,8 +29,8 @@ from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.vae import CogVAEDecoder, CogVAEEncoder
 from diffsynth_cog.offload import ModelOffloader
-from diffsynth_cog.sampling import Conditions, StepCallback, denoise, draw_noise
-from diffsynth_cog.schedulers import Sampler, SchedulerConfig, add_noise, make_sampler, scheduler_preset
+from diffsynth_cog.sampling import DIFFUSERS, Conditions, Conventions, StepCallback, conventions_for, denoise
+from diffsynth_cog.schedulers import Sampler, SchedulerConfig, make_sampler, scheduler_preset
 from diffsynth_cog.step_cache import StepCache
 from diffsynth_cog.tiling import TileSpec
 from diffsynth_cog.video_io import load_image, tensor_to_frames, video_to_tensor
@@ -138,13 +138,16 @@ class CogVideoPipeline:
             emb = self.text_encoder.encode(prompt, device=self.device)
         return emb.to(self.device, self.torch_dtype)
 
-    def encode_video(self, video: torch.Tensor, tiled: bool, generator: torch.Generator | None) -> torch.Tensor:
-        """Pixels [B, 3, F, H, W] in [-1, 1] -> scaled latents [B, C, T, h, w] (posterior sample)."""
+    def encode_video(
+        self, video: torch.Tensor, tiled: bool, generator: torch.Generator | None, sample: bool = True
+    ) -> torch.Tensor:
+        """Pixels [B, 3, F, H, W] in [-1, 1] -> scaled latents [B, C, T, h, w] (a posterior sample drawn from
+        ``generator``, or with ``sample=False`` the posterior mean)."""
         if self.vae_encoder is None:
             raise ValueError("input_video / input_image need the VAE encoder: load the VAE")
         with self.offloader.using("vae_encoder"):
             latents = self.vae_encoder.encode(
-                video.to(self.device, self.torch_dtype), tiled=tiled, sample=True, generator=generator
+                video.to(self.device, self.torch_dtype), tiled=tiled, sample=sample, generator=generator
             )
         return latents.float() * self.vae_encoder.config.scaling_factor
 
@@ -176,6 +179,7 @@ class CogVideoPipeline:
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str],
         *,
+        conventions: Conventions = DIFFUSERS,
         guided: bool,
         prompt_emb: torch.Tensor | None = None,
         negative_prompt_emb: torch.Tensor | None = None,
@@ -199,28 +203,37 @@ class CogVideoPipeline:
             image_latents = torch.cat([first, pad], dim=2)
             if guided:
                 image_latents = torch.cat([image_latents] * 2)
-        return Conditions(context=context.to(self.device, self.torch_dtype), image_latents=image_latents, guided=guided)
+        return Conditions(
+            context=context.to(self.device, self.torch_dtype),
+            image_latents=image_latents,
+            guided=guided,
+            one_batch=conventions.one_batch_guidance,
+        )
 
     def initial_latents(
         self,
         latent_shape: tuple[int, int, int, int, int],
         sampler: Sampler,
-        generator: torch.Generator,
+        generator: torch.Generator | None,
         *,
+        conventions: Conventions = DIFFUSERS,
+        seed: int | None = None,
         latents: torch.Tensor | None = None,
         input_video: torch.Tensor | None = None,
         tiled: bool = False,
     ) -> torch.Tensor:
-        """Stage 2: the latents the loop starts from (float32, on the device): noise, or for video-to-video the
-        encoded video noised to the sampler's first timestep. ``latents`` replaces the drawn noise."""
+        """Stage 2: the latents the loop starts from (on the device; float32, or the pipeline's dtype under
+        DiffSynth's conventions): noise, or for video-to-video the encoded video noised to the sampler's first
+        timestep. ``latents`` replaces the drawn noise."""
+        dtype = self.torch_dtype if conventions.model_dtype_latents else torch.float32
         clean = None
-        if input_video is not None:  # encoded first: the reference draws its posterior sample before the noise
-            clean = self.encode_video(input_video, tiled, generator)
-        noise = draw_noise(latent_shape, generator) if latents is None else latents
-        noise = noise.to(self.device, torch.float32)
+        if input_video is not None:  # encoded first: the references draw the posterior sample before the noise
+            clean = self.encode_video(input_video, tiled, generator, sample=conventions.posterior_sample)
+        noise = conventions.noise(latent_shape, generator, seed, dtype) if latents is None else latents
+        noise = noise.to(self.device, dtype)
         if clean is None:
             return noise
-        return add_noise(clean, noise, int(sampler.timesteps[0]), sampler.alphas_cumprod.float())
+        return sampler.add_noise(clean.to(dtype), noise)
 
     def decode(self, latents: torch.Tensor, output_type: str, tiled: bool, progress: bool):
         """Stage 4: final latents -> the requested output (pil frames, a float array, or the latents)."""
@@ -269,9 +282,12 @@ class CogVideoPipeline:
                 of the schedule is run (1.0 = from pure noise).
             height, width: multiples of 16. num_frames: 4k+1 (49; 129 with the ExVideo LoRA).
             cfg_scale: classifier-free guidance (<= 1 disables it: one DiT pass per step).
-            sampler: "ddim" (deterministic) or "dpm" (stochastic; its noise comes from the generator).
+            sampler: "ddim" (deterministic), "dpm" (stochastic; its noise comes from the generator), or
+                "diffsynth": DiffSynth-Studio 1.1.x's own DDIM and conventions (its noise from a seed, latents in
+                the pipeline's dtype, two DiT calls for guidance), so a seed gives DiffSynth's video.
             seed / generator: the initial noise (and DPM's per-step noise). A seed makes a CPU generator,
-                so results do not depend on the device; a seed gives the noise diffusers' pipelines draw.
+                so results do not depend on the device; a seed gives the noise diffusers' pipelines draw
+                (DiffSynth's with sampler="diffsynth", where no seed means torch's global RNG, as there).
             latents: initial noise [B, C, T, H/8, W/8] instead of drawing it.
             tiled: tiled VAE. dit_tiled: the DiT on overlapping spatial tiles (True: 480x720-pixel tiles
                 overlapping by half; or a ``tiling.TileSpec``).
@@ -313,12 +329,15 @@ class CogVideoPipeline:
         denoiser = self.make_denoiser(attention=attention, step_cache=step_cache, dit_tiles=tiles)
         strength = denoising_strength if video is not None else 1.0
         steps = make_sampler(sampler, self.scheduler_config, num_inference_steps, strength=strength)
-        generator = generator if generator is not None else seeded_generator(seed)
+        conventions = conventions_for(sampler)
+        if generator is None and not (seed is None and conventions.seedless_global_rng):
+            generator = seeded_generator(seed)
 
-        guided = cfg_scale > 1.0
+        guided = conventions.guided(cfg_scale)
         conditions = self.encode_conditions(
             prompt,
             negative_prompt,
+            conventions=conventions,
             guided=guided,
             prompt_emb=prompt_emb,
             negative_prompt_emb=negative_prompt_emb,
@@ -327,7 +346,16 @@ class CogVideoPipeline:
             tiled=tiled,
             generator=generator,
         )
-        start = self.initial_latents(latent_shape, steps, generator, latents=latents, input_video=video, tiled=tiled)
+        start = self.initial_latents(
+            latent_shape,
+            steps,
+            generator,
+            conventions=conventions,
+            seed=seed,
+            latents=latents,
+            input_video=video,
+            tiled=tiled,
+        )
         with self.offloader.using("dit"):
             final = denoise(
                 denoiser,

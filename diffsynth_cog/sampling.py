@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffsynth_cog.denoiser import Denoiser
-from diffsynth_cog.schedulers import Sampler
+from diffsynth_cog.schedulers import Sampler, diffsynth_noise
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, latents [B, C, T, H, W])
 
@@ -25,12 +25,14 @@ class Conditions:
 
     context: text embeddings [B, L, D] ([negative, positive] stacked along B with guidance);
     image_latents: the I2V image's latent frames, zero-padded in time, as extra input channels
-    [B, C, T, h, w] (stacked like ``context``), or None; guided: whether ``context`` holds both halves.
+    [B, C, T, h, w] (stacked like ``context``), or None; guided: whether ``context`` holds both halves;
+    one_batch: both halves go through the DiT as one batch (else as two calls, positive first).
     """
 
     context: torch.Tensor
     image_latents: torch.Tensor | None
     guided: bool
+    one_batch: bool = True
 
 
 def draw_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -38,6 +40,61 @@ def draw_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tens
     [B, T, C, H, W] order so that a seed gives the same noise as diffusers' CogVideoX pipelines."""
     b, c, t, h, w = shape
     return torch.randn((b, t, c, h, w), generator=generator, device=generator.device).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """How a reference implementation samples, so that a seed reproduces its videos.
+
+    name: the sampler names that follow these conventions select them (see :func:`conventions_for`);
+    guidance_above_one: guidance runs when cfg_scale > 1 (diffusers) rather than when it is not 1 (DiffSynth);
+    model_dtype_latents: the latents (and the guidance arithmetic) stay in the pipeline's dtype through the
+    loop, instead of float32; one_batch_guidance: both guidance halves go through the DiT as one batch,
+    instead of two calls (positive, then negative); posterior_sample: video-to-video encodes a sample of the
+    VAE posterior (drawn from the generator) rather than its mean; seedless_global_rng: without a seed or a
+    generator the noise comes from torch's global RNG (DiffSynth's example seeds it with torch.manual_seed).
+    """
+
+    name: str
+    guidance_above_one: bool = True
+    model_dtype_latents: bool = False
+    one_batch_guidance: bool = True
+    posterior_sample: bool = True
+    seedless_global_rng: bool = False
+
+    def guided(self, cfg_scale: float) -> bool:
+        return cfg_scale > 1.0 if self.guidance_above_one else cfg_scale != 1.0
+
+    def noise(
+        self,
+        shape: tuple[int, int, int, int, int],
+        generator: torch.Generator | None,
+        seed: int | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The initial noise [B, C, T, H, W] this reference draws (float32 or ``dtype``, per the conventions)."""
+        if self.model_dtype_latents:  # DiffSynth draws [B, C, T, H, W] directly in the pipeline's dtype
+            b, c, t, h, w = shape
+            return diffsynth_noise(
+                (t - 1) * 4 + 1, h * 8, w * 8, seed=seed, dtype=dtype, channels=c, generator=generator
+            )
+        return draw_noise(shape, generator)
+
+
+DIFFUSERS = Conventions("diffusers")
+DIFFSYNTH = Conventions(
+    "diffsynth",
+    guidance_above_one=False,
+    model_dtype_latents=True,
+    one_batch_guidance=False,
+    posterior_sample=False,
+    seedless_global_rng=True,
+)
+
+
+def conventions_for(sampler: str) -> Conventions:
+    """The released samplers ("ddim", "dpm") follow diffusers; "diffsynth" follows DiffSynth-Studio 1.1.x."""
+    return DIFFSYNTH if sampler == "diffsynth" else DIFFUSERS
 
 
 def guidance_scale(cfg_scale: float, timestep: int, num_inference_steps: int, dynamic: bool) -> float:
@@ -50,11 +107,16 @@ def guidance_scale(cfg_scale: float, timestep: int, num_inference_steps: int, dy
 
 
 def velocity(denoiser: Denoiser, latents: torch.Tensor, timestep: int, conditions: Conditions) -> torch.Tensor:
-    """The DiT's v-prediction for latents [B, C, T, h, w] (float32), both guidance halves in one batch."""
+    """The DiT's v-prediction (float32) for latents [B, C, T, h, w]; with guidance, both halves stacked
+    [negative, positive] along B, from one batched call or two calls."""
     x = torch.cat([latents] * 2) if conditions.guided else latents
     if conditions.image_latents is not None:  # I2V: the image's latent rides along as extra channels
         x = torch.cat([x, conditions.image_latents.to(x.dtype)], dim=1)
-    return denoiser(x, timestep, conditions.context)
+    if not conditions.guided or conditions.one_batch:
+        return denoiser(x, timestep, conditions.context)
+    (x_neg, x_pos), (c_neg, c_pos) = x.chunk(2), conditions.context.chunk(2)
+    v_pos = denoiser(x_pos, timestep, c_pos, call="positive")
+    return torch.cat([denoiser(x_neg, timestep, c_neg, call="negative"), v_pos])
 
 
 def denoise(
@@ -69,15 +131,18 @@ def denoise(
     callback: StepCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Runs every step of ``sampler`` from ``latents`` [B, C, T, h, w] (float32) and returns the final latents.
+    """Runs every step of ``sampler`` from ``latents`` [B, C, T, h, w] and returns the final latents.
 
-    ``generator`` feeds stochastic samplers (DPM); ``callback(i, timestep, latents)`` runs after each step.
+    The latents keep their dtype (float32, or the model's under DiffSynth's conventions), and so does the
+    guidance arithmetic. ``generator`` feeds stochastic samplers (DPM); ``callback(i, timestep, latents)``
+    runs after each step.
     """
     timesteps = sampler.timesteps.tolist()
     denoiser.start(len(timesteps))
     state = None
     for i, timestep in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
-        v = velocity(denoiser, latents, timestep, conditions)
+        v = velocity(denoiser, latents, timestep, conditions).to(latents.dtype)
+        denoiser.end_step()
         if conditions.guided:
             scale = guidance_scale(cfg_scale, timestep, len(timesteps), dynamic_cfg)
             v_uncond, v_text = v.chunk(2)

@@ -297,6 +297,10 @@ class Sampler:
     ) -> tuple[torch.Tensor, SamplerState]:
         raise NotImplementedError
 
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``clean`` noised to the first timestep (video-to-video): x = sqrt(a) clean + sqrt(1 - a) noise."""
+        return add_noise(clean, noise, int(self.timesteps[0]), self.alphas_cumprod.float())
+
 
 class DDIMSampler(Sampler):
     """Deterministic DDIM (eta = 0): x_s = sqrt(a_s) x0 + sqrt(1-a_s) eps_hat, eps_hat taken from x_t."""
@@ -462,17 +466,21 @@ def diffsynth_noise(
     seed: int | None,
     dtype: torch.dtype,
     channels: int = 16,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The initial noise DiffSynth-Studio 1.1.x's CogVideo pipeline draws for ``seed``.
 
     ``torch.randn((1, channels, num_frames // 4 + 1, height // 8, width // 8))`` on the CPU, drawn
     directly in ``dtype`` (the pipeline's dtype: bf16 noise is not fp32 noise rounded) from
     ``torch.Generator("cpu").manual_seed(seed)``; ``seed=None`` draws from the global RNG (so
-    ``torch.manual_seed(6)`` before the call reproduces DiffSynth's example). Returns a CPU tensor.
+    ``torch.manual_seed(6)`` before the call reproduces DiffSynth's example); a ``generator`` replaces the
+    seed. Returns a tensor on the generator's device (the CPU without one).
     """
     shape = (1, channels, num_frames // 4 + 1, height // 8, width // 8)
-    generator = None if seed is None else torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, device="cpu", dtype=dtype)
+    if generator is None and seed is not None:
+        generator = torch.Generator("cpu").manual_seed(seed)
+    device = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
 def make_sampler(

@@ -215,6 +215,9 @@ def test_denoise_loop_alone_with_a_stand_in_denoiser():
         def start(self, num_steps):
             self.steps = num_steps
 
+        def end_step(self):
+            pass
+
         def __call__(self, latents, timestep, context):
             return torch.zeros_like(latents, dtype=torch.float32)
 

@@ -158,7 +158,6 @@ def test_step_and_add_noise_match_diffsynth_scheduler_bitwise(dtype: torch.dtype
 # End to end: the pipeline's "diffsynth" mode against DiffSynth's loop (needs the pipeline wiring)
 
 HEIGHT, WIDTH, FRAMES = 32, 48, 9  # latents [1, 16, 3, 4, 6]
-WIRING = "the pipeline does not use DiffSynth's noise, dtype and two-call CFG for sampler='diffsynth' yet"
 
 
 @pytest.fixture(scope="module")
@@ -217,13 +216,12 @@ def ours(pipe: CogVideoPipeline, posi, nega, *, steps: int, cfg: float, seed: in
     )
 
 
-# In fp32 without guidance the sampler and the seed's noise alone decide the result, so that case holds
-# already; guidance (two DiT calls) and the pipeline dtype need the pipeline wiring.
+# fp32 and bf16, with and without guidance (two DiT calls per step, latents in the pipeline's dtype).
 CASES = [
     pytest.param(torch.float32, 1.0, id="fp32-nocfg"),
-    pytest.param(torch.float32, 7.0, id="fp32-cfg7", marks=pytest.mark.xfail(strict=True, reason=WIRING)),
-    pytest.param(torch.bfloat16, 7.0, id="bf16-cfg7", marks=pytest.mark.xfail(strict=True, reason=WIRING)),
-    pytest.param(torch.bfloat16, 1.0, id="bf16-nocfg", marks=pytest.mark.xfail(strict=True, reason=WIRING)),
+    pytest.param(torch.float32, 7.0, id="fp32-cfg7"),
+    pytest.param(torch.bfloat16, 7.0, id="bf16-cfg7"),
+    pytest.param(torch.bfloat16, 1.0, id="bf16-nocfg"),
 ]
 
 

@@ -151,7 +151,10 @@ def test_reused_residual_reproduces_the_full_output_when_the_input_does_not_chan
         cache = StepCache(threshold=0.01, warmup=1)
         denoiser = Denoiser(dit, step_skip=cache)
         denoiser.start(3)
-        outs = [denoiser(x, 500, p) for _ in range(3)]
+        outs = []
+        for _ in range(3):
+            outs.append(denoiser(x, 500, p))
+            denoiser.end_step()
     assert cache.computed_steps == [0, 2] and cache.skipped_steps == [1]
     assert cache.distances == [None, 0.0, 0.0]
     assert torch.equal(outs[0], full)
@@ -193,3 +196,15 @@ def test_step_cache_composes_with_dit_tiles_keeping_one_state_per_tile(pipe):
     got = generate(pipe, 6, dit_tiled=TILES, step_cache=skipping)
     assert skipping.skipped_steps == [2, 3, 4] and skipping.computed_steps == [0, 1, 5]
     assert torch.isfinite(got).all() and not torch.equal(got, tiled)
+
+
+def test_step_cache_keeps_one_state_per_guidance_call_when_a_step_makes_two(pipe):
+    # sampler="diffsynth" makes two DiT calls per step (positive, negative): each keeps its own residual.
+    options = dict(sampler="diffsynth", seed=3)
+    exact = generate(pipe, 6, **options)
+    cache = StepCache(threshold=0.0)
+    assert torch.equal(generate(pipe, 6, step_cache=cache, **options), exact)
+    assert len(cache.distances) == 12 and cache.stats()["computed"] == 6
+    skipping = StepCache(threshold=1e9, warmup=2)
+    generate(pipe, 6, step_cache=skipping, **options)
+    assert skipping.skipped_steps == [2, 3, 4]
