@@ -13,18 +13,18 @@ Tolerance 1e-5 relative in fp32.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_diffusers_dit, make_diffusers_vae, save_tiny_model_folder
+from tiny_models import SCALING_2B, save_tiny_2b_folder, save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
 
 RTOL = 1e-5
 HEIGHT, WIDTH = 32, 48  # latents 4 x 6 = the tiny DiT's base grid
-SCALING_2B = 1.15258426  # the released CogVideoX-2b VAE's scaling_factor
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,10 +46,9 @@ def scheduler_kwargs(snr_shift_scale: float) -> dict:
 
 @pytest.fixture(scope="module")
 def folder_2b(tmp_path_factory):
-    root = save_tiny_model_folder(tmp_path_factory.mktemp("tiny-2b"), "cogvideox-2b", seed=8)
-    make_diffusers_dit("cogvideox-2b", seed=8, max_text_seq_length=226).save_pretrained(root / "transformer")
-    make_diffusers_vae(seed=8, scaling_factor=SCALING_2B).save_pretrained(root / "vae")
-    return root
+    folder = save_tiny_2b_folder(tmp_path_factory.mktemp("tiny-2b"), seed=8)
+    assert json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"] == SCALING_2B
+    return folder
 
 
 @pytest.fixture(scope="module")

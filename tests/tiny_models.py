@@ -107,3 +107,16 @@ def save_tiny_model_folder(root: Path, preset: str = "cogvideox-5b", seed: int =
         snr_shift_scale=shift,
     ).save_config(root / "scheduler")
     return root
+
+
+SCALING_2B = 1.15258426  # the released CogVideoX-2b VAE's scaling_factor (5B: 0.7)
+
+
+def save_tiny_2b_folder(root: Path, seed: int = 0, sampler: str = "ddim") -> Path:
+    """A tiny model folder with the 2B structure throughout: sin-cos positions sized for the real 226
+    text tokens (the T5 encoder's default, so no length override is needed), the 2B VAE scaling factor
+    and the 2B scheduler (SNR shift 3.0)."""
+    root = save_tiny_model_folder(root, "cogvideox-2b", seed=seed, sampler=sampler)
+    make_diffusers_dit("cogvideox-2b", seed=seed, max_text_seq_length=226).save_pretrained(root / "transformer")
+    make_diffusers_vae(seed=seed, scaling_factor=SCALING_2B).save_pretrained(root / "vae")
+    return root
