@@ -19,7 +19,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from tiny_models import SCALING_2B, save_tiny_2b_folder, save_tiny_model_folder
+from tiny_models import SCALING_2B, load_diffusers_pipeline, save_tiny_2b_folder, save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
 
@@ -29,19 +29,6 @@ HEIGHT, WIDTH = 32, 48  # latents 4 x 6 = the tiny DiT's base grid
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
-
-
-def scheduler_kwargs(snr_shift_scale: float) -> dict:
-    return dict(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="v_prediction",
-        rescale_betas_zero_snr=True,
-        set_alpha_to_one=True,
-        timestep_spacing="trailing",
-        snr_shift_scale=snr_shift_scale,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -58,26 +45,10 @@ def ours_2b(folder_2b):
 
 
 def reference(folder, sampler: str, snr_shift_scale: float):
-    """diffusers' CogVideoXPipeline on ``folder``, with an explicitly built scheduler."""
-    from diffusers import (
-        AutoencoderKLCogVideoX,
-        CogVideoXDDIMScheduler,
-        CogVideoXDPMScheduler,
-        CogVideoXPipeline,
-        CogVideoXTransformer3DModel,
-    )
-    from transformers import AutoTokenizer, T5EncoderModel
+    """diffusers' CogVideoXPipeline on ``folder``, with the released scheduler of that SNR shift."""
+    from diffusers import CogVideoXPipeline
 
-    cls = CogVideoXDDIMScheduler if sampler == "ddim" else CogVideoXDPMScheduler
-    pipe = CogVideoXPipeline(
-        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
-        text_encoder=T5EncoderModel.from_pretrained(folder / "text_encoder"),
-        vae=AutoencoderKLCogVideoX.from_pretrained(folder / "vae"),
-        transformer=CogVideoXTransformer3DModel.from_pretrained(folder / "transformer"),
-        scheduler=cls(**scheduler_kwargs(snr_shift_scale)),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_diffusers_pipeline(CogVideoXPipeline, folder, sampler, snr_shift_scale)
 
 
 def initial_latents(frames: int, seed: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import save_tiny_2b_folder, save_tiny_model_folder
+from tiny_models import load_diffusers_pipeline, save_tiny_2b_folder, save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
 
@@ -65,25 +65,9 @@ def input_frames() -> list[Image.Image]:
 
 
 def reference(folder, sampler: str):
-    from diffusers import (
-        AutoencoderKLCogVideoX,
-        CogVideoXDDIMScheduler,
-        CogVideoXDPMScheduler,
-        CogVideoXTransformer3DModel,
-        CogVideoXVideoToVideoPipeline,
-    )
-    from transformers import AutoTokenizer, T5EncoderModel
+    from diffusers import CogVideoXVideoToVideoPipeline
 
-    cls = CogVideoXDDIMScheduler if sampler == "ddim" else CogVideoXDPMScheduler
-    pipe = CogVideoXVideoToVideoPipeline(
-        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
-        text_encoder=T5EncoderModel.from_pretrained(folder / "text_encoder"),
-        vae=AutoencoderKLCogVideoX.from_pretrained(folder / "vae"),
-        transformer=CogVideoXTransformer3DModel.from_pretrained(folder / "transformer"),
-        scheduler=cls.from_pretrained(folder / "scheduler"),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_diffusers_pipeline(CogVideoXVideoToVideoPipeline, folder, sampler)
 
 
 def diffusers_noise(channels: int) -> torch.Tensor:
