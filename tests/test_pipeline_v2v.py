@@ -11,7 +11,7 @@ of the schedule. What must be lined up is the randomness, since the two draw it 
 
 So both get a generator with the same seed and ours gets, as ``latents``, the very noise diffusers draws
 second. For DDIM (no per-step noise) that is all: diffusers runs untouched. For DPM, diffusers' generator
-would be N numbers further on when the steps begin; there, diffusers' noise draw in ``prepare_latents``
+would be one noise tensor further on when the steps begin; there, diffusers' noise draw in ``prepare_latents``
 is handed the same tensor instead of drawing it (the reference has no argument for that noise: its
 ``latents`` replaces the encoded video altogether), and every other draw stays the generator's.
 
