@@ -449,10 +449,17 @@ def isolate_modelscope(monkeypatch: pytest.MonkeyPatch, home: Path, endpoint: st
     `modelscope_hub.HubConfig` reads these variables when it is built, but the client keeps one
     default config per process (`get_default_config()`), so that cached config is dropped here and
     again when the test ends (monkeypatch restores the attribute).
+
+    The client retries a failed file listing (4 attempts, sleeping 1, 2, 4 s between them) when the
+    endpoint cannot be reached, as it does for a real offline machine. Every attempt is still made
+    here, but without the sleeps: its setting (env MODELSCOPE_REPO_TREE_PAGE_RETRY_MAX_DELAY_SECONDS)
+    is read once at import and cannot be 0, so the imported value is patched.
     """
+    import modelscope_hub._legacy_api
     import modelscope_hub.config
 
     monkeypatch.setattr(modelscope_hub.config, "_default_config", None)
+    monkeypatch.setattr(modelscope_hub._legacy_api, "REPO_TREE_PAGE_RETRY_MAX_DELAY_SECONDS", 0)
     for name in _ENV_TO_CLEAR:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(home))

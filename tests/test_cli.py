@@ -5,11 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 from tiny_models import save_tiny_model_folder
 
+from diffsynth_cog import CogVideoPipeline, ModelManager, StepCache, quantize_dit
 from diffsynth_cog.cli import main
-from diffsynth_cog.video_io import load_video
+from diffsynth_cog.video_io import load_video, save_video
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +72,79 @@ def test_help_texts(command, option):
     assert "usage: diffsynth-cog" in out and option in out
 
 
-def test_generate_with_int8_weights_and_step_cache(folder, tmp_path):
-    out = tmp_path / "q.mp4"
-    args = ["generate", "--prompt", "a lighthouse", "--model", str(folder), "--lora", "none", "--device", "cpu"]
-    args += ["--dtype", "fp32", "--num-frames", "9", "--height", "32", "--width", "48", "--steps", "4"]
-    args += ["--quantize", "int8", "--step-cache", "0.5", "--output", str(out), "--no-download", "--no-progress"]
-    assert main(args) == 0
-    assert len(load_video(out)) == 9
+# Every option that shapes the output is given, so that the in-process run below can repeat it.
+GENERATE = ["generate", "--prompt", "a lighthouse", "--negative-prompt", "fog", "--lora", "none"]
+GENERATE += ["--device", "cpu", "--dtype", "fp32", "--num-frames", "9", "--height", "32", "--width", "48"]
+GENERATE += ["--steps", "6", "--cfg-scale", "6", "--sampler", "ddim", "--seed", "5", "--no-tiled-vae"]
+GENERATE += ["--fps", "8", "--quality", "10", "--no-download", "--no-progress"]
+# The tiny random DiT changes a lot from step to step (block 0's relative change ~0.5-1.2), so a
+# threshold that skips steps here is larger than the real models' 0.1-0.3.
+STEP_CACHE = 1.0
+
+
+def cli_video(folder, path, *options: str) -> np.ndarray:
+    """Runs ``diffsynth-cog generate`` with ``options``; the mp4's frames as uint8 [F, H, W, 3]."""
+    assert main([*GENERATE, "--model", str(folder), "--output", str(path), *options]) == 0
+    return np.stack([np.asarray(f) for f in load_video(path)])
+
+
+def library_video(folder, path, quantize: str | None = None, step_cache: StepCache | None = None) -> np.ndarray:
+    """The same generation through the library, written and read back as the CLI does."""
+    manager = ModelManager(torch_dtype=torch.float32, device="cpu", file_path_list=[folder])
+    if quantize is not None:
+        quantize_dit(manager.fetch_model("cog_dit"), quantize)
+    pipe = CogVideoPipeline.from_model_manager(manager, device="cpu")
+    frames = pipe(
+        prompt="a lighthouse",
+        negative_prompt="fog",
+        num_frames=9,
+        height=32,
+        width=48,
+        num_inference_steps=6,
+        cfg_scale=6.0,
+        sampler="ddim",
+        seed=5,
+        tiled=False,
+        progress_bar=False,
+        step_cache=step_cache,
+    )
+    save_video(frames, path, fps=8, quality=10)
+    return np.stack([np.asarray(f) for f in load_video(path)])
+
+
+def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+@pytest.fixture(scope="module")
+def plain_video(folder, tmp_path_factory):
+    return cli_video(folder, tmp_path_factory.mktemp("plain") / "plain.mp4")
+
+
+def test_plain_generate_equals_the_library_run(folder, tmp_path, plain_video):
+    """The harness of the two tests below: without options the CLI is the library call it claims to be."""
+    assert np.array_equal(plain_video, library_video(folder, tmp_path / "lib.mp4"))
+
+
+def test_quantize_int8_takes_effect(folder, tmp_path, plain_video):
+    quantized = cli_video(folder, tmp_path / "int8.mp4", "--quantize", "int8")
+    assert mean_abs(quantized, plain_video) > 0.1  # int8 weight error: ~1 level of 255 on average here
+    assert np.array_equal(quantized, library_video(folder, tmp_path / "lib.mp4", quantize="int8"))
+
+
+def test_step_cache_takes_effect(folder, tmp_path, plain_video):
+    cached = cli_video(folder, tmp_path / "cached.mp4", "--step-cache", str(STEP_CACHE))
+    assert mean_abs(cached, plain_video) > 1.0
+    cache = StepCache(STEP_CACHE)
+    assert np.array_equal(cached, library_video(folder, tmp_path / "lib.mp4", step_cache=cache))
+    assert cache.stats()["skipped"] > 0
+
+
+def test_int8_and_step_cache_together(folder, tmp_path, plain_video):
+    both = cli_video(folder, tmp_path / "both.mp4", "--quantize", "int8", "--step-cache", str(STEP_CACHE))
+    cache = StepCache(STEP_CACHE)
+    assert np.array_equal(both, library_video(folder, tmp_path / "lib.mp4", quantize="int8", step_cache=cache))
+    assert cache.stats()["skipped"] > 0
 
 
 def test_cli_attention_choices_match_the_library():

@@ -85,18 +85,12 @@ def make_diffusers_vae(seed: int = 0, **overrides):
     return randomize_(model, seed, scale=0.1).eval()
 
 
-def save_tiny_model_folder(root: Path, preset: str = "cogvideox-5b", seed: int = 0, sampler: str = "ddim") -> Path:
-    """A whole CogVideoX model folder (text_encoder/, tokenizer/, transformer/, vae/, scheduler/) of tiny models."""
+def diffusers_scheduler(sampler: str = "ddim", snr_shift_scale: float = 1.0):
+    """The released CogVideoX scheduler (2B: ``snr_shift_scale`` 3.0, 5B: 1.0) as a diffusers object."""
     from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
-    from tiny_text import make_tiny_text_folder
 
-    root = Path(root)
-    make_tiny_text_folder(root, seed=seed)
-    make_diffusers_dit(preset, seed=seed).save_pretrained(root / "transformer")
-    make_diffusers_vae(seed=seed).save_pretrained(root / "vae")
     cls = CogVideoXDDIMScheduler if sampler == "ddim" else CogVideoXDPMScheduler
-    shift = 3.0 if preset == "cogvideox-2b" else 1.0
-    cls(
+    return cls(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -104,6 +98,53 @@ def save_tiny_model_folder(root: Path, preset: str = "cogvideox-5b", seed: int =
         rescale_betas_zero_snr=True,
         set_alpha_to_one=True,
         timestep_spacing="trailing",
-        snr_shift_scale=shift,
-    ).save_config(root / "scheduler")
+        snr_shift_scale=snr_shift_scale,
+    )
+
+
+def save_tiny_model_folder(root: Path, preset: str = "cogvideox-5b", seed: int = 0, sampler: str = "ddim") -> Path:
+    """A whole CogVideoX model folder (text_encoder/, tokenizer/, transformer/, vae/, scheduler/) of tiny models."""
+    from tiny_text import make_tiny_text_folder
+
+    root = Path(root)
+    make_tiny_text_folder(root, seed=seed)
+    make_diffusers_dit(preset, seed=seed).save_pretrained(root / "transformer")
+    make_diffusers_vae(seed=seed).save_pretrained(root / "vae")
+    diffusers_scheduler(sampler, 3.0 if preset == "cogvideox-2b" else 1.0).save_config(root / "scheduler")
+    return root
+
+
+def load_diffusers_pipeline(pipeline_cls, folder: Path, sampler: str = "ddim", snr_shift_scale: float | None = None):
+    """diffusers' ``pipeline_cls`` (e.g. ``CogVideoXPipeline``) on a tiny model folder, progress bar off.
+
+    The scheduler is read from ``folder/scheduler`` (of the class ``sampler`` names), or, with
+    ``snr_shift_scale``, built as the released one with that shift (for folders without scheduler/)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    if snr_shift_scale is None:
+        scheduler = type(diffusers_scheduler(sampler)).from_pretrained(Path(folder) / "scheduler")
+    else:
+        scheduler = diffusers_scheduler(sampler, snr_shift_scale)
+    pipe = pipeline_cls(
+        tokenizer=AutoTokenizer.from_pretrained(Path(folder) / "tokenizer"),
+        text_encoder=T5EncoderModel.from_pretrained(Path(folder) / "text_encoder"),
+        vae=AutoencoderKLCogVideoX.from_pretrained(Path(folder) / "vae"),
+        transformer=CogVideoXTransformer3DModel.from_pretrained(Path(folder) / "transformer"),
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SCALING_2B = 1.15258426  # the released CogVideoX-2b VAE's scaling_factor (5B: 0.7)
+
+
+def save_tiny_2b_folder(root: Path, seed: int = 0, sampler: str = "ddim") -> Path:
+    """A tiny model folder with the 2B structure throughout: sin-cos positions sized for the real 226
+    text tokens (the T5 encoder's default, so no length override is needed), the 2B VAE scaling factor
+    and the 2B scheduler (SNR shift 3.0)."""
+    root = save_tiny_model_folder(root, "cogvideox-2b", seed=seed, sampler=sampler)
+    make_diffusers_dit("cogvideox-2b", seed=seed, max_text_seq_length=226).save_pretrained(root / "transformer")
+    make_diffusers_vae(seed=seed, scaling_factor=SCALING_2B).save_pretrained(root / "vae")
     return root
