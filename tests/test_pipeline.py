@@ -13,7 +13,7 @@ import torch
 from tiny_models import save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
-from diffsynth_cog.pipeline import check_num_frames
+from diffsynth_cog.configs import check_num_frames
 
 RTOL = 1e-5
 HEIGHT, WIDTH = 32, 48  # latents 4 x 6 = the tiny DiT's base grid

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from diffsynth_cog.configs import VAEConfig
+from diffsynth_cog.configs import DEFAULT_VAE_SCALING_FACTOR, VAE_SCALING_FACTORS, VAEConfig
 from diffsynth_cog.errors import ModelDetectionError, StateDictMismatchError, WeightsFileError
 from diffsynth_cog.loading.build import build_and_load
 from diffsynth_cog.loading.convert import ConversionReport, account_keys, model_shapes
@@ -34,9 +34,6 @@ from diffsynth_cog.models.vae import CogVAE, CogVAEDecoder, CogVAEEncoder
 
 logger = logging.getLogger(__name__)
 
-# The latent scaling factor is a statistic of the training latents, not a weight: it cannot be
-# read from a weights file. 0.7 is the CogVideoX-5B / 5B-I2V value (2B: 1.15258426).
-DEFAULT_SCALING_FACTOR = 0.7
 DIFFUSERS_CLASS_NAME = "AutoencoderKLCogVideoX"
 PARTS = ("encoder", "decoder")
 
@@ -107,7 +104,7 @@ def is_vae_checkpoint(shapes: Mapping[str, tuple[int, ...]]) -> bool:
 def infer_vae_config(
     shapes: Mapping[str, tuple[int, ...]],
     *,
-    scaling_factor: float = DEFAULT_SCALING_FACTOR,
+    scaling_factor: float = DEFAULT_VAE_SCALING_FACTOR,
     norm_num_groups: int = 32,
     temporal_compression_ratio: int = 4,
     source: str = "weights",
@@ -217,11 +214,12 @@ def vae_config_for(source: WeightsSource, *, scaling_factor: float | None = None
     if scaling_factor is None:
         logger.warning(
             "%s: no config.json beside the VAE weights; the latent scaling_factor cannot be read from weights, "
-            "using %s (CogVideoX-5B/5B-I2V). Pass scaling_factor=1.15258426 for CogVideoX-2B.",
+            "using %s (CogVideoX-5B/5B-I2V). Pass scaling_factor=%s for CogVideoX-2B.",
             source.path,
-            DEFAULT_SCALING_FACTOR,
+            DEFAULT_VAE_SCALING_FACTOR,
+            VAE_SCALING_FACTORS["cogvideox-2b"],
         )
-        scaling_factor = DEFAULT_SCALING_FACTOR
+        scaling_factor = DEFAULT_VAE_SCALING_FACTOR
     else:
         logger.info("VAE scaling_factor=%s (given)", scaling_factor)
     return infer_vae_config(tensor_shapes(source), scaling_factor=scaling_factor, source=str(source.path))

@@ -36,7 +36,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from diffsynth_cog.configs import DiTConfig
+from diffsynth_cog.configs import DiTConfig, dit_family
 from diffsynth_cog.errors import StateDictMismatchError
 from diffsynth_cog.loading.dit_loader import infer_dit_config, load_dit
 from diffsynth_cog.loading.state_dict import resolve_weights, tensor_shapes
@@ -99,7 +99,7 @@ def read_scheduler_config(model: str | os.PathLike[str], dit_config: DiTConfig) 
     paths = resolve_model_paths(model)
     if paths.scheduler_config is not None:
         return SchedulerConfig.from_file(paths.scheduler_config)
-    preset = "cogvideox-5b" if dit_config.use_rotary_positional_embeddings else "cogvideox-2b"
+    preset = dit_family(dit_config)
     logger.warning("%s: no scheduler/scheduler_config.json beside the transformer; using the %s preset", model, preset)
     return scheduler_preset(preset)
 

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from diffsynth_cog.configs import check_num_frames
 from diffsynth_cog.loading.vae_loader import load_vae_encoder, scaling_factor_hint
 from diffsynth_cog.models.text_encoder import DEFAULT_MAX_LENGTH, CogTextEncoder, load_text_encoder
 from diffsynth_cog.models.vae import CogVAE, CogVAEEncoder
@@ -53,7 +54,6 @@ from diffsynth_cog.training.data import (
     SkippedSample,
     VideoClipDataset,
     VideoSample,
-    check_num_frames,
     describe_skips,
     first_item,
     load_dataset_index,
