@@ -194,9 +194,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from diffsynth_cog import CogVideoPipeline, ModelManager, load_video, save_video
+    from diffsynth_cog.configs import check_num_frames, check_size
     from diffsynth_cog.models.attention import set_attention_backend
 
-    set_attention_backend(args.attention)  # first: a missing kernel package fails before any loading
+    # First: bad sizes and a missing kernel package fail before any download or loading.
+    check_num_frames(args.num_frames)
+    check_size(args.height, args.width)
+    set_attention_backend(args.attention)
     model_dir = _resolve_model(args)
     lora = _resolve_lora(args, model_dir)
     dtype = getattr(torch, DTYPES[args.dtype])

@@ -49,7 +49,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,10 +58,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffsynth_cog.atomic import save_safetensors_atomic
 from diffsynth_cog.errors import DiffSynthCogError
 from diffsynth_cog.loading.dit_loader import dit_rename
 from diffsynth_cog.loading.state_dict import resolve_weights, safetensors_metadata
@@ -972,8 +971,8 @@ def export_lora(
             ones (e.g. ``ema_lora_state_dicts(...)``); scales still come from the model's layers.
         dtype: of the written tensors (the fold is done in float32 first).
 
-    The file is written to a temporary file in the same folder and moved into place with
-    ``os.replace``: a failed write leaves no partial file and any older file intact.
+    The file is written atomically (:mod:`diffsynth_cog.atomic`): a failed write leaves no partial
+    file and any older file intact.
     """
     layers = lora_layers(model)
     if not layers:
@@ -1000,18 +999,6 @@ def export_lora(
         if k in header or k == _HEADER_CONFIG_KEY:
             raise LoRAError(f"export_lora: metadata key {k!r} is reserved")
         header[k] = v
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(tensors, str(tmp), metadata=header)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    target = save_safetensors_atomic(path, tensors, header)
     logger.info("exported LoRA of %d layers to %s", len(layers), target)
     return target

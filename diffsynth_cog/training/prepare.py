@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from diffsynth_cog.atomic import save_safetensors_atomic, write_json_atomic
 from diffsynth_cog.configs import check_num_frames
 from diffsynth_cog.loading.vae_loader import load_vae_encoder, scaling_factor_hint
 from diffsynth_cog.models.text_encoder import DEFAULT_MAX_LENGTH, CogTextEncoder, load_text_encoder
@@ -47,7 +47,6 @@ from diffsynth_cog.training.cache import (
     manifest_name,
     record_name,
     repair_manifest_tail,
-    write_json_atomic,
 )
 from diffsynth_cog.training.data import (
     SKIP_REASONS,
@@ -182,28 +181,13 @@ def distributed_rank() -> tuple[int, int, int]:
 
 
 # --------------------------------------------------------------------------------------------- writing
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_record(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> int:
-    """Writes a safetensors record atomically (temporary file, fsync, rename); returns its size in bytes.
+    """Writes a safetensors record atomically (see :mod:`diffsynth_cog.atomic`); returns its size in bytes.
 
-    The temporary name is derived from the record's: each record belongs to one rank, so no two
-    processes write it at once, and a leftover from a killed run is simply overwritten.
+    The folder is fsynced after the rename, so the record's name is on disk before the manifest
+    line that vouches for it is appended (and fsynced) by the caller.
     """
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=dict(metadata))
-        _fsync_file(partial)  # the rename must not reach the disk before the data does
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    save_safetensors_atomic(path, tensors, metadata)
     return path.stat().st_size
 
 

@@ -29,8 +29,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 
+from diffsynth_cog.atomic import torch_save_atomic
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.errors import DiffSynthCogError
 from diffsynth_cog.lora import LoRAError, ema_lora_state_dicts, export_lora, inject_lora
@@ -115,6 +117,20 @@ def build_strategy(config: TrainConfig, accelerator: str) -> str | pl.strategies
         exclude_frozen_parameters=True,
         precision_plugin=_KeepDtypesDeepSpeedPrecision(),
     )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``.ckpt`` writer, through :mod:`diffsynth_cog.atomic`: a crash mid-save leaves the
+    previous checkpoint (``last.ckpt`` included) intact. Lightning's own writer stages the file in the
+    system temp folder, which is not atomic across file systems and never fsyncs.
+
+    DeepSpeed writes its checkpoint folders itself; this plugin serves the "auto" strategy.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
+        torch_save_atomic(path, checkpoint)
 
 
 # --------------------------------------------------------------------------------------------- callbacks
@@ -292,6 +308,7 @@ def build_trainer(
     kwargs: dict[str, Any] = {}
     if config.strategy == "auto":
         kwargs["precision"] = "32-true"  # the module sets its own dtypes (bf16 base, fp32 LoRA)
+        kwargs["plugins"] = [AtomicCheckpointIO()]
     return pl.Trainer(
         accelerator=accelerator,
         devices=config.devices,
