@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from tiny_models import PRESET_FLAGS, TINY_DIT, make_diffusers_dit, randomize_
 
 import diffsynth_cog.lora as lora_mod
+import diffsynth_cog.lora.merge as lora_merge
 from diffsynth_cog import atomic
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.loading.dit_loader import dit_rename, load_dit
@@ -522,7 +523,7 @@ def test_stacked_loras_add_up_and_restore_to_base(tmp_path):
     assert torch.equal(model.state_dict()[f"{q}.weight"], expected_weight(w, *second[q], 0.5))
     assert [r.format for r in merged_loras(model)] == ["diffsynth", "diffusers"]
     # Backups: one exact CPU copy per touched layer, none for the others.
-    record = getattr(model, lora_mod._RECORD_ATTR)
+    record = getattr(model, lora_merge._RECORD_ATTR)
     assert set(record.base_weights) == set(LAYERS) | set(second_layers)
     assert all(t.device.type == "cpu" for t in record.base_weights.values())
 
