@@ -24,9 +24,9 @@ import torch
 from diffsynth_cog.errors import ModelDetectionError
 from diffsynth_cog.loading.dit_loader import is_dit_checkpoint, load_dit
 from diffsynth_cog.loading.state_dict import resolve_weights, tensor_shapes
+from diffsynth_cog.loading.text_encoder_loader import is_t5_checkpoint, load_text_encoder
 from diffsynth_cog.loading.vae_loader import is_vae_checkpoint, load_vae, scaling_factor_hint
 from diffsynth_cog.lora import LoRAMergeReport, merge_lora, restore_base_weights
-from diffsynth_cog.models.text_encoder import is_t5_checkpoint, load_text_encoder
 from diffsynth_cog.schedulers import SchedulerConfig
 
 logger = logging.getLogger(__name__)

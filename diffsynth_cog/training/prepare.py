@@ -30,9 +30,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffsynth_cog.atomic import save_safetensors_atomic, write_json_atomic
-from diffsynth_cog.configs import check_num_frames
+from diffsynth_cog.configs import DEFAULT_MAX_LENGTH, check_num_frames
+from diffsynth_cog.loading.text_encoder_loader import load_text_encoder
 from diffsynth_cog.loading.vae_loader import load_vae_encoder, scaling_factor_hint
-from diffsynth_cog.models.text_encoder import DEFAULT_MAX_LENGTH, CogTextEncoder, load_text_encoder
+from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.vae import CogVAE, CogVAEEncoder
 from diffsynth_cog.training.cache import (
     CACHE_FORMAT,

@@ -201,8 +201,8 @@ class ValidationVideoCallback(Callback):
         self.written: list[Path] = []
 
     def _prepare(self, device: torch.device, dtype: torch.dtype, max_text_length: int) -> None:
+        from diffsynth_cog.loading.text_encoder_loader import load_text_encoder
         from diffsynth_cog.model_manager import ModelManager
-        from diffsynth_cog.models.text_encoder import load_text_encoder
 
         tokenizer = self.root / "tokenizer"
         encoder = load_text_encoder(
