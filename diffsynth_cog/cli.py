@@ -162,9 +162,14 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def _resolve_model(args: argparse.Namespace) -> Path:
-    local = Path(args.model)
-    if local.is_dir():
-        return local
+    """A local model (a whole folder, or its transformer folder or file: the model folder around it is
+    used), else a download preset."""
+    local = Path(args.model).expanduser()
+    if local.exists():
+        from diffsynth_cog.loading.model_folder import resolve_model_folder
+
+        folder = resolve_model_folder(local, part="transformer")
+        return folder.root or folder.require("transformer")
     from diffsynth_cog.downloads import download_models, get_preset
 
     preset = get_preset(args.model)

@@ -237,18 +237,19 @@ DIT_PRESETS: dict[str, DiTConfig] = {
 VAE_PRESETS: dict[str, VAEConfig] = {name: VAEConfig(scaling_factor=VAE_SCALING_FACTORS[name]) for name in FAMILIES}
 
 
-def dit_preset(name: str) -> DiTConfig:
+def _named(table: dict[str, Any], name: str, what: str) -> Any:
     try:
-        return DIT_PRESETS[name]
+        return table[name]
     except KeyError:
-        raise ValueError(f"unknown DiT preset {name!r}; valid: {sorted(DIT_PRESETS)}") from None
+        raise ValueError(f"unknown {what} {name!r}; valid: {sorted(table)}") from None
+
+
+def dit_preset(name: str) -> DiTConfig:
+    return _named(DIT_PRESETS, name, "DiT preset")
 
 
 def vae_preset(name: str) -> VAEConfig:
-    try:
-        return VAE_PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown VAE preset {name!r}; valid: {sorted(VAE_PRESETS)}") from None
+    return _named(VAE_PRESETS, name, "VAE preset")
 
 
 # -- family rules -------------------------------------------------------------------------------------
@@ -268,10 +269,7 @@ def dit_family(config: DiTConfig) -> str:
 
 def vae_scaling_factor(family: str) -> float:
     """The latent scaling factor the VAE of ``family`` was trained with (2B: 1.15258426, 5B / 5B-I2V: 0.7)."""
-    try:
-        return VAE_SCALING_FACTORS[family]
-    except KeyError:
-        raise ValueError(f"unknown model family {family!r}; valid: {list(FAMILIES)}") from None
+    return _named(VAE_SCALING_FACTORS, family, "model family")
 
 
 # -- input checks -------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-from diffsynth_cog.configs import DEFAULT_MAX_LENGTH
 from diffsynth_cog.errors import ModelDetectionError, StateDictMismatchError, WeightsFileError
 from diffsynth_cog.loading.convert import account_keys, model_shapes
+from diffsynth_cog.loading.model_folder import resolve_model_folder
 from diffsynth_cog.loading.state_dict import WeightsSource, iter_tensors, resolve_weights, tensor_shapes
 from diffsynth_cog.models.text_encoder import CogTextEncoder
 
@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 # Checkpoints store it under either name or both.
 SHARED_KEY = "shared.weight"
 TIED_KEY = "encoder.embed_tokens.weight"
-TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
 _T5_PROBE_KEY = "encoder.block.0.layer.0.SelfAttention.q.weight"
 
 
@@ -56,36 +55,12 @@ def is_t5_checkpoint(config_or_shapes: Mapping[str, Any]) -> bool:
 # Loading
 
 
-def find_tokenizer(text_encoder_folder: Path, tokenizer_path: str | os.PathLike[str] | None = None) -> Path:
-    """The tokenizer folder: ``tokenizer_path`` if given, else ``<folder>/../tokenizer`` (the
-    CogVideoX layout), ``<folder>/tokenizer``, or the folder itself if it holds the tokenizer files."""
-    if tokenizer_path is not None:
-        candidates = [Path(tokenizer_path)]
-    else:
-        candidates = [text_encoder_folder.parent / "tokenizer", text_encoder_folder / "tokenizer", text_encoder_folder]
-    for c in candidates:
-        if c.is_dir() and any((c / f).is_file() for f in TOKENIZER_FILES):
-            return c
-    looked = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(
-        f"no T5 tokenizer found for the text encoder in {text_encoder_folder}: looked in {looked} for a folder "
-        f"with {' or '.join(TOKENIZER_FILES)}; pass tokenizer_path=<the model's tokenizer/ folder>"
-    )
-
-
 def load_tokenizer(folder: Path) -> Any:
     """A T5 tokenizer from a folder (spiece.model and/or tokenizer.json, tokenizer_config.json); no network."""
     try:
         return T5Tokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError, RuntimeError) as e:  # what transformers raises for bad files
         raise WeightsFileError(f"{folder}: cannot load the T5 tokenizer ({type(e).__name__}: {e})") from e
-
-
-def _text_encoder_path(path: Path) -> Path:
-    """A whole model folder stands for its ``text_encoder/`` subfolder."""
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "text_encoder").is_dir():
-        return path / "text_encoder"
-    return path
 
 
 def _tensor_dtype(key: str, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -167,21 +142,22 @@ def load_text_encoder(
     tokenizer_path: str | os.PathLike[str] | None = None,
     dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
-    max_length: int = DEFAULT_MAX_LENGTH,
+    max_length: int | None = None,
 ) -> CogTextEncoder:
     """Loads the T5 encoder and its tokenizer.
 
     ``path``: a ``text_encoder/`` folder (config.json + model.safetensors or a sharded index), one of
     its weight files, or a whole CogVideoX model folder. ``tokenizer_path``: the tokenizer folder
-    (default: found next to the encoder, see :func:`find_tokenizer`). ``dtype``: of the weights (None:
-    as stored). ``max_length``: tokens per prompt; pass the DiT config's ``max_text_seq_length``.
+    (default: found beside the encoder, see :func:`~diffsynth_cog.loading.model_folder.resolve_model_folder`).
+    ``dtype``: of the weights (None: as stored). ``max_length``: tokens per prompt (default: the
+    ``max_text_seq_length`` of the transformer in the same model folder, else 226).
     """
-    p = _text_encoder_path(Path(path))
-    source = resolve_weights(p)
-    folder = p if p.is_dir() else p.parent
+    folder = resolve_model_folder(path, part="text_encoder", tokenizer=tokenizer_path)
+    source = resolve_weights(folder.require("text_encoder"))
+    where = _folder_of(source.path)
     if source.config is None:
         raise WeightsFileError(
-            f"{folder}: no config.json beside the text encoder weights (the T5 sizes are read from it)"
+            f"{where}: no config.json beside the text encoder weights (the T5 sizes are read from it)"
         )
     if not is_t5_checkpoint(source.config):
         raise ModelDetectionError(
@@ -189,14 +165,22 @@ def load_text_encoder(
             f"{source.config.get('architectures')}: not a T5 text encoder"
         )
     # Find the tokenizer before reading gigabytes of weights, so a missing one fails fast.
-    tokenizer = load_tokenizer(find_tokenizer(folder, tokenizer_path))
+    tokenizer = load_tokenizer(folder.require("tokenizer"))
     vocab_size = int(source.config.get("vocab_size", 0))
     if len(tokenizer) > vocab_size:
         raise ModelDetectionError(
-            f"the tokenizer has {len(tokenizer)} tokens but the text encoder in {folder} only embeds {vocab_size}: "
+            f"the tokenizer has {len(tokenizer)} tokens but the text encoder in {where} only embeds {vocab_size}: "
             "they do not belong together"
         )
+    if max_length is None:
+        max_length = folder.max_text_seq_length
+        if folder.dit_config is not None:
+            logger.info("prompts: %d tokens, the max_text_seq_length of %s", max_length, folder.transformer)
     model = _load_t5(source, source.config, dtype, device)
     model.requires_grad_(False)
     logger.info("loaded the T5 text encoder from %s (%s, max_length %d)", source.path, dtype, max_length)
     return CogTextEncoder(model, tokenizer, max_length=max_length).eval()
+
+
+def _folder_of(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
