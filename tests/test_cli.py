@@ -62,6 +62,17 @@ def test_generate_rejects_bad_frame_counts_with_a_suggestion(folder, tmp_path, c
     assert not (tmp_path / "x.mp4").exists()
 
 
+@pytest.mark.parametrize("given", ["", "transformer", "transformer/diffusion_pytorch_model.safetensors"])
+def test_local_model_may_be_the_folder_or_its_transformer(folder, given):
+    """The CLI loads the whole model folder around a transformer folder or file it is given."""
+    import argparse
+
+    from diffsynth_cog.cli import _resolve_model
+
+    args = argparse.Namespace(model=str(folder / given), models_dir="unused", no_download=True, no_progress=True)
+    assert _resolve_model(args) == folder
+
+
 @pytest.mark.parametrize(
     "command,option", [("generate", "--models-dir"), ("download", "--models-dir"), ("upload-lora", "--repo-id")]
 )
