@@ -26,9 +26,10 @@ from common import environment, peak_gib, reset_peak, write_json  # noqa: E402
 from diffsynth_cog.configs import dit_preset, vae_preset  # noqa: E402
 from diffsynth_cog.loading.convert import account_keys, model_shapes  # noqa: E402
 from diffsynth_cog.loading.dit_loader import dit_rename  # noqa: E402
+from diffsynth_cog.loading.text_encoder_loader import load_tokenizer  # noqa: E402
 from diffsynth_cog.loading.vae_loader import vae_rename  # noqa: E402
 from diffsynth_cog.models.dit import CogDiT  # noqa: E402
-from diffsynth_cog.models.text_encoder import CogTextEncoder, load_tokenizer  # noqa: E402
+from diffsynth_cog.models.text_encoder import CogTextEncoder  # noqa: E402
 from diffsynth_cog.models.vae import CogVAE  # noqa: E402
 from diffsynth_cog.pipeline import CogVideoPipeline  # noqa: E402
 

@@ -12,7 +12,6 @@ Run it once with --devices 1 and once with --devices 2 to get the scaling.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -21,14 +20,14 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
 
+from diffsynth_cog.atomic import save_safetensors_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 from diffsynth_cog.configs import dit_preset  # noqa: E402
 from diffsynth_cog.models.dit import CogDiT  # noqa: E402
-from diffsynth_cog.training.cache import CacheInfo, CacheRecord, manifest_name, record_name, write_json_atomic  # noqa: E402
+from diffsynth_cog.training.cache import CacheInfo, CacheRecord, manifest_name, record_name  # noqa: E402
 from diffsynth_cog.training.config import TrainConfig  # noqa: E402
 from diffsynth_cog.training.prepare import write_record  # noqa: E402
 from diffsynth_cog.training.trainer import run_training  # noqa: E402
@@ -45,8 +44,8 @@ def make_assets(root: Path, samples: int) -> None:
         torch.manual_seed(0)
         with torch.device("cuda"):
             dit = CogDiT(config).to(torch.bfloat16)
-        save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, transformer / "model.safetensors")
-        (transformer / "config.json").write_text(json.dumps(config.to_dict()))
+        save_safetensors_atomic(transformer / "model.safetensors", dit.state_dict())
+        write_json_atomic(transformer / "config.json", config.to_dict())  # last: it marks the model as complete
         del dit
         torch.cuda.empty_cache()
     cache = root / "cache"
@@ -64,7 +63,6 @@ def make_assets(root: Path, samples: int) -> None:
             temporal_compression_ratio=4,
             spatial_compression=8,
         )
-        write_json_atomic(cache / "cache_info.json", info.to_dict())
         g = torch.Generator().manual_seed(0)
         lines = []
         for i in range(samples):
@@ -74,7 +72,8 @@ def make_assets(root: Path, samples: int) -> None:
             }
             size = write_record(cache / record_name(i), tensors, {"prompt": f"synthetic {i}"})
             lines.append(CacheRecord(index=i, file=record_name(i), source="synthetic", prompt=f"p{i}", bytes=size))
-        (cache / manifest_name()).write_text("".join(r.to_json() + "\n" for r in lines))
+        write_text_atomic(cache / manifest_name(), "".join(r.to_json() + "\n" for r in lines))
+        write_json_atomic(cache / "cache_info.json", info.to_dict())  # last: it marks the cache as complete
 
 
 class StepTimes(Callback):

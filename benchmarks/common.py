@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from diffsynth_cog.atomic import write_json_atomic
 
 
 def timed(fn: Callable[[], Any], warmup: int = 1, repeat: int = 3) -> dict[str, float]:
@@ -60,9 +61,7 @@ def environment() -> dict[str, Any]:
 
 def write_json(name: str, data: dict[str, Any]) -> Path:
     out = Path(os.environ.get("OUT", "."))
-    path = out / name
-    path.write_text(json.dumps(data, indent=1))
-    return path
+    return write_json_atomic(out / name, data)
 
 
 def kernel_times(prof: Any, groups: Sequence[tuple[str, Sequence[str]]], top: int = 15) -> dict[str, Any]:

@@ -169,9 +169,14 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def _resolve_model(args: argparse.Namespace) -> Path:
-    local = Path(args.model)
-    if local.is_dir():
-        return local
+    """A local model (a whole folder, or its transformer folder or file: the model folder around it is
+    used), else a download preset."""
+    local = Path(args.model).expanduser()
+    if local.exists():
+        from diffsynth_cog.loading.model_folder import resolve_model_folder
+
+        folder = resolve_model_folder(local, part="transformer")
+        return folder.root or folder.require("transformer")
     from diffsynth_cog.downloads import download_models, get_preset
 
     preset = get_preset(args.model)
@@ -201,9 +206,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from diffsynth_cog import CogVideoPipeline, ModelManager, load_video, save_video
+    from diffsynth_cog.configs import check_num_frames, check_size
     from diffsynth_cog.models.attention import set_attention_backend
 
-    set_attention_backend(args.attention)  # first: a missing kernel package fails before any loading
+    # First: bad sizes and a missing kernel package fail before any download or loading.
+    check_num_frames(args.num_frames)
+    check_size(args.height, args.width)
+    set_attention_backend(args.attention)
     model_dir = _resolve_model(args)
     lora = _resolve_lora(args, model_dir)
     dtype = getattr(torch, DTYPES[args.dtype])

@@ -7,6 +7,10 @@ fails before any weight is allocated.
 Presets: ``cogvideox-2b``, ``cogvideox-5b``, ``cogvideox-5b-i2v`` (DiT) and
 ``cogvideox-2b`` / ``cogvideox-5b`` / ``cogvideox-5b-i2v`` (VAE: the same architecture,
 with a different latent scaling factor for 2B).
+
+Also the home of the family rules (:func:`dit_family`: no RoPE means 2B; the VAE scaling factor
+of each family) and of the input checks every entry point shares (:func:`check_num_frames`,
+:func:`check_size`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+# -- family constants ---------------------------------------------------------------------------------
+
+FAMILIES = ("cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v")
+# T5 tokens per prompt: DiTConfig.max_text_seq_length of every CogVideoX 1.0 model.
+DEFAULT_MAX_LENGTH = 226
+# The latent scale is a statistic of the training latents, not a weight: it cannot be read from
+# VAE weights, only from a config.json or from the family of the transformer it belongs to.
+VAE_SCALING_FACTORS: dict[str, float] = {"cogvideox-2b": 1.15258426, "cogvideox-5b": 0.7, "cogvideox-5b-i2v": 0.7}
+DEFAULT_VAE_SCALING_FACTOR = VAE_SCALING_FACTORS["cogvideox-5b"]
+# Pixel frames per latent frame of the causal VAE (after the first frame, which is encoded alone).
+TEMPORAL_COMPRESSION = 4
+# Pixel sides: the VAE's 8x spatial compression times the DiT's 2x2 patches.
+SIZE_MULTIPLE = 16
 
 
 def _check(cond: bool, message: str) -> None:
@@ -65,7 +83,7 @@ class DiTConfig:
     sample_height: int = 60  # latent rows of the base grid (480 px / 8)
     sample_width: int = 90  # latent columns of the base grid (720 px / 8)
     temporal_compression_ratio: int = 4
-    max_text_seq_length: int = 226
+    max_text_seq_length: int = DEFAULT_MAX_LENGTH
     spatial_interpolation_scale: float = 1.875
     temporal_interpolation_scale: float = 1.0
     use_rotary_positional_embeddings: bool = True
@@ -165,7 +183,7 @@ class VAEConfig:
     temporal_compression_ratio: int = 4
     sample_height: int = 480
     sample_width: int = 720
-    scaling_factor: float = 0.7
+    scaling_factor: float = DEFAULT_VAE_SCALING_FACTOR
     use_quant_conv: bool = False
     use_post_quant_conv: bool = False
     invert_scale_latents: bool = False
@@ -216,22 +234,97 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     "cogvideox-5b-i2v": DiTConfig(in_channels=32, use_learned_positional_embeddings=True),
 }
 
-VAE_PRESETS: dict[str, VAEConfig] = {
-    "cogvideox-2b": VAEConfig(scaling_factor=1.15258426),
-    "cogvideox-5b": VAEConfig(),
-    "cogvideox-5b-i2v": VAEConfig(),
-}
+VAE_PRESETS: dict[str, VAEConfig] = {name: VAEConfig(scaling_factor=VAE_SCALING_FACTORS[name]) for name in FAMILIES}
+
+
+def _named(table: dict[str, Any], name: str, what: str) -> Any:
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {what} {name!r}; valid: {sorted(table)}") from None
 
 
 def dit_preset(name: str) -> DiTConfig:
-    try:
-        return DIT_PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown DiT preset {name!r}; valid: {sorted(DIT_PRESETS)}") from None
+    return _named(DIT_PRESETS, name, "DiT preset")
 
 
 def vae_preset(name: str) -> VAEConfig:
-    try:
-        return VAE_PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown VAE preset {name!r}; valid: {sorted(VAE_PRESETS)}") from None
+    return _named(VAE_PRESETS, name, "VAE preset")
+
+
+# -- family rules -------------------------------------------------------------------------------------
+
+
+def dit_family(config: DiTConfig) -> str:
+    """The family of a transformer config: ``cogvideox-2b``, ``cogvideox-5b`` or ``cogvideox-5b-i2v``.
+
+    The one rule for telling them apart: no RoPE means 2B (it adds 3D sin-cos positions instead),
+    and an I2V model takes image latents beside the noise (``in_channels != out_channels``). The
+    family decides what the weights cannot tell: the scheduler's SNR shift and the VAE's latent scale.
+    """
+    if not config.use_rotary_positional_embeddings:
+        return "cogvideox-2b"
+    return "cogvideox-5b-i2v" if config.in_channels != config.out_channels else "cogvideox-5b"
+
+
+def vae_scaling_factor(family: str) -> float:
+    """The latent scaling factor the VAE of ``family`` was trained with (2B: 1.15258426, 5B / 5B-I2V: 0.7)."""
+    return _named(VAE_SCALING_FACTORS, family, "model family")
+
+
+# -- input checks -------------------------------------------------------------------------------------
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_num_frames(num_frames: int, compression: int = TEMPORAL_COMPRESSION, *, name: str = "num_frames") -> None:
+    """Raises ValueError unless ``num_frames`` is ``compression * k + 1`` (k >= 0).
+
+    The causal VAE encodes the first frame alone and then ``compression`` frames per latent frame.
+    The message names the value (as ``name``), the rule and the nearest valid values.
+    """
+    if _is_int(num_frames) and num_frames >= 1 and (num_frames - 1) % compression == 0:
+        return
+    if not _is_int(num_frames):
+        raise ValueError(f"{name} must be an integer {compression}k+1 (e.g. 49, 129); got {num_frames!r}")
+    below = (num_frames - 1) // compression * compression + 1 if num_frames > 1 else None
+    above = below + compression if below is not None else 1
+    nearest = " or ".join(str(v) for v in (below, above) if v is not None)
+    raise ValueError(
+        f"{name} must be {compression}k+1 (the VAE encodes the first frame alone, then {compression} frames per "
+        f"latent frame; e.g. 49, 129); got {num_frames}. Nearest valid values: {nearest}"
+    )
+
+
+_SIZE_REASON = "the VAE's 8x compression times the DiT's 2x2 patches"
+
+
+def _side_problem(value: object, multiple: int) -> str | None:
+    """None for a positive multiple of ``multiple``; else '40 (nearest valid: 32 or 48)'."""
+    if _is_int(value) and value > 0 and value % multiple == 0:
+        return None
+    if not _is_int(value):
+        return f"{value!r}, not an integer"
+    below = value // multiple * multiple
+    nearest = " or ".join(str(v) for v in (below, below + multiple) if v > 0)
+    return f"{value} (nearest valid: {nearest})"
+
+
+def check_side(value: int, *, name: str, multiple: int = SIZE_MULTIPLE) -> None:
+    """Raises ValueError unless the pixel side ``value`` (called ``name``) is a positive multiple of ``multiple``."""
+    problem = _side_problem(value, multiple)
+    if problem is not None:
+        raise ValueError(f"{name} must be a positive multiple of {multiple} ({_SIZE_REASON}); got {problem}")
+
+
+def check_size(height: int, width: int, multiple: int = SIZE_MULTIPLE) -> None:
+    """Raises ValueError unless height and width are positive multiples of ``multiple`` (16 for CogVideoX)."""
+    sides = {"height": _side_problem(height, multiple), "width": _side_problem(width, multiple)}
+    problems = [f"{name} {problem}" for name, problem in sides.items() if problem is not None]
+    if problems:
+        raise ValueError(
+            f"height and width must be positive multiples of {multiple} ({_SIZE_REASON}); got {height}x{width}: "
+            + "; ".join(problems)
+        )

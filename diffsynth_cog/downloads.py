@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .atomic import write_json_atomic
 from .errors import DiffSynthCogError
 
 logger = logging.getLogger(__name__)
@@ -227,18 +227,10 @@ def _write_manifest(models_dir: Path, preset: ModelPreset, files: Sequence[_Remo
     for remote in files:
         stat = (local_dir / remote.path).stat()
         entries[remote.path] = {"size": stat.st_size, "sha256": remote.sha256, "mtime_ns": stat.st_mtime_ns}
-    path = _manifest_path(models_dir, preset)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps({"preset": preset.name, "model_id": preset.model_id, "files": entries}, indent=1)
-    # Write-then-rename so a crash never leaves a truncated manifest that vouches for missing files.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Atomic, so a crash never leaves a truncated manifest that vouches for missing files.
+    write_json_atomic(
+        _manifest_path(models_dir, preset), {"preset": preset.name, "model_id": preset.model_id, "files": entries}
+    )
 
 
 def _matches_record(path: Path, size: int, sha256: str | None, record: Mapping[str, Any] | None) -> bool:

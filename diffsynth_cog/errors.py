@@ -17,3 +17,7 @@ class StateDictMismatchError(DiffSynthCogError, ValueError):
 
 class ModelDetectionError(DiffSynthCogError, ValueError):
     """A path holds no model this toolkit knows how to load."""
+
+
+class LoRAError(DiffSynthCogError, ValueError):
+    """A LoRA file or request does not fit the model; nothing was changed."""

@@ -7,12 +7,13 @@ Accepted paths (DiffSynth-Studio's example passes the first three kinds as they 
   * a whole model folder (``text_encoder/``, ``tokenizer/``, ``transformer/``, ``vae/``, ``scheduler/``).
 
 What a path holds is decided from its config.json when there is one, else from tensor names and
-shapes (header-only, no tensor data is read for detection).
+shapes (header-only, no tensor data is read for detection). What lies beside it (tokenizer, scheduler
+config, the prompt length and the VAE's latent scale) comes from
+:func:`~diffsynth_cog.loading.model_folder.resolve_model_folder`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -23,23 +24,20 @@ import torch
 
 from diffsynth_cog.errors import ModelDetectionError
 from diffsynth_cog.loading.dit_loader import is_dit_checkpoint, load_dit
+from diffsynth_cog.loading.model_folder import ModelFolder, declared_part, is_model_folder, resolve_model_folder
 from diffsynth_cog.loading.state_dict import resolve_weights, tensor_shapes
-from diffsynth_cog.loading.vae_loader import is_vae_checkpoint, load_vae, scaling_factor_hint
+from diffsynth_cog.loading.text_encoder_loader import is_t5_checkpoint, load_text_encoder
+from diffsynth_cog.loading.vae_loader import is_vae_checkpoint, load_vae
 from diffsynth_cog.lora import LoRAMergeReport, merge_lora, restore_base_weights
-from diffsynth_cog.models.text_encoder import is_t5_checkpoint, load_text_encoder
 from diffsynth_cog.schedulers import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAMES = ("cog_dit", "cog_vae_encoder", "cog_vae_decoder", "cog_text_encoder")
 
-# diffusers class names in config.json -> what we load.
-_CLASS_KINDS = {
-    "CogVideoXTransformer3DModel": "dit",
-    "AutoencoderKLCogVideoX": "vae",
-    "T5EncoderModel": "text_encoder",
-}
-_SUBFOLDERS = ("text_encoder", "transformer", "vae")  # of a whole model folder, in load order
+# What detect() calls each part of a model folder.
+_KIND_OF_PART = {"transformer": "dit", "vae": "vae", "text_encoder": "text_encoder"}
+_PART_OF_KIND = {kind: part for part, kind in _KIND_OF_PART.items()}
 
 
 @dataclass
@@ -89,20 +87,11 @@ class ModelManager:
         p = Path(path)
         if not p.exists():
             raise ModelDetectionError(f"{p}: no such file or folder")
-        if p.is_dir() and any((p / sub).is_dir() for sub in _SUBFOLDERS) and not (p / "config.json").exists():
+        if is_model_folder(p):
             return "model_folder"
-        config_file = (p if p.is_dir() else p.parent) / "config.json"
-        if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as e:
-                raise ModelDetectionError(f"{config_file}: unreadable config.json ({e})") from e
-            if not isinstance(config, dict):
-                raise ModelDetectionError(f"{config_file}: config.json must hold a JSON object")
-            names = [config.get("_class_name")] + list(config.get("architectures") or [])
-            for n in names:
-                if n in _CLASS_KINDS:
-                    return _CLASS_KINDS[n]
+        part = declared_part(p)
+        if part is not None:
+            return _KIND_OF_PART[part]
         source = resolve_weights(p)
         shapes = tensor_shapes(source)
         if is_dit_checkpoint(shapes):
@@ -128,25 +117,25 @@ class ModelManager:
         p = Path(path)
         kind = self.detect(p)
         if kind == "model_folder":
-            added = []
-            for sub in _SUBFOLDERS:
-                if (p / sub).is_dir():
-                    added += self.load_model(p / sub)
-            self._find_side_files(p / "transformer")
+            folder = resolve_model_folder(p)
+            added = [record for part in folder.weight_parts() for record in self.load_model(part)]
+            self._use_side_files(folder)
             return added
+        folder = resolve_model_folder(p, part=_PART_OF_KIND[kind])
         dtype, device = self.torch_dtype, self.device
         if kind == "dit":
             model = load_dit(p, dtype=dtype, device=device)
             added = [self._add("cog_dit", p, model)]
-            self._find_side_files(p if p.is_dir() else p.parent)
+            self._use_side_files(folder)
         elif kind == "vae":
-            vae = load_vae(p, dtype=dtype, device=device, scaling_factor=scaling_factor_hint(p))
+            vae = load_vae(p, dtype=dtype, device=device, scaling_factor=folder.vae_scaling_factor)
             added = [self._add("cog_vae_encoder", p, vae.encoder), self._add("cog_vae_decoder", p, vae.decoder)]
         else:
-            folder = p if p.is_dir() else p.parent
-            tokenizer = self.tokenizer_path or self._sibling(folder, "tokenizer")
+            # The tokenizer beside the encoder, else one found beside a transformer loaded earlier.
+            tokenizer = folder.tokenizer or self.tokenizer_path
             model = load_text_encoder(p, tokenizer_path=tokenizer, dtype=dtype, device=device)
             added = [self._add("cog_text_encoder", p, model)]
+        self._match_text_length()
         return added
 
     def _add(self, name: str, path: Path, model: torch.nn.Module) -> LoadedModel:
@@ -158,22 +147,32 @@ class ModelManager:
         logger.info("loaded %s from %s", name, path)
         return record
 
-    @staticmethod
-    def _sibling(folder: Path, name: str) -> Path | None:
-        for candidate in (folder / name, folder.parent / name):
-            if candidate.is_dir():
-                return candidate
-        return None
-
-    def _find_side_files(self, transformer_folder: Path) -> None:
-        """Tokenizer and scheduler config live next to the transformer in a model folder."""
+    def _use_side_files(self, folder: ModelFolder) -> None:
+        """The tokenizer and scheduler config found beside a transformer (in its model folder)."""
         if self.tokenizer_path is None:
-            self.tokenizer_path = self._sibling(transformer_folder, "tokenizer")
-        scheduler = self._sibling(transformer_folder, "scheduler")
-        if scheduler is not None and (scheduler / "scheduler_config.json").is_file():
-            self.scheduler_config_path = scheduler / "scheduler_config.json"
-            self.scheduler_config = SchedulerConfig.from_file(self.scheduler_config_path)
+            self.tokenizer_path = folder.tokenizer
+        if folder.scheduler_config is not None:
+            self.scheduler_config_path = folder.scheduler_config
+            self.scheduler_config = SchedulerConfig.from_file(folder.scheduler_config)
             logger.info("scheduler config from %s", self.scheduler_config_path)
+
+    def _match_text_length(self) -> None:
+        """The text encoder pads and truncates prompts to the DiT's ``max_text_seq_length``.
+
+        Loaded from a model folder, both already agree (the resolver reads the transformer's config);
+        this covers a text encoder and a DiT loaded from different places.
+        """
+        dit, text_encoder = self.fetch_model("cog_dit"), self.fetch_model("cog_text_encoder")
+        if dit is None or text_encoder is None:
+            return
+        wanted = int(dit.config.max_text_seq_length)
+        if text_encoder.max_length != wanted:
+            logger.info(
+                "text encoder: %d tokens per prompt, the DiT's max_text_seq_length (it was loaded with %d)",
+                wanted,
+                text_encoder.max_length,
+            )
+            text_encoder.max_length = wanted
 
     # -- access ------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffsynth_cog.configs import DiTConfig
+from diffsynth_cog.configs import DiTConfig, check_num_frames, check_size, dit_family
 from diffsynth_cog.denoiser import AttentionPart, Denoiser, StepSkipper
 from diffsynth_cog.model_manager import ModelManager
 from diffsynth_cog.models.dit import CogDiT
@@ -36,23 +36,6 @@ from diffsynth_cog.tiling import TileSpec
 from diffsynth_cog.video_io import load_image, tensor_to_frames, video_to_tensor
 
 logger = logging.getLogger(__name__)
-
-
-def check_num_frames(num_frames: int, compression: int = 4) -> None:
-    """Pixel frame counts must be ``compression * k + 1`` (the causal VAE encodes frame 0 alone)."""
-    if num_frames < 1 or (num_frames - 1) % compression:
-        below = max(1, (num_frames - 1) // compression * compression + 1)
-        above = below + compression if below < num_frames else below
-        raise ValueError(
-            f"num_frames must be {compression}k+1 (e.g. 49, 129); got {num_frames}. "
-            f"Nearest valid values: {sorted({below, above})}"
-        )
-
-
-def check_size(height: int, width: int, multiple: int = 16) -> None:
-    """Pixel sizes must be multiples of 16: the VAE's 8x times the DiT's 2x2 patches."""
-    if height % multiple or width % multiple or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of {multiple}; got {height}x{width}")
 
 
 class CogVideoPipeline:
@@ -80,7 +63,7 @@ class CogVideoPipeline:
         self.vae_decoder = vae_decoder
         if scheduler_config is None:
             # 2B (sin-cos positions) was trained with a shifted SNR; 5B without.
-            preset = "cogvideox-2b" if not dit.config.use_rotary_positional_embeddings else "cogvideox-5b"
+            preset = dit_family(dit.config)
             scheduler_config = scheduler_preset(preset)
             logger.info("no scheduler_config.json found; using the %s scheduler preset", preset)
         self.scheduler_config = scheduler_config

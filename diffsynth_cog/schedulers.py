@@ -138,11 +138,13 @@ class SchedulerConfig:
 _PRESETS = {
     "cogvideox-2b": SchedulerConfig(snr_shift_scale=3.0),
     "cogvideox-5b": SchedulerConfig(snr_shift_scale=1.0),
+    "cogvideox-5b-i2v": SchedulerConfig(snr_shift_scale=1.0),
 }
 
 
 def scheduler_preset(name: str) -> SchedulerConfig:
-    """The released scheduler configs: ``cogvideox-2b`` (SNR shift 3.0) and ``cogvideox-5b`` (1.0)."""
+    """The released scheduler configs of each family (:func:`~diffsynth_cog.configs.dit_family`):
+    ``cogvideox-2b`` (SNR shift 3.0), ``cogvideox-5b`` and ``cogvideox-5b-i2v`` (1.0)."""
     if name not in _PRESETS:
         raise ValueError(f"unknown scheduler preset {name!r}; known: {sorted(_PRESETS)}")
     return _PRESETS[name]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import numbers
 import os
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .atomic import atomic_path
 from .errors import DiffSynthCogError
 
 logger = logging.getLogger(__name__)
@@ -186,32 +186,27 @@ def save_video(
     num_frames, height, width = video.shape[:3]
 
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder (so the final rename is atomic) and same suffix (ffmpeg picks the container from it).
-    partial = target.with_name(f".{target.stem}.{uuid.uuid4().hex[:8]}.partial{target.suffix}")
     import imageio_ffmpeg  # imported on use: the library must import on machines without ffmpeg
 
-    writer = imageio_ffmpeg.write_frames(
-        str(partial),
-        (width, height),
-        pix_fmt_in="rgb24",
-        pix_fmt_out="yuv420p",
-        fps=float(fps),
-        quality=float(quality),
-        codec="libx264",
-        macro_block_size=2,  # sizes are already even; 2 stops imageio-ffmpeg from rescaling to multiples of 16
-        ffmpeg_log_level="error",
-    )
-    try:
-        writer.send(None)  # start ffmpeg
-        for frame in tqdm(video, total=num_frames, desc="save_video", unit="frame", disable=not progress):
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()  # waits for ffmpeg to finish the file
-        os.replace(partial, target)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
+    # The temporary file keeps the suffix: ffmpeg picks the container from it.
+    with atomic_path(target) as partial:
+        writer = imageio_ffmpeg.write_frames(
+            str(partial),
+            (width, height),
+            pix_fmt_in="rgb24",
+            pix_fmt_out="yuv420p",
+            fps=float(fps),
+            quality=float(quality),
+            codec="libx264",
+            macro_block_size=2,  # sizes are already even; 2 stops imageio-ffmpeg from rescaling to multiples of 16
+            ffmpeg_log_level="error",
+        )
+        try:
+            writer.send(None)  # start ffmpeg
+            for frame in tqdm(video, total=num_frames, desc="save_video", unit="frame", disable=not progress):
+                writer.send(np.ascontiguousarray(frame))
+        finally:
+            writer.close()  # waits for ffmpeg to finish the file
     logger.info("saved %d frames (%dx%d, %s fps) to %s", num_frames, width, height, fps, target)
     return target
 

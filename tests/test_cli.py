@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -55,11 +56,24 @@ def test_generate_writes_an_mp4_with_the_right_frames_and_size(folder, tmp_path)
 
 
 def test_generate_rejects_bad_frame_counts_with_a_suggestion(folder, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="diffsynth_cog")
     args = ["generate", "--prompt", "x", "--model", str(folder), "--lora", "none", "--device", "cpu"]
     args += ["--dtype", "fp32", "--num-frames", "50", "--height", "32", "--width", "48", "--no-download"]
     assert main(args + ["--output", str(tmp_path / "x.mp4")]) == 2
-    assert "Nearest valid values: [49, 53]" in caplog.text
+    assert "Nearest valid values: 49 or 53" in caplog.text
+    assert "loaded cog_" not in caplog.text  # checked before any model was loaded
     assert not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.parametrize("given", ["", "transformer", "transformer/diffusion_pytorch_model.safetensors"])
+def test_local_model_may_be_the_folder_or_its_transformer(folder, given):
+    """The CLI loads the whole model folder around a transformer folder or file it is given."""
+    import argparse
+
+    from diffsynth_cog.cli import _resolve_model
+
+    args = argparse.Namespace(model=str(folder / given), models_dir="unused", no_download=True, no_progress=True)
+    assert _resolve_model(args) == folder
 
 
 @pytest.mark.parametrize(

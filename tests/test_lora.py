@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 from tiny_models import PRESET_FLAGS, TINY_DIT, make_diffusers_dit, randomize_
 
 import diffsynth_cog.lora as lora_mod
+import diffsynth_cog.lora.merge as lora_merge
+from diffsynth_cog import atomic
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.loading.dit_loader import dit_rename, load_dit
 from diffsynth_cog.loading.state_dict import load_state_dict, safetensors_metadata
@@ -521,7 +523,7 @@ def test_stacked_loras_add_up_and_restore_to_base(tmp_path):
     assert torch.equal(model.state_dict()[f"{q}.weight"], expected_weight(w, *second[q], 0.5))
     assert [r.format for r in merged_loras(model)] == ["diffsynth", "diffusers"]
     # Backups: one exact CPU copy per touched layer, none for the others.
-    record = getattr(model, lora_mod._RECORD_ATTR)
+    record = getattr(model, lora_merge._RECORD_ATTR)
     assert set(record.base_weights) == set(LAYERS) | set(second_layers)
     assert all(t.device.type == "cpu" for t in record.base_weights.values())
 
@@ -682,7 +684,7 @@ def test_export_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"half a header")  # bytes on disk, then the disk fills up
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lora_mod, "save_file", failing_save)
+    monkeypatch.setattr(atomic, "save_file", failing_save)
     with pytest.raises(OSError, match="No space left"):
         export_lora(trained, target)
     assert target.read_bytes() == b"previous good file"

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import make_diffusers_vae, save_tiny_model_folder
+from tiny_models import TINY_DIT, make_diffusers_dit, make_diffusers_vae, save_tiny_model_folder
 
 from diffsynth_cog import ModelManager
 from diffsynth_cog.errors import ModelDetectionError
@@ -39,7 +39,7 @@ def test_diffsynth_example_paths_load_as_given(folder, tmp_path):
     assert mm.fetch_model("cog_vae_decoder").config.scaling_factor == 0.7
     assert mm.tokenizer_path is None or mm.tokenizer_path.name == "tokenizer"
     te = mm.fetch_model("cog_text_encoder")
-    assert te.encode("hello").shape[1] == 226
+    assert te.encode("hello").shape[1] == TINY_DIT["max_text_seq_length"]  # the transformer's, not T5's 226
 
 
 def test_whole_model_folder_loads_everything_and_finds_scheduler(folder):
@@ -49,6 +49,22 @@ def test_whole_model_folder_loads_everything_and_finds_scheduler(folder):
         assert mm.fetch_model(name) is not None
     assert mm.scheduler_config is not None and mm.scheduler_config.snr_shift_scale == 1.0
     assert [r.path.name for r in mm.records][:2] == ["text_encoder", "transformer"]
+
+
+@pytest.mark.parametrize("how", ["whole folder", "text_encoder folder alone", "text_encoder before the DiT"])
+def test_text_encoder_pads_prompts_to_the_transformers_max_text_seq_length(folder, tmp_path, how):
+    """The T5 tokenizer must produce the DiT's max_text_seq_length tokens (here 11, not T5's default 226)."""
+    root = tmp_path / "model"
+    shutil.copytree(folder, root, ignore=shutil.ignore_patterns("transformer"))
+    make_diffusers_dit("cogvideox-5b", seed=2, max_text_seq_length=11).save_pretrained(root / "transformer")
+    mm = ModelManager(torch_dtype=torch.float32, device="cpu")
+    if how == "whole folder":
+        mm.load_models([root])
+    elif how == "text_encoder folder alone":
+        mm.load_models([root / "text_encoder"])
+    else:  # the encoder of one folder, then a DiT from another: the encoder follows the DiT
+        mm.load_models([folder / "text_encoder", root / "transformer"])
+    assert mm.fetch_model("cog_text_encoder").encode("a red fox").shape[1] == 11
 
 
 def test_detection_by_config_and_by_tensor_names(folder, tmp_path):

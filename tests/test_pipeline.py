@@ -10,15 +10,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import save_tiny_model_folder
+from tiny_models import TINY_DIT, save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
-from diffsynth_cog.pipeline import check_num_frames
+from diffsynth_cog.configs import check_num_frames
 from diffsynth_cog.tiling import TileSpec
 
 RTOL = 1e-5
 HEIGHT, WIDTH = 32, 48  # latents 4 x 6 = the tiny DiT's base grid
 FRAMES = 17  # 5 latent frames, beyond the tiny DiT's sample_frames (9 -> 3 latent frames)
+# diffusers tokenizes to max_sequence_length (default 226), which "must be consistent with
+# transformer.config.max_text_seq_length"; our text encoder reads it from the transformer's config.
+TEXT_LENGTH = TINY_DIT["max_text_seq_length"]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,6 +87,7 @@ def test_final_latents_match_diffusers(folder, ours, sampler, cfg, dynamic):
         latents=latents.transpose(1, 2).clone(),
         generator=torch.Generator().manual_seed(11),
         output_type="latent",
+        max_sequence_length=TEXT_LENGTH,
     ).frames.transpose(1, 2)
     got = ours(
         prompt=prompt,
@@ -109,7 +113,12 @@ def test_decoded_video_matches_diffusers(folder, ours):
     ref = reference(folder, "ddim")
     kwargs = dict(height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=3)
     expected = ref(
-        prompt="a cat", guidance_scale=6.0, latents=latents.transpose(1, 2).clone(), output_type="np", **kwargs
+        prompt="a cat",
+        guidance_scale=6.0,
+        latents=latents.transpose(1, 2).clone(),
+        output_type="np",
+        max_sequence_length=TEXT_LENGTH,
+        **kwargs,
     )
     got = ours(prompt="a cat", cfg_scale=6.0, latents=latents.clone(), output_type="np", progress_bar=False, **kwargs)
     expected = expected.frames[0]  # [F, H, W, 3] in [0, 1]
@@ -234,12 +243,11 @@ def test_image_to_video_matches_diffusers(tmp_path_factory, frames):
         latents=latents.transpose(1, 2).clone(),
         generator=torch.Generator().manual_seed(9),
         output_type="latent",
-        max_sequence_length=7,  # the tiny DiT's text length (its learned positions cover exactly that)
+        max_sequence_length=TEXT_LENGTH,  # the tiny DiT's (its learned positions cover exactly that)
         **common,
     ).frames.transpose(1, 2)
+    # No manual text length: the manager's text encoder takes the tiny I2V DiT's 7 tokens from its config.
     manager = ModelManager(torch_dtype=torch.float32, device="cpu", file_path_list=[folder])
-    # The tiny I2V DiT's learned positions cover 7 text tokens (the real ones: 226, the encoder's default).
-    manager.fetch_model("cog_text_encoder").max_length = 7
     pipe = CogVideoPipeline.from_model_manager(manager)
     got = pipe(
         input_image=image,

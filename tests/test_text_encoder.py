@@ -19,7 +19,8 @@ from tiny_text import make_tiny_t5, make_tiny_text_folder, make_tiny_tokenizer, 
 from transformers import AutoTokenizer, T5EncoderModel, T5ForConditionalGeneration, T5Tokenizer
 
 from diffsynth_cog.errors import ModelDetectionError, StateDictMismatchError, WeightsFileError
-from diffsynth_cog.models.text_encoder import CogTextEncoder, is_t5_checkpoint, load_text_encoder
+from diffsynth_cog.loading.text_encoder_loader import is_t5_checkpoint, load_text_encoder
+from diffsynth_cog.models.text_encoder import CogTextEncoder
 
 PROMPTS = [
     "a panda playing guitar in a bamboo forest, golden light, the camera slowly moves",

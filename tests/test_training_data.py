@@ -350,7 +350,8 @@ def test_prepare_refuses_a_cache_made_with_other_settings(
 # --------------------------------------------------------------------------------------------- cache
 def write_fake_cache(cache: Path, shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]]) -> CacheInfo:
     """A cache written by hand: cache_info for [4, 3, 4, 6] / [20, 32] fp32, records with the given shapes."""
-    from diffsynth_cog.training.cache import CacheRecord, write_json_atomic
+    from diffsynth_cog.atomic import write_json_atomic
+    from diffsynth_cog.training.cache import CacheRecord
     from diffsynth_cog.training.prepare import write_record
 
     cache.mkdir()

@@ -97,9 +97,16 @@ def resolve_weights(path: str | os.PathLike[str]) -> WeightsSource:
                     f"or {PICKLE_SUFFIXES})"
                 )
             files = tuple(candidates)
-    config_path = folder / "config.json"
-    config = _read_json(config_path) if config_path.is_file() else None
-    return WeightsSource(path=p, files=files, config=config, config_path=config_path if config else None)
+    found = read_config(folder)
+    config, config_path = found if found is not None else (None, None)
+    return WeightsSource(path=p, files=files, config=config, config_path=config_path)
+
+
+def read_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path] | None:
+    """The config.json of the folder ``path`` is (or is in): (values, its path), or None when there is none."""
+    p = Path(path)
+    config_path = (p if p.is_dir() else p.parent) / "config.json"
+    return (_read_json(config_path), config_path) if config_path.is_file() else None
 
 
 def _check_safetensors_header(path: Path) -> dict[str, Any]:

@@ -16,17 +16,15 @@ ModuleLists we do not keep and the spatial norms' pointwise convs, which are pla
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 
-from diffsynth_cog.configs import VAEConfig
-from diffsynth_cog.errors import ModelDetectionError, StateDictMismatchError, WeightsFileError
+from diffsynth_cog.configs import DEFAULT_VAE_SCALING_FACTOR, VAE_SCALING_FACTORS, VAEConfig
+from diffsynth_cog.errors import ModelDetectionError, StateDictMismatchError
 from diffsynth_cog.loading.build import build_and_load
 from diffsynth_cog.loading.convert import ConversionReport, account_keys, model_shapes
 from diffsynth_cog.loading.state_dict import WeightsSource, resolve_weights, tensor_shapes
@@ -34,9 +32,6 @@ from diffsynth_cog.models.vae import CogVAE, CogVAEDecoder, CogVAEEncoder
 
 logger = logging.getLogger(__name__)
 
-# The latent scaling factor is a statistic of the training latents, not a weight: it cannot be
-# read from a weights file. 0.7 is the CogVideoX-5B / 5B-I2V value (2B: 1.15258426).
-DEFAULT_SCALING_FACTOR = 0.7
 DIFFUSERS_CLASS_NAME = "AutoencoderKLCogVideoX"
 PARTS = ("encoder", "decoder")
 
@@ -107,7 +102,7 @@ def is_vae_checkpoint(shapes: Mapping[str, tuple[int, ...]]) -> bool:
 def infer_vae_config(
     shapes: Mapping[str, tuple[int, ...]],
     *,
-    scaling_factor: float = DEFAULT_SCALING_FACTOR,
+    scaling_factor: float = DEFAULT_VAE_SCALING_FACTOR,
     norm_num_groups: int = 32,
     temporal_compression_ratio: int = 4,
     source: str = "weights",
@@ -204,7 +199,7 @@ def vae_config_for(source: WeightsSource, *, scaling_factor: float | None = None
                 f"{source.config_path}: describes a {class_name}, not a CogVideoX VAE ({DIFFUSERS_CLASS_NAME})"
             )
         config = VAEConfig.from_dict(source.config, source=str(source.config_path))
-        if scaling_factor is not None:
+        if scaling_factor is not None and scaling_factor != config.scaling_factor:
             config = dataclasses.replace(config, scaling_factor=scaling_factor)
             logger.info(
                 "VAE scaling_factor=%s (given; config.json says %s)",
@@ -217,11 +212,12 @@ def vae_config_for(source: WeightsSource, *, scaling_factor: float | None = None
     if scaling_factor is None:
         logger.warning(
             "%s: no config.json beside the VAE weights; the latent scaling_factor cannot be read from weights, "
-            "using %s (CogVideoX-5B/5B-I2V). Pass scaling_factor=1.15258426 for CogVideoX-2B.",
+            "using %s (CogVideoX-5B/5B-I2V). Pass scaling_factor=%s for CogVideoX-2B.",
             source.path,
-            DEFAULT_SCALING_FACTOR,
+            DEFAULT_VAE_SCALING_FACTOR,
+            VAE_SCALING_FACTORS["cogvideox-2b"],
         )
-        scaling_factor = DEFAULT_SCALING_FACTOR
+        scaling_factor = DEFAULT_VAE_SCALING_FACTOR
     else:
         logger.info("VAE scaling_factor=%s (given)", scaling_factor)
     return infer_vae_config(tensor_shapes(source), scaling_factor=scaling_factor, source=str(source.path))
@@ -322,32 +318,3 @@ def load_vae_decoder(
     model = _load_part("decoder", CogVAEDecoder, path, dtype, device, scaling_factor)
     assert isinstance(model, CogVAEDecoder)
     return model
-
-
-COGVIDEOX_2B_SCALING_FACTOR = 1.15258426
-
-
-def scaling_factor_hint(
-    vae_path: str | os.PathLike[str], model_dir: str | os.PathLike[str] | None = None
-) -> float | None:
-    """The latent scale for VAE weights that have no config.json beside them, or None to use the loader's.
-
-    The scale is not stored in the weights. In a CogVideoX model folder the transformer's config tells
-    2B (sin-cos positions, scale 1.15258426) from 5B / 5B-I2V (RoPE, scale 0.7). ``model_dir`` defaults to the
-    folder above the VAE's (``<model>/vae/...``).
-    """
-    path = Path(vae_path)
-    folder = path if path.is_dir() else path.parent
-    if (folder / "config.json").is_file():
-        return None
-    root = Path(model_dir) if model_dir is not None else folder.parent
-    transformer_config = root / "transformer" / "config.json"
-    if not transformer_config.is_file():
-        return None
-    try:
-        config = json.loads(transformer_config.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise WeightsFileError(f"{transformer_config}: cannot read the JSON config ({e})") from e
-    if not config.get("use_rotary_positional_embeddings", False):
-        return COGVIDEOX_2B_SCALING_FACTOR
-    return 0.7

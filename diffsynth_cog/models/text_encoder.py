@@ -5,37 +5,23 @@ exactly ``max_length`` (226) tokens: padded with ``<pad>`` to that length, trunc
 final ``</s>``) when longer. The encoder runs WITHOUT an attention mask, so the padding tokens take
 part in attention and their hidden states are part of the conditioning, as in training.
 
-Weights are read without pickle from a ``text_encoder/`` folder (config.json plus model.safetensors
-or a sharded index) or from a whole model folder; the model is built on the meta device and the
-tensors are assigned in place, so no memory is spent on a random initialisation.
+Loading (weights without pickle, tokenizer, prompt length from the model folder) lives in
+:mod:`diffsynth_cog.loading.text_encoder_loader`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import T5Config, T5EncoderModel, T5Tokenizer
+from transformers import T5EncoderModel
 
-from diffsynth_cog.errors import ModelDetectionError, StateDictMismatchError, WeightsFileError
-from diffsynth_cog.loading.convert import account_keys, model_shapes
-from diffsynth_cog.loading.state_dict import WeightsSource, iter_tensors, resolve_weights, tensor_shapes
+from diffsynth_cog.configs import DEFAULT_MAX_LENGTH
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_LENGTH = 226  # DiTConfig.max_text_seq_length of every CogVideoX 1.0 model
-
-# T5 keeps one token embedding, ``shared.weight``; the encoder's ``embed_tokens`` is the same tensor.
-# Checkpoints store it under either name or both.
-SHARED_KEY = "shared.weight"
-TIED_KEY = "encoder.embed_tokens.weight"
-TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
-_T5_PROBE_KEY = "encoder.block.0.layer.0.SelfAttention.q.weight"
 
 
 class CogTextEncoder(nn.Module):
@@ -118,173 +104,3 @@ def _as_batch(prompts: str | Sequence[str]) -> list[str]:
     if bad:
         raise TypeError(f"prompts must be strings, found {bad}")
     return batch
-
-
-# ----------------------------------------------------------------------------------------------------
-# Detection
-
-
-def is_t5_checkpoint(config_or_shapes: Mapping[str, Any]) -> bool:
-    """True for a T5 config dict (config.json) or a key -> shape mapping of T5 (encoder) weights."""
-    m = config_or_shapes
-    if "model_type" in m or "architectures" in m or "d_model" in m:  # a config.json
-        if "model_type" in m:
-            return m["model_type"] == "t5"
-        return any(str(a).startswith("T5") for a in m.get("architectures") or [])
-    keys = set(m)
-    return (
-        _T5_PROBE_KEY in keys
-        and (SHARED_KEY in keys or TIED_KEY in keys)
-        # UMT5 has a relative position table in every block; T5 only in the first.
-        and "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" not in keys
-    )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Loading
-
-
-def find_tokenizer(text_encoder_folder: Path, tokenizer_path: str | os.PathLike[str] | None = None) -> Path:
-    """The tokenizer folder: ``tokenizer_path`` if given, else ``<folder>/../tokenizer`` (the
-    CogVideoX layout), ``<folder>/tokenizer``, or the folder itself if it holds the tokenizer files."""
-    if tokenizer_path is not None:
-        candidates = [Path(tokenizer_path)]
-    else:
-        candidates = [text_encoder_folder.parent / "tokenizer", text_encoder_folder / "tokenizer", text_encoder_folder]
-    for c in candidates:
-        if c.is_dir() and any((c / f).is_file() for f in TOKENIZER_FILES):
-            return c
-    looked = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(
-        f"no T5 tokenizer found for the text encoder in {text_encoder_folder}: looked in {looked} for a folder "
-        f"with {' or '.join(TOKENIZER_FILES)}; pass tokenizer_path=<the model's tokenizer/ folder>"
-    )
-
-
-def load_tokenizer(folder: Path) -> Any:
-    """A T5 tokenizer from a folder (spiece.model and/or tokenizer.json, tokenizer_config.json); no network."""
-    try:
-        return T5Tokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, TypeError, RuntimeError) as e:  # what transformers raises for bad files
-        raise WeightsFileError(f"{folder}: cannot load the T5 tokenizer ({type(e).__name__}: {e})") from e
-
-
-def _text_encoder_path(path: Path) -> Path:
-    """A whole model folder stands for its ``text_encoder/`` subfolder."""
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "text_encoder").is_dir():
-        return path / "text_encoder"
-    return path
-
-
-def _tensor_dtype(key: str, dtype: torch.dtype | None) -> torch.dtype | None:
-    # transformers keeps T5's feed-forward output projections in float32 when asked for float16 (T5
-    # v1.1 overflows there in fp16; its forward casts activations to the weight's dtype): do the same.
-    if dtype == torch.float16 and key.endswith("DenseReluDense.wo.weight"):
-        return torch.float32
-    return dtype
-
-
-def _load_t5(
-    source: WeightsSource, config_dict: dict[str, Any], dtype: torch.dtype | None, device: str | torch.device
-) -> T5EncoderModel:
-    """Builds the encoder on meta from its config.json dict and assigns the checkpoint's tensors.
-
-    Every checkpoint key is accounted for: encoder weights are used, a duplicate of the tied token
-    embedding must equal ``shared.weight``, a full T5's decoder and LM head are skipped (logged);
-    anything else is a StateDictMismatchError naming the keys.
-    """
-    try:
-        config = T5Config.from_dict(config_dict)
-    except (TypeError, ValueError) as e:
-        raise WeightsFileError(f"{source.config_path}: not a usable T5 config ({e})") from e
-    with torch.device("meta"):
-        model = T5EncoderModel(config)
-    target = {k: s for k, s in model_shapes(model).items() if k != TIED_KEY}
-
-    shapes = tensor_shapes(source)  # headers only: a misfit fails before any data is read
-    has_shared = SHARED_KEY in shapes
-
-    def rename(key: str) -> str | None:
-        if key == TIED_KEY and not has_shared:
-            return SHARED_KEY  # only the encoder's copy was saved
-        return key
-
-    def ignorable(key: str) -> str | None:
-        if key == TIED_KEY and has_shared:
-            return f"duplicate of the tied {SHARED_KEY} (checked equal)"
-        if key.startswith("decoder.") or key == "lm_head.weight":
-            return "decoder / LM head of a full T5 checkpoint, unused by the encoder"
-        return None
-
-    report = account_keys(shapes, target, rename, source=str(source.path), ignorable=ignorable)
-    report.raise_if_bad()
-    skipped = [k for k in report.ignored if k != TIED_KEY]
-    if skipped:
-        logger.info("%s: skipped %d decoder / LM head tensors of a full T5 checkpoint", source.path, len(skipped))
-
-    state: dict[str, torch.Tensor] = {}
-    tied_copy: torch.Tensor | None = None
-    # Read on the CPU (memory-mapped) and move only what is used: a full T5's decoder never reaches the device.
-    for key, tensor in iter_tensors(source):
-        if key in report.used:
-            ours = report.used[key]
-            state[ours] = tensor.to(device=device, dtype=_tensor_dtype(ours, dtype))
-        elif key == TIED_KEY:
-            tied_copy = tensor.to(device=device, dtype=dtype)
-    if tied_copy is not None and not torch.equal(tied_copy, state[SHARED_KEY]):
-        raise StateDictMismatchError(
-            f"{source.path}: {TIED_KEY} differs from {SHARED_KEY}; T5 ties them, so this checkpoint cannot be loaded"
-        )
-
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys or set(result.missing_keys) != {TIED_KEY}:
-        raise StateDictMismatchError(
-            f"{source.path}: load left {result.missing_keys} missing, {result.unexpected_keys} unused"
-        )
-    # assign=True replaced shared.weight only; point the encoder's embedding at the same tensor again.
-    model.encoder.embed_tokens.weight = model.shared.weight
-    on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if on_meta:
-        raise RuntimeError(f"T5EncoderModel: tensors left on the meta device after loading: {on_meta[:5]}")
-    return model
-
-
-def load_text_encoder(
-    path: str | os.PathLike[str],
-    *,
-    tokenizer_path: str | os.PathLike[str] | None = None,
-    dtype: torch.dtype | None = torch.float32,
-    device: str | torch.device = "cpu",
-    max_length: int = DEFAULT_MAX_LENGTH,
-) -> CogTextEncoder:
-    """Loads the T5 encoder and its tokenizer.
-
-    ``path``: a ``text_encoder/`` folder (config.json + model.safetensors or a sharded index), one of
-    its weight files, or a whole CogVideoX model folder. ``tokenizer_path``: the tokenizer folder
-    (default: found next to the encoder, see :func:`find_tokenizer`). ``dtype``: of the weights (None:
-    as stored). ``max_length``: tokens per prompt; pass the DiT config's ``max_text_seq_length``.
-    """
-    p = _text_encoder_path(Path(path))
-    source = resolve_weights(p)
-    folder = p if p.is_dir() else p.parent
-    if source.config is None:
-        raise WeightsFileError(
-            f"{folder}: no config.json beside the text encoder weights (the T5 sizes are read from it)"
-        )
-    if not is_t5_checkpoint(source.config):
-        raise ModelDetectionError(
-            f"{source.config_path}: model_type {source.config.get('model_type')!r}, architectures "
-            f"{source.config.get('architectures')}: not a T5 text encoder"
-        )
-    # Find the tokenizer before reading gigabytes of weights, so a missing one fails fast.
-    tokenizer = load_tokenizer(find_tokenizer(folder, tokenizer_path))
-    vocab_size = int(source.config.get("vocab_size", 0))
-    if len(tokenizer) > vocab_size:
-        raise ModelDetectionError(
-            f"the tokenizer has {len(tokenizer)} tokens but the text encoder in {folder} only embeds {vocab_size}: "
-            "they do not belong together"
-        )
-    model = _load_t5(source, source.config, dtype, device)
-    model.requires_grad_(False)
-    logger.info("loaded the T5 text encoder from %s (%s, max_length %d)", source.path, dtype, max_length)
-    return CogTextEncoder(model, tokenizer, max_length=max_length).eval()

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,14 +239,6 @@ class CacheInfo:
                 self.num_frames,
                 config.sample_latent_frames,
             )
-
-
-def write_json_atomic(path: Path, values: Mapping[str, Any]) -> None:
-    """Writes JSON to a temporary file beside ``path`` and renames it into place."""
-    # pid + random suffix: several ranks (possibly on several hosts) may write the same file at once.
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-    partial.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(partial, path)
 
 
 # --------------------------------------------------------------------------------------------- manifests

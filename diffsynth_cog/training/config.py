@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffsynth_cog.configs import check_num_frames, check_side
 from diffsynth_cog.errors import DiffSynthCogError
 from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS
 
@@ -181,13 +182,17 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 1):
                 bad(name, "a positive integer or null (= the cache's clip size)")
-        if self.validation_num_frames is not None and is_int(self.validation_num_frames):
-            if (self.validation_num_frames - 1) % 4:
-                bad("validation_num_frames", "4k+1 frames (e.g. 49, 129)")
-        for name in ("validation_height", "validation_width"):
+        for name, check in (
+            ("validation_num_frames", check_num_frames),
+            ("validation_height", check_side),
+            ("validation_width", check_side),
+        ):
             value = getattr(self, name)
-            if is_int(value) and value % 16:
-                bad(name, "a multiple of 16")
+            if is_int(value) and value >= 1:
+                try:
+                    check(value, name=name)
+                except ValueError as error:
+                    problems.append(f"{name}: {error}")
         if not isinstance(self.validation_prompts, tuple) or not all(
             isinstance(p, str) for p in self.validation_prompts
         ):

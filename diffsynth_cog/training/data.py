@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
+from diffsynth_cog.configs import check_num_frames
 from diffsynth_cog.errors import DiffSynthCogError
 from diffsynth_cog.video_io import VideoReadError, VideoTooShortError, load_video, video_to_tensor
 
@@ -231,16 +232,6 @@ def load_dataset_index(path: str | os.PathLike[str]) -> list[VideoSample]:
 
 
 # --------------------------------------------------------------------------------------------- clip dataset
-def check_num_frames(num_frames: int, temporal_compression: int = 4) -> None:
-    """Raises ValueError unless ``num_frames`` is ``temporal_compression * k + 1`` (the causal VAE's rule)."""
-    if num_frames < 1 or (num_frames - 1) % temporal_compression:
-        below = (max(num_frames, 1) - 1) // temporal_compression * temporal_compression + 1
-        raise ValueError(
-            f"num_frames must be {temporal_compression}k+1 (e.g. 49, 129), got {num_frames}; "
-            f"nearest valid: {below} or {below + temporal_compression}"
-        )
-
-
 class VideoClipDataset(Dataset):
     """Fixed-size clips of the videos of a dataset index.
 

@@ -29,17 +29,15 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from diffsynth_cog.configs import DiTConfig
+from diffsynth_cog.configs import DiTConfig, dit_family
 from diffsynth_cog.errors import StateDictMismatchError
-from diffsynth_cog.loading.dit_loader import infer_dit_config, load_dit
-from diffsynth_cog.loading.state_dict import resolve_weights, tensor_shapes
+from diffsynth_cog.loading.dit_loader import load_dit
+from diffsynth_cog.loading.model_folder import ModelFolder, resolve_model_folder
 from diffsynth_cog.lora import inject_lora, lora_layers, lora_state_dict
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.schedulers import (
@@ -59,47 +57,22 @@ CHECKPOINT_FORMAT_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------- model files
-@dataclass(frozen=True)
-class ModelPaths:
-    """Where the parts of a CogVideoX model are. ``root`` is None when a transformer was given directly."""
-
-    transformer: Path
-    root: Path | None
-    scheduler_config: Path | None
-
-
-def resolve_model_paths(model: str | os.PathLike[str]) -> ModelPaths:
-    """A CogVideoX model folder (with ``transformer/``), a ``transformer/`` folder, or a weights file."""
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"model not found: {path} (expected a CogVideoX model folder or a transformer folder)")
-    if path.is_dir() and (path / "transformer").is_dir():
-        root, transformer = path, path / "transformer"
-    else:
-        transformer = path
-        folder = path if path.is_dir() else path.parent
-        # A transformer folder inside a model folder: its siblings are the model's other parts.
-        root = folder.parent if (folder.parent / "scheduler").is_dir() else None
-    scheduler = None
-    if root is not None and (root / "scheduler" / "scheduler_config.json").is_file():
-        scheduler = root / "scheduler" / "scheduler_config.json"
-    return ModelPaths(transformer=transformer, root=root, scheduler_config=scheduler)
+def model_folder(model: str | os.PathLike[str]) -> ModelFolder:
+    """The training model: a CogVideoX model folder, its ``transformer/`` folder, or a transformer weights file."""
+    return resolve_model_folder(model, part="transformer")
 
 
 def read_dit_config(model: str | os.PathLike[str]) -> DiTConfig:
     """The transformer's config without loading weights (config.json, else inferred from tensor headers)."""
-    source = resolve_weights(resolve_model_paths(model).transformer)
-    if source.config is not None:
-        return DiTConfig.from_dict(source.config, source=str(source.config_path))
-    return infer_dit_config(tensor_shapes(source), source=str(source.path))
+    return model_folder(model).require_dit_config()
 
 
 def read_scheduler_config(model: str | os.PathLike[str], dit_config: DiTConfig) -> SchedulerConfig:
     """The model's scheduler config; without one, the preset of its family (2B: SNR shift 3, 5B: none)."""
-    paths = resolve_model_paths(model)
-    if paths.scheduler_config is not None:
-        return SchedulerConfig.from_file(paths.scheduler_config)
-    preset = "cogvideox-5b" if dit_config.use_rotary_positional_embeddings else "cogvideox-2b"
+    path = model_folder(model).scheduler_config
+    if path is not None:
+        return SchedulerConfig.from_file(path)
+    preset = dit_family(dit_config)
     logger.warning("%s: no scheduler/scheduler_config.json beside the transformer; using the %s preset", model, preset)
     return scheduler_preset(preset)
 
@@ -188,7 +161,7 @@ class CogLoRAModule(pl.LightningModule):
         if self._given_dit is not None:
             dit = self._given_dit.to(device=device, dtype=dtype)
         else:
-            dit = load_dit(resolve_model_paths(cfg.model).transformer, dtype=dtype, device=device)
+            dit = load_dit(model_folder(cfg.model).require("transformer"), dtype=dtype, device=device)
         if lora_layers(dit):
             raise ValueError("configure_model: the DiT already carries LoRA layers; pass a plain DiT")
         dit.requires_grad_(False)

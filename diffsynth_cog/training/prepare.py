@@ -17,7 +17,6 @@ depend on rank count or resume order.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
@@ -26,12 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from diffsynth_cog.loading.vae_loader import load_vae_encoder, scaling_factor_hint
-from diffsynth_cog.models.text_encoder import DEFAULT_MAX_LENGTH, CogTextEncoder, load_text_encoder
+from diffsynth_cog.atomic import save_safetensors_atomic, write_json_atomic
+from diffsynth_cog.configs import check_num_frames
+from diffsynth_cog.loading.model_folder import resolve_model_folder
+from diffsynth_cog.loading.text_encoder_loader import load_text_encoder
+from diffsynth_cog.loading.vae_loader import load_vae_encoder
+from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.vae import CogVAE, CogVAEEncoder
 from diffsynth_cog.training.cache import (
     CACHE_FORMAT,
@@ -46,14 +48,12 @@ from diffsynth_cog.training.cache import (
     manifest_name,
     record_name,
     repair_manifest_tail,
-    write_json_atomic,
 )
 from diffsynth_cog.training.data import (
     SKIP_REASONS,
     SkippedSample,
     VideoClipDataset,
     VideoSample,
-    check_num_frames,
     describe_skips,
     first_item,
     load_dataset_index,
@@ -98,16 +98,6 @@ class Encoders:
 
 
 # --------------------------------------------------------------------------------------------- loading
-def _read_json(path: Path) -> dict[str, object]:
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read the JSON config ({error})") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return values
-
-
 def load_encoders(
     model_dir: str | os.PathLike[str] | None = None,
     *,
@@ -123,45 +113,31 @@ def load_encoders(
     """The T5 text encoder and the VAE encoder (no decoder) for :func:`prepare_cache`.
 
     ``model_dir``: a CogVideoX model folder (``text_encoder/``, ``tokenizer/``, ``vae/``, and
-    ``transformer/config.json`` whose ``max_text_seq_length`` sets the prompt length). Any of
-    ``text_encoder_path`` / ``tokenizer_path`` / ``vae_path`` overrides the folder's part (or
-    replaces ``model_dir`` altogether). ``dtype``: weights of both encoders (``vae_dtype`` for the
-    VAE alone). ``max_text_length``: tokens per prompt (default: the transformer config's, else 226).
+    ``transformer/`` whose ``max_text_seq_length`` sets the prompt length and whose family sets the
+    VAE scale when the VAE has no config.json). Any of ``text_encoder_path`` / ``tokenizer_path`` /
+    ``vae_path`` overrides the folder's part (or replaces ``model_dir`` altogether). ``dtype``:
+    weights of both encoders (``vae_dtype`` for the VAE alone). ``max_text_length``: tokens per
+    prompt (default: the transformer config's, else 226).
     """
-    root = Path(model_dir).expanduser() if model_dir is not None else None
-    if root is not None and not root.is_dir():
-        raise FileNotFoundError(f"model folder not found: {root}")
-
-    def part(given: str | os.PathLike[str] | None, name: str) -> Path:
-        if given is not None:
-            return Path(given).expanduser()
-        if root is None:
-            raise ValueError(f"pass model_dir or {name}_path")
-        return root / name
-
-    text_path, vae_folder = part(text_encoder_path, "text_encoder"), part(vae_path, "vae")
-    tokenizer = Path(tokenizer_path) if tokenizer_path is not None else None
-    if tokenizer is None and root is not None and (root / "tokenizer").is_dir():
-        tokenizer = root / "tokenizer"
-    if max_text_length is None:
-        transformer_config = root / "transformer" / "config.json" if root is not None else None
-        if transformer_config is not None and transformer_config.is_file():
-            max_text_length = int(_read_json(transformer_config).get("max_text_seq_length", DEFAULT_MAX_LENGTH))
-        else:
-            max_text_length = DEFAULT_MAX_LENGTH
-    if vae_scaling_factor is None:
-        vae_scaling_factor = scaling_factor_hint(vae_folder, root)
-
+    if model_dir is None and (text_encoder_path is None or vae_path is None):
+        raise ValueError("pass model_dir, or both text_encoder_path and vae_path")
+    folder = resolve_model_folder(model_dir, text_encoder=text_encoder_path, tokenizer=tokenizer_path, vae=vae_path)
+    text_path, vae_folder = folder.require("text_encoder"), folder.require("vae")
     text_encoder = load_text_encoder(
-        text_path, tokenizer_path=tokenizer, dtype=dtype, device=device, max_length=max_text_length
+        text_path,
+        tokenizer_path=folder.require("tokenizer"),
+        dtype=dtype,
+        device=device,
+        max_length=max_text_length if max_text_length is not None else folder.max_text_seq_length,
     )
     vae_encoder = load_vae_encoder(
-        vae_folder, dtype=vae_dtype or dtype, device=device, scaling_factor=vae_scaling_factor
+        vae_folder,
+        dtype=vae_dtype or dtype,
+        device=device,
+        scaling_factor=vae_scaling_factor if vae_scaling_factor is not None else folder.vae_scaling_factor,
     ).eval()
     vae_encoder.requires_grad_(False)
-    paths = {"text_encoder": str(text_path), "vae": str(vae_folder)}
-    if tokenizer is not None:
-        paths["tokenizer"] = str(tokenizer)
+    paths = {"text_encoder": str(text_path), "vae": str(vae_folder), "tokenizer": str(folder.require("tokenizer"))}
     return Encoders(text_encoder=text_encoder, vae_encoder=vae_encoder, paths=paths)
 
 
@@ -182,28 +158,13 @@ def distributed_rank() -> tuple[int, int, int]:
 
 
 # --------------------------------------------------------------------------------------------- writing
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_record(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> int:
-    """Writes a safetensors record atomically (temporary file, fsync, rename); returns its size in bytes.
+    """Writes a safetensors record atomically (see :mod:`diffsynth_cog.atomic`); returns its size in bytes.
 
-    The temporary name is derived from the record's: each record belongs to one rank, so no two
-    processes write it at once, and a leftover from a killed run is simply overwritten.
+    The folder is fsynced after the rename, so the record's name is on disk before the manifest
+    line that vouches for it is appended (and fsynced) by the caller.
     """
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=dict(metadata))
-        _fsync_file(partial)  # the rename must not reach the disk before the data does
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    save_safetensors_atomic(path, tensors, metadata)
     return path.stat().st_size
 
 

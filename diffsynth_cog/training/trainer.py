@@ -29,8 +29,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 
+from diffsynth_cog.atomic import torch_save_atomic
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.errors import DiffSynthCogError
 from diffsynth_cog.lora import LoRAError, ema_lora_state_dicts, export_lora, inject_lora
@@ -41,8 +43,8 @@ from diffsynth_cog.training.datamodule import CachedLatentDataModule
 from diffsynth_cog.training.module import (
     CHECKPOINT_KEY,
     CogLoRAModule,
+    model_folder,
     read_dit_config,
-    resolve_model_paths,
 )
 
 logger = logging.getLogger(__name__)
@@ -117,6 +119,20 @@ def build_strategy(config: TrainConfig, accelerator: str) -> str | pl.strategies
     )
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``.ckpt`` writer, through :mod:`diffsynth_cog.atomic`: a crash mid-save leaves the
+    previous checkpoint (``last.ckpt`` included) intact. Lightning's own writer stages the file in the
+    system temp folder, which is not atomic across file systems and never fsyncs.
+
+    DeepSpeed writes its checkpoint folders itself; this plugin serves the "auto" strategy.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
+        torch_save_atomic(path, checkpoint)
+
+
 # --------------------------------------------------------------------------------------------- callbacks
 class FinalCheckpoint(Callback):
     """Saves the last step's checkpoint (and ``last.ckpt``) when training ends between checkpoint steps.
@@ -168,12 +184,12 @@ class ValidationVideoCallback(Callback):
     ) -> None:
         if every_n_steps < 1 or not prompts:
             raise ValueError("ValidationVideoCallback needs every_n_steps >= 1 and at least one prompt")
-        root = resolve_model_paths(model_dir).root
-        if root is None or not (root / "text_encoder").is_dir() or not (root / "vae").is_dir():
+        folder = model_folder(model_dir)
+        if folder.text_encoder is None or folder.vae is None:
             raise FileNotFoundError(
                 f"validation videos need a whole model folder with text_encoder/ and vae/; {model_dir} is not one"
             )
-        self.root = root
+        self.folder = folder
         self.prompts, self.negative_prompt = list(prompts), negative_prompt
         self.every_n_steps, self.output_dir = every_n_steps, Path(output_dir)
         self.num_frames, self.height, self.width = num_frames, height, width
@@ -185,13 +201,12 @@ class ValidationVideoCallback(Callback):
         self.written: list[Path] = []
 
     def _prepare(self, device: torch.device, dtype: torch.dtype, max_text_length: int) -> None:
+        from diffsynth_cog.loading.text_encoder_loader import load_text_encoder
         from diffsynth_cog.model_manager import ModelManager
-        from diffsynth_cog.models.text_encoder import load_text_encoder
 
-        tokenizer = self.root / "tokenizer"
         encoder = load_text_encoder(
-            self.root / "text_encoder",
-            tokenizer_path=tokenizer if tokenizer.is_dir() else None,
+            self.folder.require("text_encoder"),
+            tokenizer_path=self.folder.tokenizer,
             dtype=dtype,
             device=device,
             max_length=max_text_length,  # as the prepare step encoded the training prompts
@@ -203,7 +218,7 @@ class ValidationVideoCallback(Callback):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         manager = ModelManager(torch_dtype=dtype, device=device)
-        manager.load_model(self.root / "vae")
+        manager.load_model(self.folder.require("vae"))
         self._decoder = manager.fetch_model("cog_vae_decoder", require=True)
 
     def on_train_batch_end(
@@ -222,16 +237,17 @@ class ValidationVideoCallback(Callback):
         from diffsynth_cog.schedulers import SchedulerConfig
         from diffsynth_cog.video_io import save_video
 
+        scheduler = self.folder.scheduler_config
+
         device, dtype = dit.proj_out.weight.device, dit.proj_out.weight.dtype
         if self._embeddings is None:
             self._prepare(device, dtype, dit.config.max_text_seq_length)
-        scheduler = self.root / "scheduler"
         pipe = CogVideoPipeline(
             dit,
             None,
             None,
             self._decoder,
-            scheduler_config=SchedulerConfig.from_file(scheduler) if scheduler.is_dir() else None,
+            scheduler_config=SchedulerConfig.from_file(scheduler) if scheduler is not None else None,
             device=device,
             torch_dtype=dtype,
         )
@@ -292,6 +308,7 @@ def build_trainer(
     kwargs: dict[str, Any] = {}
     if config.strategy == "auto":
         kwargs["precision"] = "32-true"  # the module sets its own dtypes (bf16 base, fp32 LoRA)
+        kwargs["plugins"] = [AtomicCheckpointIO()]
     return pl.Trainer(
         accelerator=accelerator,
         devices=config.devices,
