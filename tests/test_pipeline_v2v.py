@@ -63,8 +63,10 @@ PROMPTS = dict(prompt="a kite over the sea", negative_prompt="blurry")
 
 def run_diffusers(folder, *, sampler: str, strength: float, cfg: float, dynamic: bool, output_type: str):
     """diffusers' video-to-video from a generator seeded SEED; the final latents in our layout, or the frames."""
-    out = reference(folder, sampler)(
+    ref = reference(folder, sampler)
+    out = ref(
         video=input_frames(),
+        max_sequence_length=ref.transformer.config.max_text_seq_length,  # the text length ours reads from it
         strength=strength,
         guidance_scale=cfg,
         use_dynamic_cfg=dynamic,
