@@ -11,10 +11,14 @@ independent parts, each with a default that is the plain, exact computation:
   * **step skipping** - a :class:`StepSkipper` that runs the blocks, or reuses earlier work when
     the step barely changes (``step_cache.StepCache``); default: run every block;
   * **tiles** - a :class:`~diffsynth_cog.tiling.TileSpec`: the DiT runs on overlapping spatial tiles
-    stitched by the shared tile blender; each tile keeps its own step-skipping state.
+    stitched by the shared tile blender; each tile keeps its own step-skipping state;
+  * **windows** - a :class:`~diffsynth_cog.windows.WindowSpec`: the same in time, overlapping windows
+    of latent frames (each with its own positions), fused with weights (``diffsynth_cog.windows``);
+  * **positions** - ``riflex`` = (k, N_k): RIFLEx's lowered temporal RoPE frequency
+    (``diffsynth_cog.riflex``); default: the trained positions.
 
 One DiT call is ``embed -> [attention part] -> split.scatter -> blocks (skipper) -> project ->
-split.gather -> unpatchify``, run per tile. Every part sees only its own inputs, so parts combine
+split.gather -> unpatchify``, run per window and tile. Every part sees only its own inputs, so parts combine
 freely; a combination that means nothing is refused when the denoiser is built, naming both parts.
 """
 
@@ -28,7 +32,9 @@ import torch
 
 from diffsynth_cog.models.attention import Attend, check_backend, choose_backend, dense_attention
 from diffsynth_cog.models.dit import CogDiT, DiTState, TokenLayout
+from diffsynth_cog.riflex import resolve_riflex
 from diffsynth_cog.tiling import TileSpec, map_tiles
+from diffsynth_cog.windows import WindowSpec, map_windows
 
 
 @runtime_checkable
@@ -106,6 +112,8 @@ class Denoiser:
         split: how the call is shared between processes (default: not at all).
         step_skip: a :class:`StepSkipper` (default: every block at every step).
         tiles: run the DiT on overlapping spatial tiles (pixels; see ``tiling.TileSpec``).
+        windows: run the DiT on overlapping windows of frames (see ``windows.WindowSpec``).
+        riflex: (k, N_k) for RIFLEx's temporal RoPE frequency (RoPE models; ``riflex.resolve_riflex``).
 
     Call :meth:`start` before each generation (it resets the step-skipping state); then call the
     denoiser once per step, with every step's timestep.
@@ -119,6 +127,8 @@ class Denoiser:
         split: TokenSplit | None = None,
         step_skip: StepSkipper | None = None,
         tiles: TileSpec | None = None,
+        windows: WindowSpec | None = None,
+        riflex: tuple[int, int] | None = None,
     ) -> None:
         self.dit = dit
         if isinstance(attention, str):
@@ -129,7 +139,9 @@ class Denoiser:
         self.split = split if split is not None else WHOLE_CALL
         self.step_skip = step_skip
         self.tiles = tiles
-        for part in (self.split, step_skip):
+        self.windows = windows
+        self.riflex = resolve_riflex(dit.config, riflex)
+        for part in (self.attention, self.split, step_skip):
             check = getattr(part, "check_compatible", None)
             if check is not None:
                 check(self)
@@ -142,6 +154,8 @@ class Denoiser:
             "split": self.split.name,
             "step_skip": self.step_skip.name if self.step_skip is not None else "none",
             "tiles": "none" if self.tiles is None else f"{self.tiles.size[0]}x{self.tiles.size[1]}px",
+            "windows": "none" if self.windows is None else f"{self.windows.frames}f/{self.windows.overlap:g}",
+            "riflex": "none" if self.riflex is None else f"k={self.riflex[0]},N_k={self.riflex[1]}",
         }
 
     def start(self, num_steps: int) -> None:
@@ -158,7 +172,7 @@ class Denoiser:
 
     def call_dit(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, key: Hashable = None):
         """One DiT call on latents [B, C_in, T, H, W] -> v-prediction [B, C_out, T, H, W] (the DiT's dtype)."""
-        state = self.dit.embed(latents, timestep, context)
+        state = self.dit.embed(latents, timestep, context, riflex=self.riflex)
         state = dataclasses.replace(state, attend=self._attend(state.layout, latents.device))
         state = self.split.scatter(state)
         if self.step_skip is not None:
@@ -168,6 +182,21 @@ class Denoiser:
         patches = self.split.gather(self.dit.project(state), state)
         return self.dit.unpatchify(patches, state.shape)
 
+    def _tiled(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, window: int | None = None):
+        """The DiT on x [B, C, T, H, W], on spatial tiles when asked; ``window``: the temporal window's start
+        (part of each call's step-skipping key)."""
+        if self.tiles is None:
+            return self.call_dit(x, t, context, key=None if window is None else (window, None))
+        p = self.dit.config.patch_size
+        grid = self.tiles.grid(tuple(x.shape[-2:]), pixels_per_unit=8, multiple=p)
+
+        def key(start: tuple[int, int]) -> Hashable:
+            return start if window is None else (window, start)
+
+        if grid.single:
+            return self.call_dit(x, t, context, key=key((0, 0)))
+        return map_tiles(x, grid, lambda tile, start: self.call_dit(tile, t, context, key=key(start)).float())
+
     def __call__(self, latents: torch.Tensor, timestep: int, context: torch.Tensor) -> torch.Tensor:
         """latents [B, C_in, T, H, W] (any float dtype), timestep (one for the batch), context [B, L, D_text]
         -> v-prediction [B, C_out, T, H, W] in float32."""
@@ -175,15 +204,11 @@ class Denoiser:
         x = latents.to(dtype)
         t = torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
         context = context.to(dtype)
-        if self.tiles is None:
-            v = self.call_dit(x, t, context)
+        if self.windows is None:
+            v = self._tiled(x, t, context)
         else:
-            p = self.dit.config.patch_size
-            grid = self.tiles.grid(tuple(x.shape[-2:]), pixels_per_unit=8, multiple=p)
-            if grid.single:
-                v = self.call_dit(x, t, context, key=(0, 0))
-            else:
-                v = map_tiles(x, grid, lambda tile, start: self.call_dit(tile, t, context, key=start).float())
+            plan = self.windows.plan(x.shape[2])
+            v = map_windows(x, plan, lambda window, start: self._tiled(window, t, context, window=start))
         if self.step_skip is not None:
             self.step_skip.end_step()
         return v.float()

@@ -17,6 +17,9 @@ from diffsynth_cog.denoiser import Denoiser
 from diffsynth_cog.schedulers import Sampler
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, latents [B, C, T, H, W])
+# A loop-level part: (step index, latents after that step) -> the latents the next step starts from
+# (e.g. ``continuation.KeptFrames`` pins known frames).
+StepConstraint = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -68,10 +71,12 @@ def denoise(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     progress: bool = True,
+    constraint: StepConstraint | None = None,
 ) -> torch.Tensor:
     """Runs every step of ``sampler`` from ``latents`` [B, C, T, h, w] (float32) and returns the final latents.
 
-    ``generator`` feeds stochastic samplers (DPM); ``callback(i, timestep, latents)`` runs after each step.
+    ``generator`` feeds stochastic samplers (DPM); ``constraint(i, latents)`` replaces the latents after each
+    step (before the callback); ``callback(i, timestep, latents)`` runs after each step.
     """
     timesteps = sampler.timesteps.tolist()
     denoiser.start(len(timesteps))
@@ -86,6 +91,8 @@ def denoise(
         # [B, T, C, H, W] layout, so stepping on that view keeps a seed's trajectory the same.
         latents, state = sampler.step(v.transpose(1, 2), i, latents.transpose(1, 2), state, generator=generator)
         latents = latents.transpose(1, 2)
+        if constraint is not None:
+            latents = constraint(i, latents)
         if callback is not None:
             callback(i, timestep, latents)
     return latents
