@@ -451,11 +451,13 @@ class CogVideoPipeline:
         )
         if output_type == "latent":
             return out
+        # The new frames are the clip's last ones (the decoder returns 4t frames, not 4t-3, for an even number t of
+        # latent frames: the extra ones are at the start).
         if output_type == "np":
             original = ((pixels[0].float() + 1) / 2).permute(1, 2, 3, 0).numpy()
-            return np.concatenate([original, out[context_frames:]])
+            return np.concatenate([original, out[-extend_by:]])
         original = list(video) if not isinstance(video, torch.Tensor) else tensor_to_frames(pixels[0])
-        return original + list(out[context_frames:])
+        return original + list(out[-extend_by:])
 
 
 def latent_shape_for(config: DiTConfig, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:

@@ -83,10 +83,11 @@ def frame_band_mask_mod(layout: TokenLayout, bands: FrameBands, device: torch.de
         q_frame, k_frame = q // per, k // per
         distance = (q_frame - k_frame).abs()
         near = ((q - q_frame * per) - (k - k_frame * per)).abs() <= width[distance]
-        allowed = (q_idx < n_text) | (kv_idx < n_text) | (keep[distance] & near)
+        frames = keep[distance] & near
         if sink:
-            allowed = allowed | (k_frame == 0)
-        return allowed & (kv_idx < n_tokens)
+            frames = frames | (k_frame == 0)
+        sees = (q_idx < n_text) | (frames & (q_idx < n_tokens))  # text: everything; video: its bands
+        return ((kv_idx < n_text) | sees) & (kv_idx < n_tokens)
 
     return mask_mod
 
