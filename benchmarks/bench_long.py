@@ -158,6 +158,9 @@ def measure_modes(setup: Setup, args: argparse.Namespace, result: dict) -> None:
             if mode == "dense" and frames > 257 and not args.dense_513:
                 result["runs"][key] = {"skipped": "dense beyond 257 frames: pass --dense-513"}
                 continue
+            if mode.startswith("windowed") and WindowSpec(args.window_frames, args.window_overlap).plan(t).single:
+                result["runs"][key] = {"skipped": "one window covers the video: the same call without windows"}
+                continue
             try:
                 entry = measure_one(setup, dit, mode, x, context, t, args)
             except Exception as e:  # a failure is a result to report, not a reason to lose the other runs
@@ -387,8 +390,9 @@ def main() -> None:
         args.window_frames = min(args.window_frames, 9)
     import torch._dynamo.config as dynamo_config
 
-    dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)  # one graph per length and mask
-    dynamo_config.accumulated_cache_size_limit = max(dynamo_config.accumulated_cache_size_limit, 1024)
+    for name, value in (("cache_size_limit", 64), ("recompile_limit", 64), ("accumulated_cache_size_limit", 1024)):
+        if hasattr(dynamo_config, name):  # one graph per length and mask; the names moved between releases
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), value))
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if setup.cuda else "cpu (smoke)",
         "torch": torch.__version__,
