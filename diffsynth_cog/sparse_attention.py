@@ -73,8 +73,10 @@ def frame_band_mask_mod(layout: TokenLayout, bands: FrameBands, device: torch.de
     if len(bands.keep) != t:
         raise ValueError(f"the mask has {len(bands.keep)} frame distances; this call has {t} latent frames")
     n_text, per, n_video, n_tokens = layout.n_text, layout.tokens_per_frame, layout.n_video, layout.n_tokens
-    keep = torch.tensor(bands.keep, dtype=torch.bool, device=device)
-    width = torch.tensor(bands.width, dtype=torch.int32, device=device)
+    # One int32 lookup per distance (the compiled kernel loads it per entry): the band's width, -1 where the frame
+    # pair does not attend at all.
+    width = torch.tensor([w if k else -1 for k, w in zip(bands.keep, bands.width, strict=True)], device=device)
+    width = width.to(torch.int32)
     sink = bands.sink
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
@@ -82,8 +84,7 @@ def frame_band_mask_mod(layout: TokenLayout, bands: FrameBands, device: torch.de
         k = (kv_idx - n_text).clamp(0, n_video - 1)
         q_frame, k_frame = q // per, k // per
         distance = (q_frame - k_frame).abs()
-        near = ((q - q_frame * per) - (k - k_frame * per)).abs() <= width[distance]
-        frames = keep[distance] & near
+        frames = ((q - q_frame * per) - (k - k_frame * per)).abs() <= width[distance]
         if sink:
             frames = frames | (k_frame == 0)
         sees = (q_idx < n_text) | (frames & (q_idx < n_tokens))  # text: everything; video: its bands
