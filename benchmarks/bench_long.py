@@ -162,7 +162,7 @@ def measure_modes(setup: Setup, args: argparse.Namespace, result: dict) -> None:
                 result["runs"][key] = {"skipped": "one window covers the video: the same call without windows"}
                 continue
             try:
-                entry = measure_one(setup, dit, mode, x, context, t, args)
+                entry = measure_one(setup, dit, mode, x, context, t, args, first=not result["runs"])
             except Exception as e:  # a failure is a result to report, not a reason to lose the other runs
                 logger.exception("%s failed", key)
                 result["runs"][key] = {"error": repr(e)[:500]}
@@ -183,7 +183,11 @@ def measure_modes(setup: Setup, args: argparse.Namespace, result: dict) -> None:
     reset_peak(setup)
 
 
-def measure_one(setup: Setup, dit: CogDiT, mode: str, x, context, t: int, args: argparse.Namespace) -> dict:
+def measure_one(
+    setup: Setup, dit: CogDiT, mode: str, x, context, t: int, args: argparse.Namespace, first: bool
+) -> dict:
+    """One mode at one length. A warm-up call precedes the timed ones where something compiles (blocks, or the
+    FlexAttention kernel of a mask) and for the process's first measurement; eager dense calls are timed cold."""
     attention, windows = make_mode(mode, args)
     entry: dict[str, Any] = {"mode": mode}
     if windows is not None:
@@ -204,10 +208,12 @@ def measure_one(setup: Setup, dit: CogDiT, mode: str, x, context, t: int, args: 
         }
     denoiser = Denoiser(dit, attention=attention, windows=windows)
     with torch.no_grad():
-        warm, out = seconds(setup, lambda: denoiser(x, 500, context), 1)  # compiles
+        if args.compile or attention is not None or first:
+            warm, _ = seconds(setup, lambda: denoiser(x, 500, context), 1)  # compiles
+            entry["first_call_s"] = round(warm, 1)
         reset_peak(setup)
         step, out = seconds(setup, lambda: denoiser(x, 500, context), args.repeat)
-    entry.update(step_s=round(step, 3), first_call_s=round(warm, 1), peak_GiB=peak_gib(setup), output=out)
+    entry.update(step_s=round(step, 3), peak_GiB=peak_gib(setup), output=out)
     return entry
 
 
@@ -362,6 +368,25 @@ def vae_decode(setup: Setup, args: argparse.Namespace, result: dict) -> None:
     reset_peak(setup)
 
 
+def goals(result: dict) -> dict:
+    """The issue's goals, from whatever this run measured (each needs its baseline in the same run)."""
+    runs, out = result["runs"], {}
+    base = runs.get("129f_dense", {})
+    if "step_s" in base:
+        for key, run in runs.items():
+            if key.startswith("257f_") and "step_s" in run:
+                out[f"{key}_step_vs_129f_dense (goal <= 2.2)"] = round(run["step_s"] / base["step_s"], 2)
+        if base.get("peak_GiB"):
+            for key, run in runs.items():
+                if key.startswith("513f_windowed") and run.get("peak_GiB"):
+                    out[f"{key}_peak_vs_129f_dense (goal <= 1.3)"] = round(run["peak_GiB"] / base["peak_GiB"], 2)
+    fast = result.get("fast_path")
+    if fast:
+        for label, p in fast["projected_50_steps"].items():
+            out[f"fast_path_{label} (goal <= 2.5 s and >= 3x)"] = [p["average_step_s"], p["speedup_vs_reference_eager"]]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, nargs="*", default=[129, 257, 513], help="pixel frames (4k+1)")
@@ -415,6 +440,8 @@ def main() -> None:
         fast_path(setup, args, result)
     if args.vae:
         vae_decode(setup, args, result)
+    result["goals"] = goals(result)
+    logger.info("goals: %s", result["goals"])
     path = write_json(args.json, result)
     logger.info("wrote %s", path)
 
