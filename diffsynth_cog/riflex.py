@@ -22,7 +22,8 @@ The pipeline refuses ``riflex`` for such models instead of guessing (:func:`reso
 
 In this package the rule lives in the RoPE table (``models.dit.rope_table(..., riflex=(k, N_k))``,
 cached per setting) and the setting is an input of a DiT call (``CogDiT.embed(..., riflex=...)``), so
-compiled blocks see new tables as tensor values, never as new code.
+compiled blocks see new tables as tensor values, never as new code. L is the length of the call: with
+temporal windows (``diffsynth_cog.windows``) each window is a call of the window's length.
 """
 
 from __future__ import annotations
