@@ -58,8 +58,9 @@ def test_indicator_is_the_rescaled_relative_l1_change_of_block_zeros_modulated_i
     denoiser = Denoiser(dit, step_skip=cache)
     denoiser.start(3)
     with torch.no_grad():
-        denoiser(xs[0], 800, context)
-        denoiser(xs[1], 700, context)
+        for x, t in zip(xs, (800, 700), strict=True):
+            denoiser(x, t, context)
+            denoiser.end_step()
         modulated = []
         for x, t in zip(xs, (800, 700), strict=True):
             state = dit.embed(x, torch.full((2,), t), context)
@@ -88,7 +89,10 @@ def test_skipped_steps_run_no_block_and_add_the_whole_stack_residual(pipe):
         denoiser = Denoiser(dit, step_skip=cache)
         denoiser.start(4)
         with torch.no_grad():
-            outs = [denoiser(x, 500, context) for _ in range(4)]
+            outs = []
+            for _ in range(4):
+                outs.append(denoiser(x, 500, context))
+                denoiser.end_step()
     finally:
         for h in handles:
             h.remove()
@@ -175,5 +179,7 @@ def test_teacache_keeps_one_state_per_tile_and_decides_through_the_splits_all_re
     with torch.no_grad():
         for t in (900, 800, 700):
             assert torch.equal(denoiser(x, t, context), plain(x, t, context))
-    assert set(cache._tracks) == {(r, c) for r in (0, 2) for c in (0, 2, 4)}  # 4 x 4 tiles every 2 over 4 x 6
+            denoiser.end_step()
+    # One state per (call, window) and tile: 4 x 4 tiles every 2 over 4 x 6, no windows, one call per step.
+    assert set(cache._tracks) == {((None, None), (r, c)) for r in (0, 2) for c in (0, 2, 4)}
     assert split.reduced == 2 * 6  # every tile, every step after the first

@@ -101,9 +101,11 @@ def test_windows_compose_with_tiles_and_step_skipping_one_state_per_window_and_t
         cached.start(2)
         for step in range(2):
             assert torch.equal(cached(x, 900 - step * 100, context), plain(x, 900 - step * 100, context))
+            cached.end_step()
     # 2 windows x 2 x 3 tiles (4 x 4 latents every 2 over 4 x 6): a distance per call site and step.
     assert len(cached.step_skip.distances) == 2 * 2 * 6
-    assert set(cached.step_skip._tracks) == {(w, (r, c)) for w in (0, 2) for r in (0, 2) for c in (0, 2, 4)}
+    tracks = {((None, w), (r, c)) for w in (0, 2) for r in (0, 2) for c in (0, 2, 4)}  # (call, window), tile
+    assert set(cached.step_skip._tracks) == tracks
 
 
 @pytest.fixture(scope="module")
