@@ -380,3 +380,16 @@ def test_export_lora_command_offers_both_formats():
     from diffsynth_cog.training import cli
 
     assert cli._LORA_FORMATS == LORA_EXPORT_FORMATS
+
+
+def test_diffusers_export_refuses_layers_that_are_not_the_dits(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    inject_lora(model, {"0": (2, 2.0)})
+    with pytest.raises(LoRAError, match=r"\['0'\] are not CogVideoX DiT layers, so they have no diffusers name"):
+        export_lora(model, tmp_path / "x.safetensors", format="diffusers")
+    assert not (tmp_path / "x.safetensors").exists()
+    # The DiffSynth layout is PEFT keys on the module's own names: another module keeps its names.
+    assert set(load_state_dict(export_lora(model, tmp_path / "y.safetensors"))) == {
+        "0.lora_A.default.weight",
+        "0.lora_B.default.weight",
+    }

@@ -186,18 +186,20 @@ def export_lora(
 
 
 def _file_names(layers: Mapping[str, LoRALinear], format: str) -> dict[str, str]:
-    """Our layer name -> its module name in the file's layout; every layer must be a DiT layer."""
+    """Our layer name -> its module name in the file's layout. A layer that is not one of the DiT's keeps
+    its own name in the DiffSynth layout (a LoRA of another module), and is refused in diffusers'."""
     names: dict[str, str] = {}
     unknown = []
     for name in layers:
         try:
             names[name] = dit_name_in(format, name)
         except KeyError:
+            names[name] = name
             unknown.append(name)
-    if unknown:
+    if unknown and format == DIFFUSERS:
         raise LoRAError(
-            f"export_lora: {unknown[:5]} are not CogVideoX DiT layers, so they have no {format} name; "
-            "export a LoRA of the DiT (CogDiT)"
+            f"export_lora: {unknown[:5]} are not CogVideoX DiT layers, so they have no diffusers name; "
+            "export a LoRA of the DiT (CogDiT), or use format='diffsynth'"
         )
     return names
 
