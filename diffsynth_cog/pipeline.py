@@ -10,13 +10,18 @@ Memory modes (``enable_*`` methods):
     time (lowest memory, slowest);
   * tiled VAE (``tiled=True``) bounds decode memory in space, ``dit_tiled=True`` runs the DiT on
     overlapping spatial tiles for resolutions above its base grid.
+
+Several GPUs: ``enable_parallel`` (under torchrun) shares every generation between the ranks
+(``diffsynth_cog.parallel``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -29,6 +34,7 @@ from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.vae import CogVAEDecoder, CogVAEEncoder
 from diffsynth_cog.offload import ModelOffloader
+from diffsynth_cog.parallel.context import ParallelContext
 from diffsynth_cog.sampling import Conditions, StepCallback, denoise, draw_noise
 from diffsynth_cog.schedulers import Sampler, SchedulerConfig, add_noise, make_sampler, scheduler_preset
 from diffsynth_cog.step_cache import StepCache
@@ -87,6 +93,7 @@ class CogVideoPipeline:
         self.torch_dtype = torch_dtype
         self.offloader = ModelOffloader(self.device, mode="none")
         self.offloader.register(self.models())
+        self.parallel: ParallelContext | None = None
 
     @classmethod
     def from_model_manager(
@@ -123,6 +130,51 @@ class CogVideoPipeline:
     def disable_offload(self) -> None:
         self.offloader.set_mode("none")
 
+    # -- several GPUs ------------------------------------------------------------------------
+
+    def enable_parallel(
+        self,
+        cfg_parallel: bool = True,
+        ulysses_degree: int | None = None,
+        ring_degree: int = 1,
+        *,
+        group_size: int | None = None,
+        timeout: timedelta | None = None,
+    ) -> None:
+        """Share every generation between the ranks of the initialised ``torch.distributed`` process group.
+
+        Launch every rank with torchrun, call ``torch.distributed.init_process_group()`` and build the pipeline
+        on the rank's own device (``cuda:LOCAL_RANK``), then call this on every rank (it creates process groups:
+        collective). Then call the pipeline on every rank with the same arguments (checked): the generation's
+        first rank (rank 0 without groups) returns the result, for every ``output_type``; the others return None.
+
+        Args:
+            cfg_parallel: the unconditional and conditional halves on two rank groups.
+            ulysses_degree: ranks sharing the token sequence by all-to-all over heads (must divide the heads:
+                48 for 5B, 30 for 2B); None = the ranks that are left.
+            ring_degree: ranks sharing the token sequence by ring attention (any number; dense attention only).
+            group_size: ranks per generation (default: all); the world splits into groups that generate
+                different videos (e.g. the prompts of a batch), each with these degrees.
+            timeout: of the new process groups' collectives (default: the default group's).
+        See ``diffsynth_cog.parallel`` for what each part does.
+        """
+        self.parallel = ParallelContext.create(
+            self.dit.config.num_attention_heads,
+            self.device,
+            cfg_parallel=cfg_parallel,
+            ulysses_degree=ulysses_degree,
+            ring_degree=ring_degree,
+            group_size=group_size,
+            timeout=timeout,
+        )
+
+    def disable_parallel(self) -> None:
+        """Back to one process per generation (the process groups stay)."""
+        self.parallel = None
+
+    def _spread_tiles(self) -> contextlib.AbstractContextManager:
+        return self.parallel.spread_tiles() if self.parallel is not None else contextlib.nullcontext()
+
     # -- pieces ------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str | Sequence[str]) -> torch.Tensor:
@@ -137,7 +189,7 @@ class CogVideoPipeline:
         """Pixels [B, 3, F, H, W] in [-1, 1] -> scaled latents [B, C, T, h, w] (posterior sample)."""
         if self.vae_encoder is None:
             raise ValueError("input_video / input_image need the VAE encoder: load the VAE")
-        with self.offloader.using("vae_encoder"):
+        with self.offloader.using("vae_encoder"), self._spread_tiles():
             latents = self.vae_encoder.encode(
                 video.to(self.device, self.torch_dtype), tiled=tiled, sample=True, generator=generator
             )
@@ -147,7 +199,7 @@ class CogVideoPipeline:
         """Scaled latents [B, C, T, h, w] -> pixels [B, 3, F, H, W] in [-1, 1] (float32, on the CPU)."""
         if self.vae_decoder is None:
             raise ValueError("decoding needs the VAE decoder: load the VAE, or use output_type='latent'")
-        with self.offloader.using("vae_decoder"):
+        with self.offloader.using("vae_decoder"), self._spread_tiles():
             scaled = (latents / self.vae_decoder.config.scaling_factor).to(self.device, self.torch_dtype)
             video = self.vae_decoder.decode(scaled, tiled=tiled, progress=progress)
         return video.float().clamp(-1, 1).cpu()
@@ -164,7 +216,8 @@ class CogVideoPipeline:
         """The denoiser of one generation, from the call's options (see :class:`~diffsynth_cog.denoiser.Denoiser`)."""
         if step_cache is not None and not isinstance(step_cache, StepSkipper):
             step_cache = StepCache(threshold=step_cache)
-        return Denoiser(self.dit, attention=attention, step_skip=step_cache, tiles=dit_tiles)
+        split = self.parallel.split if self.parallel is not None else None
+        return Denoiser(self.dit, attention=attention, split=split, step_skip=step_cache, tiles=dit_tiles)
 
     def encode_conditions(
         self,
@@ -278,6 +331,9 @@ class CogVideoPipeline:
                 reusing the last computed residual (see ``diffsynth_cog.step_cache``). A number is the
                 threshold of a fresh ``StepCache`` (0 = never skip = exact); pass a ``StepCache`` to
                 read its ``stats()`` afterwards (it is reset at the start of every call).
+
+        After ``enable_parallel``: call on every rank with the same arguments; the generation's first rank
+        returns the result, the other ranks None.
         """
         # Checks first: nothing is encoded or drawn for a call that cannot run.
         config = self.dit.config
@@ -305,12 +361,26 @@ class CogVideoPipeline:
                     f"input_video must have {num_frames} frames of {height}x{width}; got {list(video.shape)}"
                 )
         tiles = (TileSpec((480, 720), (0.5, 0.5)) if dit_tiled is True else dit_tiled) or None
+        guided = cfg_scale > 1.0
+        if self.parallel is not None:  # the same call on every rank, one seed, progress on the leader
+            arguments = {k: v for k, v in locals().items() if k not in ("self", "callback", "progress_bar", "config")}
+            self.parallel.check_call({**arguments, "text_encoder_loaded": self.text_encoder is not None})
+            self.parallel.note_guidance(guided)
+            seed = self.parallel.shared_seed(seed) if generator is None else seed
+            progress_bar = progress_bar and self.parallel.is_leader
+            prompt_emb, negative_prompt_emb = self.parallel.encode_text(
+                self,
+                prompt,
+                negative_prompt,
+                guided=guided,
+                prompt_emb=prompt_emb,
+                negative_prompt_emb=negative_prompt_emb,
+            )
         denoiser = self.make_denoiser(attention=attention, step_cache=step_cache, dit_tiles=tiles)
         strength = denoising_strength if video is not None else 1.0
         steps = make_sampler(sampler, self.scheduler_config, num_inference_steps, strength=strength)
         generator = generator if generator is not None else seeded_generator(seed)
 
-        guided = cfg_scale > 1.0
         conditions = self.encode_conditions(
             prompt,
             negative_prompt,
@@ -335,7 +405,8 @@ class CogVideoPipeline:
                 callback=callback,
                 progress=progress_bar,
             )
-        return self.decode(final, output_type, tiled, progress_bar)
+        result = self.decode(final, output_type, tiled, progress_bar)
+        return result if self.parallel is None or self.parallel.is_leader else None
 
 
 def latent_shape_for(config: DiTConfig, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
