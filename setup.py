@@ -29,8 +29,10 @@ setup(
         "flash": ["flash-attn>=2.6"],
         # FlashAttention-3 (Hopper), forward-only build: the fastest exact attention for inference.
         "fa3": ["fa3-fwd>=0.0.3"],
+        # Ring attention on several GPUs (its ring communicator and merge); Ulysses / CFG parallel need only torch.
+        "parallel": ["yunchang>=0.6"],
         # diffusers is the numerical reference the tests compare against; never imported by the library.
-        "test": ["pytest>=8", "diffusers==0.42.1", "peft>=0.13", "lightning>=2.6", "ruff"],
+        "test": ["pytest>=8", "diffusers==0.42.1", "peft>=0.13", "lightning>=2.6", "ruff", "yunchang>=0.6"],
     },
     entry_points={"console_scripts": ["diffsynth-cog=diffsynth_cog.cli:main"]},
 )

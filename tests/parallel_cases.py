@@ -213,18 +213,22 @@ def mismatched_calls(rank: int, world: int) -> dict[str, Any]:
     return errors
 
 
-def rank_dies(rank: int, world: int) -> dict[str, Any]:
-    """The last rank exits in the middle of the second step; the others must fail with a clear error."""
-    pipe = _pipe("5b")
-    _enable(pipe, {"cfg_parallel": False})
+def rank_stops(rank: int, world: int, hang_s: float, timeout_s: float) -> dict[str, Any]:
+    """The last rank stops answering in the middle of the second step (sleeps ``hang_s``, then exits); the
+    others must fail with a clear error after about the process groups' ``timeout_s``, not wait for it."""
+    from datetime import timedelta
 
-    def die(i, t, x):  # noqa: ANN001, ANN202
+    pipe = _pipe("5b")
+    pipe.enable_parallel(cfg_parallel=False, timeout=timedelta(seconds=timeout_s))
+
+    def stop(i, t, x):  # noqa: ANN001, ANN202
         if rank == world - 1 and i == 1:
+            time.sleep(hang_s)
             os._exit(3)
 
     start = time.monotonic()
     try:
-        pipe(**call_inputs(), callback=die)
+        pipe(**call_inputs(), callback=stop)
         error = None
     except Exception as e:  # noqa: BLE001
         error = f"{type(e).__name__}: {e}"
@@ -235,8 +239,8 @@ def bad_layouts(rank: int, world: int) -> dict[str, str]:
     """Layouts that cannot work: each must be refused with a message (on every rank, before any work)."""
     errors = {}
     for name, preset, layout in (
-        ("product", "5b", {"cfg_parallel": True, "ulysses_degree": 1, "ring_degree": 1}),
-        ("heads", "2b", {"cfg_parallel": False, "ulysses_degree": world}),
+        ("product", "5b", {"cfg_parallel": True, "ulysses_degree": world, "ring_degree": 1}),
+        ("heads", "2b", {"cfg_parallel": False, "ulysses_degree": 4, "ring_degree": world // 4}),
     ):
         try:
             _pipe(preset).enable_parallel(**layout)
@@ -244,3 +248,113 @@ def bad_layouts(rank: int, world: int) -> dict[str, str]:
         except Exception as e:  # noqa: BLE001
             errors[name] = f"{type(e).__name__}: {e}"
     return errors
+
+
+def compositions(rank: int, world: int) -> dict[str, Any]:
+    """The split composes with the other parts and modes: DiT tiles, int8 weights, compiled blocks."""
+    from diffsynth_cog.quantization import quantize_dit
+    from diffsynth_cog.tiling import TileSpec
+
+    out = {}
+    pipe = tiny_pipeline("5b", seed=1)
+    tiles = {"dit_tiled": TileSpec((16, 32), (0.0, 0.5))}
+    for name, layout, extra in (
+        ("dit-tiles-u2", {"cfg_parallel": False}, tiles),
+        ("dit-tiles-ring2", {"cfg_parallel": False, "ulysses_degree": 1, "ring_degree": 2}, tiles),
+    ):
+        kwargs = {**call_inputs(), **extra}
+        pipe.disable_parallel()
+        expected = pipe(**kwargs)
+        _enable(pipe, layout)
+        got = pipe(**kwargs)
+        out[name] = None if got is None else rel(got, expected)
+    quantize_dit(pipe.dit, "int8")
+    eager = {}
+    for name, layout in (
+        ("int8-u2", {"cfg_parallel": False}),
+        ("int8-ring2", {"ring_degree": 2, "cfg_parallel": False, "ulysses_degree": 1}),
+    ):
+        pipe.disable_parallel()
+        eager[name] = expected = pipe(**call_inputs())
+        _enable(pipe, layout)
+        got = pipe(**call_inputs())
+        out[name] = None if got is None else rel(got, expected)
+    # fullgraph: the sequence-parallel attention is one opaque op, so no collective breaks a block's graph
+    pipe.dit.compile_blocks(backend="aot_eager", fullgraph=True)
+    for name, layout in (
+        ("compiled-int8-u2", {"cfg_parallel": False}),
+        ("compiled-int8-ring2", {"ring_degree": 2, "cfg_parallel": False, "ulysses_degree": 1}),
+    ):
+        _enable(pipe, layout)
+        got = pipe(**call_inputs())
+        out[name] = None if got is None else rel(got, eager[name.removeprefix("compiled-")])
+    pipe.disable_parallel()
+    return out
+
+
+TWO_RANK_CASES = [
+    dict(name="cfg2", preset="5b", layout={"cfg_parallel": True}),
+    dict(name="ulysses2", preset="5b", layout={"cfg_parallel": False}),
+    dict(name="ring2", preset="5b", layout={"cfg_parallel": False, "ulysses_degree": 1, "ring_degree": 2}),
+    dict(name="2b-ulysses2", preset="2b", layout={"cfg_parallel": False}),
+    dict(
+        name="2b-ring2-dpm",
+        preset="2b",
+        layout={"cfg_parallel": False, "ring_degree": 2, "ulysses_degree": 1},
+        call={"sampler": "dpm"},
+    ),
+    dict(name="i2v-ulysses2", preset="5b-i2v", kind="i2v", layout={"cfg_parallel": False}),
+    dict(name="v2v-cfg2", preset="5b", kind="v2v", layout={"cfg_parallel": True}),
+    dict(
+        name="v2v-ring2", preset="5b", kind="v2v", layout={"cfg_parallel": False, "ulysses_degree": 1, "ring_degree": 2}
+    ),
+    dict(
+        name="step-cache-ulysses2",
+        preset="5b",
+        layout={"cfg_parallel": False},
+        call={"step_cache": 1.0, "num_inference_steps": 8},
+    ),
+]
+
+FOUR_RANK_CASES = [
+    dict(name="cfg2xulysses2", preset="5b", layout={"cfg_parallel": True}),
+    dict(name="cfg2xring2", preset="5b", layout={"cfg_parallel": True, "ulysses_degree": 1, "ring_degree": 2}),
+    dict(name="ulysses2xring2", preset="5b", layout={"cfg_parallel": False, "ulysses_degree": 2, "ring_degree": 2}),
+    dict(name="ulysses4", preset="5b", layout={"cfg_parallel": False}),
+    dict(name="2b-ring4", preset="2b", layout={"cfg_parallel": False, "ulysses_degree": 1, "ring_degree": 4}),
+    dict(name="2b-cfg2xulysses2-dpm", preset="2b", layout={"cfg_parallel": True}, call={"sampler": "dpm"}),
+    dict(
+        name="i2v-cfg2xring2",
+        preset="5b-i2v",
+        kind="i2v",
+        layout={"cfg_parallel": True, "ulysses_degree": 1, "ring_degree": 2},
+    ),
+    dict(
+        name="v2v-ulysses2xring2",
+        preset="5b",
+        kind="v2v",
+        layout={"cfg_parallel": False, "ulysses_degree": 2, "ring_degree": 2},
+    ),
+    dict(
+        name="step-cache-cfg2xulysses2",
+        preset="5b",
+        layout={"cfg_parallel": True},
+        call={"step_cache": 1.0, "num_inference_steps": 8},
+    ),
+    dict(name="unguided-cfg2xulysses2", preset="5b", layout={"cfg_parallel": True}, call={"cfg_scale": 1.0}),
+    dict(name="2-groups-of-ulysses2", preset="5b", layout={"cfg_parallel": False, "group_size": 2}),
+]
+
+
+def two_rank_session(rank: int, world: int, text_folder: str) -> dict[str, Any]:
+    return {
+        "generations": generations(rank, world, TWO_RANK_CASES),
+        "vae": vae_roundtrip(rank, world),
+        "text": text_once(rank, world, text_folder),
+        "mismatch": mismatched_calls(rank, world),
+        "compositions": compositions(rank, world),
+    }
+
+
+def four_rank_session(rank: int, world: int) -> dict[str, Any]:
+    return {"generations": generations(rank, world, FOUR_RANK_CASES), "bad_layouts": bad_layouts(rank, world)}
