@@ -36,7 +36,9 @@ PRESETS = {
 }
 
 
-def tiny_pipeline(preset: str, seed: int = 0, text_folder: str | None = None) -> CogVideoPipeline:
+def tiny_pipeline(
+    preset: str, seed: int = 0, text_folder: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> CogVideoPipeline:
     config = DiTConfig(
         attention_head_dim=16,
         out_channels=4,
@@ -71,14 +73,11 @@ def tiny_pipeline(preset: str, seed: int = 0, text_folder: str | None = None) ->
     preset_name = "cogvideox-2b" if preset == "2b" else "cogvideox-5b"
     from diffsynth_cog.schedulers import scheduler_preset
 
+    for model in (dit, vae, text_encoder):
+        if model is not None:
+            model.to(device, dtype)
     return CogVideoPipeline(
-        dit,
-        text_encoder,
-        vae.encoder,
-        vae.decoder,
-        scheduler_preset(preset_name),
-        device="cpu",
-        torch_dtype=torch.float32,
+        dit, text_encoder, vae.encoder, vae.decoder, scheduler_preset(preset_name), device=device, torch_dtype=dtype
     )
 
 
@@ -358,3 +357,46 @@ def two_rank_session(rank: int, world: int, text_folder: str) -> dict[str, Any]:
 
 def four_rank_session(rank: int, world: int) -> dict[str, Any]:
     return {"generations": generations(rank, world, FOUR_RANK_CASES), "bad_layouts": bad_layouts(rank, world)}
+
+
+def gpu_session(rank: int, world: int, device_type: str = "cuda") -> dict[str, Any]:
+    """On CUDA with NCCL: fp32 layouts against the one-GPU latents (exact), then bf16 with the default kernel
+    (FlashAttention-3 on Hopper when installed, else cuDNN) eager and with fullgraph-compiled blocks."""
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+    device = f"cuda:{rank}" if device_type == "cuda" else device_type
+    out: dict[str, Any] = {}
+    layouts = {
+        "cfg2": {"cfg_parallel": True},
+        "ulysses2": {"cfg_parallel": False},
+        "ring2": {"cfg_parallel": False, "ulysses_degree": 1, "ring_degree": 2},
+    }
+    truth = None  # the one-GPU fp32 latents: bf16 runs are judged by their distance to them
+    for dtype in (torch.float32, torch.bfloat16):
+        pipe = tiny_pipeline("5b", device=device, dtype=dtype)
+        kind = str(dtype).removeprefix("torch.")
+        kwargs = call_inputs()
+        expected = pipe(**kwargs)
+        truth = expected.float().cpu() if truth is None else truth
+        out[f"{kind}-single-vs-fp32"] = rel(expected.cpu(), truth)
+        for name, layout in layouts.items():
+            _enable(pipe, layout)
+            got = pipe(**kwargs)
+            if got is not None:
+                out[f"{kind}-{name}"] = rel(got.cpu(), expected.cpu())
+                out[f"{kind}-{name}-vs-fp32"] = rel(got.cpu(), truth)
+            pipe.disable_parallel()
+        decoded = pipe.decode_latents(expected, tiled=True, progress=False)
+        _enable(pipe, layouts["ulysses2"])
+        out[f"{kind}-vae-decode-equal"] = torch.equal(
+            decoded, pipe.decode_latents(expected, tiled=True, progress=False)
+        )
+        pipe.disable_parallel()
+    # compiled blocks in one graph around the sequence-parallel op (one compile: Ulysses only)
+    pipe.dit.compile_blocks(fullgraph=True)
+    _enable(pipe, layouts["ulysses2"])
+    got = pipe(**kwargs)
+    if got is not None:
+        out["bfloat16-compiled-ulysses2-vs-fp32"] = rel(got.cpu(), truth)
+    pipe.disable_parallel()
+    return out

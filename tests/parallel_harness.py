@@ -20,14 +20,14 @@ from typing import Any
 import torch
 
 
-def _entry(rank: int, world: int, folder: str, fn: Callable, args: tuple, pg_timeout: float) -> None:
+def _entry(rank: int, world: int, folder: str, fn: Callable, args: tuple, pg_timeout: float, backend: str) -> None:
     torch.set_num_threads(1)
     out = Path(folder) / f"rank{rank}.pt"
     try:
         import torch.distributed as dist
 
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{folder}/store",
             rank=rank,
             world_size=world,
@@ -48,14 +48,22 @@ def _entry(rank: int, world: int, folder: str, fn: Callable, args: tuple, pg_tim
 
 
 def run_ranks(
-    world: int, fn: Callable, folder: Path, *args: Any, timeout: float = 240.0, pg_timeout: float = 60.0
+    world: int,
+    fn: Callable,
+    folder: Path,
+    *args: Any,
+    timeout: float = 240.0,
+    pg_timeout: float = 60.0,
+    backend: str = "gloo",
 ) -> list[dict[str, Any]]:
     """Runs ``fn(rank, world, *args)`` on ``world`` new processes; returns each rank's ``{"ok": result}`` or
     ``{"error": ..., "type": ..., "trace": ...}`` (``{"error": "no result"}`` for a process that died)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_entry, args=(r, world, str(folder), fn, args, pg_timeout)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_entry, args=(r, world, str(folder), fn, args, pg_timeout, backend)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
