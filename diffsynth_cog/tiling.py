@@ -10,6 +10,10 @@ exact arithmetic for the VAE. The DiT uses the same stitching.
 Sizes are given to users in pixels (:class:`TileSpec`); each model converts them to its own input
 units when it plans (:meth:`TileSpec.grid`): latent rows for the DiT and the VAE decoder, pixels for
 the VAE encoder.
+
+Where the tiles run is a separate choice: by default here, one after the other; inside
+``with tiles_run_by(runner)`` a runner decides (``parallel.vae`` spreads them over the ranks of a
+distributed run). The stitching is the same either way.
 """
 
 from __future__ import annotations

@@ -170,6 +170,41 @@ def test_cli_defaults_use_every_rank_cfg_halves_first():
     assert degrees("--cfg-parallel", "on", "--ulysses", "2", world=8, batch=True)["group_size"] == 4
 
 
+class MaskPart:
+    """An attention part (a mask, as a sparse-attention part would be) for the compatibility checks."""
+
+    name = "text-mask"
+
+    def build(self, layout, device):  # noqa: ANN001, ANN201
+        return lambda q, k, v: v
+
+
+def split_for(layout: ParallelLayout):  # noqa: ANN201 - a split of rank 0 without process groups
+    from diffsynth_cog.parallel.mesh import ProcessMesh
+    from diffsynth_cog.parallel.split import ParallelSplit
+
+    mesh = ProcessMesh(layout, 0, layout.coords(0), tuple(range(layout.world)), None, None, None, None)
+    return ParallelSplit(mesh)
+
+
+def test_the_split_refuses_what_it_cannot_share_when_the_denoiser_is_built(monkeypatch):
+    from parallel_cases import tiny_pipeline
+
+    from diffsynth_cog.denoiser import Denoiser
+
+    dit = tiny_pipeline("5b").dit  # 4 heads
+    with pytest.raises(
+        ParallelError, match="attention part 'text-mask' cannot combine with the split 'parallel:ring2'"
+    ):
+        Denoiser(dit, attention=MaskPart(), split=split_for(ParallelLayout(ring=2)))
+    monkeypatch.setattr("diffsynth_cog.denoiser.check_backend", lambda name: name)  # as if sageattention were here
+    with pytest.raises(ParallelError, match="'sage' cannot combine with the split 'parallel:ulysses2xring2'"):
+        Denoiser(dit, attention="sage", split=split_for(ParallelLayout(ring=2, ulysses=2)))
+    with pytest.raises(ParallelError, match="ulysses degree 3 does not divide the DiT's 4 attention heads"):
+        Denoiser(dit, split=split_for(ParallelLayout(ulysses=3)))
+    Denoiser(dit, attention=MaskPart(), split=split_for(ParallelLayout(ulysses=2, cfg=2)))  # masks go with Ulysses
+
+
 # ----------------------------------------------------------------------------------------------
 # Two ranks
 
@@ -324,3 +359,22 @@ def test_cli_refuses_a_bad_prompt_file_before_loading_anything(tmp_path):
     prompts.write_text('{"prompt": "a", "frames": 48}\n')
     assert main(["generate", "--prompts", str(prompts), "--model", str(tmp_path / "missing"), "--no-download"]) == 2
     assert main(["generate", "--model", str(tmp_path)]) == 2  # neither --prompt nor --prompts
+
+
+def test_bench_parallel_runs_every_layout_that_fits_and_reports_the_scaling(tmp_path):
+    """The GPU benchmark's own logic, on tiny CPU models (--smoke), so that device time is not spent on its bugs."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_parallel.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    command += ["--smoke", "--frames", "9", "--layouts", "single", "cfg2", "ring2", "cfg2xulysses2"]
+    command += ["--steps", "2", "--warmup-steps", "1", "--full-steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    runs = json.loads((tmp_path / "bench_parallel.json").read_text())["runs"]
+    assert set(runs) == {"9f/single", "9f/cfg2", "9f/ring2", "9f/cfg2xulysses2"}
+    assert "needs a divisor of the world size 2" in runs["9f/cfg2xulysses2"]["skipped"]
+    for name in ("cfg2", "ring2"):
+        entry = runs[f"9f/{name}"]
+        assert entry["ranks_per_video"] == 2 and len(entry["step_s"]) == 2 and len(entry["peak_GiB_per_gpu"]) == 2
+        assert entry["rel_diff_vs_single"] < 1e-5 and entry["step_speedup"] > 0 and entry["full_1_steps_s"] >= 0
+    assert "frames | layout" in run.stdout
