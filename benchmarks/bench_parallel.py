@@ -128,14 +128,14 @@ def gather(value: object) -> list[object]:
     return out
 
 
-def time_text(pipe: CogVideoPipeline) -> float:
+def time_text(pipe: CogVideoPipeline) -> tuple[float, dict[str, torch.Tensor]]:
+    """Seconds to encode the prompt and the negative one (each once across a generation), and the embeddings."""
     start = synced()
     if pipe.parallel is not None:
-        pipe.parallel.encode_text(pipe, PROMPT, "", guided=True, prompt_emb=None, negative_prompt_emb=None)
+        emb, neg = pipe.parallel.encode_text(pipe, PROMPT, "", guided=True, prompt_emb=None, negative_prompt_emb=None)
     else:
-        pipe.encode_prompt(PROMPT)
-        pipe.encode_prompt("")
-    return synced() - start
+        emb, neg = pipe.encode_prompt(PROMPT), pipe.encode_prompt("")
+    return synced() - start, {"prompt_emb": emb, "negative_prompt_emb": neg}
 
 
 def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Namespace, state: dict) -> dict:
@@ -168,6 +168,8 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
     pipe(**call, num_inference_steps=args.warmup_steps, output_type="latent")
     warmup = synced() - start
     barrier()
+    text, embeddings = time_text(pipe)
+    barrier()
     times: list[float] = []
     last = [synced()]
 
@@ -176,10 +178,9 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
         times.append(now - last[0])
         last[0] = now
 
-    latents = pipe(**call, num_inference_steps=args.steps, output_type="latent", callback=tick)
+    timed_call = {**call, "prompt": "", "negative_prompt": "", **embeddings}  # the steps alone, text apart
+    latents = pipe(**timed_call, num_inference_steps=args.steps, output_type="latent", callback=tick)
     step = statistics.median(times)
-    barrier()
-    text = time_text(pipe)
     barrier()
     final = pipe.parallel is None or pipe.parallel.is_leader
     if latents is None:  # the others need the latents to share the decode: the leader's are the same
@@ -250,7 +251,9 @@ def main() -> None:
     parser.add_argument("--preset", default="cogvideox-5b")
     parser.add_argument("--frames", type=int, nargs="+", default=[49, 129])
     parser.add_argument("--layouts", nargs="+", default=["single", "cfg2", "ulysses2", "ring2", "cfg2xulysses2"])
-    parser.add_argument("--steps", type=int, default=3, help="timed denoising steps per layout (median reported)")
+    parser.add_argument(
+        "--steps", type=int, default=3, help="timed denoising steps per layout (the median is reported)"
+    )
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps of the warm-up generation (compile)")
     parser.add_argument("--estimate-steps", type=int, default=50, help="steps of the estimated whole video")
     parser.add_argument("--full-steps", type=int, default=0, help="also time one whole generation of N steps")

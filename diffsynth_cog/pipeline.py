@@ -362,12 +362,12 @@ class CogVideoPipeline:
                 )
         tiles = (TileSpec((480, 720), (0.5, 0.5)) if dit_tiled is True else dit_tiled) or None
         guided = cfg_scale > 1.0
-        if self.parallel is not None:  # the same call on every rank, one seed, progress on the leader
+        if self.parallel is not None:  # the same call on every rank, one seed, progress from rank 0
             arguments = {k: v for k, v in locals().items() if k not in ("self", "callback", "progress_bar", "config")}
             self.parallel.check_call({**arguments, "text_encoder_loaded": self.text_encoder is not None})
             self.parallel.note_guidance(guided)
             seed = self.parallel.shared_seed(seed) if generator is None else seed
-            progress_bar = progress_bar and self.parallel.is_leader
+            progress_bar = progress_bar and self.parallel.shows_progress
             prompt_emb, negative_prompt_emb = self.parallel.encode_text(
                 self,
                 prompt,

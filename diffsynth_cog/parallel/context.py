@@ -9,7 +9,8 @@
     prompts encode at the same time on two GPUs);
   * :attr:`split` - the denoiser's token split (CFG halves x sequence shards);
   * :meth:`spread_tiles` - the tiled VAE's tiles spread over the ranks (``parallel.vae``);
-  * :attr:`is_leader` - the leader (the generation's first rank) returns the result, the others None.
+  * :attr:`is_leader` - the leader (the generation's first rank) returns the result, the others None;
+    :attr:`shows_progress` - progress bars from rank 0 only.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ class ParallelContext:
         return self.mesh.is_leader
 
     @property
+    def shows_progress(self) -> bool:
+        """Progress bars (and one-off warnings) come from rank 0 only, whatever the groups."""
+        return self.mesh.rank == 0
+
+    @property
     def _group(self) -> dist.ProcessGroup | None:
         return self.mesh.generation
 
@@ -107,7 +113,7 @@ class ParallelContext:
         return seed
 
     def note_guidance(self, guided: bool) -> None:
-        if not guided and self.layout.cfg > 1 and not self._warned_unguided:
+        if not guided and self.layout.cfg > 1 and not self._warned_unguided and self.shows_progress:
             self._warned_unguided = True
             logger.warning(
                 "cfg_scale <= 1 leaves one batch row: the %d CFG halves compute the same call (no speed-up); "

@@ -62,7 +62,7 @@ def ring_attention(
     if n != lengths[index] or k.shape[1] != n:
         raise ParallelError(f"ring attention: shard {index} has {n} tokens, its plan {lengths[index]}")
     longest = max(lengths)
-    kv = q.new_zeros((2 * b, longest, heads, dim))  # [K; V], padded to the longest shard for the transfer
+    kv = q.new_empty((2 * b, longest, heads, dim))  # [K; V], padded to the longest shard (padding never read)
     kv[:b, :n] = k
     kv[b:, :n] = v
     offset = k.float().mean(dim=1, keepdim=True) if centre_keys and n else None

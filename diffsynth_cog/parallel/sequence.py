@@ -93,7 +93,7 @@ class SequenceParallelAttention:
     def compute(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.ulysses > 1:
             lengths = self.ulysses_lengths
-            q, k, v = tokens_to_heads(torch.stack([q, k, v]), lengths, self.ulysses_index, self.ulysses_group).unbind(0)
+            q, k, v = tokens_to_heads((q, k, v), lengths, self.ulysses_group)
         if self.ring > 1:
             name, kernel = self.kernel(q)
             out = ring_attention(
