@@ -4,7 +4,8 @@ Launch with torchrun on any number of GPUs; every layout that fits the world siz
 baseline ("single") included, in the same invocation:
 
     torchrun --nproc_per_node 2 benchmarks/bench_parallel.py --frames 49 129 --layouts single cfg2 ulysses2 ring2
-    torchrun --nproc_per_node 2 benchmarks/bench_parallel.py --frames 129 --layouts cfg2 --steps 3 --full-steps 50
+    torchrun --nproc_per_node 2 benchmarks/bench_parallel.py --frames 129 49 --layouts single cfg2 ulysses2 \
+        --steps 3 --full-steps 50 --full-layouts cfg2 --full-frames 129
 
 Layouts: ``single`` (every rank generates alone: the 1-GPU baseline, run on all GPUs at once), or
 ``x``-joined degrees of one generation: ``cfg2``, ``ulysses2``, ``ring2``, ``cfg2xulysses2``,
@@ -209,7 +210,7 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
         state["single"][frames] = latents.float().cpu() if final else None
     elif final and state["single"].get(frames) is not None:
         entry["rel_diff_vs_single"] = rel_err(latents.float().cpu(), state["single"][frames])
-    if args.full_steps:
+    if args.full_steps and name in (args.full_layouts or [name]) and frames in (args.full_frames or [frames]):
         barrier()
         start = synced()
         pipe(**call, num_inference_steps=args.full_steps, output_type="np")
@@ -242,6 +243,7 @@ def table(results: dict, args: argparse.Namespace) -> str:
             f"{e['vae_decode_tiled_s']:.2f} | {e.get('decode_speedup', 1.0):.2f} | {e['text_encode_s']:.2f} | "
             f"{e[f'estimate_{args.estimate_steps}_steps_s']:.1f} | {e.get('estimate_speedup', 1.0):.2f} | "
             f"{e.get('rel_diff_vs_single', 0.0):.1e} | {max(e['peak_GiB_per_gpu']):.1f}"
+            + "".join(f" | {k}: {v} s" for k, v in e.items() if k.startswith("full_"))
         )
     return "\n".join(rows)
 
@@ -257,6 +259,8 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps of the warm-up generation (compile)")
     parser.add_argument("--estimate-steps", type=int, default=50, help="steps of the estimated whole video")
     parser.add_argument("--full-steps", type=int, default=0, help="also time one whole generation of N steps")
+    parser.add_argument("--full-layouts", nargs="*", default=None, help="only these layouts get --full-steps")
+    parser.add_argument("--full-frames", type=int, nargs="*", default=None, help="only these lengths get --full-steps")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager blocks")
     parser.add_argument("--attention", default="auto", choices=attn.BACKENDS)
     parser.add_argument("--tokenizer", default=None, help="a T5 tokenizer folder (default: a small test tokenizer)")
