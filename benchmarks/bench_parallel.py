@@ -73,19 +73,22 @@ def parse_layout(name: str) -> dict[str, int] | None:
     return degrees
 
 
+def made_by_rank_0(make) -> Path:  # noqa: ANN001
+    """``make(folder)`` on rank 0 only (transformers saves on rank 0 alone under torchrun); the folder for all."""
+    folder = [tempfile.mkdtemp() if not dist.is_initialized() or dist.get_rank() == 0 else None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        make(folder[0])
+    if dist.is_initialized():
+        dist.broadcast_object_list(folder, src=0)
+    return Path(folder[0])
+
+
 def build_pipeline(args: argparse.Namespace, device: str) -> CogVideoPipeline:
     if args.smoke:  # tiny fp32 models on the CPU: checks this script, measures nothing
         from parallel_cases import tiny_pipeline
         from tiny_text import make_tiny_text_folder
 
-        folder = [tempfile.mkdtemp() if not dist.is_initialized() or dist.get_rank() == 0 else None]
-        if dist.is_initialized():  # transformers saves on rank 0 only under torchrun: one folder for all
-            if dist.get_rank() == 0:
-                make_tiny_text_folder(folder[0])
-            dist.broadcast_object_list(folder, src=0)
-        else:
-            make_tiny_text_folder(folder[0])
-        return tiny_pipeline("5b", text_folder=folder[0])
+        return tiny_pipeline("5b", text_folder=str(made_by_rank_0(make_tiny_text_folder)))
     dtype = torch.bfloat16
     torch.manual_seed(0)
     with torch.device(device):
@@ -101,8 +104,7 @@ def build_pipeline(args: argparse.Namespace, device: str) -> CogVideoPipeline:
     else:
         from tiny_text import make_tiny_tokenizer
 
-        folder = Path(tempfile.mkdtemp()) / "tokenizer"
-        tokenizer = load_tokenizer(make_tiny_tokenizer(folder))
+        tokenizer = load_tokenizer(made_by_rank_0(make_tiny_tokenizer))
     if args.compile:
         dit.compile_blocks()
     return CogVideoPipeline(
