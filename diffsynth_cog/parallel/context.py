@@ -29,6 +29,7 @@ from diffsynth_cog.parallel.call_check import check_same_call
 from diffsynth_cog.parallel.comm import broadcast, broadcast_object
 from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout
 from diffsynth_cog.parallel.mesh import ProcessMesh, build_mesh
+from diffsynth_cog.parallel.ring import require_yunchang
 from diffsynth_cog.parallel.split import ParallelSplit
 from diffsynth_cog.parallel.vae import SpreadTiles
 from diffsynth_cog.tiling import tiles_run_by
@@ -75,6 +76,8 @@ class ParallelContext:
             group_size=group_size,
             num_heads=num_heads,
         )
+        if layout.ring > 1:
+            require_yunchang()  # before any process group or model work
         backend = dist.get_backend()
         if backend == "nccl" and device.type != "cuda":
             raise ParallelError(f"the process group uses NCCL but the pipeline's device is {device}; use a CUDA device")

@@ -28,7 +28,8 @@ from diffsynth_cog.parallel.comm import collective
 from diffsynth_cog.parallel.layout import ParallelError
 
 
-def _yunchang():  # noqa: ANN202
+def require_yunchang():  # noqa: ANN201
+    """yunchang's ring communicator and merge; ParallelError saying what to install when it is missing."""
     try:
         from yunchang.ring.utils import RingComm, update_out_and_lse
     except ImportError as e:
@@ -56,7 +57,7 @@ def ring_attention(
     rank in ``group``); returns [B, lengths[index], H, D]. ``centre_keys``: pass the mean of this rank's
     keys to the kernel as the offset to subtract from every block (fp8 kernels).
     """
-    ring_comm, update_out_and_lse = _yunchang()
+    ring_comm, update_out_and_lse = require_yunchang()
     size = len(lengths)
     b, n, heads, dim = q.shape
     if n != lengths[index] or k.shape[1] != n:
