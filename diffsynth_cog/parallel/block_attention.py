@@ -49,11 +49,18 @@ def _sdpa_cpu(q, k, v, key_offset):  # noqa: ANN001, ANN202
 
 
 def _sdpa_cuda(prefer_cudnn: bool) -> BlockKernel:
+    # As sdpa-cudnn's priority list: cuDNN where it takes the inputs, else flash (half precision), else
+    # memory-efficient (any dtype).
     def kernel(q, k, v, key_offset):  # noqa: ANN001, ANN202
         qh, kh, vh = _heads_first(q, k, v)
-        if prefer_cudnn:
-            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qh, kh, vh, None, True)[:2]
-        elif q.dtype in (torch.float16, torch.bfloat16):
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        if prefer_cudnn and half:
+            try:
+                out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qh, kh, vh, None, True)[:2]
+                return out.transpose(1, 2), _lse(lse, q.shape[1])
+            except RuntimeError:  # a shape or layout cuDNN does not take
+                pass
+        if half:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh)[:2]
         else:
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qh, kh, vh, None, True)[:2]
