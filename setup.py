@@ -31,6 +31,8 @@ setup(
         "fa3": ["fa3-fwd>=0.0.3"],
         # `diffsynth-cog webui` (Gradio 6 API: theme at launch, Video(buttons=...)).
         "webui": ["gradio>=6.0"],
+        # Ring attention on several GPUs (its ring communicator and merge); Ulysses / CFG parallel need only torch.
+        "parallel": ["yunchang>=0.6"],
         # diffusers is the numerical reference the tests compare against; never imported by the library.
         # The web UI test drives Debian's chromium/chromedriver (apt, see .ci/run) through Selenium.
         # DiffSynth-Studio 1.1.9, the sampling reference, is installed without its dependencies by .ci/run.
@@ -42,6 +44,7 @@ setup(
             "ruff",
             "gradio>=6.0",
             "selenium>=4.20",
+            "yunchang>=0.6",
         ],
     },
     entry_points={"console_scripts": ["diffsynth-cog=diffsynth_cog.cli:main"]},

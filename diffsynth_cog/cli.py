@@ -2,6 +2,8 @@
 
     diffsynth-cog download CogVideoX-5B ExVideo-CogVideoX-LoRA-129f-v1
     diffsynth-cog generate --prompt "an astronaut riding a horse on Mars." --num-frames 129 --output video.mp4
+    torchrun --nproc_per_node 2 -m diffsynth_cog.cli generate --prompt "..."    (one video on 2 GPUs)
+    torchrun --nproc_per_node 8 -m diffsynth_cog.cli generate --prompts prompts.txt --output-dir videos
     diffsynth-cog prepare / train / export-lora    (long-video post-training, see train/README.md)
 
 Defaults aim at the ExVideo use case: CogVideoX-5B with ExVideo-CogVideoX-LoRA-129f-v1, 129 frames at
@@ -15,6 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 logger = logging.getLogger("diffsynth_cog.cli")
@@ -47,9 +50,16 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         description="Generate a video. With the defaults: CogVideoX-5B + the ExVideo 129-frame LoRA, 480x720, "
         "129 frames. Models missing under --models-dir are downloaded from ModelScope first.",
     )
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="the text (or give --prompts)")
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="a batch: one prompt per line, or JSON lines {prompt, negative_prompt, seed, num_frames, output}; "
+        "outputs that exist are skipped (a re-run resumes); under torchrun spread over groups of --group-size ranks",
+    )
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--output", default="video.mp4", help="mp4 file to write (default: video.mp4)")
+    p.add_argument("--output-dir", default="videos", help="where --prompts writes its videos (default: videos)")
     p.add_argument("--models-dir", default="models", help="where downloaded models live (default: models)")
     p.add_argument(
         "--model",
@@ -116,6 +126,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     _add_long_video(p)
     p.add_argument("--no-download", action="store_true", help="never download; fail if models are missing")
     p.add_argument("--no-progress", action="store_true")
+    _add_parallel_options(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -171,6 +182,34 @@ def _long_video_options(args: argparse.Namespace) -> dict:
     if args.step_cache:
         options["step_cache"] = f"{args.step_cache_method}:{args.step_cache}"
     return options
+
+
+def _add_parallel_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "several GPUs (launch with torchrun --nproc_per_node N -m diffsynth_cog.cli generate ...)",
+        "Every rank shares each video by default: CFG halves on two rank groups when the group size is even, the "
+        "token sequence split over the rest (Ulysses).",
+    )
+    g.add_argument(
+        "--cfg-parallel",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the unconditional / conditional halves on two rank groups (auto: when the ranks of a video are even)",
+    )
+    g.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (default: the ranks that are left)")
+    g.add_argument("--ring", type=int, default=1, help="ring-attention degree (default 1)")
+    g.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="ranks per video (default: all with --prompt; with --prompts, the product of the degrees given, or 1)",
+    )
+    g.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a rank waits for the others before the run stops with an error (default 600)",
+    )
 
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
@@ -264,20 +303,44 @@ def _resolve_lora(args: argparse.Namespace, model_dir: Path) -> Path | None:
     return download_models([choice], models_dir=args.models_dir, progress=not args.no_progress)[0]
 
 
+def _parallel_degrees(args: argparse.Namespace, world: int, batch: bool) -> dict[str, object]:
+    """enable_parallel's arguments from the options (see _add_parallel_options)."""
+    if args.group_size is not None:
+        size = args.group_size
+    elif batch:
+        size = (2 if args.cfg_parallel == "on" else 1) * (args.ulysses or 1) * args.ring
+    else:
+        size = world
+    if args.cfg_parallel == "auto":
+        rest, odd = divmod(size, 2 * args.ring)
+        cfg = not odd and rest >= 1 and args.cfg_scale > 1 and args.ulysses in (None, rest)
+    else:
+        cfg = args.cfg_parallel == "on"
+    return dict(cfg_parallel=cfg, ulysses_degree=args.ulysses, ring_degree=args.ring, group_size=size)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from diffsynth_cog import CogVideoPipeline, ModelManager, load_video, save_video
+    from diffsynth_cog import CogVideoPipeline, ModelManager
     from diffsynth_cog.configs import check_num_frames, check_size
     from diffsynth_cog.models.attention import set_attention_backend
+    from diffsynth_cog.parallel.launch import init_distributed, main_rank_first
+    from diffsynth_cog.parallel.prompts import read_prompt_file
 
-    # First: bad sizes, a missing kernel package and bad long-video options fail before any download or loading.
+    # First: bad sizes, a missing kernel package, bad long-video options and a bad prompt file fail before any
+    # download or loading.
+    if (args.prompt is None) == (args.prompts is None):
+        raise ValueError("give exactly one of --prompt TEXT and --prompts FILE")
+    jobs = read_prompt_file(args.prompts, args.output_dir) if args.prompts else None
     check_num_frames(args.num_frames)
     check_size(args.height, args.width)
     set_attention_backend(args.attention)
     options = _long_video_options(args)
-    model_dir = _resolve_model(args)
-    lora = _resolve_lora(args, model_dir)
+    launch = init_distributed(args.device, timedelta(seconds=args.dist_timeout))
+    args.device = launch.device  # cuda:LOCAL_RANK under torchrun
+    model_dir = main_rank_first(lambda: _resolve_model(args))  # rank 0 downloads, the others then find it
+    lora = main_rank_first(lambda: _resolve_lora(args, model_dir))
     dtype = getattr(torch, DTYPES[args.dtype])
     load_device = "cpu" if args.offload != "none" else args.device
     manager = ModelManager(torch_dtype=dtype, device=load_device)
@@ -292,11 +355,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         quantize_dit(dit, args.quantize)  # after the LoRA merge: quantized layers take no LoRA
     if args.compile:
         manager.fetch_model("cog_dit", require=True).compile_blocks()
-    pipe = CogVideoPipeline.from_model_manager(manager, device=args.device)
-    if args.offload == "model":
-        pipe.enable_model_cpu_offload()
-    elif args.offload == "sequential":
-        pipe.enable_sequential_cpu_offload()
+    pipe = CogVideoPipeline.from_model_manager(manager, device=args.device, offload=args.offload)
+    if launch.distributed:
+        pipe.enable_parallel(**_parallel_degrees(args, launch.world, batch=jobs is not None))
+    if jobs is None:
+        _generate_one(pipe, args, options)
+    else:
+        _generate_batch(pipe, args, jobs, options)
+    return 0
+
+
+def _generate_one(pipe, args: argparse.Namespace, options: dict) -> None:  # noqa: ANN001
+    """One video from the options; written by the rank that gets the result (the only one, or a group's first)."""
+    from diffsynth_cog import load_video, save_video
+
     common = dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -312,9 +384,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.extend_by:
         video = load_video(args.input_video, height=args.height, width=args.width)
         frames = pipe.extend_video(video, args.extend_by, context_frames=args.context_frames, **common)
+        if frames is None:  # another rank of this video's group writes it
+            return
         save_video(frames, args.output, fps=args.fps, quality=args.quality)
         logger.info("wrote %s (%d frames: %d + %d new)", args.output, len(frames), len(video), args.extend_by)
-        return 0
+        return
     input_video = None
     if args.input_video:
         input_video = load_video(args.input_video, height=args.height, width=args.width, num_frames=args.num_frames)
@@ -327,9 +401,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_frames=args.num_frames,
         **common,
     )
+    if frames is None:  # another rank of this video's group writes it
+        return
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     save_video(frames, args.output, fps=args.fps, quality=args.quality)
     logger.info("wrote %s (%d frames)", args.output, len(frames))
-    return 0
+
+
+def _generate_batch(pipe, args: argparse.Namespace, jobs: list, options: dict) -> None:  # noqa: ANN001
+    """The jobs of a prompt file whose outputs do not exist yet, spread over the rank groups."""
+    from diffsynth_cog.parallel.prompts import jobs_to_do, run_jobs
+
+    todo = jobs_to_do(jobs, pipe.device)
+    ctx = pipe.parallel
+    group, groups = (ctx.mesh.coords.group, ctx.layout.groups) if ctx is not None else (0, 1)
+    logger.info(
+        "%d prompts: %d done already, %d to generate by %d group(s)",
+        len(jobs),
+        len(jobs) - len(todo),
+        len(todo),
+        groups,
+    )
+
+    def generate(job) -> None:  # noqa: ANN001
+        logger.info("prompt %d (line %d) -> %s", job.index, job.line, job.output)
+        overrides = {"prompt": job.prompt, "output": str(job.output)}
+        overrides |= {k: v for k, v in (("seed", job.seed), ("num_frames", job.num_frames)) if v is not None}
+        if job.negative_prompt is not None:
+            overrides["negative_prompt"] = job.negative_prompt
+        _generate_one(pipe, argparse.Namespace(**{**vars(args), **overrides}), options)
+
+    mine = run_jobs(todo, generate, group=group, groups=groups)
+    logger.info("this rank's group generated %d of the %d videos left", len(mine), len(todo))
 
 
 def build_parser() -> argparse.ArgumentParser:

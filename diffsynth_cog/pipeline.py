@@ -15,13 +15,18 @@ Longer videos (README "Longer videos"): ``windows=`` denoises overlapping tempor
 at the memory of one window), ``attention="window:2"`` / ``"radial"`` a block-sparse mask, ``riflex=True``
 RIFLEx's temporal RoPE, ``step_cache=`` TeaCache step skipping, :meth:`CogVideoPipeline.extend_video`
 continues a video.
+
+Several GPUs: ``enable_parallel`` (under torchrun) shares every generation between the ranks
+(``diffsynth_cog.parallel``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -35,6 +40,7 @@ from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.vae import CogVAEDecoder, CogVAEEncoder
 from diffsynth_cog.offload import ModelOffloader
+from diffsynth_cog.parallel.context import ParallelContext
 from diffsynth_cog.sampling import DIFFUSERS, Conditions, Conventions, StepCallback, conventions_for, denoise
 from diffsynth_cog.schedulers import Sampler, SchedulerConfig, make_sampler, scheduler_preset
 from diffsynth_cog.sparse_attention import parse_attention
@@ -81,6 +87,7 @@ class CogVideoPipeline:
         # device all at once (the later enable_* calls would come after that).
         self.offloader = ModelOffloader(self.device, mode=offload)
         self.offloader.register(self.models())
+        self.parallel: ParallelContext | None = None
 
     @classmethod
     def from_model_manager(
@@ -119,6 +126,51 @@ class CogVideoPipeline:
     def disable_offload(self) -> None:
         self.offloader.set_mode("none")
 
+    # -- several GPUs ------------------------------------------------------------------------
+
+    def enable_parallel(
+        self,
+        cfg_parallel: bool = True,
+        ulysses_degree: int | None = None,
+        ring_degree: int = 1,
+        *,
+        group_size: int | None = None,
+        timeout: timedelta | None = None,
+    ) -> None:
+        """Share every generation between the ranks of the initialised ``torch.distributed`` process group.
+
+        Launch every rank with torchrun, call ``torch.distributed.init_process_group()`` and build the pipeline
+        on the rank's own device (``cuda:LOCAL_RANK``), then call this on every rank (it creates process groups:
+        collective). Then call the pipeline on every rank with the same arguments (checked): the generation's
+        first rank (rank 0 without groups) returns the result, for every ``output_type``; the others return None.
+
+        Args:
+            cfg_parallel: the unconditional and conditional halves on two rank groups.
+            ulysses_degree: ranks sharing the token sequence by all-to-all over heads (must divide the heads:
+                48 for 5B, 30 for 2B); None = the ranks that are left.
+            ring_degree: ranks sharing the token sequence by ring attention (any number; dense attention only).
+            group_size: ranks per generation (default: all); the world splits into groups that generate
+                different videos (e.g. the prompts of a batch), each with these degrees.
+            timeout: of the new process groups' collectives (default: the default group's).
+        See ``diffsynth_cog.parallel`` for what each part does.
+        """
+        self.parallel = ParallelContext.create(
+            self.dit.config.num_attention_heads,
+            self.device,
+            cfg_parallel=cfg_parallel,
+            ulysses_degree=ulysses_degree,
+            ring_degree=ring_degree,
+            group_size=group_size,
+            timeout=timeout,
+        )
+
+    def disable_parallel(self) -> None:
+        """Back to one process per generation (the process groups stay)."""
+        self.parallel = None
+
+    def _spread_tiles(self) -> contextlib.AbstractContextManager:
+        return self.parallel.spread_tiles() if self.parallel is not None else contextlib.nullcontext()
+
     # -- pieces ------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str | Sequence[str]) -> torch.Tensor:
@@ -136,7 +188,7 @@ class CogVideoPipeline:
         ``generator``, or with ``sample=False`` the posterior mean)."""
         if self.vae_encoder is None:
             raise ValueError("input_video / input_image need the VAE encoder: load the VAE")
-        with self.offloader.using("vae_encoder"):
+        with self.offloader.using("vae_encoder"), self._spread_tiles():
             latents = self.vae_encoder.encode(
                 video.to(self.device, self.torch_dtype), tiled=tiled, sample=sample, generator=generator
             )
@@ -146,7 +198,7 @@ class CogVideoPipeline:
         """Scaled latents [B, C, T, h, w] -> pixels [B, 3, F, H, W] in [-1, 1] (float32, on the CPU)."""
         if self.vae_decoder is None:
             raise ValueError("decoding needs the VAE decoder: load the VAE, or use output_type='latent'")
-        with self.offloader.using("vae_decoder"):
+        with self.offloader.using("vae_decoder"), self._spread_tiles():
             scaled = (latents / self.vae_decoder.config.scaling_factor).to(self.device, self.torch_dtype)
             video = self.vae_decoder.decode(scaled, tiled=tiled, progress=progress)
         return video.float().clamp(-1, 1).cpu()
@@ -166,7 +218,8 @@ class CogVideoPipeline:
 
         ``attention``: a kernel name, ``"window:W"`` / ``"radial"`` (``sparse_attention.parse_attention``) or a
         part; ``step_cache``: a threshold (TeaCache where the model has a calibration, else the first-block
-        cache), ``"teacache:0.2"`` / ``"first-block:0.1"``, or a :class:`StepSkipper`."""
+        cache), ``"teacache:0.2"`` / ``"first-block:0.1"``, or a :class:`StepSkipper`. After ``enable_parallel``
+        the token split shares every DiT call between the ranks."""
         if isinstance(attention, str):
             attention = parse_attention(attention)
         if isinstance(step_cache, str):
@@ -178,8 +231,15 @@ class CogVideoPipeline:
             step_cache = make_step_skipper(threshold, method, self.dit)
         elif step_cache is not None and not isinstance(step_cache, StepSkipper):
             step_cache = make_step_skipper(step_cache, "auto", self.dit)
+        split = self.parallel.split if self.parallel is not None else None
         return Denoiser(
-            self.dit, attention=attention, step_skip=step_cache, tiles=dit_tiles, windows=windows, riflex=riflex
+            self.dit,
+            attention=attention,
+            split=split,
+            step_skip=step_cache,
+            tiles=dit_tiles,
+            windows=windows,
+            riflex=riflex,
         )
 
     def encode_conditions(
@@ -325,6 +385,9 @@ class CogVideoPipeline:
             riflex: RIFLEx for the temporal RoPE (True: the model's published (k, N_k); or a pair (k, N_k)).
             keep_frames: with ``input_video``, its first ``keep_frames`` (4k+1) frames are kept: their latents are
                 pinned to the encoded video at every step (video continuation; see :meth:`extend_video`).
+
+        After ``enable_parallel``: call on every rank with the same arguments; the generation's first rank
+        returns the result, the other ranks None.
         """
         # Checks first: nothing is encoded or drawn for a call that cannot run.
         config = self.dit.config
@@ -366,16 +429,34 @@ class CogVideoPipeline:
                 "which only the first window holds"
             )
         tiles = (TileSpec((480, 720), (0.5, 0.5)) if dit_tiled is True else dit_tiled) or None
+        conventions = conventions_for(sampler)
+        guided = conventions.guided(cfg_scale)
+        if self.parallel is not None:  # the same call on every rank, one seed, progress from rank 0
+            arguments = {
+                k: v
+                for k, v in locals().items()
+                if k not in ("self", "callback", "progress_bar", "config", "conventions")
+            }
+            self.parallel.check_call({**arguments, "text_encoder_loaded": self.text_encoder is not None})
+            self.parallel.note_guidance(guided)
+            seed = self.parallel.shared_seed(seed) if generator is None else seed
+            progress_bar = progress_bar and self.parallel.shows_progress
+            prompt_emb, negative_prompt_emb = self.parallel.encode_text(
+                self,
+                prompt,
+                negative_prompt,
+                guided=guided,
+                prompt_emb=prompt_emb,
+                negative_prompt_emb=negative_prompt_emb,
+            )
         denoiser = self.make_denoiser(
             attention=attention, step_cache=step_cache, dit_tiles=tiles, windows=windows, riflex=riflex
         )
         strength = denoising_strength if video is not None else 1.0
         steps = make_sampler(sampler, self.scheduler_config, num_inference_steps, strength=strength)
-        conventions = conventions_for(sampler)
         if generator is None and not (seed is None and conventions.seedless_global_rng):
             generator = seeded_generator(seed)
 
-        guided = conventions.guided(cfg_scale)
         conditions = self.encode_conditions(
             prompt,
             negative_prompt,
@@ -420,7 +501,8 @@ class CogVideoPipeline:
                 progress=progress_bar,
                 constraint=constraint,
             )
-        return self.decode(final, output_type, tiled, progress_bar)
+        result = self.decode(final, output_type, tiled, progress_bar)
+        return result if self.parallel is None or self.parallel.is_leader else None
 
     def extend_video(
         self,
@@ -466,7 +548,7 @@ class CogVideoPipeline:
             output_type=output_type,
             **kwargs,
         )
-        if output_type == "latent":
+        if out is None or output_type == "latent":  # None: a rank other than the generation's first
             return out
         # The new frames are the clip's last ones (the decoder returns 4t frames, not 4t-3, for an even number t of
         # latent frames: the extra ones are at the start).

@@ -10,12 +10,18 @@ exact arithmetic for the VAE. The DiT uses the same stitching.
 Sizes are given to users in pixels (:class:`TileSpec`); each model converts them to its own input
 units when it plans (:meth:`TileSpec.grid`): latent rows for the DiT and the VAE decoder, pixels for
 the VAE encoder.
+
+Where the tiles run is a separate choice: by default here, one after the other; inside
+``with tiles_run_by(runner)`` a runner decides (``parallel.vae`` spreads them over the ranks of a
+distributed run). The stitching is the same either way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -121,6 +127,24 @@ def stitch(tiles: list[list[torch.Tensor]], blend: tuple[int, int], keep: tuple[
     return torch.cat([torch.cat([out[..., : keep[0], : keep[1]] for out in row], dim=-1) for row in tiles], dim=-2)
 
 
+TileRunner = Callable[[Sequence[int], Callable[[int], torch.Tensor]], list[torch.Tensor]]
+"""Runs the tiles of one :func:`map_tiles` call: ``runner(costs, run_one)`` -> the results of tiles
+0..n-1 (raster order), where ``run_one(i)`` computes tile i and ``costs[i]`` is its area (input units)."""
+
+_tile_runner: contextvars.ContextVar[TileRunner | None] = contextvars.ContextVar("tile_runner", default=None)
+
+
+@contextlib.contextmanager
+def tiles_run_by(runner: TileRunner | None) -> Iterator[None]:
+    """Every :func:`map_tiles` inside the block hands its tiles to ``runner`` (e.g. one that spreads them
+    over the ranks of a distributed run); None = run them here, one after the other (the default)."""
+    token = _tile_runner.set(runner)
+    try:
+        yield
+    finally:
+        _tile_runner.reset(token)
+
+
 def map_tiles(
     x: torch.Tensor,
     grid: TileGrid,
@@ -136,7 +160,19 @@ def map_tiles(
         raise ValueError(f"input of {tuple(x.shape[-2:])} rows x columns does not match the tile grid's {grid.size}")
     rows, cols = grid.starts()
     th, tw = grid.tile
-    results = [[run(x[..., r : r + th, c : c + tw], (r, c)) for c in cols] for r in rows]
+    starts = [(r, c) for r in rows for c in cols]
+
+    def run_one(i: int) -> torch.Tensor:
+        r, c = starts[i]
+        return run(x[..., r : r + th, c : c + tw], (r, c))
+
+    runner = _tile_runner.get()
+    if runner is None:
+        flat = [run_one(i) for i in range(len(starts))]
+    else:
+        costs = [min(th, grid.size[0] - r) * min(tw, grid.size[1] - c) for r, c in starts]
+        flat = runner(costs, run_one)
+    results = [flat[i * len(cols) : (i + 1) * len(cols)] for i in range(len(rows))]
     scale = Fraction(scale)
     blend = tuple(int((t - s) * scale) for t, s in zip(grid.tile, grid.stride, strict=True))
     keep = tuple(int(s * scale) for s in grid.stride)

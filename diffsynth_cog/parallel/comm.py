@@ -1,0 +1,87 @@
+"""The collectives of the parallel parts, each named, so that a failure says what was going on.
+
+Every collective here is a plain ``torch.distributed`` call on a process group. When one fails
+(another rank died, hung past the process group's timeout, or took another code path) the error
+becomes a :class:`ParallelError` naming the operation, this rank and the group, instead of a bare
+transport message; the run stops on every rank rather than waiting forever. The time bound is the
+process group's timeout (``init_process_group(timeout=...)``; the CLI's ``--dist-timeout``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from diffsynth_cog.parallel.layout import ParallelError
+
+# torch >= 2.12 names it all_gather_single (all_gather_into_tensor: deprecated alias)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@contextlib.contextmanager
+def collective(what: str, group: dist.ProcessGroup | None = None) -> Iterator[None]:
+    """Turns a failure of the collectives inside into a :class:`ParallelError` that says ``what`` failed."""
+    try:
+        yield
+    except RuntimeError as e:  # DistBackendError, DistNetworkError, gloo/NCCL transport errors
+        if isinstance(e, ParallelError):
+            raise
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+        raise ParallelError(
+            f"rank {dist.get_rank()}: {what} among ranks {ranks} failed: {type(e).__name__}: {str(e).strip()[:400]}. "
+            "Another rank stopped (it died, hung past the process group's timeout, or was called differently): "
+            "its own log says why."
+        ) from e
+
+
+def all_to_all(
+    send: torch.Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int], group: dist.ProcessGroup, what: str
+) -> torch.Tensor:
+    """``send`` [sum(send_sizes), ...]: block i goes to the group's i-th rank; returns the received blocks
+    [sum(recv_sizes), ...] in rank order. Sizes may differ between ranks (no padding)."""
+    recv = send.new_empty((sum(recv_sizes), *send.shape[1:]))
+    with collective(what, group):
+        dist.all_to_all_single(recv, send.contiguous(), list(recv_sizes), list(send_sizes), group=group)
+    return recv
+
+
+def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup, what: str) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape everywhere), in the group's rank order."""
+    size = dist.get_world_size(group)
+    flat = tensor.reshape(1, -1).contiguous()
+    out = flat.new_empty((size, flat.shape[1]))  # concatenated along dim 0, as every backend accepts
+    with collective(what, group):
+        _all_gather_single(out, flat, group=group)
+    return [part.view(tensor.shape) for part in out.unbind(0)]
+
+
+def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup, what: str) -> torch.Tensor:
+    """The sum over the group (a new tensor)."""
+    out = tensor.clone()
+    with collective(what, group):
+        dist.all_reduce(out, group=group)
+    return out
+
+
+def broadcast(tensor: torch.Tensor, src: int, group: dist.ProcessGroup, what: str) -> torch.Tensor:
+    """``tensor`` of global rank ``src``, in place on every rank of the group."""
+    with collective(what, group):
+        dist.broadcast(tensor, src=src, group=group)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int, group: dist.ProcessGroup | None, what: str, device: torch.device) -> Any:
+    """A small picklable object of global rank ``src`` on every rank of the group."""
+    box = [obj]
+    with collective(what, group):
+        dist.broadcast_object_list(box, src=src, group=group, device=device)
+    return box[0]
+
+
+def barrier(group: dist.ProcessGroup | None, what: str, device: torch.device) -> None:
+    """Waits for every rank of the group (an all-reduce, so it also works where barrier() needs a device)."""
+    all_reduce(torch.zeros(1, device=device), group, what)

@@ -1,0 +1,171 @@
+"""What a pipeline holds after ``enable_parallel``: the layout, its groups, and the per-call steps.
+
+:class:`ParallelContext` gives the pipeline's stages their distributed behaviour, each a small hook:
+
+  * :meth:`check_call` - before any work, every rank of the generation compares the call's arguments;
+  * :meth:`shared_seed` - ``seed=None`` becomes one fresh seed, the leader's, on every rank;
+  * :meth:`encode_text` - T5 runs once per text: the texts of a call (negative and positive prompt) are
+    spread over the generation's ranks, each encodes its own and broadcasts it (so with CFG 2 the two
+    prompts encode at the same time on two GPUs);
+  * :attr:`split` - the denoiser's token split (CFG halves x sequence shards);
+  * :meth:`spread_tiles` - the tiled VAE's tiles spread over the ranks (``parallel.vae``);
+  * :attr:`is_leader` - the leader (the generation's first rank) returns the result, the others None;
+    :attr:`shows_progress` - progress bars from rank 0 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from diffsynth_cog.parallel.call_check import check_same_call
+from diffsynth_cog.parallel.comm import broadcast, broadcast_object
+from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout
+from diffsynth_cog.parallel.mesh import ProcessMesh, build_mesh
+from diffsynth_cog.parallel.ring import require_yunchang
+from diffsynth_cog.parallel.split import ParallelSplit
+from diffsynth_cog.parallel.vae import SpreadTiles
+from diffsynth_cog.tiling import tiles_run_by
+
+if TYPE_CHECKING:
+    from diffsynth_cog.pipeline import CogVideoPipeline
+
+logger = logging.getLogger(__name__)
+
+
+class ParallelContext:
+    """The distributed side of one pipeline (see the module docstring). Build it with :meth:`create`."""
+
+    def __init__(self, mesh: ProcessMesh, device: torch.device) -> None:
+        self.mesh = mesh
+        self.layout = mesh.layout
+        self.device = device
+        self.split = ParallelSplit(mesh)
+        self._warned_unguided = False
+
+    @classmethod
+    def create(
+        cls,
+        num_heads: int,
+        device: torch.device,
+        *,
+        cfg_parallel: bool = True,
+        ulysses_degree: int | None = None,
+        ring_degree: int = 1,
+        group_size: int | None = None,
+        timeout: timedelta | None = None,
+    ) -> ParallelContext:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ParallelError(
+                "enable_parallel needs an initialised torch.distributed process group: launch every rank with "
+                "torchrun (e.g. torchrun --nproc_per_node 2 script.py) and call "
+                "torch.distributed.init_process_group() first (backend 'nccl' for CUDA, 'gloo' for CPU)"
+            )
+        layout = ParallelLayout.resolve(
+            dist.get_world_size(),
+            cfg_parallel=cfg_parallel,
+            ulysses_degree=ulysses_degree,
+            ring_degree=ring_degree,
+            group_size=group_size,
+            num_heads=num_heads,
+        )
+        if layout.ring > 1:
+            require_yunchang()  # before any process group or model work
+        backend = dist.get_backend()
+        if backend == "nccl" and device.type != "cuda":
+            raise ParallelError(f"the process group uses NCCL but the pipeline's device is {device}; use a CUDA device")
+        mesh = build_mesh(layout, timeout=timeout)
+        logger.info("parallel generation: %s on %d ranks (%s)", layout.name(), layout.world, backend)
+        return cls(mesh, device)
+
+    # -- per call --------------------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        """This rank returns the generation's result (the others return None)."""
+        return self.mesh.is_leader
+
+    @property
+    def shows_progress(self) -> bool:
+        """Progress bars (and one-off warnings) come from rank 0 only, whatever the groups."""
+        return self.mesh.rank == 0
+
+    @property
+    def _group(self) -> dist.ProcessGroup | None:
+        return self.mesh.generation
+
+    def check_call(self, arguments: Mapping[str, Any]) -> None:
+        """Raises ParallelError on every rank of the generation unless all passed equal arguments."""
+        if self._group is not None:
+            check_same_call(arguments, self._group, list(self.mesh.generation_ranks), self.device)
+
+    def shared_seed(self, seed: int | None) -> int | None:
+        """``seed``, or for None one fresh seed drawn by the leader and shared with the generation."""
+        if seed is not None or self._group is None:
+            return seed
+        fresh = int.from_bytes(os.urandom(8), "little") >> 1 if self.is_leader else None
+        seed = broadcast_object(fresh, self.mesh.leader, self._group, "sharing the fresh seed", self.device)
+        logger.info("seed: %d", seed)
+        return seed
+
+    def note_guidance(self, guided: bool) -> None:
+        if not guided and self.layout.cfg > 1 and not self._warned_unguided and self.shows_progress:
+            self._warned_unguided = True
+            logger.warning(
+                "cfg_scale <= 1 leaves one batch row: the %d CFG halves compute the same call (no speed-up); "
+                "enable_parallel(cfg_parallel=False) gives those ranks to the sequence split",
+                self.layout.cfg,
+            )
+
+    def encode_text(
+        self,
+        pipe: CogVideoPipeline,
+        prompt: Any,
+        negative_prompt: Any,
+        *,
+        guided: bool,
+        prompt_emb: torch.Tensor | None,
+        negative_prompt_emb: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The call's prompt embeddings (and the negative ones with guidance) on every rank, each text
+        encoded by one rank of the generation (T5 runs once per text)."""
+        if self._group is None:
+            return prompt_emb, negative_prompt_emb
+        todo = []  # (slot, text) of the embeddings to compute
+        if prompt_emb is None:
+            todo.append(("prompt", prompt))
+        if guided and negative_prompt_emb is None:
+            todo.append(("negative", negative_prompt))
+        ranks = self.mesh.generation_ranks
+        out = {"prompt": prompt_emb, "negative": negative_prompt_emb}
+        owners = [ranks[(j * len(ranks)) // len(todo)] for j in range(len(todo))]
+        for (slot, text), owner in zip(todo, owners, strict=True):
+            if owner == self.mesh.rank:
+                out[slot] = pipe.encode_prompt(text).contiguous()
+        for (slot, _), owner in zip(todo, owners, strict=True):
+            emb = out[slot]
+            shape = torch.zeros(3, dtype=torch.int64, device=self.device)
+            if emb is not None:
+                shape.copy_(torch.tensor(emb.shape))
+            broadcast(shape, owner, self._group, f"sharing the {slot} embeddings (shape)")
+            if emb is None:
+                emb = torch.empty(shape.tolist(), dtype=pipe.torch_dtype, device=self.device)
+            out[slot] = broadcast(emb, owner, self._group, f"sharing the {slot} embeddings")
+        return out["prompt"], out["negative"]
+
+    @contextlib.contextmanager
+    def spread_tiles(self) -> Iterator[None]:
+        """Inside the block, tiled VAE calls spread their tiles over the generation's ranks."""
+        if self._group is None:
+            yield
+            return
+        runner = SpreadTiles(self._group, self.mesh.generation_ranks, self.mesh.rank, self.device)
+        with tiles_run_by(runner):
+            yield

@@ -1,0 +1,123 @@
+"""Sequence-parallel attention: the attention a DiT block calls when its tokens are sharded.
+
+Each rank of a sequence group holds one contiguous shard of the ``[text, video]`` tokens (``shards``
+gives every shard's length; shard ``ring_rank * U + ulysses_rank`` is this rank's). Attention over
+the whole sequence is then, as in USP (yunchang's ``LongContextAttention``):
+
+  1. Ulysses (``U`` > 1): all-to-all inside the Ulysses group, so this rank holds every token of its
+     ring shard (the ``U`` shards of its Ulysses group) for ``H / U`` heads;
+  2. ring (``R`` > 1): ring attention over the ``R`` ring shards (``parallel.ring``), or with ``R`` = 1
+     the call's own attention (``inner``: a dense kernel or an attention part such as a mask) on the
+     whole sequence;
+  3. Ulysses back: outputs return to their tokens, all heads.
+
+The whole exchange runs inside one custom op (``diffsynth_cog::sequence_parallel_attention``), so
+``torch.compile`` keeps each block in one graph around an opaque call instead of tracing collectives.
+Inference only: the op has no backward.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from diffsynth_cog.models.attention import Attend, DenseAttention
+from diffsynth_cog.parallel.block_attention import BlockKernel, block_kernel
+from diffsynth_cog.parallel.layout import ParallelError
+from diffsynth_cog.parallel.ring import ring_attention
+from diffsynth_cog.parallel.ulysses import heads_to_tokens, tokens_to_heads
+
+_PLANS: dict[int, SequenceParallelAttention] = {}
+_IDS = itertools.count()
+
+
+@dataclass(eq=False)
+class SequenceParallelAttention:
+    """The ``attend`` of a rank holding one token shard (see the module docstring)."""
+
+    inner: Attend
+    shards: tuple[int, ...]
+    ring: int
+    ulysses: int
+    ring_index: int
+    ulysses_index: int
+    ring_group: dist.ProcessGroup | None
+    ulysses_group: dist.ProcessGroup | None
+    plan: int = field(init=False)
+    _kernels: dict[tuple[torch.device, torch.dtype], tuple[str, BlockKernel]] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.shards) != self.ring * self.ulysses:
+            raise ParallelError(f"{len(self.shards)} shards for ring {self.ring} x ulysses {self.ulysses}")
+        if self.ring > 1 and not isinstance(self.inner, DenseAttention):
+            raise ParallelError(
+                f"ring attention cannot run the attention part {getattr(self.inner, 'name', self.inner)!r}: it splits "
+                "the keys into blocks and merges per-block softmaxes, which only dense attention allows; "
+                "use Ulysses alone (ring_degree=1) with attention parts such as masks"
+            )
+        self.plan = next(_IDS)
+        _PLANS[self.plan] = self
+
+    @property
+    def ulysses_lengths(self) -> tuple[int, ...]:
+        """Token counts of the shards of this rank's Ulysses group."""
+        u = self.ulysses
+        return self.shards[self.ring_index * u : (self.ring_index + 1) * u]
+
+    @property
+    def ring_lengths(self) -> tuple[int, ...]:
+        """Token counts of the ring shards (each the union of one Ulysses group's shards)."""
+        u = self.ulysses
+        return tuple(sum(self.shards[i * u : (i + 1) * u]) for i in range(self.ring))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q, k, v [B, l, H, D] of this rank's shard -> attention output [B, l, H, D]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise ParallelError("sequence-parallel attention is for inference: it has no backward pass")
+        return torch.ops.diffsynth_cog.sequence_parallel_attention(q, k, v, self.plan)
+
+    def release(self) -> None:
+        """Forgets this plan (the custom op can no longer run it)."""
+        _PLANS.pop(self.plan, None)
+
+    def kernel(self, q: torch.Tensor) -> tuple[str, BlockKernel]:
+        key = (q.device, q.dtype)
+        if key not in self._kernels:
+            backend = self.inner.backend  # type: ignore[attr-defined]
+            self._kernels[key] = block_kernel(backend, q.device, q.dtype)
+        return self._kernels[key]
+
+    def compute(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.ulysses > 1:
+            lengths = self.ulysses_lengths
+            q, k, v = tokens_to_heads((q, k, v), lengths, self.ulysses_group)
+        if self.ring > 1:
+            name, kernel = self.kernel(q)
+            out = ring_attention(
+                q,
+                k,
+                v,
+                lengths=self.ring_lengths,
+                index=self.ring_index,
+                group=self.ring_group,
+                kernel=kernel,
+                centre_keys=name == "fa3-fp8",
+            )
+        else:
+            out = self.inner(q, k, v)
+        if self.ulysses > 1:
+            out = heads_to_tokens(out, self.ulysses_lengths, self.ulysses_index, self.ulysses_group)
+        return out
+
+
+@torch.library.custom_op("diffsynth_cog::sequence_parallel_attention", mutates_args=())
+def _sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: int) -> torch.Tensor:
+    return _PLANS[plan].compute(q, k, v)
+
+
+@_sequence_parallel_attention.register_fake
+def _(q, k, v, plan):  # noqa: ANN001, ANN202
+    return torch.empty_like(q)

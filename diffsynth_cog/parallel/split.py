@@ -1,0 +1,142 @@
+"""The denoiser's distributed :class:`~diffsynth_cog.denoiser.TokenSplit`: CFG halves x token shards.
+
+``scatter`` hands this rank its share of an embedded DiT call: the batch rows of its CFG half (the
+unconditional or conditional row; every row when the batch is smaller than the CFG degree, e.g.
+without guidance) and one contiguous shard of the flattened ``[text, video]`` tokens (the shards of
+``layout.shard_bounds``: any token count, any degree; a shard may hold text tokens, video tokens or
+both). Its blocks attend through :class:`~diffsynth_cog.parallel.sequence.SequenceParallelAttention`
+wrapped around the call's own attention. ``gather`` all-gathers every rank's output patches, so every
+rank holds the whole v-prediction and steps the same latents. ``all_reduce`` sums over the ranks whose
+shares make up the call once (for the step-skipping part's decision).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from diffsynth_cog.denoiser import AttentionPart
+from diffsynth_cog.models.attention import Attend
+from diffsynth_cog.models.dit import DiTState
+from diffsynth_cog.parallel.comm import all_gather, all_reduce
+from diffsynth_cog.parallel.layout import ParallelError, shard_bounds
+from diffsynth_cog.parallel.mesh import ProcessMesh
+from diffsynth_cog.parallel.sequence import SequenceParallelAttention
+
+MAX_CACHED_ATTENDS = 32
+
+
+class ParallelSplit:
+    """A DiT call shared by the ranks of one generation group (see the module docstring)."""
+
+    def __init__(self, mesh: ProcessMesh) -> None:
+        self.mesh = mesh
+        self.layout = mesh.layout
+        self.name = f"parallel:{self.layout.name()}"
+        self._attends: dict[tuple[int, tuple[int, ...]], SequenceParallelAttention] = {}
+        self._rows_split = True
+
+    # -- who computes what ---------------------------------------------------------------------
+
+    def rows(self, batch: int, half: int | None = None) -> range:
+        """Batch rows of CFG half ``half`` (default: this rank's); every row when the batch is smaller than
+        the CFG degree (each half then computes the whole call)."""
+        half = self.mesh.coords.half if half is None else half
+        cfg = self.layout.cfg
+        if batch < cfg:
+            return range(batch)
+        start, end = shard_bounds(batch, cfg)[half]
+        return range(start, end)
+
+    def shards(self, n_tokens: int) -> list[tuple[int, int]]:
+        """[start, end) of every token shard of the sequence, in shard order."""
+        return shard_bounds(n_tokens, self.layout.sequence)
+
+    def _attend(self, inner: Attend, shards: list[tuple[int, int]]) -> Attend:
+        if self.layout.sequence == 1:
+            return inner
+        lengths = tuple(e - s for s, e in shards)
+        key = (id(inner), lengths)  # the cached object holds `inner`, so its id stays unique while cached
+        if key not in self._attends:  # one object per (attention, shard lengths): compiled blocks reuse it
+            if len(self._attends) >= MAX_CACHED_ATTENDS:  # attention parts may build a new attend per call
+                self._attends.pop(next(iter(self._attends))).release()
+            c = self.mesh.coords
+            self._attends[key] = SequenceParallelAttention(
+                inner=inner,
+                shards=lengths,
+                ring=self.layout.ring,
+                ulysses=self.layout.ulysses,
+                ring_index=c.ring,
+                ulysses_index=c.ulysses,
+                ring_group=self.mesh.ring,
+                ulysses_group=self.mesh.ulysses,
+            )
+        return self._attends[key]
+
+    # -- the TokenSplit protocol -----------------------------------------------------------------
+
+    def scatter(self, state: DiTState) -> DiTState:
+        batch = state.shape[0]
+        rows = self.rows(batch)
+        self._rows_split = batch >= self.layout.cfg
+        rows = slice(rows.start, rows.stop)
+        shards = self.shards(state.layout.n_tokens)
+        start, end = shards[self.mesh.sequence_index]
+        n_text = state.layout.n_text
+        text = state.text[rows, min(start, n_text) : min(end, n_text)]
+        video = state.video[rows, max(start, n_text) - n_text : max(end, n_text) - n_text]
+        rope = None if state.rope is None else tuple(t[start:end] for t in state.rope)
+        return dataclasses.replace(
+            state,
+            video=video,
+            text=text,
+            cond=state.cond[rows],
+            rope=rope,  # type: ignore[arg-type]
+            attend=self._attend(state.attend, shards),
+        )
+
+    def gather(self, patches: torch.Tensor, state: DiTState) -> torch.Tensor:
+        # patches [b, lv, C*p*p] of this rank -> [B, Lv, C*p*p] of the whole call, on every rank
+        if self.mesh.generation is None:
+            return patches
+        layout = state.layout
+        batch = state.shape[0]
+        n_text = layout.n_text
+        video_shards = [(max(s, n_text) - n_text, max(e, n_text) - n_text) for s, e in self.shards(layout.n_tokens)]
+        halves = range(self.layout.cfg) if batch >= self.layout.cfg else range(1)
+        most_rows = max(len(self.rows(batch, h)) for h in halves)
+        most_tokens = max(e - s for s, e in video_shards)
+        padded = patches.new_zeros((most_rows, most_tokens, patches.shape[-1]))
+        padded[: patches.shape[0], : patches.shape[1]] = patches
+        parts = all_gather(padded, self.mesh.generation, "gathering the DiT's output patches")
+        out = patches.new_empty((batch, layout.n_video, patches.shape[-1]))
+        sequence = self.layout.sequence
+        for half in halves:
+            rows = self.rows(batch, half)
+            for index, (s, e) in enumerate(video_shards):
+                out[rows.start : rows.stop, s:e] = parts[half * sequence + index][: len(rows), : e - s]
+        return out
+
+    def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        group = self.mesh.generation if self._rows_split else self.mesh.sequence
+        if group is None:
+            return values
+        return all_reduce(values, group, "summing the step-skipping signal")
+
+    def check_compatible(self, denoiser: object) -> None:
+        """Refuses what cannot be split: heads Ulysses cannot divide, attention parts inside a ring."""
+        dit = denoiser.dit  # type: ignore[attr-defined]
+        self.layout.check_heads(dit.config.num_attention_heads)
+        attention = denoiser.attention  # type: ignore[attr-defined]
+        if self.layout.ring > 1 and isinstance(attention, AttentionPart):
+            raise ParallelError(
+                f"the attention part {attention.name!r} cannot combine with the split {self.name!r}: ring attention "
+                "splits the keys into blocks and merges per-block softmaxes, which only dense attention allows; "
+                "use Ulysses alone (ring_degree=1) with attention parts"
+            )
+        if self.layout.ring > 1 and attention == "sage":
+            raise ParallelError(
+                f"the attention backend 'sage' cannot combine with the split {self.name!r}: ring attention needs "
+                "each block's log-sum-exp, which the sage kernel does not return here; use Ulysses alone"
+            )
