@@ -51,7 +51,8 @@ from common import environment, peak_gib, rel_err, reset_peak, write_json  # noq
 from diffsynth_cog.configs import dit_preset, vae_preset  # noqa: E402
 from diffsynth_cog.models import attention as attn  # noqa: E402
 from diffsynth_cog.models.dit import CogDiT  # noqa: E402
-from diffsynth_cog.models.text_encoder import CogTextEncoder, load_tokenizer  # noqa: E402
+from diffsynth_cog.loading.text_encoder_loader import load_tokenizer  # noqa: E402
+from diffsynth_cog.models.text_encoder import CogTextEncoder  # noqa: E402
 from diffsynth_cog.models.vae import CogVAE  # noqa: E402
 from diffsynth_cog.parallel.launch import init_distributed  # noqa: E402
 from diffsynth_cog.pipeline import CogVideoPipeline  # noqa: E402
