@@ -8,11 +8,11 @@ time embedding, norms, output projection) in the model's dtype.
 ``"fp8"``: speed. ``Float8Linear`` runs its matmul on fp8 e4m3 tensor cores through
 ``torch._scaled_mm`` with row-wise scales:
 
-* the weight [N, K] is quantized once, one fp32 scale per output channel (amax of the row / 448),
-  and kept as fp8 codes [N, K] (row-major, handed to ``_scaled_mm`` as the column-major view
-  ``.t()`` [K, N] that it wants) plus a scale [1, N];
+* the weight [N, K] is quantized once, one fp32 scale per output channel (amax of the row * 1/448;
+  see "Same bits on every device" below), and kept as fp8 codes [N, K] (row-major, handed to
+  ``_scaled_mm`` as the column-major view ``.t()`` [K, N] that it wants) plus a scale [1, N];
 * the activation [M, K] (leading dims flattened) is quantized on every call, one scale per token
-  (amax of the row / 448 rounded up to a power of two, scale [M, 1]; see ``fp8_quantize_rows``);
+  (amax of the row * 1/448 rounded up to a power of two, scale [M, 1]; see ``fp8_quantize_rows``);
 * ``out[m, n] = sa[m] * sw[n] * sum_k A8[m, k] W8[n, k] + bias[n]`` with fp32 accumulation, returned
   in the activation's dtype (bf16 for our models); the bias goes into the ``_scaled_mm`` call (it
   accepts a bf16/fp16 bias with row-wise scales when the output is bf16/fp16).
@@ -24,7 +24,7 @@ the dequantized operands. That path is for tests and CPU checks only (it is slow
 Linear it replaces), and exists so the quantization code the GPU runs is exercised on CPU.
 
 ``"int8"``: memory. ``Int8WeightLinear`` stores int8 codes with one symmetric fp32 scale per output
-channel (amax / 127) and dequantizes the weight to the activation dtype on every forward, then calls
+channel (amax * 1/127) and dequantizes the weight to the activation dtype on every forward, then calls
 ``F.linear``. The matmul itself is unchanged (bf16), so it costs the dequantization pass (cheap next
 to a 35k-token matmul, dominant for the M=2 modulation layers) and saves memory only.
 
@@ -42,6 +42,19 @@ Accuracy (measured in ``tests/test_quantization.py``): e4m3 keeps 3 mantissa bit
 quantized operands on random data is off by ~3-4% relative to the fp32 result; int8 per-channel
 weights alone give ~0.5-1%. Quantize after merging LoRAs (``merge_lora``): a quantized layer has no
 full-precision weight to merge into, and an injected training ``LoRALinear`` is refused.
+
+Same bits on every device: quantizing a weight gives bit-identical codes and scales on the CPU and
+on CUDA, so quantizing before or after offloading (``ModelOffloader``: the weights then live on the
+CPU) makes no difference to the output. Every step is an operation that IEEE 754 defines to the bit
+and that both devices' kernels implement so: the row amax (a max of absolute values), one fp32
+multiplication ``amax * (1/448)`` (``1/127``) by a constant that is already an fp32 number
+(``_FP8_STEP``, ``_INT8_STEP``), clamps, a tensor-by-tensor division ``w / scale``, round half to even,
+and round-to-nearest-even casts of in-range values. What is avoided is dividing by a Python number:
+torch's CUDA kernel computes ``x / 127.0`` as ``x * (1/127)`` (its reciprocal rounded to fp32), the
+CPU kernel as an exact division, and the two differ in the last bit for about 5% of random rows
+with 127 and 55% with 448 (enough to change a tiny random model's output by several percent, through
+flipped codes and dequantized weights rounding the other way). ``tests/test_quantization.py`` replays
+the quantizers with CUDA's kernel semantics on the CPU and checks the operations they run.
 
 Do not call ``model.to(dtype)`` expecting the quantized codes to change: the layers keep their codes
 and scales in their own dtypes (fp8/int8 and fp32) and follow device moves only.
@@ -67,8 +80,20 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448: e4m3fn has no infinities, ov
 INT8_MAX = 127  # symmetric: -128 is never used, so q and -q are both representable
 FP8_MIN_CAPABILITY = (8, 9)  # Ada; Hopper is 9.0
 _MM_ALIGNMENT = 16  # _scaled_mm wants K and N divisible by 16
+
+
+def _fp32(value: float) -> float:
+    """``value`` rounded to the nearest fp32 number, as a Python float (so every device reads it exactly)."""
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
+# The scales are amax * step, one fp32 multiplication by an fp32 constant: the same bits on every
+# device. (amax / 448 is not: CUDA divides by a Python number as a multiplication by its fp32
+# reciprocal, the CPU exactly; see "Same bits on every device" in the module docstring.)
+_FP8_STEP = _fp32(1 / FP8_MAX)
+_INT8_STEP = _fp32(1 / INT8_MAX)
 # A row of zeros would give scale 0 and 0/0 = NaN; any positive floor works since its codes are all 0.
-_MIN_AMAX = 1e-12
+_MIN_AMAX = _fp32(1e-12)
 MODES = ("fp8", "int8")
 
 
@@ -83,7 +108,8 @@ class QuantizationError(DiffSynthCogError, ValueError):
 def fp8_quantize_rows(x: torch.Tensor, *, power_of_two_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise fp8 e4m3 quantization: x [M, K] -> (codes [M, K] float8_e4m3fn, scales [M, 1] float32).
 
-    ``x ~= codes.float() * scales``, scale = amax(|row|) / 448 (the e4m3 max), computed in fp32.
+    ``x ~= codes.float() * scales``, scale = amax(|row|) * ``_FP8_STEP`` (1/448, 448 being the e4m3
+    max, as an fp32 number), computed in fp32; the same bits on every device (module docstring).
 
     power_of_two_scales: round each scale up to a power of two (what the layers do for activations).
     Dividing by a power of two is exact in any binary float format, so a bf16 activation is scaled
@@ -95,15 +121,16 @@ def fp8_quantize_rows(x: torch.Tensor, *, power_of_two_scales: bool = False) -> 
     x = x if power_of_two_scales and x.dtype == torch.bfloat16 else x.float()
     # inf-norm reduction: the row amax without materialising |x| (exact in any dtype).
     amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True).float()  # [M, 1]
-    scale = amax.clamp(min=_MIN_AMAX) / FP8_MAX  # [M, 1]
+    scale = amax.clamp(min=_MIN_AMAX) * _FP8_STEP  # [M, 1]
     if power_of_two_scales:
         scale = _round_up_to_power_of_two(scale)
-        # Exact division and scale >= amax / 448 (up to the fp32 rounding of that quotient, which at
-        # most makes the row max a bf16/fp32 value <= 448 * (1 + 2^-23), cast to 448): nothing can
-        # exceed 448, so no clamp pass is needed.
+        # Exact division and scale >= amax / 448 (up to the fp32 roundings of 1/448 and of the
+        # product, which at most make the row max a bf16/fp32 value <= 448 * (1 + 2^-23), cast to
+        # 448): nothing can exceed 448, so no clamp pass is needed.
         codes = (x / scale.to(x.dtype)).to(FP8_DTYPE)  # [M, K]
     else:
-        # The e4m3fn cast does not saturate (overflow is NaN): clamp, in case rounding went above 448.
+        # The CPU's e4m3fn cast does not saturate (overflow is NaN; CUDA's may saturate): clamp, in
+        # case rounding went above 448, so that both casts see in-range values only.
         codes = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # [M, K]
     return codes, scale
 
@@ -121,11 +148,12 @@ def _round_up_to_power_of_two(t: torch.Tensor) -> torch.Tensor:
 def int8_quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 quantization: w [N, K] -> (codes [N, K] int8, scales [N, 1] float32).
 
-    scale = amax(|row|) / 127 and codes = round(w / scale), so ``|w - codes * scale| <= scale / 2``.
+    scale = amax(|row|) * ``_INT8_STEP`` (1/127 as an fp32 number) and codes = round(w / scale) (half
+    to even), so ``|w - codes * scale| <= scale / 2``; the same bits on every device (module docstring).
     """
     w = w.float()
     amax = torch.linalg.vector_norm(w, ord=float("inf"), dim=-1, keepdim=True)  # [N, 1]
-    scale = amax.clamp(min=_MIN_AMAX) / INT8_MAX  # [N, 1]
+    scale = amax.clamp(min=_MIN_AMAX) * _INT8_STEP  # [N, 1]
     codes = torch.round(w / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)  # [N, K]
     return codes, scale
 

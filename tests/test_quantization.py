@@ -1,10 +1,14 @@
 """Quantized Linear layers: int8 weights (memory) and fp8 e4m3 matmuls (speed), on the CPU.
 
 The fp8 GPU kernel cannot run here, so the fp8 tests check the quantization math through
-``Float8Linear._emulate`` (the CPU path of the same layer) against a quantizer written
-independently in this file, and, where this torch has a CPU ``torch._scaled_mm``, run the
-``_scaled`` GPU path itself through a wrapper that enforces the CUDA kernel's layout rules.
-Model-level tests use a tiny randomised CogDiT in fp32.
+``Float8Linear._emulate`` (the CPU path of the same layer) against quantizers written
+independently in numpy fp32 (``quant_reference.py``; codes and scales equal bit for bit), and, where
+this torch has a CPU ``torch._scaled_mm``, run the ``_scaled`` GPU path itself through a wrapper
+that enforces the CUDA kernel's layout rules. Model-level tests use a tiny randomised CogDiT in fp32.
+
+Same bits on every device: the quantizers are replayed with CUDA's arithmetic and their ops checked
+(``cuda_semantics.py``); with a GPU (``python -m pytest -q tests/test_quantization.py``), the tests
+marked ``needs_cuda`` also compare CPU and CUDA directly.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import gc
 import weakref
 
 import pytest
+import quant_reference as reference
 import torch
 import torch.nn.functional as F
+from cuda_semantics import CudaReplay, bit_difference, exactness_problems
 from tiny_models import PRESET_FLAGS, TINY_DIT, randomize_
 from torch import nn
 
@@ -93,6 +99,8 @@ def test_int8_quantization_error_is_at_most_half_a_step_per_channel():
     w[5] = 0.0  # an all-zero channel must not produce NaN
     codes, scale = int8_quantize_rows(w)
     assert codes.dtype == torch.int8 and scale.shape == (64, 1) and scale.dtype == torch.float32
+    expected_codes, expected_scale = reference.int8_rows(w)  # the fp32 steps spelled out in numpy
+    assert torch.equal(scale, expected_scale) and torch.equal(codes, expected_codes)
     err = (w - codes.float() * scale).abs()  # [N, K]
     # round-to-nearest: at most half a step; 1e-6 relative slack for the fp32 division w / scale.
     assert (err <= scale / 2 + 1e-6 * w.abs()).all()
@@ -208,16 +216,6 @@ def test_dequantize_dit_restores_linear_layers_computing_the_same():
 # fp8 e4m3: the quantization math
 
 
-def reference_fp8_rows(x: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """This test's own row-wise e4m3 quantizer, in fp32: scale = amax / 448 (or the next power of 2)."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 448.0
-    if power_of_two:
-        mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2^exponent, mantissa in [0.5, 1)
-        scale = torch.where(mantissa == 0.5, scale, torch.ldexp(torch.ones_like(scale), exponent))
-    return (x / scale).clamp(-448.0, 448.0).to(FP8_DTYPE), scale
-
-
 def e4m3_rounding_bound(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Largest round-to-nearest error for ``values`` encoded as e4m3 codes * scale.
 
@@ -239,9 +237,9 @@ def test_fp8_weight_is_quantized_per_output_channel():
     # _scaled_mm's row-wise scale for mat2 = qweight.t() [K, N] is [1, N], fp32, contiguous.
     assert layer.weight_scale.shape == (1, 128) and layer.weight_scale.dtype == torch.float32
     assert layer.weight_scale.is_contiguous()
-    codes, scale = reference_fp8_rows(w)
+    codes, scale = reference.fp8_rows(w)  # the fp32 steps spelled out in numpy: equal bits
     assert torch.equal(layer.qweight.view(torch.uint8), codes.view(torch.uint8))
-    torch.testing.assert_close(layer.weight_scale, scale.t(), rtol=0, atol=0)
+    assert torch.equal(layer.weight_scale, scale.t())
     assert (layer.qweight.float().abs().amax(dim=1) == 448).all()  # the full e4m3 range is used
     err = (layer.dequantized_weight() - w).abs()
     assert (err <= e4m3_rounding_bound(w, scale) * (1 + 1e-5)).all()
@@ -258,8 +256,8 @@ def test_fp8_activations_are_quantized_per_token_with_power_of_two_scales(dtype)
     codes, scale = fp8_quantize_rows(x, power_of_two_scales=True)
     assert codes.dtype == FP8_DTYPE and codes.shape == (50, 256)
     assert scale.shape == (50, 1) and scale.dtype == torch.float32
-    expected_codes, expected_scale = reference_fp8_rows(x, power_of_two=True)
-    assert torch.equal(scale, expected_scale)  # the smallest power of 2 >= amax / 448
+    expected_codes, expected_scale = reference.fp8_rows(x, power_of_two=True)
+    assert torch.equal(scale, expected_scale)  # the smallest power of 2 >= amax * fp32(1/448)
     assert torch.equal(codes.view(torch.uint8), expected_codes.view(torch.uint8))  # bf16 math is exact here
     assert scale[10].item() == 2.0**-3 and scale[11].item() == 2.0**-2
     row_max = codes.float().abs().amax(dim=1)
@@ -279,8 +277,8 @@ def test_fp8_emulated_layer_computes_the_scaled_product_of_quantized_operands():
     linear = make_linear()
     layer = Float8Linear.from_linear(linear)
     x = activations(3, 7, 256)
-    a8, sa = reference_fp8_rows(x.reshape(-1, 256), power_of_two=True)
-    w8, sw = reference_fp8_rows(linear.weight.detach())  # [N, K], [N, 1]
+    a8, sa = reference.fp8_rows(x.reshape(-1, 256), power_of_two=True)
+    w8, sw = reference.fp8_rows(linear.weight.detach())  # [N, K], [N, 1]
     expected = (a8.float() * sa) @ (w8.float() * sw).T + linear.bias.detach()  # [M, N]
     with torch.no_grad():
         got = layer(x)  # CPU -> the _emulate path
@@ -377,6 +375,151 @@ def test_fp8_scaled_mm_path_obeys_the_cuda_layout_rules_and_matches_emulation(dt
     # The CPU kernel accumulates in fp32 as the emulation does: agreement to output rounding
     # (bf16: 2^-9 relative).
     assert rel_err(got, emulated) < (4e-3 if dtype == torch.bfloat16 else 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Same bits on every device: quantizing before or after offloading (on the CPU) changes nothing
+
+
+def rows_of_every_scale(n: int = 4096, k: int = 64, seed: int = 3) -> torch.Tensor:
+    """n rows whose magnitudes span 1e-4..1e2, plus edge rows: zeros, amax = 448 * 2^-3 exactly."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g) * torch.pow(10.0, torch.rand(n, 1, generator=g) * 6 - 4)
+    x[0] = 0
+    x[1, 5] = 448 * 2.0**-3
+    x[1, 6:] = 0
+    return x
+
+
+def _linear_with(weight: torch.Tensor) -> nn.Linear:
+    with torch.device("meta"):
+        linear = nn.Linear(weight.shape[1], weight.shape[0])
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    linear.bias = nn.Parameter(weight[:, 0] * 0.5, requires_grad=False)
+    return linear
+
+
+def _layer_tensors(layer) -> tuple[torch.Tensor, ...]:
+    return (
+        layer.qweight,
+        layer.weight_scale,
+        layer.bias,
+        layer.dequantized_weight(),
+        layer.dequantized_weight(torch.bfloat16),
+    )
+
+
+# name -> x [N, K] fp32 -> the tensors the library makes from it (codes, scales, ...)
+QUANTIZERS = {
+    "fp8 rows fp32": lambda x: fp8_quantize_rows(x),
+    "fp8 rows bf16": lambda x: fp8_quantize_rows(x.bfloat16()),
+    "fp8 power-of-two rows fp32": lambda x: fp8_quantize_rows(x, power_of_two_scales=True),
+    "fp8 power-of-two rows bf16": lambda x: fp8_quantize_rows(x.bfloat16(), power_of_two_scales=True),
+    "int8 rows fp32": lambda x: int8_quantize_rows(x),
+    "int8 rows bf16": lambda x: int8_quantize_rows(x.bfloat16()),
+    "Float8Linear.from_linear bf16": lambda x: _layer_tensors(Float8Linear.from_linear(_linear_with(x.bfloat16()))),
+    "Int8WeightLinear.from_linear bf16": lambda x: _layer_tensors(
+        Int8WeightLinear.from_linear(_linear_with(x.bfloat16()))
+    ),
+}
+
+
+def _differences(got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> list[str]:
+    return [
+        f"output {i}: {d}" for i, (a, b) in enumerate(zip(got, expected, strict=True)) if (d := bit_difference(a, b))
+    ]
+
+
+@pytest.mark.parametrize("name", list(QUANTIZERS))
+def test_quantizers_give_cuda_bits_and_run_only_bit_exact_ops(name):
+    """On the CPU: the quantizer replayed with CUDA's division (``CudaReplay``) gives the plain CPU
+    bits, and every op it runs has the same bits on every device (``exactness_problems``)."""
+    x = rows_of_every_scale()
+    with torch.no_grad():
+        plain = QUANTIZERS[name](x)
+        with CudaReplay() as replay:
+            replayed = QUANTIZERS[name](x)
+    failures = [f"op whose bits may depend on the device: {p}" for p in exactness_problems(replay.records)]
+    failures += [f"CUDA's arithmetic gives other bits, {d}" for d in _differences(replayed, plain)]
+    assert not failures, f"{name}:\n" + "\n".join(failures)
+
+
+def test_the_replay_and_the_op_check_catch_what_differs_between_devices():
+    """The two checks above can fail: the old scale formula ``amax / 448`` is caught by both, and
+    each other kind of device-dependent op is named."""
+    amax = torch.rand(4096, 1, generator=torch.Generator().manual_seed(0)) * 4 + 1e-3
+    with CudaReplay() as replay:
+        replayed = amax / 448.0
+    differ = (replayed != amax / 448.0).float().mean().item()
+    assert differ > 0.3, differ  # measured 55%: CUDA's amax * fp32(1/448) vs the CPU's amax / 448
+    assert torch.equal(replayed, amax * quantization._FP8_STEP)  # what CUDA computes, and the library now
+    problems = exactness_problems(replay.records)
+    assert len(problems) == 1 and "division by the CPU scalar 448.0" in problems[0], problems
+
+    with CudaReplay() as replay:
+        amax / 2.0  # exact: a power of two
+        amax / amax  # tensor by tensor: IEEE division on both devices
+        amax * quantization._INT8_STEP  # an fp32 constant
+        amax.sum()
+        amax.add(amax, alpha=3)
+        amax * 0.1
+        (amax * 1000).to(FP8_DTYPE)
+        (amax * 1.5).to(torch.int8)
+        torch.linalg.vector_norm(amax, dim=-1)
+    problems = exactness_problems(replay.records)
+    expected = ["aten.sum", "alpha != 1", "0.1 is not an fp32", "beyond e4m3", "non-integral", "max norm"]
+    assert len(problems) == len(expected) and all(e in p for e, p in zip(expected, problems, strict=True)), problems
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_divides_by_a_python_number_as_the_replay_says(dtype):
+    """The replay's model of CUDA (``x / b`` = ``x * fp32(1 / b)``) is what this GPU computes."""
+    x = rows_of_every_scale().to(dtype)
+    for divisor in (448.0, 127.0, 3.0):
+        with CudaReplay():
+            replayed = x / divisor
+        cuda = (x.cuda() / divisor).cpu()
+        difference = bit_difference(cuda, replayed)
+        assert difference is None, f"{dtype} x / {divisor}: CUDA differs from the replay: {difference}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(QUANTIZERS))
+def test_quantizers_give_the_same_bits_on_cpu_and_cuda(name):
+    x = rows_of_every_scale()
+    with torch.no_grad():
+        on_cpu = QUANTIZERS[name](x)
+        on_cuda = QUANTIZERS[name](x.cuda())
+    assert all(t.device.type == "cuda" for t in on_cuda), [t.device for t in on_cuda]
+    differences = _differences(on_cuda, on_cpu)
+    assert not differences, f"{name}: CUDA vs CPU:\n" + "\n".join(differences)
+
+
+def _fp8_capable() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= quantization.FP8_MIN_CAPABILITY
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "mode", ["int8", pytest.param("fp8", marks=pytest.mark.skipif(not _fp8_capable(), reason="sm < 8.9"))]
+)
+def test_a_layer_quantized_on_the_cpu_runs_on_cuda_like_one_quantized_there(mode):
+    cls = Float8Linear if mode == "fp8" else Int8WeightLinear
+    linear = make_linear(256, 128).to(torch.bfloat16)
+    from_cpu = cls.from_linear(linear).cuda()
+    on_cuda = cls.from_linear(linear.cuda())
+    for name in ("qweight", "weight_scale", "bias"):
+        a, b = getattr(from_cpu, name), getattr(on_cuda, name)
+        assert a.stride() == b.stride() and a.is_contiguous(), (name, a.stride(), b.stride())
+        assert (d := bit_difference(a, b)) is None, f"{mode} {name}: {d}"
+    x = activations(4, 9, 256).to(torch.bfloat16).cuda()
+    with torch.no_grad():
+        difference = bit_difference(from_cpu(x), on_cuda(x))
+    assert difference is None, f"{mode} forward on CUDA, layer quantized on the CPU vs on CUDA: {difference}"
 
 
 # ----------------------------------------------------------------------------------------------
