@@ -110,7 +110,7 @@ def run_job(
     """One generation: checks the inputs, gets the pipeline, denoises with progress, writes the mp4.
 
     Raises ValueError (or a DiffSynthCogError) with a message for the user on bad input."""
-    from diffsynth_cog.pipeline import check_num_frames
+    from diffsynth_cog.configs import check_num_frames
     from diffsynth_cog.video_io import save_video
 
     if not prompt or not prompt.strip():

@@ -67,7 +67,7 @@ def tiny_pipeline(
     randomize_(vae, seed, scale=0.1).eval()
     text_encoder = None
     if text_folder is not None:
-        from diffsynth_cog.models.text_encoder import load_text_encoder
+        from diffsynth_cog.loading.text_encoder_loader import load_text_encoder
 
         text_encoder = load_text_encoder(text_folder, max_length=TEXT_TOKENS)
     preset_name = "cogvideox-2b" if preset == "2b" else "cogvideox-5b"
