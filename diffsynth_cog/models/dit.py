@@ -321,7 +321,11 @@ class CogDiT(nn.Module):
 
     def compile_blocks(self, **compile_kwargs: object) -> None:
         """Regional ``torch.compile``: each block is compiled (they share one graph), the rest stays
-        eager. Fuses the elementwise work around the matmuls and attention; same math."""
+        eager. Fuses the elementwise work around the matmuls and attention; same math.
+
+        Static shapes by default (``dynamic=False``): a generation keeps one shape, and a new one (another
+        length, a parallel layout's share, a tile) compiles its own graph instead of a symbolic one."""
+        compile_kwargs.setdefault("dynamic", False)
         for block in self.blocks:
             block.compile(**compile_kwargs)
 
