@@ -88,7 +88,8 @@ class TrainConfig:
 
     Schedule:
         checkpoint_every_n_steps, log_every_n_steps, validation_every_n_steps (0 = no validation
-        videos) with validation_prompts and the generation settings (None = the cache's clip size).
+        videos) with validation_prompts and the generation settings (None = the cache's clip size);
+        validation_images: one input image per prompt, for an image-to-video model.
     """
 
     model: str
@@ -125,6 +126,7 @@ class TrainConfig:
     validation_num_inference_steps: int = 50
     validation_cfg_scale: float = 7.0
     validation_fps: int = 8
+    validation_images: tuple[str, ...] = field(default_factory=tuple)
     export_dtype: str = "fp32"
     base_quantization: str = "none"
     activation_offload: str = "none"
@@ -242,6 +244,13 @@ class TrainConfig:
             bad("validation_prompts", "a list of strings")
         elif self.validation_every_n_steps > 0 and not self.validation_prompts:
             problems.append("validation_prompts: validation_every_n_steps > 0 needs at least one prompt")
+        if not isinstance(self.validation_images, tuple) or not all(isinstance(p, str) for p in self.validation_images):
+            bad("validation_images", "a list of image paths (one per validation prompt, image-to-video models)")
+        elif self.validation_images and len(self.validation_images) != len(self.validation_prompts):
+            problems.append(
+                f"validation_images: {len(self.validation_images)} images for {len(self.validation_prompts)} "
+                "validation_prompts; give one per prompt"
+            )
         if not isinstance(self.validation_negative_prompt, str):
             bad("validation_negative_prompt", "a string")
         problems += _target_problems(self.lora_targets)
@@ -298,7 +307,9 @@ class TrainConfig:
         for key, value in values.items():
             if key.startswith("_"):  # "_comment" and the like
                 continue
-            if key in ("timestep_range", "validation_prompts", "image_noise") and isinstance(value, list):
+            if key in ("timestep_range", "validation_prompts", "validation_images", "image_noise") and isinstance(
+                value, list
+            ):
                 value = tuple(value)
             elif key == "lora_targets":
                 if isinstance(value, list):
@@ -327,6 +338,7 @@ class TrainConfig:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values["timestep_range"] = list(self.timestep_range)
         values["validation_prompts"] = list(self.validation_prompts)
+        values["validation_images"] = list(self.validation_images)
         values["image_noise"] = None if self.image_noise is None else list(self.image_noise)
         if isinstance(self.lora_targets, Mapping):
             values["lora_targets"] = {

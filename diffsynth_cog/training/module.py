@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 # Our entry in every checkpoint: what an export needs without the model files (configs, LoRA layout).
 CHECKPOINT_KEY = "diffsynth_cog"
 CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_STEM = "step{step:07d}"  # step0000250.ckpt; validation videos step0000250_0.mp4
 
 
 # --------------------------------------------------------------------------------------------- model files
