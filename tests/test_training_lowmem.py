@@ -60,7 +60,10 @@ def tiny_module(dit: CogDiT, **changes) -> CogLoRAModule:
 
 def tiny_batch(seed: int = 0, batch: int = 2) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"latents": torch.randn(batch, 4, 3, 4, 6, generator=g), "prompt_emb": torch.randn(batch, 7, 32, generator=g)}
+    return {
+        "latents": torch.randn(batch, 4, 3, 4, 6, generator=g),
+        "prompt_emb": torch.randn(batch, 7, 32, generator=g),
+    }
 
 
 def lora_grads(module: CogLoRAModule, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
@@ -288,6 +291,7 @@ def test_int8_base_offloaded_activations_and_8bit_adamw_train_the_tiny_model(
     assert after < 0.5 * before, (before, after)
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "step0000015.ckpt", weights_only=True)
     assert all(".base." not in k for k in checkpoint["state_dict"])  # LoRA only, no quantized base
+
     def tensors(value):
         if isinstance(value, torch.Tensor):
             yield value
