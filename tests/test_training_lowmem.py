@@ -20,7 +20,7 @@ from test_training import fixed_batch_loss, tiny_config, workspace  # noqa: F401
 from tiny_models import PRESET_FLAGS, TINY_DIT, randomize_
 
 from diffsynth_cog.configs import DiTConfig
-from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS, LoRALinear, inject_lora, lora_layers, lora_parameters
+from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS, LoRALinear, lora_layers, lora_parameters
 from diffsynth_cog.lora import layers as lora_layers_module
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.quantization import Float8Linear, Int8WeightLinear, dequantize_dit, quantize_dit
