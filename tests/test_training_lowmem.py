@@ -301,3 +301,30 @@ def test_int8_base_offloaded_activations_and_8bit_adamw_train_the_tiny_model(
 
     states = list(tensors(checkpoint["optimizer_states"][0]["state"]))
     assert any(t.dtype == torch.uint8 for t in states)  # bitsandbytes' 8-bit moments, saved and loadable
+
+
+def test_training_benchmark_runs_its_tiny_cpu_smoke_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/bench_train.py --tiny: the script the GPU runs, proven end to end on the CPU."""
+    import importlib.util
+    import json
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(memory, "OFFLOAD_MIN_BYTES", memory.OFFLOAD_MIN_BYTES)  # restored after the run
+    spec = importlib.util.spec_from_file_location("bench_train", folder / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_train", bench)
+    spec.loader.exec_module(bench)
+    argv = ["--tiny", "--mode", "switches", "curve", "--variants", "baseline", "int8+stream+adam8bit", "recipe"]
+    results = bench.main([*argv, "--steps", "1", "--curve-steps", "4"])
+    switches = json.loads((tmp_path / "bench_train_switches.json").read_text())
+    assert list(switches["runs"]) == ["baseline", "int8+stream+adam8bit"]  # recipe (fp8) skipped on the CPU
+    combined = switches["runs"]["int8+stream+adam8bit"]
+    assert combined["config"] == {"base_quantization": "int8", "activation_offload": "stream", "optimizer": "adamw8bit"}
+    assert len(combined["step_times_s"]) == 2 and "step_vs_baseline" in combined
+    curve = results["curve"]["runs"]["int8+stream+adam8bit"]
+    assert len(curve["losses"]) == 4 and curve["rel_diff_per_step_mean"] < 0.05
+    assert (tmp_path / "bench_train_curve.csv").read_text().count("\n") == 1 + 2 * 4
