@@ -11,6 +11,7 @@ runs the real kernels).
 from __future__ import annotations
 
 import copy
+import weakref
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from diffsynth_cog.quantization import Float8Linear, Int8WeightLinear, dequantiz
 from diffsynth_cog.schedulers import scheduler_preset
 from diffsynth_cog.training import memory
 from diffsynth_cog.training.config import TrainConfig, TrainConfigError
-from diffsynth_cog.training.memory import StreamOffload, build_optimizer, optimizer_state_bytes
+from diffsynth_cog.training.memory import build_optimizer, optimizer_state_bytes
 from diffsynth_cog.training.module import CogLoRAModule
 from diffsynth_cog.training.trainer import run_training
 
@@ -176,25 +177,37 @@ def test_activation_offload_keeps_gradients_bitwise(mode: str, monkeypatch: pyte
     monkeypatch.setattr(memory, "OFFLOAD_MIN_BYTES", 0)  # the tiny model's tensors are all small
     plain = tiny_module(tiny_dit())
     offloaded = tiny_module(tiny_dit(), activation_offload=mode)
-    packed: list[StreamOffload] = []
-    original = memory.StreamOffload.__enter__
-
-    def spy(self: StreamOffload) -> StreamOffload:
-        packed.append(self)
-        return original(self)
-
-    monkeypatch.setattr(memory.StreamOffload, "__enter__", spy)
     batch = tiny_batch()
     loss_p, grads_p = lora_grads(plain, batch)
     loss_o, grads_o = lora_grads(offloaded, batch)
     assert loss_p == loss_o
     assert all(torch.equal(grads_p[k], grads_o[k]) for k in grads_p)
-    if mode == "stream":
-        (offload,) = packed
-        # Gradient checkpointing leaves each block's inputs saved (video, text, timestep conditioning):
-        # those went to the hooks, and every one was handed back to the backward.
-        assert len(offload.saved) >= 3 * len(plain.dit.blocks)
-        assert all(entry.used for entry in offload.saved)
+
+
+def test_stream_offload_hands_every_checkpointed_input_back_and_dies_with_the_graph(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(memory, "OFFLOAD_MIN_BYTES", 0)
+    module = tiny_module(tiny_dit(), activation_offload="stream")
+    made: list[weakref.ref] = []
+    original = memory.StreamOffload.__enter__
+    monkeypatch.setattr(
+        memory.StreamOffload, "__enter__", lambda self: made.append(weakref.ref(self)) or original(self)
+    )
+    loss = module.batch_loss(tiny_batch(), step=3)
+    offload = made[0]()
+    # Gradient checkpointing leaves each block's inputs saved (video, text, timestep conditioning):
+    # those went to the hooks.
+    assert len(offload.saved) >= 3 * len(module.dit.blocks)
+    assert not any(entry.used for entry in offload.saved)
+    saved = list(offload.saved)
+    del offload
+    loss.backward()
+    assert all(entry.used and entry.fetched is None for entry in saved)  # each handed back once, none left
+    del loss, saved
+    # Freed with the autograd graph, without waiting for the cyclic garbage collector: a step's pinned
+    # copies are released before the next step allocates its own.
+    assert made[0]() is None
 
 
 def test_stream_offload_without_checkpointing_offloads_every_saved_activation(monkeypatch) -> None:

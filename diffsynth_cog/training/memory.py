@@ -76,14 +76,19 @@ class StreamOffload:
         self.min_bytes = OFFLOAD_MIN_BYTES if min_bytes is None else min_bytes
         self.saved: list[_Offloaded] = []
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
     def __enter__(self) -> StreamOffload:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        assert self._hooks is not None
         self._hooks.__exit__(*exc)
+        # No reference cycle (self -> hooks -> bound methods -> self): the autograd graph alone keeps
+        # this object, and so the pinned copies, alive until its backward is done.
+        self._hooks = None
 
     @property
     def offloaded_bytes(self) -> int:
