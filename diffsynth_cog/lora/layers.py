@@ -200,9 +200,15 @@ class LoRALinear(nn.Linear):
         # x [..., in] -> [..., out]
         out = self.base(x) if self.base is not None else F.linear(x, self.weight, self.bias)  # [..., out], base dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if isinstance(self.lora_dropout, nn.Identity):
-                delta = _LoRADelta.apply(x, self.lora_A.weight, self.lora_B.weight, self.scale, out.dtype)
-            else:
+            a, b = self.lora_A.weight, self.lora_B.weight
+            if (
+                isinstance(self.lora_dropout, nn.Identity)
+                and torch.is_grad_enabled()
+                and (a.requires_grad or b.requires_grad)
+            ):
+                # Training: the same numbers, with the input saved in its own dtype (see _LoRADelta).
+                delta = _LoRADelta.apply(x, a, b, self.scale, out.dtype)
+            else:  # through the submodules, whose forward hooks (e.g. the sequential offloader's) run
                 h = self.lora_dropout(x.float())  # [..., in] fp32
                 delta = (self.lora_B(self.lora_A(h)) * self.scale).to(out.dtype)  # [..., rank] -> [..., out]
         return out + delta
