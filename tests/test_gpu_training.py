@@ -49,6 +49,7 @@ def module_for(dit: CogDiT, **changes) -> CogLoRAModule:
 
 
 def batch(frames: int = 13) -> dict[str, torch.Tensor]:
+    """One 480x720 clip of ``frames`` frames (random latents) and a random prompt embedding."""
     g = torch.Generator("cuda").manual_seed(0)
     t = (frames - 1) // 4 + 1
     x0 = torch.randn(1, 16, t, 60, 90, device="cuda", generator=g)
@@ -77,17 +78,24 @@ def dit(layers: int = 4) -> CogDiT:
 
 @cuda
 @pytest.mark.parametrize("mode", ["stream", "save_on_cpu"])
-def test_activation_offload_on_cuda_gives_bitwise_gradients_with_less_memory(mode: str) -> None:
-    data = batch()
+def test_activation_offload_on_cuda_gives_the_same_gradients_with_less_memory(mode: str) -> None:
+    data = batch(49)  # 13 latent frames: 17,550 video tokens
     plain = module_for(dit(6))
     loss_p, grads_p, peak_p = grads(plain, data)
+    _, again, _ = grads(plain, data)
     del plain
     offloaded = module_for(dit(6), activation_offload=mode)
     loss_o, grads_o, peak_o = grads(offloaded, data)
-    assert loss_p == loss_o
-    assert all(torch.equal(grads_p[k], grads_o[k]) for k in grads_p)
-    # 6 blocks x 17,550 video tokens x 3072 x bf16 = 0.6 GiB of checkpointed inputs leave the GPU.
-    assert peak_o < peak_p - 0.4, (peak_p, peak_o)
+    assert loss_p == loss_o  # the forward is untouched
+    # The offloaded copies are exact, so the gradients are those of the plain run up to the GPU's own
+    # run-to-run differences (attention backward kernels may accumulate in any order): bitwise where
+    # two plain runs are.
+    for k in grads_p:
+        noise = (again[k].float() - grads_p[k].float()).abs().max().item()
+        assert (grads_o[k].float() - grads_p[k].float()).abs().max().item() <= 2 * noise, k
+    # 6 blocks x 17,550 x 3072 bf16 = 0.6 GiB of checkpointed video inputs; at the backward's start all
+    # but the last block's (and one prefetched) are in CPU memory.
+    assert peak_o < peak_p - 0.25, (peak_p, peak_o)
 
 
 @fp8
