@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import dit_flops, environment, peak_gib, rel_err, reset_peak, timed, write_json  # noqa: E402
 
 from diffsynth_cog.configs import dit_preset  # noqa: E402
+from diffsynth_cog.denoiser import Denoiser  # noqa: E402
 from diffsynth_cog.loading.convert import convert_state_dict  # noqa: E402
 from diffsynth_cog.loading.dit_loader import dit_rename  # noqa: E402
 from diffsynth_cog.models import attention as attn  # noqa: E402
@@ -122,13 +123,19 @@ def measure(ref, ours, frames: int, suffix: str, args: argparse.Namespace, resul
     def run_ours():
         return ours(latents, timestep, prompt)
 
+    denoiser = Denoiser(ours)  # the pipeline's path: the same DiT call composed of its (default) parts
+
+    def run_denoiser():
+        return denoiser(latents, 500, prompt)
+
     entry = {"latent_frames": t, "tokens": tokens}
     with torch.no_grad():
         out_ref, out_ours = run_ref(), run_ours()
         entry["rel_diff_vs_reference"] = rel_err(out_ours, out_ref)
         entry["rel_diff_reference_rerun"] = rel_err(run_ref(), out_ref)
+        entry["rel_diff_denoiser_vs_dit"] = rel_err(run_denoiser(), out_ours)
         del out_ref, out_ours
-        for name, fn in (("reference", run_ref), ("ours", run_ours)):
+        for name, fn in (("reference", run_ref), ("ours", run_ours), ("ours_denoiser", run_denoiser)):
             reset_peak()
             tm = timed(fn, warmup=1, repeat=args.repeat)
             entry[name] = {**tm, "peak_GiB": round(peak_gib(), 2), "TFLOPs": round(flops / tm["median_s"] / 1e12, 1)}

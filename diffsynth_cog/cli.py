@@ -104,11 +104,73 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--step-cache",
         type=float,
         default=0.0,
-        help="reuse the DiT's deep residual when block 0 changes less than this (0 = off, exact)",
+        help="skip DiT steps whose output should barely change, below this threshold (0 = off, exact); TeaCache "
+        "(0.1-0.3) on CogVideoX-5B, else the first-block cache (0.05-0.2)",
     )
+    p.add_argument(
+        "--step-cache-method",
+        choices=["auto", "teacache", "first-block"],
+        default="auto",
+        help="auto: TeaCache where the model has a calibration (CogVideoX-5B), else first-block",
+    )
+    _add_long_video(p)
     p.add_argument("--no-download", action="store_true", help="never download; fail if models are missing")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+
+def _add_long_video(p: argparse.ArgumentParser) -> None:
+    """Options for videos longer than the trained length (README "Longer videos")."""
+    g = p.add_argument_group("longer videos")
+    g.add_argument(
+        "--riflex",
+        type=int,
+        nargs="*",
+        metavar="K N_K",
+        help="RIFLEx temporal RoPE (5B): alone = the published setting (k=2, N_k=20), or give K N_K",
+    )
+    g.add_argument(
+        "--sparse-attention",
+        metavar="SPEC",
+        help="block-sparse attention mask (FlexAttention): window:W (+-W latent frames, text global, first frame a "
+        "sink), window:W:nosink, radial, radial:DECAY",
+    )
+    g.add_argument(
+        "--window-frames",
+        type=int,
+        metavar="F",
+        help="denoise overlapping windows of F (4k+1) frames: any length at the memory of one window",
+    )
+    g.add_argument("--window-overlap", type=float, default=0.25, help="fraction of a window shared with the next")
+    g.add_argument(
+        "--extend-by",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --input-video: continue that video by N frames (a multiple of 4); writes the whole video",
+    )
+    g.add_argument("--context-frames", type=int, default=17, help="with --extend-by: frames of context (4k+1)")
+
+
+def _long_video_options(args: argparse.Namespace) -> dict:
+    """The pipeline keywords of the "longer videos" options, checked before any model is loaded."""
+    from diffsynth_cog.sparse_attention import parse_attention
+    from diffsynth_cog.windows import WindowSpec
+
+    options: dict = {}
+    if args.riflex is not None:
+        if len(args.riflex) not in (0, 2):
+            raise ValueError(f"--riflex takes no value or two (K N_K); got {args.riflex}")
+        options["riflex"] = tuple(args.riflex) if args.riflex else True
+    if args.sparse_attention:
+        options["attention"] = parse_attention(args.sparse_attention)
+    if args.window_frames:
+        options["windows"] = WindowSpec(args.window_frames, args.window_overlap)
+    if args.extend_by and not args.input_video:
+        raise ValueError("--extend-by continues a video: give it with --input-video")
+    if args.step_cache:
+        options["step_cache"] = f"{args.step_cache_method}:{args.step_cache}"
+    return options
 
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
@@ -209,10 +271,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from diffsynth_cog.configs import check_num_frames, check_size
     from diffsynth_cog.models.attention import set_attention_backend
 
-    # First: bad sizes and a missing kernel package fail before any download or loading.
+    # First: bad sizes, a missing kernel package and bad long-video options fail before any download or loading.
     check_num_frames(args.num_frames)
     check_size(args.height, args.width)
     set_attention_backend(args.attention)
+    options = _long_video_options(args)
     model_dir = _resolve_model(args)
     lora = _resolve_lora(args, model_dir)
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -234,18 +297,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe.enable_model_cpu_offload()
     elif args.offload == "sequential":
         pipe.enable_sequential_cpu_offload()
-    input_video = None
-    if args.input_video:
-        input_video = load_video(args.input_video, height=args.height, width=args.width, num_frames=args.num_frames)
-    frames = pipe(
+    common = dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
-        input_image=args.input_image,
-        input_video=input_video,
-        denoising_strength=args.denoising_strength if input_video is not None else 1.0,
-        height=args.height,
-        width=args.width,
-        num_frames=args.num_frames,
         cfg_scale=args.cfg_scale,
         use_dynamic_cfg=args.dynamic_cfg,
         num_inference_steps=args.steps,
@@ -253,7 +307,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         tiled=not args.no_tiled_vae,
         progress_bar=not args.no_progress,
-        step_cache=args.step_cache or None,
+        **options,
+    )
+    if args.extend_by:
+        video = load_video(args.input_video, height=args.height, width=args.width)
+        frames = pipe.extend_video(video, args.extend_by, context_frames=args.context_frames, **common)
+        save_video(frames, args.output, fps=args.fps, quality=args.quality)
+        logger.info("wrote %s (%d frames: %d + %d new)", args.output, len(frames), len(video), args.extend_by)
+        return 0
+    input_video = None
+    if args.input_video:
+        input_video = load_video(args.input_video, height=args.height, width=args.width, num_frames=args.num_frames)
+    frames = pipe(
+        input_image=args.input_image,
+        input_video=input_video,
+        denoising_strength=args.denoising_strength if input_video is not None else 1.0,
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+        **common,
     )
     save_video(frames, args.output, fps=args.fps, quality=args.quality)
     logger.info("wrote %s (%d frames)", args.output, len(frames))

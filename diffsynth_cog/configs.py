@@ -248,6 +248,34 @@ def dit_preset(name: str) -> DiTConfig:
     return _named(DIT_PRESETS, name, "DiT preset")
 
 
+def dit_preset_name(config: DiTConfig) -> str | None:
+    """The preset this config is (all fields equal), or None for any other transformer."""
+    return next((name for name, preset in DIT_PRESETS.items() if preset == config), None)
+
+
+# Settings published for one model (weights) of the family; keyed by DiT preset. Other transformers have
+# none: callers ask for explicit values instead of borrowing another model's calibration.
+PUBLISHED_RIFLEX: dict[str, tuple[int, int]] = {
+    # RIFLEx (thu-ml/RIFLEx): intrinsic temporal frequency k (1-based) and its period N_k in latent frames.
+    "cogvideox-5b": (2, 20),
+}
+TEACACHE_COEFFICIENTS: dict[str, tuple[float, ...]] = {
+    # TeaCache (ali-vilab/TeaCache, TeaCache4CogVideoX): polynomial, highest power first, mapping the relative
+    # L1 change of block 0's modulated input to an estimate of the output's change.
+    "cogvideox-5b": (-1538.80, 843.20, -134.36, 7.971, -0.0523),
+}
+
+
+def published_riflex(config: DiTConfig) -> tuple[int, int] | None:
+    """RIFLEx (k, N_k) published for this transformer, or None."""
+    return PUBLISHED_RIFLEX.get(dit_preset_name(config) or "")
+
+
+def teacache_coefficients(config: DiTConfig) -> tuple[float, ...] | None:
+    """TeaCache's fitted rescaling polynomial for this transformer (highest power first), or None."""
+    return TEACACHE_COEFFICIENTS.get(dit_preset_name(config) or "")
+
+
 def vae_preset(name: str) -> VAEConfig:
     return _named(VAE_PRESETS, name, "VAE preset")
 

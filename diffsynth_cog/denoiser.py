@@ -11,10 +11,14 @@ independent parts, each with a default that is the plain, exact computation:
   * **step skipping** - a :class:`StepSkipper` that runs the blocks, or reuses earlier work when
     the step barely changes (``step_cache.StepCache``); default: run every block;
   * **tiles** - a :class:`~diffsynth_cog.tiling.TileSpec`: the DiT runs on overlapping spatial tiles
-    stitched by the shared tile blender; each tile keeps its own step-skipping state.
+    stitched by the shared tile blender; each tile keeps its own step-skipping state;
+  * **windows** - a :class:`~diffsynth_cog.windows.WindowSpec`: the same in time, overlapping windows
+    of latent frames (each with its own positions), fused with weights (``diffsynth_cog.windows``);
+  * **positions** - ``riflex`` = (k, N_k): RIFLEx's lowered temporal RoPE frequency
+    (``diffsynth_cog.riflex``); default: the trained positions.
 
 One DiT call is ``embed -> [attention part] -> split.scatter -> blocks (skipper) -> project ->
-split.gather -> unpatchify``, run per tile. Every part sees only its own inputs, so parts combine
+split.gather -> unpatchify``, run per window and tile. Every part sees only its own inputs, so parts combine
 freely; a combination that means nothing is refused when the denoiser is built, naming both parts.
 """
 
@@ -28,7 +32,9 @@ import torch
 
 from diffsynth_cog.models.attention import Attend, check_backend, choose_backend, dense_attention
 from diffsynth_cog.models.dit import CogDiT, DiTState, TokenLayout
+from diffsynth_cog.riflex import resolve_riflex
 from diffsynth_cog.tiling import TileSpec, map_tiles
+from diffsynth_cog.windows import WindowSpec, map_windows
 
 
 @runtime_checkable
@@ -106,6 +112,8 @@ class Denoiser:
         split: how the call is shared between processes (default: not at all).
         step_skip: a :class:`StepSkipper` (default: every block at every step).
         tiles: run the DiT on overlapping spatial tiles (pixels; see ``tiling.TileSpec``).
+        windows: run the DiT on overlapping windows of frames (see ``windows.WindowSpec``).
+        riflex: (k, N_k) for RIFLEx's temporal RoPE frequency (RoPE models; ``riflex.resolve_riflex``).
 
     Call :meth:`start` before each generation (it resets the step-skipping state), then for every step
     call the denoiser (once, or once per ``call`` name when a step makes several DiT calls, e.g. the two
@@ -120,6 +128,8 @@ class Denoiser:
         split: TokenSplit | None = None,
         step_skip: StepSkipper | None = None,
         tiles: TileSpec | None = None,
+        windows: WindowSpec | None = None,
+        riflex: tuple[int, int] | None = None,
     ) -> None:
         self.dit = dit
         if isinstance(attention, str):
@@ -130,7 +140,9 @@ class Denoiser:
         self.split = split if split is not None else WHOLE_CALL
         self.step_skip = step_skip
         self.tiles = tiles
-        for part in (self.split, step_skip):
+        self.windows = windows
+        self.riflex = resolve_riflex(dit.config, riflex)
+        for part in (self.attention, self.split, step_skip):
             check = getattr(part, "check_compatible", None)
             if check is not None:
                 check(self)
@@ -143,6 +155,8 @@ class Denoiser:
             "split": self.split.name,
             "step_skip": self.step_skip.name if self.step_skip is not None else "none",
             "tiles": "none" if self.tiles is None else f"{self.tiles.size[0]}x{self.tiles.size[1]}px",
+            "windows": "none" if self.windows is None else f"{self.windows.frames}f/{self.windows.overlap:g}",
+            "riflex": "none" if self.riflex is None else f"k={self.riflex[0]},N_k={self.riflex[1]}",
         }
 
     def start(self, num_steps: int) -> None:
@@ -164,7 +178,7 @@ class Denoiser:
 
     def call_dit(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, key: Hashable = None):
         """One DiT call on latents [B, C_in, T, H, W] -> v-prediction [B, C_out, T, H, W] (the DiT's dtype)."""
-        state = self.dit.embed(latents, timestep, context)
+        state = self.dit.embed(latents, timestep, context, riflex=self.riflex)
         state = dataclasses.replace(state, attend=self._attend(state.layout, latents.device))
         state = self.split.scatter(state)
         if self.step_skip is not None:
@@ -173,6 +187,16 @@ class Denoiser:
             state = self.dit.run_blocks(state)
         patches = self.split.gather(self.dit.project(state), state)
         return self.dit.unpatchify(patches, state.shape)
+
+    def _tiled(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, key: Hashable) -> torch.Tensor:
+        """The DiT on x [B, C, T, H, W], on spatial tiles when asked; ``key`` (this call's name and temporal
+        window) is completed with each tile's start into the call's step-skipping key."""
+        if self.tiles is None:
+            return self.call_dit(x, t, context, key=(key, (0, 0)))
+        p = self.dit.config.patch_size
+        grid = self.tiles.grid(tuple(x.shape[-2:]), pixels_per_unit=8, multiple=p)
+        run = lambda tile, start: self.call_dit(tile, t, context, key=(key, start)).float()  # noqa: E731
+        return run(x, (0, 0)) if grid.single else map_tiles(x, grid, run)
 
     def __call__(
         self, latents: torch.Tensor, timestep: int, context: torch.Tensor, call: Hashable = None
@@ -184,11 +208,9 @@ class Denoiser:
         x = latents.to(dtype)
         t = torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
         context = context.to(dtype)
-        if self.tiles is None:
-            v = self.call_dit(x, t, context, key=(call, (0, 0)))
+        if self.windows is None:
+            v = self._tiled(x, t, context, key=(call, None))
         else:
-            p = self.dit.config.patch_size
-            grid = self.tiles.grid(tuple(x.shape[-2:]), pixels_per_unit=8, multiple=p)
-            run = lambda tile, start: self.call_dit(tile, t, context, key=(call, start)).float()  # noqa: E731
-            v = run(x, (0, 0)) if grid.single else map_tiles(x, grid, run)
+            plan = self.windows.plan(x.shape[2])
+            v = map_windows(x, plan, lambda window, start: self._tiled(window, t, context, key=(call, start)))
         return v.float()

@@ -10,6 +10,11 @@ Memory modes (``enable_*`` methods):
     time (lowest memory, slowest);
   * tiled VAE (``tiled=True``) bounds decode memory in space, ``dit_tiled=True`` runs the DiT on
     overlapping spatial tiles for resolutions above its base grid.
+
+Longer videos (README "Longer videos"): ``windows=`` denoises overlapping temporal windows (any length
+at the memory of one window), ``attention="window:2"`` / ``"radial"`` a block-sparse mask, ``riflex=True``
+RIFLEx's temporal RoPE, ``step_cache=`` TeaCache step skipping, :meth:`CogVideoPipeline.extend_video`
+continues a video.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from PIL import Image
 
 from diffsynth_cog.configs import DiTConfig, check_num_frames, check_size, dit_family
+from diffsynth_cog.continuation import KeptFrames, check_extension, kept_latent_frames
 from diffsynth_cog.denoiser import AttentionPart, Denoiser, StepSkipper
 from diffsynth_cog.model_manager import ModelManager
 from diffsynth_cog.models.dit import CogDiT
@@ -31,9 +37,11 @@ from diffsynth_cog.models.vae import CogVAEDecoder, CogVAEEncoder
 from diffsynth_cog.offload import ModelOffloader
 from diffsynth_cog.sampling import DIFFUSERS, Conditions, Conventions, StepCallback, conventions_for, denoise
 from diffsynth_cog.schedulers import Sampler, SchedulerConfig, make_sampler, scheduler_preset
-from diffsynth_cog.step_cache import StepCache
+from diffsynth_cog.sparse_attention import parse_attention
+from diffsynth_cog.teacache import make_step_skipper
 from diffsynth_cog.tiling import TileSpec
 from diffsynth_cog.video_io import load_image, tensor_to_frames, video_to_tensor
+from diffsynth_cog.windows import WindowSpec, reschedule_noise
 
 logger = logging.getLogger(__name__)
 
@@ -149,13 +157,30 @@ class CogVideoPipeline:
         self,
         *,
         attention: str | AttentionPart | None = None,
-        step_cache: StepSkipper | float | None = None,
+        step_cache: StepSkipper | float | str | None = None,
         dit_tiles: TileSpec | None = None,
+        windows: WindowSpec | None = None,
+        riflex: bool | tuple[int, int] | None = None,
     ) -> Denoiser:
-        """The denoiser of one generation, from the call's options (see :class:`~diffsynth_cog.denoiser.Denoiser`)."""
-        if step_cache is not None and not isinstance(step_cache, StepSkipper):
-            step_cache = StepCache(threshold=step_cache)
-        return Denoiser(self.dit, attention=attention, step_skip=step_cache, tiles=dit_tiles)
+        """The denoiser of one generation, from the call's options (see :class:`~diffsynth_cog.denoiser.Denoiser`).
+
+        ``attention``: a kernel name, ``"window:W"`` / ``"radial"`` (``sparse_attention.parse_attention``) or a
+        part; ``step_cache``: a threshold (TeaCache where the model has a calibration, else the first-block
+        cache), ``"teacache:0.2"`` / ``"first-block:0.1"``, or a :class:`StepSkipper`."""
+        if isinstance(attention, str):
+            attention = parse_attention(attention)
+        if isinstance(step_cache, str):
+            method, _, value = step_cache.partition(":")
+            try:
+                threshold = float(value)
+            except ValueError:
+                raise ValueError(f"step_cache {step_cache!r} must be 'METHOD:THRESHOLD', e.g. 'teacache:0.2'") from None
+            step_cache = make_step_skipper(threshold, method, self.dit)
+        elif step_cache is not None and not isinstance(step_cache, StepSkipper):
+            step_cache = make_step_skipper(step_cache, "auto", self.dit)
+        return Denoiser(
+            self.dit, attention=attention, step_skip=step_cache, tiles=dit_tiles, windows=windows, riflex=riflex
+        )
 
     def encode_conditions(
         self,
@@ -204,15 +229,22 @@ class CogVideoPipeline:
         latents: torch.Tensor | None = None,
         input_video: torch.Tensor | None = None,
         tiled: bool = False,
+        clean: torch.Tensor | None = None,
+        windows: WindowSpec | None = None,
     ) -> torch.Tensor:
         """Stage 2: the latents the loop starts from (on the device; float32, or the pipeline's dtype under
-        DiffSynth's conventions): noise, or for video-to-video the encoded video noised to the sampler's first
-        timestep. ``latents`` replaces the drawn noise."""
+        DiffSynth's conventions): noise, or for video-to-video the encoded video (``input_video``, or its latents
+        ``clean``) noised to the sampler's first timestep. ``latents`` replaces the drawn noise; with ``windows``
+        drawn noise is rescheduled for the windows."""
         dtype = self.torch_dtype if conventions.model_dtype_latents else torch.float32
-        clean = None
         if input_video is not None:  # encoded first: the references draw the posterior sample before the noise
             clean = self.encode_video(input_video, tiled, generator, sample=conventions.posterior_sample)
-        noise = conventions.noise(latent_shape, generator, seed, dtype) if latents is None else latents
+        if latents is None:
+            noise = conventions.noise(latent_shape, generator, seed, dtype)
+            if windows is not None:
+                noise = reschedule_noise(noise, windows.plan(latent_shape[2]), generator)
+        else:
+            noise = latents
         noise = noise.to(self.device, dtype)
         if clean is None:
             return noise
@@ -254,7 +286,10 @@ class CogVideoPipeline:
         output_type: str = "pil",
         progress_bar: bool = True,
         callback: StepCallback | None = None,
-        step_cache: StepSkipper | float | None = None,
+        step_cache: StepSkipper | float | str | None = None,
+        windows: bool | WindowSpec | None = None,
+        riflex: bool | tuple[int, int] | None = None,
+        keep_frames: int = 0,
     ) -> list[Image.Image] | np.ndarray | torch.Tensor:
         """Generates one video.
 
@@ -274,14 +309,22 @@ class CogVideoPipeline:
             latents: initial noise [B, C, T, H/8, W/8] instead of drawing it.
             tiled: tiled VAE. dit_tiled: the DiT on overlapping spatial tiles (True: 480x720-pixel tiles
                 overlapping by half; or a ``tiling.TileSpec``).
-            attention: this call's attention kernel (one of ``models.attention.BACKENDS``) or attention part.
+            attention: this call's attention kernel (one of ``models.attention.BACKENDS``), a block-sparse mask
+                (``"window:W"``: +-W latent frames; ``"radial"``; see ``diffsynth_cog.sparse_attention``) or a part.
             output_type: "pil" (list of frames), "np" (float array [F, H, W, 3] in [0, 1]) or "latent"
                 (the final latents [B, C, T, h, w]).
             callback: called after every step with (step index, timestep, latents).
-            step_cache: skip the DiT's blocks 1..N-1 on steps where block 0's output barely changed,
-                reusing the last computed residual (see ``diffsynth_cog.step_cache``). A number is the
-                threshold of a fresh ``StepCache`` (0 = never skip = exact); pass a ``StepCache`` to
-                read its ``stats()`` afterwards (it is reset at the start of every call).
+            step_cache: skip the DiT's blocks on steps whose output should barely change, reusing the last
+                computed residual. A number is the threshold of a fresh ``teacache.TeaCache`` (calibrated, CogVideoX-5B)
+                or, for transformers without a TeaCache calibration, of a first-block ``StepCache``; 0 = never skip =
+                exact. ``"teacache:0.2"`` / ``"first-block:0.1"`` name the method; pass an object to read its
+                ``stats()`` afterwards (it is reset at the start of every call).
+            windows: denoise overlapping temporal windows (``windows.WindowSpec``; True: windows of the model's
+                trained length, ``config.sample_frames``), with FreeNoise noise rescheduling: any length at the
+                memory of one window.
+            riflex: RIFLEx for the temporal RoPE (True: the model's published (k, N_k); or a pair (k, N_k)).
+            keep_frames: with ``input_video``, its first ``keep_frames`` (4k+1) frames are kept: their latents are
+                pinned to the encoded video at every step (video continuation; see :meth:`extend_video`).
         """
         # Checks first: nothing is encoded or drawn for a call that cannot run.
         config = self.dit.config
@@ -308,8 +351,24 @@ class CogVideoPipeline:
                 raise ValueError(
                     f"input_video must have {num_frames} frames of {height}x{width}; got {list(video.shape)}"
                 )
+        if keep_frames:
+            if video is None:
+                raise ValueError("keep_frames needs input_video (the frames to keep are its first ones)")
+            if keep_frames > num_frames:
+                raise ValueError(f"keep_frames={keep_frames} exceeds num_frames={num_frames}")
+            kept = kept_latent_frames(keep_frames, config.temporal_compression_ratio)
+        if windows is True:
+            windows = WindowSpec(config.sample_frames)
+        windows = windows or None
+        if windows is not None and is_i2v:
+            raise ValueError(
+                "windows need a text-to-video transformer: the I2V model conditions every call on its first frame, "
+                "which only the first window holds"
+            )
         tiles = (TileSpec((480, 720), (0.5, 0.5)) if dit_tiled is True else dit_tiled) or None
-        denoiser = self.make_denoiser(attention=attention, step_cache=step_cache, dit_tiles=tiles)
+        denoiser = self.make_denoiser(
+            attention=attention, step_cache=step_cache, dit_tiles=tiles, windows=windows, riflex=riflex
+        )
         strength = denoising_strength if video is not None else 1.0
         steps = make_sampler(sampler, self.scheduler_config, num_inference_steps, strength=strength)
         conventions = conventions_for(sampler)
@@ -329,6 +388,9 @@ class CogVideoPipeline:
             tiled=tiled,
             generator=generator,
         )
+        clean = None
+        if video is not None:  # encoded first: the references draw the posterior sample before the noise
+            clean = self.encode_video(video, tiled, generator, sample=conventions.posterior_sample)
         start = self.initial_latents(
             latent_shape,
             steps,
@@ -336,9 +398,15 @@ class CogVideoPipeline:
             conventions=conventions,
             seed=seed,
             latents=latents,
-            input_video=video,
-            tiled=tiled,
+            clean=clean,
+            windows=windows,
         )
+        constraint = None
+        if keep_frames:
+            kept_clean = clean[:, :, :kept].to(start.dtype)
+            kept_noise = conventions.noise(tuple(kept_clean.shape), generator, None, start.dtype)
+            constraint = KeptFrames(kept_clean, kept_noise.to(start.device), steps)
+            start = constraint.impose(start, 0)
         with self.offloader.using("dit"):
             final = denoise(
                 denoiser,
@@ -350,8 +418,63 @@ class CogVideoPipeline:
                 generator=generator,
                 callback=callback,
                 progress=progress_bar,
+                constraint=constraint,
             )
         return self.decode(final, output_type, tiled, progress_bar)
+
+    def extend_video(
+        self,
+        video: Sequence[Image.Image] | torch.Tensor,
+        extend_by: int,
+        *,
+        context_frames: int = 17,
+        denoising_strength: float = 1.0,
+        output_type: str = "pil",
+        **kwargs,
+    ) -> list[Image.Image] | np.ndarray | torch.Tensor:
+        """Continues ``video`` by ``extend_by`` frames (a multiple of 4), conditioned on its last ``context_frames``
+        (4k+1) frames through the video-to-video path (see ``diffsynth_cog.continuation``).
+
+        ``video``: PIL frames, or pixels [1, 3, F, H, W] in [-1, 1]; its size sets height and width. The clip
+        generated is the context plus ``extend_by`` new frames (at most the model's trained length unless
+        ``windows=`` is passed); the context latents are pinned at every step. ``denoising_strength`` < 1 starts
+        the new frames from the noised last frame instead of pure noise. Other keyword arguments as
+        :meth:`__call__` (prompt, seed, cfg_scale, windows, attention, ...).
+
+        Returns the original frames, untouched, followed by the new ones ("pil": a list of frames, "np": an
+        array [F + extend_by, H, W, 3] in [0, 1]), or for "latent" the generated clip's latents.
+        """
+        pixels = video if isinstance(video, torch.Tensor) else video_to_tensor(list(video))[None]
+        if pixels.ndim != 5 or pixels.shape[:2] != (1, 3):
+            raise ValueError(f"video must be PIL frames or pixels [1, 3, F, H, W]; got shape {list(pixels.shape)}")
+        for key in ("input_video", "num_frames", "height", "width", "keep_frames", "input_image"):
+            if key in kwargs:
+                raise ValueError(f"extend_video sets {key} itself; got {key}=...")
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent'; got {output_type!r}")
+        total = pixels.shape[2]
+        check_extension(total, context_frames, extend_by, self.dit.config.temporal_compression_ratio)
+        context = pixels[:, :, total - context_frames :]
+        clip = torch.cat([context, context[:, :, -1:].expand(-1, -1, extend_by, -1, -1)], dim=2)
+        out = self(
+            input_video=clip,
+            num_frames=context_frames + extend_by,
+            height=pixels.shape[3],
+            width=pixels.shape[4],
+            keep_frames=context_frames,
+            denoising_strength=denoising_strength,
+            output_type=output_type,
+            **kwargs,
+        )
+        if output_type == "latent":
+            return out
+        # The new frames are the clip's last ones (the decoder returns 4t frames, not 4t-3, for an even number t of
+        # latent frames: the extra ones are at the start).
+        if output_type == "np":
+            original = ((pixels[0].float() + 1) / 2).permute(1, 2, 3, 0).numpy()
+            return np.concatenate([original, out[-extend_by:]])
+        original = list(video) if not isinstance(video, torch.Tensor) else tensor_to_frames(pixels[0])
+        return original + list(out[-extend_by:])
 
 
 def latent_shape_for(config: DiTConfig, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:

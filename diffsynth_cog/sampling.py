@@ -17,6 +17,9 @@ from diffsynth_cog.denoiser import Denoiser
 from diffsynth_cog.schedulers import Sampler, diffsynth_noise
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, latents [B, C, T, H, W])
+# A loop-level part: (step index, latents after that step) -> the latents the next step starts from
+# (e.g. ``continuation.KeptFrames`` pins known frames).
+StepConstraint = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -130,12 +133,13 @@ def denoise(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     progress: bool = True,
+    constraint: StepConstraint | None = None,
 ) -> torch.Tensor:
     """Runs every step of ``sampler`` from ``latents`` [B, C, T, h, w] and returns the final latents.
 
     The latents keep their dtype (float32, or the model's under DiffSynth's conventions), and so does the
-    guidance arithmetic. ``generator`` feeds stochastic samplers (DPM); ``callback(i, timestep, latents)``
-    runs after each step.
+    guidance arithmetic. ``generator`` feeds stochastic samplers (DPM); ``constraint(i, latents)`` replaces the
+    latents after each step (before the callback); ``callback(i, timestep, latents)`` runs after each step.
     """
     timesteps = sampler.timesteps.tolist()
     denoiser.start(len(timesteps))
@@ -151,6 +155,8 @@ def denoise(
         # [B, T, C, H, W] layout, so stepping on that view keeps a seed's trajectory the same.
         latents, state = sampler.step(v.transpose(1, 2), i, latents.transpose(1, 2), state, generator=generator)
         latents = latents.transpose(1, 2)
+        if constraint is not None:
+            latents = constraint(i, latents)
         if callback is not None:
             callback(i, timestep, latents)
     return latents

@@ -165,3 +165,72 @@ def diffsynth_final_latents(
     pipe(progress_bar_cmd=progress, **call_kwargs)
     assert decoder.latents is not None
     return decoder.latents
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# LoRA loading: DiffSynth-Studio's own model files and LoRA loaders
+
+_MODELS_PACKAGE = "_diffsynth_reference_models"
+
+
+def load_model_reference() -> types.SimpleNamespace:
+    """DiffSynth-Studio 1.1.9's ``models/cog_dit.py`` (CogDiT and its parts), ``models/lora.py``
+    (``get_lora_loaders``) and ``models/utils.py`` (``load_state_dict``), loaded by path into a private
+    package whose ``models`` folder is the real one, so their relative imports (the other model files
+    ``lora.py`` names) load DiffSynth's real files too; ``diffsynth/models/__init__.py`` (which imports
+    ``model_manager`` and with it torchvision) is never run. Needs torch and einops only."""
+    name = f"{_MODELS_PACKAGE}.models"
+    if name not in sys.modules:
+        root = diffsynth_root()
+        if root is None:
+            raise RuntimeError(f"DiffSynth-Studio {VERSION} is not installed")
+        _package(_MODELS_PACKAGE, root)
+        _package(name, root / "models")
+    modules = {m: importlib.import_module(f"{name}.{m}") for m in ("cog_dit", "lora", "utils", "sd3_dit")}
+    return types.SimpleNamespace(**modules)
+
+
+def diffsynth_cog_dit(
+    *,
+    dim: int,
+    time_embed_dim: int,
+    text_embed_dim: int,
+    in_channels: int,
+    out_channels: int,
+    patch_size: int,
+    num_layers: int,
+) -> torch.nn.Module:
+    """DiffSynth-Studio's ``CogDiT`` at a tiny size: its ``__init__`` hard-codes the 5B sizes, so the
+    same attributes are built here from its own classes (``CogPatchify``, ``TimestepEmbeddings``,
+    ``CogDiTBlock``, ``CogAdaLayerNorm``) with the given sizes, in its ``__init__``'s order. Its
+    attention has 48 heads hard-coded, so ``dim`` must be a multiple of 48."""
+    ref = load_model_reference().cog_dit
+    if dim % 48:
+        raise ValueError(f"dim must be a multiple of 48 (DiffSynth's CogDiT has 48 heads), got {dim}")
+    model = ref.CogDiT.__new__(ref.CogDiT)
+    torch.nn.Module.__init__(model)
+    model.patchify = ref.CogPatchify(in_channels, dim, patch_size)
+    model.time_embedder = ref.TimestepEmbeddings(dim, time_embed_dim)
+    model.context_embedder = torch.nn.Linear(text_embed_dim, dim)
+    model.blocks = torch.nn.ModuleList([ref.CogDiTBlock(dim, time_embed_dim, 48) for _ in range(num_layers)])
+    model.norm_final = torch.nn.LayerNorm((dim,), eps=1e-05, elementwise_affine=True)
+    model.norm_out = ref.CogAdaLayerNorm(dim, time_embed_dim, single=True)
+    model.proj_out = torch.nn.Linear(dim, patch_size * patch_size * out_channels, bias=True)
+    return model
+
+
+def diffsynth_load_lora(model: torch.nn.Module, path: str, lora_alpha: float = 1.0) -> bool:
+    """What DiffSynth-Studio's ``ModelManager.load_lora(path, lora_alpha)`` does for one model: read the
+    file with its ``load_state_dict``, try its ``get_lora_loaders()`` in order, the first whose ``match``
+    accepts the file merges it with its ``load``. Returns whether one did (DiffSynth prints "Cannot load
+    LoRA" otherwise and leaves the model as it was). The loop is ``model_manager.py``'s, restated:
+    that file imports torchvision."""
+    ref = load_model_reference()
+    state_dict = ref.utils.load_state_dict(path)
+    for loader in ref.lora.get_lora_loaders():
+        match = loader.match(model, state_dict)
+        if match is not None:
+            lora_prefix, model_resource = match
+            loader.load(model, state_dict, lora_prefix, alpha=lora_alpha, model_resource=model_resource)
+            return True
+    return False

@@ -301,6 +301,16 @@ def test_prepare_train_export_generate_end_to_end(workspace: dict[str, Path], tm
     assert main(["export-lora", "--checkpoint", str(output / "checkpoints"), "--output", str(latest)]) == 0
     with safe_open(str(latest), "pt") as a, safe_open(str(trained), "pt") as b:
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in b.keys())
+    # --format diffusers: the same A under diffusers' names (tests/test_lora_interop.py checks the merge).
+    as_diffusers = tmp_path / "latest_diffusers.safetensors"
+    argv = ["export-lora", "--checkpoint", str(output / "checkpoints"), "--output", str(as_diffusers)]
+    assert main([*argv, "--format", "diffusers"]) == 0
+    with safe_open(str(as_diffusers), "pt") as a, safe_open(str(trained), "pt") as b:
+        assert a.metadata()["lora_format"] == "diffusers"
+        assert torch.equal(
+            a.get_tensor("transformer.transformer_blocks.0.ff.net.0.proj.lora_A.weight"),
+            b.get_tensor("blocks.0.ff.0.lora_A.default.weight"),
+        )
 
     # A DeepSpeed checkpoint folder (the layout Lightning's DeepSpeedStrategy writes: latest ->
     # checkpoint/mp_rank_00_model_states.pt holding the engine's entries, "module" with the trainable

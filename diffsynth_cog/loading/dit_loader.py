@@ -48,6 +48,16 @@ _IN_BLOCK = {
     "ff.net.2.": "ff.2.",
 }
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.*)$")
+# DiffSynth-Studio 1.1.x CogDiT name -> ours, outside the blocks. Inside ``blocks.N`` its names are
+# ours except the q/k norms, which it keeps on the block. (Names only: its patchify is a Conv3d.)
+_DIFFSYNTH_TOP_LEVEL = {
+    "patchify.proj.": "patch_embed.",
+    "context_embedder.": "text_proj.",
+    "time_embedder.timestep_embedder.0.": "time_embed.0.",
+    "time_embedder.timestep_embedder.2.": "time_embed.2.",
+}
+_DIFFSYNTH_IN_BLOCK = {"norm_q.": "attn1.norm_q.", "norm_k.": "attn1.norm_k."}
+_OUR_BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
 _OUR_KEY = re.compile(
     r"^(patch_embed|text_proj|pos_embedding|time_embed\.[02]|norm_final|norm_out\.(linear|norm)|proj_out"
     r"|blocks\.\d+\.(norm[12]\.(linear|norm)|attn1\.(to_[qkv]|to_out|norm_[qk])|ff\.[02]))(\.(weight|bias))?$"
@@ -69,6 +79,52 @@ def dit_rename(key: str) -> str | None:
         if key.startswith(theirs):
             return ours + key[len(theirs) :]
     return key if _OUR_KEY.match(key) else None
+
+
+def diffsynth_rename(key: str) -> str | None:
+    """DiffSynth-Studio CogDiT key (or one of ours, unchanged) -> our key; None if it is not a DiT key.
+
+    Works on parameter and module names alike (``context_embedder`` -> ``text_proj``)."""
+    m = _OUR_BLOCK.match(key)
+    if m:
+        index, rest = m.groups()
+        for theirs, ours in _DIFFSYNTH_IN_BLOCK.items():
+            if (rest + ".").startswith(theirs):
+                key = f"blocks.{index}.{ours}{rest[len(theirs) :]}".rstrip(".")
+                break
+    else:
+        for theirs, ours in _DIFFSYNTH_TOP_LEVEL.items():
+            if (key + ".").startswith(theirs):
+                key = (ours + key[len(theirs) :]).rstrip(".")
+                break
+    return key if _OUR_KEY.match(key) else None
+
+
+def dit_name_in(layout: str, key: str) -> str:
+    """Our DiT key (a parameter or module name) -> the same in ``layout``: "diffusers" (the
+    ``CogVideoXTransformer3DModel`` names) or "diffsynth" (DiffSynth-Studio's CogDiT). The inverse of
+    ``dit_rename`` / ``diffsynth_rename``; raises ``KeyError`` for a name our DiT does not have."""
+    if not _OUR_KEY.match(key) or (key == "pos_embedding" and layout == "diffsynth"):
+        raise KeyError(f"{key!r} is not a CogVideoX DiT name (in {layout!r} naming)")
+    if layout == "diffusers":
+        if key == "pos_embedding":
+            return "patch_embed.pos_embedding"
+        top, in_block, block = _TOP_LEVEL, _IN_BLOCK, "transformer_blocks"
+    elif layout == "diffsynth":
+        top, in_block, block = _DIFFSYNTH_TOP_LEVEL, _DIFFSYNTH_IN_BLOCK, "blocks"
+    else:
+        raise ValueError(f"layout must be 'diffusers' or 'diffsynth', got {layout!r}")
+    m = _OUR_BLOCK.match(key)
+    if m:
+        index, rest = m.groups()
+        for theirs, ours in in_block.items():
+            if (rest + ".").startswith(ours):
+                return f"{block}.{index}.{theirs}{rest[len(ours) :]}".rstrip(".")
+        return f"{block}.{index}.{rest}"
+    for theirs, ours in top.items():
+        if (key + ".").startswith(ours):
+            return (theirs + key[len(ours) :]).rstrip(".")
+    return key
 
 
 def is_dit_checkpoint(shapes: dict[str, tuple[int, ...]]) -> bool:

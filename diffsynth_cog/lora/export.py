@@ -1,9 +1,17 @@
-"""The trained LoRA as data: state dicts, ExVideo's checkpoint EMA, and the DiffSynth-layout export.
+"""The trained LoRA as data: state dicts, ExVideo's checkpoint EMA, and the exported file.
 
 ``lora_state_dict`` / ``load_lora_state_dict`` give and take what a checkpoint holds,
 ``ema_lora_state_dicts`` averages saved checkpoints as ExVideo does, and ``export_lora`` writes a
-DiffSynth-layout file with the alpha/rank scale folded into B, so DiffSynth's merge and
-``merge_lora(..., alpha=1.0)`` both reproduce the trained model.
+file in one of two layouts:
+
+* "diffsynth": DiffSynth-Studio's module names (``context_embedder``,
+  ``time_embedder.timestep_embedder.0``, ``blocks.N.attn1.to_q``, ...) and the alpha/rank scale
+  folded into B, so DiffSynth-Studio's ``ModelManager.load_lora`` and ``merge_lora(..., alpha=1.0)``
+  both reproduce the trained model;
+* "diffusers": diffusers' names with the ``transformer.`` prefix, B as trained and the PEFT
+  LoraConfig (``r``, ``lora_alpha``, per-layer ``rank_pattern`` / ``alpha_pattern``) in the header,
+  as ``CogVideoXPipeline.save_lora_weights`` writes it, so ``CogVideoXPipeline.load_lora_weights``
+  (scale lora_alpha / r) and ``merge_lora`` both reproduce it.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -19,8 +29,12 @@ from torch import nn
 
 from diffsynth_cog.atomic import save_safetensors_atomic
 from diffsynth_cog.errors import LoRAError
-from diffsynth_cog.lora.files import _HEADER_CONFIG_KEY, _MAX_LISTED
-from diffsynth_cog.lora.layers import lora_layers
+from diffsynth_cog.loading.dit_loader import dit_name_in
+from diffsynth_cog.lora.files import _DIFFUSERS_PREFIXES, _HEADER_CONFIG_KEY, _MAX_LISTED, DIFFSYNTH, DIFFUSERS
+from diffsynth_cog.lora.layers import LoRALinear, lora_layers
+
+LORA_EXPORT_FORMATS = (DIFFSYNTH, DIFFUSERS)
+_DIFFUSERS_PREFIX = _DIFFUSERS_PREFIXES[0]  # "transformer.": the pipeline component
 
 logger = logging.getLogger(__name__)
 
@@ -104,15 +118,20 @@ def export_lora(
     *,
     lora_weights: Mapping[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
+    format: str = DIFFSYNTH,
 ) -> Path:
-    """Writes the model's LoRA as a DiffSynth-layout safetensors file, atomically; returns the path.
-
-    Keys: ``<layer>.lora_A.default.weight`` (A) and ``<layer>.lora_B.default.weight``
-    (scale * B, alpha/rank folded in), so DiffSynth's merge ``W += 1.0 * B @ A`` and our
-    ``merge_lora(..., alpha=1.0)`` both give the trained model. The header records the per-layer
-    ranks, alphas and targets (JSON strings) plus any ``metadata`` given.
+    """Writes the model's LoRA as a safetensors file, atomically; returns the path.
 
     Args:
+        format: "diffsynth" (default): keys ``<DiffSynth module>.lora_A.default.weight`` (A) and
+            ``...lora_B.default.weight`` (scale * B, alpha/rank folded in), every layer under
+            DiffSynth-Studio's name (it skips a whole file if one name is not its own), so its merge
+            ``W += 1.0 * B @ A`` and our ``merge_lora(..., alpha=1.0)`` both give the trained model.
+            "diffusers": keys ``transformer.<diffusers module>.lora_A.weight`` / ``lora_B.weight``
+            (B as trained) and the LoraConfig in the ``lora_adapter_metadata`` header entry, so
+            diffusers' scale lora_alpha / r gives the trained model.
+        metadata: extra header entries (str -> str). The header also records the per-layer ranks,
+            alphas and targets (JSON, under the file's module names).
         lora_weights: ``lora_state_dict``-style values to write instead of the model's current
             ones (e.g. ``ema_lora_state_dicts(...)``); scales still come from the model's layers.
         dtype: of the written tensors (the fold is done in float32 first).
@@ -120,25 +139,41 @@ def export_lora(
     The file is written atomically (:mod:`diffsynth_cog.atomic`): a failed write leaves no partial
     file and any older file intact.
     """
+    if format not in LORA_EXPORT_FORMATS:
+        raise LoRAError(f"export_lora: format must be one of {list(LORA_EXPORT_FORMATS)}, got {format!r}")
     layers = lora_layers(model)
     if not layers:
         raise LoRAError(f"export_lora: {type(model).__name__} has no LoRA layers (call inject_lora first)")
     if lora_weights is not None:
         _check_lora_state_dict(model, lora_weights)
+    names = _file_names(layers, format)
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         a = (lora_weights[f"{name}.lora_A.weight"] if lora_weights is not None else layer.lora_A.weight).detach()
         b = (lora_weights[f"{name}.lora_B.weight"] if lora_weights is not None else layer.lora_B.weight).detach()
-        tensors[f"{name}.lora_A.default.weight"] = a.to("cpu", torch.float32).to(dtype).contiguous()
-        tensors[f"{name}.lora_B.default.weight"] = (b.to("cpu", torch.float32) * layer.scale).to(dtype).contiguous()
+        b = b.to("cpu", torch.float32)
+        if format == DIFFSYNTH:
+            key_a, key_b = f"{names[name]}.lora_A.default.weight", f"{names[name]}.lora_B.default.weight"
+            b = b * layer.scale
+        else:
+            key_a, key_b = (
+                f"{_DIFFUSERS_PREFIX}{names[name]}.lora_A.weight",
+                f"{_DIFFUSERS_PREFIX}{names[name]}.lora_B.weight",
+            )
+        tensors[key_a] = a.to("cpu", torch.float32).to(dtype).contiguous()
+        tensors[key_b] = b.to(dtype).contiguous()
     header = {
         "format": "pt",
-        "lora_format": "diffsynth",
-        "lora_scale_folded_into_B": "true",
-        "lora_targets": json.dumps(list(layers)),
-        "lora_ranks": json.dumps({n: m.rank for n, m in layers.items()}),
-        "lora_alphas": json.dumps({n: m.alpha for n, m in layers.items()}),
+        "lora_format": format,
+        "lora_scale_folded_into_B": "true" if format == DIFFSYNTH else "false",
+        "lora_targets": json.dumps([names[n] for n in layers]),
+        "lora_ranks": json.dumps({names[n]: m.rank for n, m in layers.items()}),
+        "lora_alphas": json.dumps({names[n]: m.alpha for n, m in layers.items()}),
     }
+    if format == DIFFUSERS:
+        config = _peft_config(layers, names)
+        prefixed = {f"{_DIFFUSERS_PREFIX}{k}": v for k, v in config.items()}  # as save_lora_weights writes it
+        header[_HEADER_CONFIG_KEY] = json.dumps(prefixed, indent=2, sort_keys=True)
     for k, v in (metadata or {}).items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise LoRAError(f"export_lora: metadata must map str to str; {k!r}: {v!r} does not")
@@ -146,5 +181,42 @@ def export_lora(
             raise LoRAError(f"export_lora: metadata key {k!r} is reserved")
         header[k] = v
     target = save_safetensors_atomic(path, tensors, header)
-    logger.info("exported LoRA of %d layers to %s", len(layers), target)
+    logger.info("exported LoRA of %d layers to %s (%s layout)", len(layers), target, format)
     return target
+
+
+def _file_names(layers: Mapping[str, LoRALinear], format: str) -> dict[str, str]:
+    """Our layer name -> its module name in the file's layout. A layer that is not one of the DiT's keeps
+    its own name in the DiffSynth layout (a LoRA of another module), and is refused in diffusers'."""
+    names: dict[str, str] = {}
+    unknown = []
+    for name in layers:
+        try:
+            names[name] = dit_name_in(format, name)
+        except KeyError:
+            names[name] = name
+            unknown.append(name)
+    if unknown and format == DIFFUSERS:
+        raise LoRAError(
+            f"export_lora: {unknown[:5]} are not CogVideoX DiT layers, so they have no diffusers name; "
+            "export a LoRA of the DiT (CogDiT), or use format='diffsynth'"
+        )
+    return names
+
+
+def _peft_config(layers: Mapping[str, LoRALinear], names: Mapping[str, str]) -> dict[str, object]:
+    """The PEFT LoraConfig fields that give each layer its rank and lora_alpha: the most common of
+    each as ``r`` / ``lora_alpha``, the others as full-name patterns (``^`` + the escaped name, the
+    form diffusers itself uses), matched as PEFT matches them."""
+    r = Counter(m.rank for m in layers.values()).most_common(1)[0][0]
+    lora_alpha = Counter(m.alpha for m in layers.values()).most_common(1)[0][0]
+    return {
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "rank_pattern": {"^" + re.escape(names[n]): m.rank for n, m in layers.items() if m.rank != r},
+        "alpha_pattern": {"^" + re.escape(names[n]): m.alpha for n, m in layers.items() if m.alpha != lora_alpha},
+        "target_modules": sorted(names[n] for n in layers),
+        "use_rslora": False,
+        "use_dora": False,
+        "bias": "none",
+    }

@@ -2,10 +2,14 @@
 
 Two file layouts are read (safetensors only, never pickle), told apart by their key names:
 
-* **DiffSynth** (ExVideo's release): PEFT names on our/DiffSynth module names,
-  ``blocks.N.attn1.to_q.lora_A.default.weight`` / ``...lora_B.default.weight`` (``.default``
-  optional). Merged as DiffSynth does: ``W += alpha * B @ A``, no rank scaling (any lora_alpha the
-  file may carry is ignored, as DiffSynth ignores it).
+* **DiffSynth** (ExVideo's release, DiffSynth-Studio's trainer, our ``export_lora``): PEFT names on
+  DiffSynth-Studio's module names, ``blocks.N.attn1.to_q.lora_A.default.weight`` /
+  ``...lora_B.default.weight``; outside the blocks ``context_embedder``,
+  ``time_embedder.timestep_embedder.0`` / ``.2``, ``norm_out.linear``, ``proj_out`` (our own names
+  ``text_proj``, ``time_embed.0`` / ``.2``, which older exports used, are read too). Read as
+  DiffSynth-Studio 1.1.x reads it: any adapter name in place of ``default`` (or none), a leading
+  ``diffusion_model.`` stripped, ``.alpha`` keys ignored (logged), and merged as
+  ``W += alpha * B @ A`` with no rank scaling (any lora_alpha metadata is ignored too).
 * **diffusers / PEFT**: ``transformer.transformer_blocks.N.attn1.to_q.lora_A.weight`` (the
   ``transformer.`` or PEFT's ``base_model.model.`` prefix optional), diffusers module names
   (``attn1.to_out.0``, ``ff.net.0.proj``, ``ff.net.2``, ...). Merged as PEFT computes it:
@@ -48,7 +52,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from diffsynth_cog.errors import LoRAError
-from diffsynth_cog.loading.dit_loader import dit_rename
+from diffsynth_cog.loading.dit_loader import diffsynth_rename, dit_rename
 from diffsynth_cog.loading.state_dict import resolve_weights, safetensors_metadata
 
 logger = logging.getLogger(__name__)
@@ -56,12 +60,16 @@ logger = logging.getLogger(__name__)
 DIFFSYNTH = "diffsynth"
 DIFFUSERS = "diffusers"
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
+# PEFT's key; the adapter name (``default``) may be any one segment, or absent, as DiffSynth reads it.
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _ALPHA_KEY = re.compile(r"^(?P<module>.+)\.alpha$")
 # Prefixes of diffusers/PEFT files: the pipeline's component name, PEFT's model wrapper.
 _DIFFUSERS_PREFIXES = ("transformer.", "base_model.model.")
-# Module names that only DiffSynth's (our) layout uses; diffusers spells these differently.
-_DIFFSYNTH_ONLY_NAME = re.compile(r"^(blocks\.\d+\.|text_proj$|time_embed\.)")
+# A prefix DiffSynth strips (ComfyUI-style files); it marks the DiffSynth layout.
+_DIFFSYNTH_PREFIX = "diffusion_model."
+# Module names of the DiffSynth layout (DiffSynth-Studio's, or our own older ones) that diffusers spells
+# differently; ``norm_out.linear`` and ``proj_out`` are the same in every layout.
+_DIFFSYNTH_ONLY_NAME = re.compile(r"^(blocks\.\d+\.|context_embedder$|time_embedder\.|text_proj$|time_embed\.)")
 _HEADER_CONFIG_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry
 _ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's save_pretrained
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
@@ -270,22 +278,26 @@ def _parse_keys(tensors: LoRATensors) -> tuple[str | None, dict[str, dict[str, s
     groups: dict[str, dict[str, str]] = {}
     problems: list[str] = []
     ours_example = theirs_example = None
+    adapters: set[str] = set()
+    stripped = 0
     for key in tensors.shapes:
-        prefix = next((p for p in _DIFFUSERS_PREFIXES if key.startswith(p)), "")
+        prefix = next((p for p in (*_DIFFUSERS_PREFIXES, _DIFFSYNTH_PREFIX) if key.startswith(p)), "")
         body = key[len(prefix) :]
         m = _LORA_KEY.match(body) or _ALPHA_KEY.match(body)
         if m is None:
             problems.append(
-                f"key {key!r}: not a LoRA tensor (expected '<module>.lora_A[.default].weight', "
-                f"'<module>.lora_B[.default].weight' or '<module>.alpha')"
+                f"key {key!r}: not a LoRA tensor (expected '<module>.lora_A[.<adapter>].weight', "
+                f"'<module>.lora_B[.<adapter>].weight' or '<module>.alpha')"
             )
             continue
         module = m.group("module")
         part = m.groupdict().get("part") or "alpha"
+        adapters.add(m.groupdict().get("adapter") or "default")
         renamed = dit_rename(module + ".weight")
-        if _DIFFSYNTH_ONLY_NAME.match(module) and not prefix:
+        if prefix == _DIFFSYNTH_PREFIX or (_DIFFSYNTH_ONLY_NAME.match(module) and not prefix):
             ours_example = ours_example or key
-        if prefix or (renamed is not None and renamed != module + ".weight"):
+            stripped += prefix == _DIFFSYNTH_PREFIX
+        if prefix in _DIFFUSERS_PREFIXES or (renamed is not None and renamed != module + ".weight"):
             theirs_example = theirs_example or key
         slot = groups.setdefault(prefix + module, {})
         if part in slot:
@@ -297,6 +309,16 @@ def _parse_keys(tensors: LoRATensors) -> tuple[str | None, dict[str, dict[str, s
             f"(e.g. {theirs_example!r}); a LoRA must use one layout"
         )
     naming = DIFFUSERS if theirs_example else DIFFSYNTH if ours_example else None
+    if adapters - {"default"}:
+        logger.info(
+            "%s: adapter name(s) %s read like 'default' (any name, as DiffSynth reads it)",
+            tensors.source,
+            sorted(adapters - {"default"}),
+        )
+    if stripped:
+        logger.info(
+            "%s: the '%s' prefix of %d keys stripped, as DiffSynth does", tensors.source, _DIFFSYNTH_PREFIX, stripped
+        )
     return naming, groups, problems
 
 
@@ -372,14 +394,21 @@ def plan_merge(
         raise LoRAError(f"{src}: holds no tensors")
     naming, groups, problems = _parse_keys(tensors)
     has_alpha_keys = any("alpha" in slot for slot in groups.values())
+    ignored_alphas = 0
     if naming == DIFFSYNTH and has_alpha_keys and lora_config is None:
-        example = next(slot["alpha"] for slot in groups.values() if "alpha" in slot)
-        problems.append(
-            f"key {example!r}: per-layer '.alpha' keys are not part of the DiffSynth layout "
-            f"(merged without rank scaling); pass lora_config= to scale it the PEFT way"
-        )
+        # DiffSynth-Studio reads only the lora_B keys and their lora_A partners: '.alpha' keys never count.
+        ignored_alphas = sum(slot.pop("alpha", None) is not None for slot in groups.values())
+        groups = {name: slot for name, slot in groups.items() if slot}
         has_alpha_keys = False
+        logger.warning(
+            "%s: %d '.alpha' keys ignored, as DiffSynth-Studio ignores them (DiffSynth layout: W += alpha * B @ A, "
+            "no rank scaling); pass lora_config= to scale it the PEFT way instead",
+            src,
+            ignored_alphas,
+        )
     alphas, alpha_source = _alpha_config(tensors, naming, lora_config, has_alpha_keys)
+    if ignored_alphas:
+        alpha_source += f"; {ignored_alphas} '.alpha' keys ignored, as DiffSynth does"
     if naming is None:  # names common to both layouts: the scaling information decides
         naming = DIFFUSERS if alphas is not None or has_alpha_keys else DIFFSYNTH
 
@@ -388,13 +417,14 @@ def plan_merge(
     missing: list[str] = []
     for file_name, slot in groups.items():
         name = file_name
-        for p in _DIFFUSERS_PREFIXES:
+        for p in (*_DIFFUSERS_PREFIXES, _DIFFSYNTH_PREFIX):
             name = name.removeprefix(p)
         if naming == DIFFUSERS:
             renamed = dit_rename(name + ".weight")
             ours = renamed[: -len(".weight")] if renamed is not None else None
-        else:
-            ours = name
+        else:  # DiffSynth-Studio's names (or ours); other names are looked up as they are
+            renamed = diffsynth_rename(name + ".weight")
+            ours = renamed[: -len(".weight")] if renamed is not None else name
         any_key = next(iter(slot.values()))
         if "A" not in slot or "B" not in slot:
             have = ", ".join(repr(k) for k in slot.values())

@@ -29,6 +29,7 @@ from torch import nn
 
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.models.attention import Attend, check_backend, choose_backend, dense_attention
+from diffsynth_cog.riflex import riflex_frequencies
 
 # ----------------------------------------------------------------------------------------------
 # Position tables (pure functions of the shape and the config; cached per shape)
@@ -49,20 +50,28 @@ def resize_crop_region(grid_hw: tuple[int, int], base_hw: tuple[int, int]) -> tu
     return (top, left), (top + rh, left + rw)
 
 
-def _rope_axis(dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of one axis, each [len(positions), dim], every frequency repeated for its (re, im) pair."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # [dim/2]
-    angles = torch.outer(positions, inv_freq)  # [N, dim/2]
+def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
+    """The dim/2 rotation frequencies of one RoPE axis, ``theta^(-2j/dim)`` for j = 0..dim/2-1 (float32)."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+def _rope_axis(frequencies: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of one axis, each [len(positions), 2 * len(frequencies)], every frequency repeated for its
+    (re, im) pair."""
+    angles = torch.outer(positions, frequencies)  # [N, dim/2]
     return angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1)
 
 
 @lru_cache(maxsize=16)
-def rope_table(config: DiTConfig, t: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_table(
+    config: DiTConfig, t: int, h: int, w: int, riflex: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """3D RoPE cos/sin for a ``t x h x w`` grid of patches: two float32 tensors [t*h*w, head_dim].
 
     Spatial coordinates cover the crop region of the base grid in ``n`` even steps from its start
     to ``end * (n - 1) / n`` (the reference's exact spacing); time is simply 0..t-1, so longer videos
-    extend the positions without interpolation (ExVideo's choice).
+    extend the positions without interpolation (ExVideo's choice). ``riflex`` = (k, N_k) lowers the k-th
+    temporal frequency when t > N_k (``diffsynth_cog.riflex``); part of the cache key.
     """
     p = config.patch_size
     (top, left), (bottom, right) = resize_crop_region((h, w), (config.sample_height // p, config.sample_width // p))
@@ -71,11 +80,11 @@ def rope_table(config: DiTConfig, t: int, h: int, w: int) -> tuple[torch.Tensor,
     pos_t = torch.linspace(0, t * (t - 1) / t, t, dtype=torch.float32)
     d = config.attention_head_dim
     dim_t, dim_hw = d // 4, d // 8 * 3
-    parts = [
-        _rope_axis(dim_t, pos_t, config.rope_theta),
-        _rope_axis(dim_hw, pos_h, config.rope_theta),
-        _rope_axis(dim_hw, pos_w, config.rope_theta),
-    ]
+    freq_t = rope_frequencies(dim_t, config.rope_theta)
+    if riflex is not None:
+        freq_t = riflex_frequencies(freq_t, t, *riflex)
+    freq_hw = rope_frequencies(dim_hw, config.rope_theta)
+    parts = [_rope_axis(freq_t, pos_t), _rope_axis(freq_hw, pos_h), _rope_axis(freq_hw, pos_w)]
     out = []
     for k in range(2):  # cos, then sin
         ct, ch, cw = (part[k] for part in parts)
@@ -345,7 +354,16 @@ class CogDiT(nn.Module):
                     f"got {prompt_emb.shape[1]}"
                 )
 
-    def _positions(self, t: int, h: int, w: int, n_text: int, device: torch.device, dtype: torch.dtype):
+    def _positions(
+        self,
+        t: int,
+        h: int,
+        w: int,
+        n_text: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        riflex: tuple[int, int] | None = None,
+    ):
         """Additive position table for [text, video] (or None) and the RoPE cos/sin (or None)."""
         c = self.config
         additive = None
@@ -358,7 +376,7 @@ class CogDiT(nn.Module):
             additive = torch.cat([video_table.new_zeros(n_text, video_table.shape[1]), video_table])[None]
         rope = None
         if c.use_rotary_positional_embeddings:
-            cos, sin = rope_table(c, t, h, w)
+            cos, sin = rope_table(c, t, h, w, riflex)
             # Text tokens get the identity rotation (cos=1, sin=0).
             cos = torch.cat([cos.new_ones(n_text, cos.shape[1]), cos]).to(device)
             sin = torch.cat([sin.new_zeros(n_text, sin.shape[1]), sin]).to(device)
@@ -366,12 +384,19 @@ class CogDiT(nn.Module):
         return additive, rope
 
     def embed(
-        self, latents: torch.Tensor, timestep: torch.Tensor, prompt_emb: torch.Tensor, attend: Attend | None = None
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_emb: torch.Tensor,
+        attend: Attend | None = None,
+        *,
+        riflex: tuple[int, int] | None = None,
     ) -> DiTState:
         """Inputs -> token streams, timestep conditioning and positions (everything the blocks need).
 
         ``attend``: the attention part of this call (default: dense attention with the kernel chosen
-        per call, per model or per process, see ``models.attention``)."""
+        per call, per model or per process, see ``models.attention``). ``riflex``: (k, N_k) of RIFLEx for
+        the temporal RoPE (``diffsynth_cog.riflex``; RoPE models only), None = the trained positions."""
         c = self.config
         timestep = torch.as_tensor(timestep, device=latents.device)
         self._check_inputs(latents, timestep, prompt_emb)
@@ -390,7 +415,9 @@ class CogDiT(nn.Module):
         text = self.text_proj(prompt_emb)  # [B, Lt, D]
         n_text = text.shape[1]
 
-        additive, rope = self._positions(t, gh, gw, n_text, latents.device, dtype)
+        if riflex is not None and not c.use_rotary_positional_embeddings:
+            raise ValueError("riflex applies to RoPE transformers only (CogVideoX-5B), see diffsynth_cog.riflex")
+        additive, rope = self._positions(t, gh, gw, n_text, latents.device, dtype, riflex)
         if additive is not None:
             text = text + additive[:, :n_text]
             video = video + additive[:, n_text:]

@@ -21,6 +21,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# export-lora --format choices: diffsynth_cog.lora.LORA_EXPORT_FORMATS, spelled out to keep torch out of start-up.
+_LORA_FORMATS = ("diffsynth", "diffusers")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -199,10 +201,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export-lora",
-        help="write the LoRA of training checkpoints as a DiffSynth-format safetensors file",
+        help="write the LoRA of training checkpoints as a DiffSynth- or diffusers-format safetensors file",
         description="Read Lightning .ckpt files or DeepSpeed checkpoint folders (or a run's checkpoints/ folder) "
-        "and write the LoRA in DiffSynth's layout (scale folded into B; ranks, alphas, targets in the header), "
-        "loadable with ModelManager.load_lora or DiffSynth-Studio. With --ema, average all given checkpoints "
+        "and write the LoRA. --format diffsynth (default): DiffSynth-Studio's module names, scale folded into B, "
+        "loadable with ModelManager.load_lora here or in DiffSynth-Studio. --format diffusers: diffusers' names "
+        "and the PEFT LoraConfig in the header, loadable with CogVideoXPipeline.load_lora_weights (and here). "
+        "Ranks, alphas and targets are recorded in the header. With --ema, average all given checkpoints "
         "oldest first (ExVideo's EMA; gamma 0.9).",
     )
     p.add_argument(
@@ -214,6 +218,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="safetensors file to write")
     p.add_argument("--ema", type=float, default=None, metavar="GAMMA", help="EMA over the checkpoints, e.g. 0.9")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="dtype of the written tensors")
+    p.add_argument(
+        "--format",
+        choices=_LORA_FORMATS,
+        default=_LORA_FORMATS[0],
+        help="key layout: diffsynth (DiffSynth-Studio, ExVideo) or diffusers (CogVideoXPipeline.load_lora_weights)",
+    )
     p.set_defaults(func=cmd_export_lora)
 
 
@@ -223,7 +233,7 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     from diffsynth_cog.training.trainer import export_lora_from_checkpoints
 
     path = export_lora_from_checkpoints(
-        args.checkpoint, args.output, ema_gamma=args.ema, dtype=getattr(torch, _DTYPES[args.dtype])
+        args.checkpoint, args.output, ema_gamma=args.ema, dtype=getattr(torch, _DTYPES[args.dtype]), format=args.format
     )
     logger.info("wrote %s", path)
     return 0

@@ -36,7 +36,7 @@ from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 from diffsynth_cog.atomic import torch_save_atomic
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.errors import DiffSynthCogError
-from diffsynth_cog.lora import LoRAError, ema_lora_state_dicts, export_lora, inject_lora
+from diffsynth_cog.lora import LORA_EXPORT_FORMATS, LoRAError, ema_lora_state_dicts, export_lora, inject_lora
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.training.cache import CacheInfo
 from diffsynth_cog.training.config import TrainConfig, TrainConfigError
@@ -476,8 +476,10 @@ def export_lora_from_checkpoints(
     *,
     ema_gamma: float | None = None,
     dtype: torch.dtype = torch.float32,
+    format: str = "diffsynth",
 ) -> Path:
-    """Writes the DiffSynth-format LoRA of training checkpoints; returns the file written.
+    """Writes the LoRA of training checkpoints (``format``: "diffsynth" or "diffusers", see
+    ``export_lora``); returns the file written.
 
     ``checkpoints``: ``.ckpt`` files, DeepSpeed checkpoint folders, or ``<output_dir>/checkpoints``
     folders (expanded to their step checkpoints, ``last.ckpt`` left out). Without ``ema_gamma`` the
@@ -486,6 +488,8 @@ def export_lora_from_checkpoints(
     post-training EMA, gamma 0.9), reading one checkpoint at a time. The file records ranks, alphas
     and targets (``export_lora``) plus the step(s) and the training config.
     """
+    if format not in LORA_EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {list(LORA_EXPORT_FORMATS)}, got {format!r}")
     paths = _ordered(expand_checkpoints(checkpoints))
     if ema_gamma is not None and not 0.0 <= ema_gamma <= 1.0:
         raise ValueError(f"ema gamma must be in [0, 1], got {ema_gamma}")
@@ -520,7 +524,12 @@ def export_lora_from_checkpoints(
     model = lora_model_from_info(info, source=str(paths[-1]))
     try:
         return export_lora(
-            model, output, metadata=_export_metadata(info, steps, ema_gamma), lora_weights=weights, dtype=dtype
+            model,
+            output,
+            metadata=_export_metadata(info, steps, ema_gamma),
+            lora_weights=weights,
+            dtype=dtype,
+            format=format,
         )
     except LoRAError as error:
         raise CheckpointError(f"{paths[-1]}: {error}") from error

@@ -1,0 +1,86 @@
+"""Video continuation: keep a clip's first latent frames fixed while the rest is generated.
+
+To extend a video by N frames, its last K frames (the *context*) become the start of a new clip of
+K + N frames that goes through the video-to-video path: the context is encoded by the VAE, and the
+denoising loop pins those latent frames to the encoding, re-noised to each step's noise level
+(:class:`KeptFrames`, a loop-level part applied after every sampler step), while the frames after it
+are generated. The model thus sees the real context at the right noise level at every step and has
+to continue it; after the last step the context latents are exactly the encoding.
+
+``CogVideoPipeline.extend_video`` builds the clip (context + placeholder frames repeating the last
+frame, which only matter for ``denoising_strength < 1``), runs it with ``keep_frames=K`` and returns
+the original video followed by the N new frames (the original frames are returned untouched).
+
+Frame arithmetic: the causal VAE turns pixel frame 0 into latent frame 0 and every later group of 4
+into one latent frame, so K = 4a + 1 context frames are exactly a + 1 latent frames, and N must be a
+multiple of 4 for K + N to be a valid clip length (4k + 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from diffsynth_cog.schedulers import Sampler, add_noise
+
+
+def kept_latent_frames(keep_frames: int, compression: int = 4) -> int:
+    """Latent frames that hold exactly the first ``keep_frames`` (4k+1) pixel frames."""
+    if keep_frames < 1 or (keep_frames - 1) % compression:
+        raise ValueError(f"keep_frames must be {compression}k+1 pixel frames (e.g. 9, 17); got {keep_frames}")
+    return (keep_frames - 1) // compression + 1
+
+
+def check_extension(num_frames: int, context_frames: int, extend_by: int, compression: int = 4) -> None:
+    """``extend_by`` new frames after ``context_frames`` of a ``num_frames`` video: checked before any work."""
+    kept_latent_frames(context_frames, compression)
+    if context_frames > num_frames:
+        raise ValueError(f"context_frames={context_frames} exceeds the video's {num_frames} frames")
+    if extend_by < compression or extend_by % compression:
+        raise ValueError(
+            f"extend_by must be a positive multiple of {compression} (so the clip stays {compression}k+1 frames); "
+            f"got {extend_by}"
+        )
+
+
+@dataclass
+class KeptFrames:
+    """Loop-level part: after every step, latent frames ``[:n]`` are the clean ``latents`` noised to the next
+    step's level with fixed ``noise``; after the last step, the clean latents themselves.
+
+    latents, noise: [B, C, n, h, w] float32 on the loop's device; ``sampler``: the loop's sampler.
+    """
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    sampler: Sampler
+
+    def __post_init__(self) -> None:
+        if self.latents.shape != self.noise.shape:
+            raise ValueError(f"kept latents {list(self.latents.shape)} and noise {list(self.noise.shape)} differ")
+        self._timesteps: Sequence[int] = self.sampler.timesteps.tolist()
+
+    @property
+    def count(self) -> int:
+        return self.latents.shape[2]
+
+    def level(self, step: int) -> torch.Tensor:
+        """The kept frames as the loop holds them before step ``step`` (``len(timesteps)``: after the last)."""
+        if step >= len(self._timesteps):
+            return self.latents
+        alphas = self.sampler.alphas_cumprod.float()
+        return add_noise(self.latents, self.noise, int(self._timesteps[step]), alphas)
+
+    def impose(self, latents: torch.Tensor, step: int) -> torch.Tensor:
+        """``latents`` [B, C, T, h, w] with its first frames replaced by the kept ones at step ``step``'s level."""
+        if latents.shape[2] < self.count:
+            raise ValueError(f"latents have {latents.shape[2]} frames; {self.count} are kept")
+        out = latents.clone()
+        out[:, :, : self.count] = self.level(step).to(out.dtype)
+        return out
+
+    def __call__(self, index: int, latents: torch.Tensor) -> torch.Tensor:
+        """After step ``index``: the latents the next step starts from."""
+        return self.impose(latents, index + 1)

@@ -1,0 +1,81 @@
+"""The command line's "longer videos" options: parsing and checks before loading, and whole runs on a tiny model."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from tiny_models import save_tiny_model_folder
+
+from diffsynth_cog.cli import _long_video_options, build_parser, main
+from diffsynth_cog.sparse_attention import RadialAttention, TemporalWindowAttention
+from diffsynth_cog.video_io import load_video, save_video, tensor_to_frames
+from diffsynth_cog.windows import WindowSpec
+
+BASE = ["generate", "--prompt", "a river", "--output", "x.mp4"]
+
+
+def options(*extra: str) -> dict:
+    return _long_video_options(build_parser().parse_args(BASE + list(extra)))
+
+
+def test_long_video_options_become_pipeline_keywords():
+    assert options() == {}
+    assert options("--riflex") == {"riflex": True}
+    assert options("--riflex", "2", "20") == {"riflex": (2, 20)}
+    window = options("--sparse-attention", "window:2")["attention"]
+    assert isinstance(window, TemporalWindowAttention) and window.window == 2
+    assert isinstance(options("--sparse-attention", "radial")["attention"], RadialAttention)
+    assert options("--window-frames", "49", "--window-overlap", "0.5") == {"windows": WindowSpec(49, 0.5)}
+    assert options("--step-cache", "0.2") == {"step_cache": "auto:0.2"}
+    assert options("--step-cache", "0.1", "--step-cache-method", "first-block") == {"step_cache": "first-block:0.1"}
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--riflex", "2"], "no value or two"),
+        (["--sparse-attention", "window"], "unknown attention"),
+        (["--window-frames", "50"], "4k\\+1"),
+        (["--extend-by", "8"], "--input-video"),
+    ],
+)
+def test_bad_long_video_options_fail_before_loading(tmp_path, caplog, extra, message):
+    # The model folder does not exist: the option check must be what fails.
+    args = ["generate", "--prompt", "x", "--model", str(tmp_path / "missing"), "--device", "cpu", "--no-download"]
+    assert main(args + ["--output", str(tmp_path / "x.mp4")] + extra) == 2
+    assert re.search(message, caplog.text) and "missing" not in caplog.text
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tiny_model_folder(tmp_path_factory.mktemp("tiny-5b-cli-long"), "cogvideox-5b", seed=1)
+
+
+def tiny_args(folder, out) -> list[str]:
+    args = ["generate", "--prompt", "a lighthouse", "--model", str(folder), "--lora", "none", "--device", "cpu"]
+    return (
+        args
+        + ["--dtype", "fp32", "--height", "32", "--width", "48", "--steps", "2", "--output", str(out)]
+        + [
+            "--no-download",
+            "--no-progress",
+        ]
+    )
+
+
+def test_generate_with_windows_sparse_attention_riflex_and_step_cache(folder, tmp_path):
+    out = tmp_path / "long.mp4"
+    extra = ["--num-frames", "17", "--window-frames", "9", "--sparse-attention", "window:1", "--riflex", "1", "2"]
+    assert main(tiny_args(folder, out) + extra + ["--step-cache", "0.5"]) == 0
+    assert len(load_video(out)) == 17
+
+
+def test_extend_a_video_from_the_command_line(folder, tmp_path):
+    source = tmp_path / "in.mp4"
+    save_video(tensor_to_frames(torch.rand(3, 9, 32, 48) * 2 - 1), source, fps=8)
+    out = tmp_path / "longer.mp4"
+    extra = ["--input-video", str(source), "--extend-by", "4", "--context-frames", "5"]
+    assert main(tiny_args(folder, out) + extra) == 0
+    assert len(load_video(out)) == 13

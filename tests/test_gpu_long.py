@@ -1,0 +1,130 @@
+"""The long-video parts on a GPU: compiled FlexAttention with our block masks against masked SDPA (forward and
+backward), a covering window against dense attention, the masks inside compiled blocks, the block mask built on
+the GPU, and windows / TeaCache in compiled blocks.
+
+Skipped without a CUDA GPU (CI has none):
+
+    python -m pytest -q tests/test_gpu_long.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffsynth_cog.configs import dit_preset
+from diffsynth_cog.denoiser import Denoiser
+from diffsynth_cog.models.dit import CogDiT, TokenLayout
+from diffsynth_cog.sparse_attention import RadialAttention, TemporalWindowAttention, block_mask_from_mask_mod
+from diffsynth_cog.teacache import TeaCache
+from diffsynth_cog.windows import WindowSpec
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# 226 text tokens and 9 frames of 30 x 45 patches (the 480x720 grid): 12,376 tokens, frames not block-aligned.
+LAYOUT = TokenLayout(n_text=226, grid=(9, 30, 45))
+PARTS = [TemporalWindowAttention(1), TemporalWindowAttention(2, sink=False), RadialAttention(min_width=256)]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def qkv(dtype: torch.dtype, heads: int = 4, grad: bool = False, extra: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator("cuda").manual_seed(0)
+    shape = (2, LAYOUT.n_tokens + extra, heads, 64)
+    return [torch.randn(shape, device="cuda", generator=g, dtype=dtype).requires_grad_(grad) for _ in range(3)]
+
+
+def masked_sdpa(q, k, v, mask):
+    q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+
+@pytest.mark.parametrize("part", PARTS, ids=lambda p: p.name)
+def test_compiled_flex_equals_masked_attention(part):
+    attend = part.build(LAYOUT, torch.device("cuda"))
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
+        q, k, v = qkv(dtype)
+        with torch.no_grad():
+            got = attend(q, k, v)
+        want = masked_sdpa(q, k, v, attend.dense_mask(LAYOUT.n_tokens))
+        assert got.dtype == dtype and rel(got, want) < tol
+
+
+def test_padded_sequences_mask_the_padding_keys():
+    attend = TemporalWindowAttention(1).build(LAYOUT, torch.device("cuda"))
+    q, k, v = qkv(torch.float32, extra=100)
+    with torch.no_grad():
+        got = attend(q, k, v)
+    want = masked_sdpa(q, k, v, attend.dense_mask(LAYOUT.n_tokens + 100))
+    assert rel(got[:, : LAYOUT.n_tokens], want[:, : LAYOUT.n_tokens]) < 1e-4
+
+
+def test_a_covering_window_is_dense_attention_on_the_gpu():
+    attend = TemporalWindowAttention(8).build(LAYOUT, torch.device("cuda"))
+    q, k, v = qkv(torch.float32)
+    with torch.no_grad():
+        assert rel(attend(q, k, v), masked_sdpa(q, k, v, None)) < 1e-4
+
+
+def test_block_mask_built_on_the_gpu_equals_the_cpu_one():
+    part = RadialAttention()
+    gpu = part.build(LAYOUT, torch.device("cuda"))
+    cpu = block_mask_from_mask_mod(part.build(LAYOUT, torch.device("cpu")).mask_mod, LAYOUT.n_tokens, "cpu")
+    assert torch.equal(gpu.block_masks[LAYOUT.n_tokens].to_dense().cpu(), cpu.to_dense())
+
+
+def test_masks_train_through_flex_attention_backward():
+    attend = TemporalWindowAttention(1).build(LAYOUT, torch.device("cuda"))
+    q, k, v = qkv(torch.float32, grad=True)
+    attend(q, k, v).square().sum().backward()
+    mask = attend.dense_mask(LAYOUT.n_tokens)
+    q2, k2, v2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    masked_sdpa(q2, k2, v2, mask).square().sum().backward()
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        assert rel(a.grad, b.grad) < 1e-3
+
+
+def small_dit() -> CogDiT:
+    config = dataclasses.replace(dit_preset("cogvideox-5b"), num_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return CogDiT(config).to(torch.bfloat16).eval().requires_grad_(False)
+
+
+def dit_inputs(dit: CogDiT, frames: int = 9):
+    c = dit.config
+    g = torch.Generator("cuda").manual_seed(1)
+    latents = torch.randn(2, c.in_channels, frames, 60, 90, device="cuda", generator=g, dtype=torch.bfloat16)
+    prompt = torch.randn(2, 226, c.text_embed_dim, device="cuda", generator=g, dtype=torch.bfloat16)
+    return latents, prompt
+
+
+def test_masks_windows_and_teacache_inside_fullgraph_compiled_blocks():
+    dit = small_dit()
+    x, prompt = dit_inputs(dit)
+    cases = [
+        dict(attention=TemporalWindowAttention(1)),
+        dict(attention=RadialAttention()),
+        dict(windows=WindowSpec(frames=17, overlap=0.4)),
+        dict(attention=TemporalWindowAttention(8)),  # covers all 9 frames: dense
+    ]
+    with torch.no_grad():
+        dense = Denoiser(dit)(x, 500, prompt)
+        eager = [Denoiser(dit, **case)(x, 500, prompt) for case in cases]
+        dit.compile_blocks(fullgraph=True, dynamic=False)
+        for case, want in zip(cases, eager, strict=True):
+            denoiser = Denoiser(dit, **case)
+            assert rel(denoiser(x, 500, prompt), want) < 2e-2
+            assert rel(denoiser(x, 400, prompt), Denoiser(dit, **case)(x, 400, prompt)) < 1e-6  # no recompile drift
+        assert rel(eager[-1], dense) < 2e-2
+        cache = TeaCache(0.0, coefficients=(1.0, 0.0))
+        skipper = Denoiser(dit, attention=TemporalWindowAttention(1), step_skip=cache)
+        skipper.start(2)
+        assert rel(skipper(x, 500, prompt), eager[0]) < 2e-2
+        skipper(x, 480, prompt)
+        assert cache.stats()["computed"] == 2
