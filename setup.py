@@ -25,7 +25,8 @@ setup(
         "modelscope>=1.20",
     ],
     extras_require={
-        "train": ["lightning>=2.6", "deepspeed>=0.15"],
+        # tensorboard: the runs' TensorBoard logs; bitsandbytes: optimizer "adamw8bit".
+        "train": ["lightning>=2.6", "deepspeed>=0.15", "tensorboard>=2.14", "bitsandbytes>=0.50"],
         "flash": ["flash-attn>=2.6"],
         # FlashAttention-3 (Hopper), forward-only build: the fastest exact attention for inference.
         "fa3": ["fa3-fwd>=0.0.3"],
@@ -41,6 +42,8 @@ setup(
             "diffusers==0.42.1",
             "peft>=0.13",
             "lightning>=2.6",
+            "tensorboard>=2.14",
+            "bitsandbytes>=0.50",
             "ruff",
             "gradio>=6.0",
             "selenium>=4.20",

@@ -49,9 +49,9 @@ from bench_generate import PROMPT, t5_xxl_encoder  # noqa: E402
 from common import environment, peak_gib, rel_err, reset_peak, write_json  # noqa: E402
 
 from diffsynth_cog.configs import dit_preset, vae_preset  # noqa: E402
+from diffsynth_cog.loading.text_encoder_loader import load_tokenizer  # noqa: E402
 from diffsynth_cog.models import attention as attn  # noqa: E402
 from diffsynth_cog.models.dit import CogDiT  # noqa: E402
-from diffsynth_cog.loading.text_encoder_loader import load_tokenizer  # noqa: E402
 from diffsynth_cog.models.text_encoder import CogTextEncoder  # noqa: E402
 from diffsynth_cog.models.vae import CogVAE  # noqa: E402
 from diffsynth_cog.parallel.launch import init_distributed  # noqa: E402

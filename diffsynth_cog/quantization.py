@@ -1,4 +1,4 @@
-"""Opt-in quantized Linear layers for the CogVideoX DiT (inference only).
+"""Opt-in quantized Linear layers for the CogVideoX DiT (inference, and a frozen base for LoRA training).
 
 Two modes, chosen with ``quantize_dit(dit, mode)``; both swap the eight Linear layers of every
 block (``BLOCK_LINEAR_TARGETS``: attention q/k/v/out, the two feed-forward layers and the two
@@ -55,6 +55,13 @@ CPU kernel as an exact division, and the two differ in the last bit for about 5%
 with 127 and 55% with 448 (enough to change a tiny random model's output by several percent, through
 flipped codes and dequantized weights rounding the other way). ``tests/test_quantization.py`` replays
 the quantizers with CUDA's kernel semantics on the CPU and checks the operations they run.
+
+Training (a frozen quantized base under a LoRA): the layers' weights never train, but gradients flow
+through them to the input. ``forward`` then runs :class:`_FrozenQuantizedLinear`, whose backward is
+``grad_x = grad_y @ W_deq`` with the dequantized weight in the gradient's dtype (one [N, K] temporary per
+layer, nothing saved between forward and backward: the codes are the layer's own buffers). For fp8 the
+activation rounding of the forward is passed straight through. ``inject_lora`` wraps these layers
+(``lora_base = True``) in a ``LoRALinear`` whose LoRA matrices train in fp32 as usual.
 
 Do not call ``model.to(dtype)`` expecting the quantized codes to change: the layers keep their codes
 and scales in their own dtypes (fp8/int8 and fp32) and follow device moves only.
@@ -162,8 +169,29 @@ def int8_quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Layers
 
 
+class _FrozenQuantizedLinear(torch.autograd.Function):
+    """A quantized layer's product with a gradient for the input only (the weights are frozen codes).
+
+    Backward: ``grad_x = grad_y @ W_deq`` in grad_y's dtype. Nothing is saved: the layer's buffers
+    are the weights. Activation rounding (fp8) is passed straight through.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, layer: _QuantizedLinear) -> torch.Tensor:
+        return layer._product(x)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.layer = inputs[1]
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # grad [..., N] -> [..., K]
+        return grad @ ctx.layer.dequantized_weight(grad.dtype), None
+
+
 class _QuantizedLinear(nn.Module):
-    """Shared parts: shapes, the bias, and dtype-stable code/scale buffers.
+    """Shared parts: shapes, the bias, dtype-stable code/scale buffers, and the frozen-base backward.
 
     ``qweight`` and ``weight_scale`` are persistent buffers (they are in the state dict). fp8 and
     fp32 count as floating point for ``Module.to(dtype)``, which would turn fp8 codes into bf16 and
@@ -188,12 +216,26 @@ class _QuantizedLinear(nn.Module):
                 self._buffers[name] = old.to(new.device)  # a dtype cast: take the device move only
         return self
 
+    # inject_lora may wrap this layer as the frozen base of a LoRALinear.
+    lora_base = True
+
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__}: input has {x.shape[-1]} features (shape {list(x.shape)}), "
                 f"the layer expects {self.in_features}"
             )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [..., K] -> [..., N]
+        self._check_input(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenQuantizedLinear.apply(x, self)
+        return self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantized layer's output for x [..., K] -> [..., N] (no autograd)."""
+        raise NotImplementedError
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the codes and scales stand for, [N, K] in ``dtype`` (computed in fp32)."""
@@ -226,7 +268,7 @@ class _QuantizedLinear(nn.Module):
 
 
 class Float8Linear(_QuantizedLinear):
-    """Inference-only replacement of an ``nn.Linear`` whose matmul runs in fp8 e4m3 (row-wise scales).
+    """Replacement of an ``nn.Linear`` whose matmul runs in fp8 e4m3 (row-wise scales); frozen.
 
     Buffers: ``qweight`` [N, K] float8_e4m3fn (row-major), ``weight_scale`` [1, N] float32; bias
     [N] in the source dtype. ``forward(x [..., K]) -> [..., N]`` in x's dtype (bf16 for our models).
@@ -297,9 +339,8 @@ class Float8Linear(_QuantizedLinear):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.qweight.float() * self.weight_scale.t()).to(dtype)  # [N, K]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., K] -> [..., N]
-        self._check_input(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]; a copy only if x's last dims are not contiguous
         out = self._scaled(x2) if x2.device.type == "cuda" else self._emulate(x2)  # [M, N]
@@ -342,7 +383,7 @@ class Float8Linear(_QuantizedLinear):
 
 
 class Int8WeightLinear(_QuantizedLinear):
-    """Weight-only int8 ``nn.Linear`` replacement (memory mode, inference only).
+    """Weight-only int8 ``nn.Linear`` replacement (memory mode; frozen).
 
     Buffers: ``qweight`` [N, K] int8, ``weight_scale`` [N, 1] float32; bias [N] in the source dtype.
     ``forward(x [..., K])`` dequantizes the weight to x's dtype and calls ``F.linear``, so the output
@@ -383,9 +424,8 @@ class Int8WeightLinear(_QuantizedLinear):
         # fp32 product, one rounding to dtype: codes up to 127 and the scale stay exact until then.
         return (self.qweight.float() * self.weight_scale).to(dtype)  # [N, K]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., K] -> [..., N]
-        self._check_input(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 

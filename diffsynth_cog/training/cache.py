@@ -7,6 +7,9 @@ Layout of a cache folder::
                                       "latents"    [C, T, h, w]  VAE latents already multiplied by the
                                                                  scaling factor (the x0 of training)
                                       "prompt_emb" [L, d]        T5 hidden states of the prompt
+                                      "image_latents" [C, 1, h, w] (image-to-video caches only) the
+                                                                 clip's first frame encoded alone, as
+                                                                 an image, scaled like "latents"
                                       metadata: prompt, source, index, num_frames, height, width, ...
     manifest.jsonl                  one JSON line per finished record (single process), or
     manifest.rank00003.jsonl        one manifest per rank when several processes prepare the cache
@@ -43,7 +46,7 @@ CACHE_VERSION = 1
 CACHE_INFO = "cache_info.json"
 MANIFEST = "manifest.jsonl"
 _RANK_MANIFEST = re.compile(r"^manifest\.rank(\d+)\.jsonl$")
-LATENTS_KEY, PROMPT_EMB_KEY = "latents", "prompt_emb"
+LATENTS_KEY, PROMPT_EMB_KEY, IMAGE_LATENTS_KEY = "latents", "prompt_emb", "image_latents"
 
 # safetensors header dtype names of the storage dtypes a cache may use.
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -90,7 +93,8 @@ class CacheInfo:
     """What every record of a cache shares; written once as ``cache_info.json``.
 
     latent_shape: [C, T, h, w] of ``latents`` (scaled by ``scaling_factor``). prompt_emb_shape:
-    [L, d] of ``prompt_emb``. dtype: storage dtype name ('bfloat16'). posterior: 'mean' or
+    [L, d] of ``prompt_emb``. image_latent_shape: [C, 1, h, w] of ``image_latents`` (the first frame
+    alone, for image-to-video training), or None when the records hold none. dtype: storage dtype name ('bfloat16'). posterior: 'mean' or
     'sample' (with ``seed``). num_frames, height, width, frame_interval: the pixel clips encoded.
     """
 
@@ -108,6 +112,7 @@ class CacheInfo:
     seed: int | None = None
     tiled: bool = True
     model_paths: Mapping[str, str] = field(default_factory=dict)
+    image_latent_shape: tuple[int, int, int, int] | None = None
     format: str = CACHE_FORMAT
     version: int = CACHE_VERSION
 
@@ -123,6 +128,7 @@ class CacheInfo:
         "frame_interval",
         "posterior",
         "seed",
+        "image_latent_shape",
         "format",
         "version",
     )
@@ -151,6 +157,7 @@ class CacheInfo:
         values = dataclasses.asdict(self)
         values["latent_shape"] = list(self.latent_shape)
         values["prompt_emb_shape"] = list(self.prompt_emb_shape)
+        values["image_latent_shape"] = None if self.image_latent_shape is None else list(self.image_latent_shape)
         values["model_paths"] = dict(self.model_paths)
         # Derived values, for people reading the file and for trainers in other languages.
         values["latent_channels"], values["latent_frames"] = self.latent_channels, self.latent_frames
@@ -170,6 +177,8 @@ class CacheInfo:
         try:
             kwargs["latent_shape"] = tuple(int(v) for v in kwargs["latent_shape"])
             kwargs["prompt_emb_shape"] = tuple(int(v) for v in kwargs["prompt_emb_shape"])
+            if kwargs.get("image_latent_shape") is not None:
+                kwargs["image_latent_shape"] = tuple(int(v) for v in kwargs["image_latent_shape"])
             info = cls(**kwargs)
         except (KeyError, TypeError, ValueError) as error:
             raise CacheError(f"{source}: malformed cache info ({type(error).__name__}: {error})") from error
@@ -200,22 +209,24 @@ class CacheInfo:
         ]
 
     def check_dit(self, config: DiTConfig) -> None:
-        """Raises CacheError unless a text-to-video DiT with ``config`` can train on these records.
+        """Raises CacheError unless a DiT with ``config`` can train on these records.
 
-        Checked: latent channels (DiT in/out channels), text length and width (max_text_seq_length,
-        text_embed_dim), latent height/width divisible by the patch size. The clip length is free:
-        long-video training uses more latent frames than ``config.sample_frames`` on purpose.
+        Checked: latent channels (DiT in/out channels; an image-to-video DiT, in = 2 x out, needs the
+        first-frame image latents), text length and width (max_text_seq_length, text_embed_dim),
+        latent height/width divisible by the patch size. The clip length is free: long-video
+        training uses more latent frames than ``config.sample_frames`` on purpose.
         """
         problems = []
         channels = self.latent_channels
-        if config.in_channels != channels or config.out_channels != channels:
-            hint = (
-                " (an image-to-video DiT also needs first-frame image latents, which this cache does not hold)"
-                if config.in_channels == 2 * channels
-                else ""
-            )
+        image_to_video = config.in_channels == 2 * channels and config.out_channels == channels
+        if image_to_video and self.image_latent_shape is None:
             problems.append(
-                f"latent channels {channels}, DiT in/out channels {config.in_channels}/{config.out_channels}{hint}"
+                f"the DiT is image-to-video (in_channels {config.in_channels} = 2 x {channels}) but the cache holds no "
+                "first-frame image latents: prepare it again with --image-latents (into a new cache folder)"
+            )
+        elif not image_to_video and (config.in_channels != channels or config.out_channels != channels):
+            problems.append(
+                f"latent channels {channels}, DiT in/out channels {config.in_channels}/{config.out_channels}"
             )
         if self.text_length != config.max_text_seq_length:
             problems.append(
@@ -337,6 +348,8 @@ def finished_records(cache_dir: Path) -> dict[int, CacheRecord]:
 def _check_record_header(path: Path, info: CacheInfo) -> None:
     """Shapes and dtypes of a record from its header only (no tensor data read)."""
     expected = {LATENTS_KEY: list(info.latent_shape), PROMPT_EMB_KEY: list(info.prompt_emb_shape)}
+    if info.image_latent_shape is not None:
+        expected[IMAGE_LATENTS_KEY] = list(info.image_latent_shape)
     want_dtype = _ST_DTYPES[info.torch_dtype]
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -360,7 +373,8 @@ class LatentCacheDataset(Dataset):
     """The records of a latent cache, ordered by dataset index.
 
     Item ``i`` is ``{"latents": [C, T, h, w], "prompt_emb": [L, d], "index": int}`` (CPU tensors in
-    the cache's dtype; latents already scaled by the VAE scaling factor). ``info`` is the cache's
+    the cache's dtype; latents already scaled by the VAE scaling factor), plus ``"image_latents"``
+    [C, 1, h, w] in an image-to-video cache. ``info`` is the cache's
     :class:`CacheInfo`; ``records`` the manifest entries (prompt and source video of each item).
 
     At construction every record's header is checked against ``cache_info.json`` (shapes, dtype,
@@ -413,4 +427,7 @@ class LatentCacheDataset(Dataset):
             tensors = load_file(str(path))  # safetensors: no pickle
         except (SafetensorError, OSError) as error:
             raise CacheError(f"{path}: cannot read record {record.index} ({error})") from error
-        return {"latents": tensors[LATENTS_KEY], "prompt_emb": tensors[PROMPT_EMB_KEY], "index": record.index}
+        item = {"latents": tensors[LATENTS_KEY], "prompt_emb": tensors[PROMPT_EMB_KEY], "index": record.index}
+        if IMAGE_LATENTS_KEY in tensors:
+            item[IMAGE_LATENTS_KEY] = tensors[IMAGE_LATENTS_KEY]
+        return item

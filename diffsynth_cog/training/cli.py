@@ -71,6 +71,13 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "--sample-posterior", action="store_true", help="store one seeded VAE posterior draw instead of its mean"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--image-latents",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="also store each clip's first frame encoded alone, as an image: the condition of image-to-video "
+        "training (default auto: when the model's transformer is an image-to-video one)",
+    )
     p.add_argument("--num-workers", type=int, default=2, help="video decoding processes")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prepare)
@@ -85,6 +92,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     world_size = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE", 1)
     device = args.device or _default_device()
     dtype = getattr(torch, _DTYPES[args.dtype])
+    image_latents = args.image_latents == "yes"
+    if args.image_latents == "auto":
+        from diffsynth_cog.loading.model_folder import resolve_model_folder
+
+        dit_config = resolve_model_folder(args.model).dit_config
+        image_latents = dit_config is not None and dit_config.in_channels == 2 * dit_config.out_channels
+        if image_latents:
+            logger.info("%s is an image-to-video model: storing first-frame image latents", args.model)
     encoders = load_encoders(args.model, device=device, dtype=dtype)
     summary = prepare_cache(
         args.dataset,
@@ -105,6 +120,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         model_paths=encoders.paths,
         progress=not args.no_progress,
+        image_latents=image_latents,
     )
     logger.info("prepare rank %d/%d -> %s: %s", rank, world_size, args.cache, summary.describe())
     return 0

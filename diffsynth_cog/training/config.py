@@ -29,6 +29,9 @@ STRATEGIES = ("auto", "deepspeed_stage_2")
 PRECISIONS = ("auto", "bf16", "fp32")
 ACCELERATORS = ("auto", "cpu", "gpu")
 EXPORT_DTYPES = ("fp32", "bf16", "fp16")
+BASE_QUANTIZATIONS = ("none", "fp8", "int8")
+ACTIVATION_OFFLOADS = ("none", "stream", "save_on_cpu")
+OPTIMIZERS = ("adamw", "adamw8bit")
 NUM_TRAIN_TIMESTEPS = 1000  # CogVideoX's schedule length; the loaded scheduler config is checked again in setup
 
 
@@ -68,9 +71,25 @@ class TrainConfig:
             optimizer to the CPU (DeepSpeed only). accelerator, devices (per node), num_nodes,
             gradient_checkpointing, num_workers (data loading processes).
 
+    Memory switches (single-GPU low-memory training; see ``training/memory.py``):
+        base_quantization: "none", "fp8" (e4m3 matmuls; CUDA compute capability >= 8.9) or "int8"
+            (weights only): the frozen block Linear weights of the base, the LoRA stays fp32.
+        activation_offload: "none", "stream" (checkpointed block inputs in pinned CPU memory, copied
+            on a side stream with prefetch) or "save_on_cpu" (PyTorch's hooks, copies on the compute stream).
+        optimizer: "adamw" or "adamw8bit" (bitsandbytes, 8-bit moments).
+
+    Image-to-video (a DiT with in_channels = 2 x latent channels, a cache prepared with first-frame latents):
+        image_noise: noise added to the first-frame latent per sample, sigma = exp(N(mean, std)) as
+            [mean, std] (CogVideoX's I2V trainers: [-3.0, 0.5]); null = none. image_dropout:
+            probability of zeroing a sample's image latent (no image condition).
+
+    Logs: tensorboard (a TensorBoard run in ``<output_dir>/logs/tensorboard`` with the losses and the
+        validation videos) beside the CSV logs.
+
     Schedule:
         checkpoint_every_n_steps, log_every_n_steps, validation_every_n_steps (0 = no validation
-        videos) with validation_prompts and the generation settings (None = the cache's clip size).
+        videos) with validation_prompts and the generation settings (None = the cache's clip size);
+        validation_images: one input image per prompt, for an image-to-video model.
     """
 
     model: str
@@ -107,7 +126,14 @@ class TrainConfig:
     validation_num_inference_steps: int = 50
     validation_cfg_scale: float = 7.0
     validation_fps: int = 8
+    validation_images: tuple[str, ...] = field(default_factory=tuple)
     export_dtype: str = "fp32"
+    base_quantization: str = "none"
+    activation_offload: str = "none"
+    optimizer: str = "adamw"
+    image_noise: tuple[float, float] | None = (-3.0, 0.5)
+    image_dropout: float = 0.0
+    tensorboard: bool = True
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -166,16 +192,35 @@ class TrainConfig:
             ("strategy", STRATEGIES),
             ("accelerator", ACCELERATORS),
             ("export_dtype", EXPORT_DTYPES),
+            ("base_quantization", BASE_QUANTIZATIONS),
+            ("activation_offload", ACTIVATION_OFFLOADS),
+            ("optimizer", OPTIMIZERS),
         ):
             if getattr(self, name) not in choices:
                 bad(name, f"one of {list(choices)}")
         if not ((is_int(self.devices) and self.devices >= 1) or self.devices == "auto"):
             bad("devices", "an integer >= 1 or 'auto'")
-        for name in ("gradient_checkpointing", "offload_optimizer"):
+        for name in ("gradient_checkpointing", "offload_optimizer", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "true or false")
         if self.offload_optimizer and self.strategy != "deepspeed_stage_2":
             problems.append("offload_optimizer: needs strategy 'deepspeed_stage_2' (ZeRO-Offload)")
+        if self.offload_optimizer and self.optimizer == "adamw8bit":
+            problems.append("optimizer: 'adamw8bit' cannot be combined with offload_optimizer (DeepSpeed's CPU Adam)")
+        if self.base_quantization in ("fp8", "int8") and self.strategy == "deepspeed_stage_2":
+            problems.append(
+                "base_quantization: not with strategy 'deepspeed_stage_2' (DeepSpeed's checkpoints would hold "
+                "every quantized base weight: it excludes frozen parameters, not buffers); use strategy 'auto'"
+            )
+        if self.base_quantization == "fp8" and self.accelerator == "cpu":
+            problems.append(
+                "base_quantization: 'fp8' runs on CUDA GPUs (compute capability >= 8.9); use 'int8' on a CPU"
+            )
+        n = self.image_noise
+        if n is not None and not (isinstance(n, tuple) and len(n) == 2 and all(is_number(v) for v in n) and n[1] >= 0):
+            bad("image_noise", "[mean, std] of ln(sigma) with std >= 0 (e.g. [-3.0, 0.5]), or null")
+        if not is_number(self.image_dropout) or not 0 <= self.image_dropout < 1:
+            bad("image_dropout", "a number in [0, 1)")
         if self.strategy == "deepspeed_stage_2" and self.accelerator == "cpu":
             problems.append("strategy: 'deepspeed_stage_2' is only supported on CUDA GPUs, but accelerator is 'cpu'")
         for name in ("validation_num_frames", "validation_height", "validation_width"):
@@ -199,6 +244,13 @@ class TrainConfig:
             bad("validation_prompts", "a list of strings")
         elif self.validation_every_n_steps > 0 and not self.validation_prompts:
             problems.append("validation_prompts: validation_every_n_steps > 0 needs at least one prompt")
+        if not isinstance(self.validation_images, tuple) or not all(isinstance(p, str) for p in self.validation_images):
+            bad("validation_images", "a list of image paths (one per validation prompt, image-to-video models)")
+        elif self.validation_images and len(self.validation_images) != len(self.validation_prompts):
+            problems.append(
+                f"validation_images: {len(self.validation_images)} images for {len(self.validation_prompts)} "
+                "validation_prompts; give one per prompt"
+            )
         if not isinstance(self.validation_negative_prompt, str):
             bad("validation_negative_prompt", "a string")
         problems += _target_problems(self.lora_targets)
@@ -255,7 +307,9 @@ class TrainConfig:
         for key, value in values.items():
             if key.startswith("_"):  # "_comment" and the like
                 continue
-            if key in ("timestep_range", "validation_prompts") and isinstance(value, list):
+            if key in ("timestep_range", "validation_prompts", "validation_images", "image_noise") and isinstance(
+                value, list
+            ):
                 value = tuple(value)
             elif key == "lora_targets":
                 if isinstance(value, list):
@@ -284,6 +338,8 @@ class TrainConfig:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values["timestep_range"] = list(self.timestep_range)
         values["validation_prompts"] = list(self.validation_prompts)
+        values["validation_images"] = list(self.validation_images)
+        values["image_noise"] = None if self.image_noise is None else list(self.image_noise)
         if isinstance(self.lora_targets, Mapping):
             values["lora_targets"] = {
                 t: list(s) if isinstance(s, tuple) else dict(s) if isinstance(s, Mapping) else s

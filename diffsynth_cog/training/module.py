@@ -15,7 +15,21 @@ exactly the timesteps and noise the uninterrupted run would have drawn.
 Precision: the base weights are bf16 on GPUs (fp32 on CPU or with ``precision: "fp32"``), the LoRA
 parameters fp32 (ExVideo: extension module in fp32, the rest bf16). The module manages dtypes
 itself; Lightning runs in "32-true" mode (no autocast, no casting of the module), which also keeps
-DeepSpeed from casting the fp32 LoRA parameters to bf16.
+DeepSpeed from casting the fp32 LoRA parameters to bf16. Memory switches (``base_quantization``,
+``activation_offload``, ``optimizer``): see :mod:`diffsynth_cog.training.memory`.
+
+The DiT is called the way the sampler calls it, through a :class:`~diffsynth_cog.denoiser.Denoiser`
+(embed -> attention part -> token split -> blocks -> project -> gather -> unpatchify), so an
+attention part (e.g. a sparse mask) or a token split (sequence parallelism) given to the module
+trains exactly what inference runs.
+
+Image-to-video (a DiT whose in_channels are twice its out_channels, e.g. CogVideoX-5B-I2V): the
+batch also holds ``"image_latents"`` [B, C, 1, h, w], the first frame encoded alone by ``prepare``.
+As the reference trainers do, it is zero-padded in time to the clip's latent frames and concatenated
+to the noisy latents on the channels (``[x_t, image]``, the pipeline's order), after noise
+augmentation (``image_noise``: sigma = exp(N(mean, std)) per sample, added in latent space since the
+VAE is not in the training process; CogVideoX's trainers add it to the pixels before encoding) and
+``image_dropout``. The loss is on the video latents alone.
 
 Checkpoints hold the LoRA weights only (plus optimizer and loop state): :meth:`on_save_checkpoint`
 drops the frozen base from Lightning's ``state_dict``, and the DeepSpeed strategy is built with
@@ -35,6 +49,7 @@ import lightning.pytorch as pl
 import torch
 
 from diffsynth_cog.configs import DiTConfig, dit_family
+from diffsynth_cog.denoiser import AttentionPart, Denoiser, TokenSplit
 from diffsynth_cog.errors import StateDictMismatchError
 from diffsynth_cog.loading.dit_loader import load_dit
 from diffsynth_cog.loading.model_folder import ModelFolder, resolve_model_folder
@@ -48,12 +63,14 @@ from diffsynth_cog.schedulers import (
     v_prediction_loss,
 )
 from diffsynth_cog.training.config import TrainConfig
+from diffsynth_cog.training.memory import activation_offload, build_optimizer
 
 logger = logging.getLogger(__name__)
 
 # Our entry in every checkpoint: what an export needs without the model files (configs, LoRA layout).
 CHECKPOINT_KEY = "diffsynth_cog"
 CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_STEM = "step{step:07d}"  # step0000250.ckpt; validation videos step0000250_0.mp4
 
 
 # --------------------------------------------------------------------------------------------- model files
@@ -106,10 +123,21 @@ class CogLoRAModule(pl.LightningModule):
 
     The DiT is loaded in :meth:`configure_model` (after :meth:`setup` read the scheduler), on the
     strategy's device, so optimizers and DeepSpeed only ever see the LoRA parameters as trainable.
-    ``dit`` may be passed in instead (tests, notebooks); it must not carry LoRA layers yet.
+    ``dit`` may be passed in instead (tests, notebooks, benchmarks); it must not carry LoRA layers yet.
+    ``attention`` / ``split``: the attention part and token split of every training DiT call (see
+    :class:`~diffsynth_cog.denoiser.Denoiser`; default dense attention, whole calls).
+    ``scheduler_config``: instead of the model folder's (needed when ``config.model`` is not a folder).
     """
 
-    def __init__(self, config: TrainConfig, dit: CogDiT | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        dit: CogDiT | None = None,
+        *,
+        attention: str | AttentionPart | None = None,
+        split: TokenSplit | None = None,
+        scheduler_config: SchedulerConfig | None = None,
+    ) -> None:
         super().__init__()
         self.train_config = config
         # JSON-compatible values only: checkpoints stay loadable with torch.load(weights_only=True).
@@ -117,8 +145,10 @@ class CogLoRAModule(pl.LightningModule):
         # The checkpoints hold the LoRA weights only; on_load_checkpoint checks them against the model.
         self.strict_loading = False
         self._given_dit = dit
+        self._attention, self._split = attention, split
         self.dit: CogDiT | None = None
-        self.scheduler_config: SchedulerConfig | None = None
+        self.denoiser: Denoiser | None = None
+        self.scheduler_config: SchedulerConfig | None = scheduler_config
         # a_t table (float64 [num_train_timesteps]); a plain attribute, not a buffer, so it is never
         # saved in a checkpoint nor cast by .to(dtype).
         self.alphas: torch.Tensor | None = None
@@ -133,13 +163,14 @@ class CogLoRAModule(pl.LightningModule):
         return self.device
 
     def setup(self, stage: str) -> None:
-        if self.scheduler_config is not None:
+        if self.alphas is not None:
             return
-        if self._given_dit is not None:
-            dit_config = self._given_dit.config
-        else:
-            dit_config = read_dit_config(self.train_config.model)
-        self.scheduler_config = read_scheduler_config(self.train_config.model, dit_config)
+        if self.scheduler_config is None:
+            if self._given_dit is not None:
+                dit_config = self._given_dit.config
+            else:
+                dit_config = read_dit_config(self.train_config.model)
+            self.scheduler_config = read_scheduler_config(self.train_config.model, dit_config)
         if self.scheduler_config.prediction_type != "v_prediction":
             raise ValueError(
                 f"{self.train_config.model}: scheduler prediction_type is {self.scheduler_config.prediction_type!r}; "
@@ -165,21 +196,33 @@ class CogLoRAModule(pl.LightningModule):
         if lora_layers(dit):
             raise ValueError("configure_model: the DiT already carries LoRA layers; pass a plain DiT")
         dit.requires_grad_(False)
+        if cfg.base_quantization != "none":
+            from diffsynth_cog.quantization import quantize_dit
+
+            # Before the LoRA: inject_lora wraps each quantized layer as the base of a LoRALinear.
+            quantize_dit(dit, cfg.base_quantization)
         if cfg.gradient_checkpointing:
             dit.enable_gradient_checkpointing()
-        # A seeded init of the A matrices (B starts at zero), so two runs with one seed start equal.
+        # A seeded init of the A matrices (B starts at zero), so two runs with one seed start equal
+        # (with or without a quantized base: the same layers, in the same order).
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         inject_lora(dit, cfg.lora_spec(), generator=generator)
         dit.train()
         self.dit = dit
+        self.denoiser = Denoiser(dit, attention=self._attention, split=self._split)
         trainable = sum(p.numel() for p in dit.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in dit.parameters() if not p.requires_grad)
         logger.info(
-            "DiT on %s: %d frozen %s base parameters, %d trainable fp32 LoRA parameters",
+            "DiT on %s: %d frozen %s base parameters (block layers quantized: %s), %d trainable fp32 LoRA "
+            "parameters; activation offload %s, optimizer %s; parts %s",
             device,
             frozen,
             str(dtype).removeprefix("torch."),
+            cfg.base_quantization,
             trainable,
+            cfg.activation_offload,
+            cfg.optimizer,
+            self.denoiser.parts(),
         )
 
     def _require_dit(self) -> CogDiT:
@@ -196,26 +239,79 @@ class CogLoRAModule(pl.LightningModule):
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
         return t, noise
 
-    def v_loss(self, x0: torch.Tensor, prompt_emb: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The CogVideoX training loss for given x0 [B, C, T, h, w], prompt_emb [B, L, d], t [B], noise."""
-        dit = self._require_dit()
+    @property
+    def image_to_video(self) -> bool:
+        """Whether the DiT takes the first frame's latent as extra input channels (CogVideoX-5B-I2V)."""
+        c = self._require_dit().config
+        return c.in_channels == 2 * c.out_channels
+
+    def dit_input(self, x_t: torch.Tensor, image_latents: torch.Tensor | None) -> torch.Tensor:
+        """The DiT's input for noisy latents x_t [B, C, T, h, w]: x_t itself, or for an image-to-video DiT
+        ``[x_t, image]`` on the channels, the image latent [B, C, 1, h, w] zero-padded to T frames."""
+        if not self.image_to_video:
+            return x_t
+        if image_latents is None:
+            raise ValueError(
+                "the DiT is image-to-video (in_channels = 2 x out_channels): the batch needs 'image_latents' "
+                "(prepare the cache with --image-latents)"
+            )
+        b, c, frames, h, w = x_t.shape
+        image = image_latents.to(x_t.dtype)  # [B, C, 1, h, w]
+        padded = torch.cat([image, image.new_zeros(b, c, frames - image.shape[2], h, w)], dim=2)
+        return torch.cat([x_t, padded], dim=1)  # [B, 2C, T, h, w]
+
+    def augment_image(self, image_latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Noise augmentation and dropout of the I2V condition [B, C, 1, h, w] (see the module docstring)."""
+        cfg, image = self.train_config, image_latents.float()
+        b, device = image.shape[0], image.device
+        if cfg.image_noise is not None:
+            mean, std = cfg.image_noise
+            sigma = (torch.randn(b, generator=generator, device=device) * std + mean).exp()  # [B]
+            noise = torch.randn(image.shape, generator=generator, device=device)
+            image = image + sigma.view(b, 1, 1, 1, 1) * noise
+        if cfg.image_dropout > 0:
+            keep = torch.rand(b, generator=generator, device=device) >= cfg.image_dropout  # [B]
+            image = image * keep.view(b, 1, 1, 1, 1)
+        return image
+
+    def v_loss(
+        self,
+        x0: torch.Tensor,
+        prompt_emb: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        image_latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The CogVideoX training loss for given x0 [B, C, T, h, w], prompt_emb [B, L, d], t [B], noise
+        (and for an image-to-video DiT the first frame's latent [B, C, 1, h, w])."""
+        self._require_dit()
         x0 = x0.float()
         x_t = add_noise(x0, noise.float(), t, self.alphas)  # [B, C, T, h, w] float32
-        v_pred = dit(x_t, t, prompt_emb)  # [B, C, T, h, w] in the base dtype
+        x_in = self.dit_input(x_t, image_latents)
+        with activation_offload(self.train_config.activation_offload):
+            v_pred = self.denoiser.call_dit(x_in, t, prompt_emb)  # [B, C, T, h, w] in the base dtype
         return v_prediction_loss(v_pred, x0, x_t, t, self.alphas)
 
-    def step_generator(self, micro_batch: int, device: torch.device) -> torch.Generator:
-        """The generator of one micro-batch (see :func:`step_seed`)."""
-        seed = step_seed(self.train_config.seed, self.global_step, micro_batch, self.global_rank)
+    def step_generator(self, micro_batch: int, device: torch.device, step: int | None = None) -> torch.Generator:
+        """The generator of one micro-batch (see :func:`step_seed`); ``step`` defaults to the global step."""
+        step = self.global_step if step is None else step
+        seed = step_seed(self.train_config.seed, step, micro_batch, self.global_rank)
         return torch.Generator(device=device).manual_seed(seed)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def batch_loss(self, batch: dict[str, Any], micro_batch: int = 0, step: int | None = None) -> torch.Tensor:
+        """The loss of one micro-batch, with its (t, noise) drawn from :meth:`step_generator`."""
         x0 = batch["latents"].float()  # [B, C, T, h, w], already scaled by the VAE factor
-        prompt_emb = batch["prompt_emb"]  # [B, L, d]
-        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        generator = self.step_generator(batch_idx % accumulate, x0.device)
+        generator = self.step_generator(micro_batch, x0.device, step)
         t, noise = self.sample_noise(x0, generator)
-        loss = self.v_loss(x0, prompt_emb, t, noise)
+        image = batch.get("image_latents")
+        if image is not None and self.image_to_video:
+            image = self.augment_image(image.to(x0.device), generator)
+        return self.v_loss(x0, batch["prompt_emb"], t, noise, image)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x0, prompt_emb = batch["latents"], batch["prompt_emb"]
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        loss = self.batch_loss(batch, batch_idx % accumulate)
 
         b, _, frames, h, w = x0.shape
         p = self._require_dit().config.patch_size
@@ -250,15 +346,13 @@ class CogLoRAModule(pl.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("no trainable parameters: the LoRA layers were not injected")
-        if cfg.offload_optimizer:
-            # ZeRO-Offload steps the optimizer on the CPU; DeepSpeed refuses torch's AdamW there.
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(
-                params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, adamw_mode=True
-            )
-        else:
-            optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = build_optimizer(
+            params,
+            cfg.optimizer,
+            lr=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            deepspeed_offload=cfg.offload_optimizer,
+        )
         warmup = cfg.warmup_steps
 
         def warmup_factor(step: int) -> float:

@@ -38,6 +38,7 @@ from diffsynth_cog.models.vae import CogVAE, CogVAEEncoder
 from diffsynth_cog.training.cache import (
     CACHE_FORMAT,
     CACHE_INFO,
+    IMAGE_LATENTS_KEY,
     LATENTS_KEY,
     PROMPT_EMB_KEY,
     CacheError,
@@ -181,6 +182,7 @@ def _cache_info(
     seed: int,
     tiled: bool,
     model_paths: Mapping[str, str | os.PathLike[str]] | None,
+    image_latents: bool = False,
 ) -> CacheInfo:
     """The shapes every record will have, computed from the configs (no encoding needed)."""
     config = vae_encoder.config
@@ -204,6 +206,7 @@ def _cache_info(
         seed=seed if sample_posterior else None,
         tiled=tiled,
         model_paths={k: str(v) for k, v in (model_paths or {}).items()},
+        image_latent_shape=(config.latent_channels, 1, height // s, width // s) if image_latents else None,
     )
 
 
@@ -269,6 +272,7 @@ def prepare_cache(
     num_workers: int = 0,
     model_paths: Mapping[str, str | os.PathLike[str]] | None = None,
     progress: bool = True,
+    image_latents: bool = False,
 ) -> PrepareSummary:
     """Encodes every clip of a dataset (this rank's share) into ``cache_dir``; returns what was done.
 
@@ -290,6 +294,10 @@ def prepare_cache(
         num_workers: DataLoader worker processes that decode videos ahead of the encoders (0: inline).
         model_paths: recorded in cache_info.json (e.g. ``load_encoders(...).paths``).
         progress: tqdm bar over this rank's clips.
+        image_latents: also store each clip's first frame encoded alone, as an image (the condition of
+            image-to-video training, encoded as the I2V pipeline encodes its input image), as
+            ``image_latents`` [C, 1, h, w]: the posterior mean, or with ``sample_posterior`` a draw
+            from the record's generator after the clip's.
 
     Unreadable (corrupt, missing) and too-short videos are skipped, never retried within the run and
     never fatal; each is logged at INFO and the summary counts them by reason. Any other error
@@ -316,6 +324,7 @@ def prepare_cache(
         seed=seed,
         tiled=tiled,
         model_paths=model_paths,
+        image_latents=image_latents,
     )
     _write_or_check_info(out, info)
 
@@ -366,10 +375,16 @@ def prepare_cache(
                 # Scale in fp32 (x0 of training), then round once to the storage dtype.
                 latents = (latents.float() * scale).to(dtype).cpu()  # [C, T, h, w]
                 prompt_emb = prompt_emb.to(dtype).cpu()
-            for key, tensor, expected in (
-                (LATENTS_KEY, latents, info.latent_shape),
-                (PROMPT_EMB_KEY, prompt_emb, info.prompt_emb_shape),
-            ):
+                record = {LATENTS_KEY: latents, PROMPT_EMB_KEY: prompt_emb}
+                if image_latents:  # the first frame alone, as an image (1 frame -> 1 latent frame)
+                    first = vae_encoder.encode(
+                        video[:, :, :1], tiled=tiled, sample=sample_posterior, generator=generator
+                    )
+                    record[IMAGE_LATENTS_KEY] = (first[0].float() * scale).to(dtype).cpu()  # [C, 1, h, w]
+            shapes = {LATENTS_KEY: info.latent_shape, PROMPT_EMB_KEY: info.prompt_emb_shape}
+            shapes[IMAGE_LATENTS_KEY] = info.image_latent_shape
+            for key, tensor in record.items():
+                expected = shapes[key]
                 if tuple(tensor.shape) != tuple(expected):
                     raise RuntimeError(f"clip {index}: {key} came out {list(tensor.shape)}, expected {list(expected)}")
             metadata = {
@@ -385,7 +400,7 @@ def prepare_cache(
                 "posterior": info.posterior,
             }
             name = record_name(index)
-            size = write_record(out / name, {LATENTS_KEY: latents, PROMPT_EMB_KEY: prompt_emb}, metadata)
+            size = write_record(out / name, record, metadata)
             # The manifest line comes only after the record is in place: a line always means a whole file.
             line = CacheRecord(index=index, file=name, source=str(sample.path), prompt=prompt, bytes=size)
             manifest.write(line.to_json() + "\n")

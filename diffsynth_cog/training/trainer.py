@@ -1,7 +1,8 @@
 """Building and running the training job, and exporting its LoRA from checkpoints.
 
 * :func:`build_trainer`: a ``lightning.Trainer`` for a :class:`TrainConfig`: strategy "auto" (one
-  device, or DDP) or DeepSpeed ZeRO-2 (CUDA only), step checkpoints that resume, CSV logs.
+  device, or DDP) or DeepSpeed ZeRO-2 (CUDA only), step checkpoints that resume, CSV logs and a
+  TensorBoard run (losses, and the validation videos of :mod:`diffsynth_cog.training.validation`).
 * :func:`run_training`: seeds, checks the model and cache up front, trains (optionally resuming),
   and exports the final LoRA as a DiffSynth-format safetensors file.
 * :func:`export_lora_from_checkpoints`: reads Lightning ``.ckpt`` files or DeepSpeed checkpoint
@@ -28,7 +29,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 
@@ -42,14 +43,14 @@ from diffsynth_cog.training.config import TrainConfig, TrainConfigError
 from diffsynth_cog.training.datamodule import CachedLatentDataModule
 from diffsynth_cog.training.module import (
     CHECKPOINT_KEY,
+    CHECKPOINT_STEM,
     CogLoRAModule,
-    model_folder,
     read_dit_config,
 )
+from diffsynth_cog.training.validation import ValidationVideoCallback
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_STEM = "step{step:07d}"  # step0000250.ckpt
 LAST_CHECKPOINT = "last.ckpt"
 _STEP_NAME = re.compile(r"^step(\d+)\.ckpt$")
 _LORA_KEY = re.compile(r"^(?:dit\.)?(?P<name>.+\.lora_[AB]\.weight)$")
@@ -155,129 +156,6 @@ class FinalCheckpoint(Callback):
         logger.info("saved the final checkpoint %s", target)
 
 
-class ValidationVideoCallback(Callback):
-    """Every ``every_n_steps`` optimizer steps, rank 0 generates a video per prompt with the model
-    being trained (LoRA layers live, nothing merged) and writes ``step0000250_0.mp4``, ... to
-    ``output_dir``.
-
-    Needs ``text_encoder/``, ``tokenizer/`` and ``vae/`` in the model folder. The prompts are encoded
-    once, at the first validation, and the text encoder is freed again right after; the VAE decoder
-    stays loaded. ``num_frames`` / ``height`` / ``width``: the generated clip (e.g. the cache's).
-    Other ranks wait for rank 0 at their next collective operation.
-    """
-
-    def __init__(
-        self,
-        model_dir: str | os.PathLike[str],
-        prompts: Sequence[str],
-        every_n_steps: int,
-        output_dir: str | os.PathLike[str],
-        *,
-        num_frames: int,
-        height: int,
-        width: int,
-        negative_prompt: str = "",
-        num_inference_steps: int = 50,
-        cfg_scale: float = 7.0,
-        seed: int = 0,
-        fps: int = 8,
-    ) -> None:
-        if every_n_steps < 1 or not prompts:
-            raise ValueError("ValidationVideoCallback needs every_n_steps >= 1 and at least one prompt")
-        folder = model_folder(model_dir)
-        if folder.text_encoder is None or folder.vae is None:
-            raise FileNotFoundError(
-                f"validation videos need a whole model folder with text_encoder/ and vae/; {model_dir} is not one"
-            )
-        self.folder = folder
-        self.prompts, self.negative_prompt = list(prompts), negative_prompt
-        self.every_n_steps, self.output_dir = every_n_steps, Path(output_dir)
-        self.num_frames, self.height, self.width = num_frames, height, width
-        self.num_inference_steps, self.cfg_scale, self.seed, self.fps = num_inference_steps, cfg_scale, seed, fps
-        self._embeddings: list[torch.Tensor] | None = None
-        self._negative: torch.Tensor | None = None
-        self._decoder: torch.nn.Module | None = None
-        self._last_step = -1
-        self.written: list[Path] = []
-
-    def _prepare(self, device: torch.device, dtype: torch.dtype, max_text_length: int) -> None:
-        from diffsynth_cog.loading.text_encoder_loader import load_text_encoder
-        from diffsynth_cog.model_manager import ModelManager
-
-        encoder = load_text_encoder(
-            self.folder.require("text_encoder"),
-            tokenizer_path=self.folder.tokenizer,
-            dtype=dtype,
-            device=device,
-            max_length=max_text_length,  # as the prepare step encoded the training prompts
-        )
-        with torch.no_grad():
-            self._embeddings = [encoder.encode(p, device=device).to(dtype).cpu() for p in self.prompts]
-            self._negative = encoder.encode(self.negative_prompt, device=device).to(dtype).cpu()
-        del encoder  # T5-XXL is ~10 GB in bf16: not kept next to the training run
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        manager = ModelManager(torch_dtype=dtype, device=device)
-        manager.load_model(self.folder.require("vae"))
-        self._decoder = manager.fetch_model("cog_vae_decoder", require=True)
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step
-        # Called after every micro-batch: act once per optimizer step.
-        if step == 0 or step % self.every_n_steps or step == self._last_step:
-            return
-        self._last_step = step
-        if trainer.is_global_zero:
-            self.generate(pl_module.dit, step)
-
-    def generate(self, dit: CogDiT, step: int) -> list[Path]:
-        from diffsynth_cog.pipeline import CogVideoPipeline
-        from diffsynth_cog.schedulers import SchedulerConfig
-        from diffsynth_cog.video_io import save_video
-
-        scheduler = self.folder.scheduler_config
-
-        device, dtype = dit.proj_out.weight.device, dit.proj_out.weight.dtype
-        if self._embeddings is None:
-            self._prepare(device, dtype, dit.config.max_text_seq_length)
-        pipe = CogVideoPipeline(
-            dit,
-            None,
-            None,
-            self._decoder,
-            scheduler_config=SchedulerConfig.from_file(scheduler) if scheduler is not None else None,
-            device=device,
-            torch_dtype=dtype,
-        )
-        was_training = dit.training
-        dit.eval()
-        paths = []
-        try:
-            for i, emb in enumerate(self._embeddings or []):
-                frames = pipe(
-                    prompt_emb=emb.to(device),
-                    negative_prompt_emb=self._negative.to(device),
-                    height=self.height,
-                    width=self.width,
-                    num_frames=self.num_frames,
-                    cfg_scale=self.cfg_scale,
-                    num_inference_steps=self.num_inference_steps,
-                    seed=self.seed,
-                    tiled=device.type == "cuda",  # bounds the decoder's memory at 480x720
-                    progress_bar=False,
-                )
-                path = self.output_dir / f"{CHECKPOINT_STEM.format(step=step)}_{i}.mp4"
-                save_video(frames, path, fps=self.fps)
-                paths.append(path)
-        finally:
-            dit.train(was_training)
-        logger.info("step %d: wrote %d validation videos to %s", step, len(paths), self.output_dir)
-        self.written += paths
-        return paths
-
-
 # --------------------------------------------------------------------------------------------- trainer
 def build_trainer(
     config: TrainConfig,
@@ -287,7 +165,9 @@ def build_trainer(
     csv_logs: bool = True,
 ) -> pl.Trainer:
     """A Trainer for ``config``. Strategy "auto" runs anywhere (the tests use it on the CPU);
-    "deepspeed_stage_2" needs CUDA GPUs. Checkpoints go to ``<output_dir>/checkpoints``."""
+    "deepspeed_stage_2" needs CUDA GPUs. Checkpoints go to ``<output_dir>/checkpoints``, logs to
+    ``<output_dir>/logs`` (CSV, and TensorBoard unless ``config.tensorboard`` is false;
+    ``csv_logs=False``: no logger at all)."""
     accelerator = resolve_accelerator(config)
     strategy = build_strategy(config, accelerator)
     checkpoints = ModelCheckpoint(
@@ -305,6 +185,17 @@ def build_trainer(
         FinalCheckpoint(config.checkpoint_dir, config.checkpoint_every_n_steps),
         checkpoints,
     ]
+    loggers: list[Logger] = []
+    if csv_logs:
+        loggers.append(CSVLogger(config.output_path, name="logs"))
+        if config.tensorboard:
+            if importlib.util.find_spec("tensorboard") is None:
+                raise TrainConfigError(
+                    "tensorboard: true needs the tensorboard package (pip install tensorboard); or set "
+                    '"tensorboard": false in the job'
+                )
+            # <output_dir>/logs/tensorboard/version_N, beside the CSV logs' logs/version_N
+            loggers.append(TensorBoardLogger(config.output_path / "logs", name="tensorboard"))
     kwargs: dict[str, Any] = {}
     if config.strategy == "auto":
         kwargs["precision"] = "32-true"  # the module sets its own dtypes (bf16 base, fp32 LoRA)
@@ -321,7 +212,7 @@ def build_trainer(
         gradient_clip_algorithm="norm",
         log_every_n_steps=config.log_every_n_steps,
         callbacks=all_callbacks,
-        logger=CSVLogger(config.output_path, name="logs") if csv_logs else False,
+        logger=loggers or False,
         # The DataModule shards and orders samples itself, resumably (see datamodule.py).
         use_distributed_sampler=False,
         limit_val_batches=0,
@@ -338,6 +229,13 @@ def preflight(config: TrainConfig) -> tuple[DiTConfig, CacheInfo]:
     dit_config = read_dit_config(config.model)
     info = CacheInfo.load(config.cache_dir)
     info.check_dit(dit_config)
+    image_to_video = dit_config.in_channels == 2 * dit_config.out_channels
+    if config.validation_every_n_steps > 0 and image_to_video != bool(config.validation_images):
+        raise TrainConfigError(
+            "validation_images: an image-to-video model needs one input image per validation prompt"
+            if image_to_video
+            else "validation_images: only an image-to-video model takes input images; this one is text-to-video"
+        )
     return dit_config, info
 
 
@@ -403,6 +301,8 @@ def run_training(
                 cfg_scale=config.validation_cfg_scale,
                 seed=config.seed,
                 fps=config.validation_fps,
+                images=config.validation_images,
+                precision=config.precision,
             )
         )
     module = CogLoRAModule(config)
