@@ -190,7 +190,7 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
     if latents is None:  # the others need the latents to share the decode: the leader's are the same
         c = pipe.dit.config
         latents = torch.zeros(1, c.out_channels, (frames - 1) // 4 + 1, args.height // 8, args.width // 8)
-    latents = latents.to(pipe.device)
+    latents = latents.to(pipe.device).contiguous()  # a transposed view out of the loop; NCCL wants contiguous
     if pipe.parallel is not None and pipe.parallel.mesh.generation is not None:
         dist.broadcast(latents, src=pipe.parallel.mesh.leader, group=pipe.parallel.mesh.generation)
     if (frames, size) not in state["warm_decodes"]:

@@ -34,6 +34,7 @@ refuses masks.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -45,6 +46,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from diffsynth_cog.models.attention import BACKENDS
 from diffsynth_cog.models.dit import TokenLayout
+
+logger = logging.getLogger(__name__)
 
 BLOCK_SIZE = 128  # FlexAttention's tile (query and key tokens)
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -132,17 +135,28 @@ def block_mask_from_mask_mod(
 
 
 _compiled_flex: Callable[..., torch.Tensor] | None = None
+# Smaller tiles for GPUs where the compiler's default FlexAttention tiles need more shared memory than a block
+# may have (seen on an H200: 240 KiB asked, 227 KiB allowed); used from the first such failure on.
+SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2, "num_warps": 4}
+_kernel_options: dict[str, int] | None = None
 
 
 def flex_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
     """FlexAttention on [B, H, L, D] tensors with a block mask: traced in place inside compiled code, compiled
     once (``dynamic=False``) for eager calls on GPUs, the eager reference implementation on the CPU."""
-    global _compiled_flex
+    global _compiled_flex, _kernel_options
     if q.device.type != "cuda" or torch.compiler.is_compiling():
-        return flex_attention(q, k, v, block_mask=block_mask)
+        return flex_attention(q, k, v, block_mask=block_mask, kernel_options=_kernel_options)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask)
+    try:
+        return _compiled_flex(q, k, v, block_mask=block_mask, kernel_options=_kernel_options)
+    except Exception as e:  # the compiler's out-of-resources error (an InductorError wrapping it)
+        if _kernel_options is not None or "out of resource" not in str(e):
+            raise
+        logger.warning("FlexAttention's default tiles do not fit this GPU's shared memory; using %s", SMALL_TILES)
+        _kernel_options = dict(SMALL_TILES)
+        return _compiled_flex(q, k, v, block_mask=block_mask, kernel_options=_kernel_options)
 
 
 class MaskedAttention:
@@ -174,7 +188,7 @@ class MaskedAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         length = q.shape[1]
-        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, L, D] views
+        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, H, L, D], FlexAttention's layout
         if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense_mask(length))
         else:
