@@ -48,7 +48,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or "default" in text.lower():
+        no_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not action.option_strings or no_default or "default" in text.lower():
             return text
         return f"{text} (default: %(default)s)"
 
@@ -208,8 +209,12 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from diffsynth_cog.downloads import download_models
+    from diffsynth_cog.atomic import check_output_path
+    from diffsynth_cog.downloads import MANIFEST_FOLDER, download_models, get_preset
 
+    for name in args.names:  # a typo fails before any download
+        get_preset(name)
+    check_output_path(Path(args.models_dir) / MANIFEST_FOLDER / "check.json", what="--models-dir")
     paths = download_models(
         args.names,
         models_dir=args.models_dir,
@@ -233,22 +238,10 @@ def _resolve_model(args: argparse.Namespace) -> Path:
     )[0]
 
 
-def _resolve_lora(args: argparse.Namespace, model_dir: Path) -> Path | None:
-    """The LoRA file ``args.lora`` names for the model at ``model_dir`` (see ``cli_checks.choose_lora``)."""
-    from diffsynth_cog.cli_checks import ModelChoice, choose_lora, choose_model, fetch_models
-
-    model = choose_model(str(model_dir))
-    lora = choose_lora(args.lora, model, args.num_frames, args.models_dir)
-    local = ModelChoice(local=model_dir, preset=None, family=model.family, base_frames=model.base_frames)
-    return fetch_models(
-        local, lora, models_dir=args.models_dir, download=not args.no_download, progress=not args.no_progress
-    )[1]
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from diffsynth_cog import CogVideoPipeline, ModelManager, save_video
+    from diffsynth_cog import CogVideoPipeline, ModelManager
     from diffsynth_cog.cli_checks import check_generate_args, fetch_models
     from diffsynth_cog.models.attention import set_attention_backend
 
@@ -296,9 +289,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         progress_bar=not args.no_progress,
         step_cache=args.step_cache or None,
     )
-    save_video(frames, args.output, fps=args.fps, quality=args.quality)
+    save_or_rescue(frames, args.output, fps=args.fps, quality=args.quality)
     logger.info("wrote %s (%d frames)", args.output, len(frames))
     return 0
+
+
+def save_or_rescue(frames: Sequence, output: str | os.PathLike[str], **options) -> Path:
+    """``save_video``; when the output cannot be written at the end of a long run (the disk filled up meanwhile),
+    the frames go to the temporary folder instead, and the error says where: a generation is never lost."""
+    import tempfile
+
+    from diffsynth_cog.errors import WriteError
+    from diffsynth_cog.video_io import VideoWriteError, save_video
+
+    try:
+        return save_video(frames, output, **options)
+    except (WriteError, VideoWriteError) as error:
+        rescue = Path(tempfile.gettempdir()) / f"diffsynth-cog-{os.getpid()}-{Path(output).name}"
+        try:
+            save_video(frames, rescue, **options)
+        except (OSError, ValueError):
+            raise error from None
+        raise WriteError(f"{error}. The generated video was saved to {rescue} instead", error.errno) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -309,6 +309,8 @@ class CogVideoPipeline:
             raise ValueError("this transformer is an image-to-video model: pass input_image")
         if input_image is not None and not is_i2v:
             raise ValueError("input_image needs an I2V transformer (e.g. CogVideoX-5B-I2V)")
+        if isinstance(input_image, (str, os.PathLike)):
+            load_image(input_image)  # a missing or unreadable image fails now, not after the prompt is encoded
         if latents is not None and tuple(latents.shape) != latent_shape:
             raise ValueError(
                 f"latents must have shape {list(latent_shape)} for these settings; got {list(latents.shape)}"

@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def console_is_terminal() -> bool:
-    """Whether a progress bar can be drawn: tqdm draws on stderr."""
-    return sys.stderr.isatty()
+    """Whether a progress bar can be drawn: Lightning's tqdm bar draws on stdout."""
+    return sys.stdout.isatty()
 
 
 def _scalar(value: Any) -> float | None:
