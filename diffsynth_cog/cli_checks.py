@@ -1,6 +1,6 @@
 """What the command line checks before any download starts or any model loads, and what it picks by itself.
 
-``diffsynth-cog generate`` (and the web UI) run :func:`check_generate_args` first: every number (NaN and
+``diffsynth-cog generate`` runs :func:`check_generate_args` first (the web UI uses its parts): every number (NaN and
 out-of-range values included), the output file (container, a folder in the way, a read-only place, an
 existing file without ``--overwrite``, a full disk), the input image / video, the model (a local folder with
 every part it needs, or a download preset), the LoRA (a readable LoRA file, or a preset; ``auto`` decided
@@ -44,7 +44,7 @@ LONG_VIDEO_LORAS = {"cogvideox-5b": DEFAULT_LORA}
 GENERATE_PARTS = ("transformer", "text_encoder", "tokenizer", "vae")
 
 
-class ArgumentError(DiffSynthCogError, ValueError):
+class OptionError(DiffSynthCogError, ValueError):
     """A command-line value that cannot work; the message names the option, the valid values and what to do."""
 
 
@@ -86,7 +86,7 @@ def check_options(args: argparse.Namespace, checks: dict[str, Check]) -> None:
         except ValueError as error:
             problems.append(str(error))
     if problems:
-        raise ArgumentError("\n".join(problems))
+        raise OptionError("\n".join(problems))
 
 
 # --------------------------------------------------------------------------------------------- device
@@ -113,19 +113,19 @@ def resolve_device(name: str | None, option: str = "--device") -> str:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ArgumentError(f"{option} {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise OptionError(f"{option} {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ArgumentError(
+            raise OptionError(
                 f"{option} {name}: this machine has no CUDA GPU that torch can use (torch.cuda.is_available() is "
                 f"False; torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}). Use {option} auto "
                 f"(picks the CPU here) or {option} cpu"
             )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise ArgumentError(f"{option} {name}: there are {count} CUDA device(s) here, cuda:0..cuda:{count - 1}")
+            raise OptionError(f"{option} {name}: there are {count} CUDA device(s) here, cuda:0..cuda:{count - 1}")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ArgumentError(f"{option} {name}: the MPS backend is not available here; use {option} auto or cpu")
+        raise OptionError(f"{option} {name}: the MPS backend is not available here; use {option} auto or cpu")
     return name
 
 
@@ -160,7 +160,7 @@ class LoRAChoice:
 
 
 def check_model_folder(folder: ModelFolder, parts: tuple[str, ...] = GENERATE_PARTS) -> None:
-    """Raises ArgumentError unless ``folder`` has every part in ``parts``; reads and type-checks its VAE and
+    """Raises OptionError unless ``folder`` has every part in ``parts``; reads and type-checks its VAE and
     scheduler configs (the transformer's was read by the resolver). Config files and headers only."""
     from diffsynth_cog.configs import VAEConfig
     from diffsynth_cog.loading.state_dict import read_config
@@ -173,7 +173,7 @@ def check_model_folder(folder: ModelFolder, parts: tuple[str, ...] = GENERATE_PA
         except FileNotFoundError as error:
             missing.append(str(error))
     if missing:
-        raise ArgumentError("the model is incomplete:\n  " + "\n  ".join(missing))
+        raise OptionError("the model is incomplete:\n  " + "\n  ".join(missing))
     found = read_config(folder.vae) if folder.vae is not None else None
     if found is not None:
         VAEConfig.from_dict(found[0], source=str(found[1]))
@@ -196,16 +196,16 @@ def choose_model(model: str, parts: tuple[str, ...] = GENERATE_PARTS) -> ModelCh
         root = folder.root or folder.require("transformer")
         return ModelChoice(local=root, preset=None, family=dit_family(config), base_frames=config.sample_frames)
     if looks_like_path(model):
-        raise ArgumentError(
+        raise OptionError(
             f"--model {model}: no such folder ({local.resolve()}). Pass a CogVideoX model folder (text_encoder/, "
             f"tokenizer/, transformer/, vae/) or a download preset: {', '.join(models)}"
         )
     try:
         preset = get_preset(model)
     except KeyError as error:
-        raise ArgumentError(f"--model: {error}; or the path of a local model folder") from None
+        raise OptionError(f"--model: {error}; or the path of a local model folder") from None
     if preset.family is None:
-        raise ArgumentError(f"--model {model} is not a model preset ({preset.description or 'a LoRA'})")
+        raise OptionError(f"--model {model} is not a model preset ({preset.description or 'a LoRA'})")
     family = preset.family
     return ModelChoice(local=None, preset=model, family=family, base_frames=DIT_PRESETS[family].sample_frames)
 
@@ -244,17 +244,17 @@ def choose_lora(lora: str, model: ModelChoice, num_frames: int, models_dir: str 
         try:
             open_lora(path)  # the header: a safetensors LoRA, no pickle (its fit is checked when merged)
         except (ValueError, OSError) as error:
-            raise ArgumentError(f"--lora {lora}: {error}") from None
+            raise OptionError(f"--lora {lora}: {error}") from None
         return LoRAChoice(local=path)
     if looks_like_path(lora):
-        raise ArgumentError(
+        raise OptionError(
             f"--lora {lora}: no such file ({path.resolve()}). Pass a LoRA .safetensors file, a preset "
             f"({', '.join(preset_names())}), auto or none"
         )
     try:
         get_preset(lora)
     except KeyError as error:
-        raise ArgumentError(f"--lora: {error}; or a LoRA .safetensors file, auto or none") from None
+        raise OptionError(f"--lora: {error}; or a LoRA .safetensors file, auto or none") from None
     return LoRAChoice(preset=lora)
 
 
@@ -306,7 +306,7 @@ class GeneratePlan:
 def check_generate_args(args: argparse.Namespace) -> GeneratePlan:
     """Every check of ``diffsynth-cog generate`` that needs no download and no model weights (module docstring).
 
-    ``args.device`` is replaced by the device picked (``auto``). Raises ArgumentError (or the checks' own
+    ``args.device`` is replaced by the device picked (``auto``). Raises OptionError (or the checks' own
     errors) with a message; nothing is written.
     """
     from diffsynth_cog.atomic import check_output_path
@@ -324,10 +324,10 @@ def check_generate_args(args: argparse.Namespace) -> GeneratePlan:
         logger.info("--overwrite: %s will be replaced once the new video is complete", output)
     model = choose_model(args.model)
     if model.family == "cogvideox-5b-i2v" and not args.input_image:
-        raise ArgumentError(f"--model {args.model} is an image-to-video model: pass --input-image")
+        raise OptionError(f"--model {args.model} is an image-to-video model: pass --input-image")
     if args.input_image:
         if model.family != "cogvideox-5b-i2v":
-            raise ArgumentError(
+            raise OptionError(
                 f"--input-image needs an image-to-video model (--model CogVideoX-5B-I2V); {args.model} is {model.family}"
             )
         load_image(args.input_image)  # a missing or unreadable image fails here, not after loading

@@ -14,6 +14,11 @@ Layout of a cache folder::
 A record counts as finished only once its manifest line exists: the record file is renamed into
 place first and the line appended after, so a file without a line (an interrupted write) is
 redone and a line always points at a complete file. Readers merge every manifest.
+
+Each line and each record's header carry the record's key (:func:`record_key`: its caption, its clip's
+path, size and modification time, the cache settings). Prepare re-encodes a record whose dataset entry
+has another key now, and drops the records of entries that left the dataset (a ``"dropped": true`` line);
+of several lines for one index, the one that describes the file on disk wins, whatever manifest holds it.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Long-video training keeps only the DiT in the training process (ExVideo's recipe): prompts and clips
 are encoded ahead of time, here, and the trainer reads the results from a latent cache (layout in
 :mod:`diffsynth_cog.training.cache`). One record is written per clip, atomically; the step can be
-interrupted and re-run (finished records are not redone) and spread over several processes (sample
-``i`` goes to rank ``i % world_size``, each rank keeping its own manifest).
+interrupted and re-run (finished records are not redone; records whose caption, clip or settings
+changed are, and records of clips no longer in the index are dropped) and spread over several
+processes (sample ``i`` goes to rank ``i % world_size``, each rank keeping its own manifest).
 
 Latents are the posterior MEAN by default. The VAE posterior is a Gaussian; diffusers' trainers draw
 a fresh sample from it at every step, which a cache cannot do: a cached draw is frozen, so it adds
