@@ -20,11 +20,14 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
+from diffsynth_cog.cli_checks import DEFAULT_LORA, DEFAULT_MODEL
+
 logger = logging.getLogger("diffsynth_cog.cli")
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-DEFAULT_MODEL = "CogVideoX-5B"
-DEFAULT_LORA = "ExVideo-CogVideoX-LoRA-129f-v1"
+__all__ = ["DEFAULT_LORA", "DEFAULT_MODEL", "DTYPES", "build_parser", "main"]
+# Optional packages -> the extra that installs them (setup.py extras_require).
+EXTRAS = {"lightning": "train", "deepspeed": "train", "gradio": "webui"}
 # Kept in step with diffsynth_cog.models.attention.BACKENDS (a test checks), so that building the
 # parser does not import torch.
 ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-cudnn", "fa3", "flash-attn", "fa3-fp8", "sage")
@@ -43,6 +46,38 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already tells it or there is none (a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        no_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not action.option_strings or no_default or "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of the command and of each subcommand (they inherit its class): defaults in every help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def adopt_library_loggers(names: Sequence[str] = ("lightning", "lightning.pytorch", "lightning.fabric")) -> None:
+    """After importing a library that gives its loggers a console handler of its own (Lightning does, at
+    import), its lines go through our handler only: else each prints twice. Entry points only."""
+    if not logging.getLogger().handlers:
+        return
+    for name in names:
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):
+            if isinstance(handler, logging.StreamHandler):
+                library.removeHandler(handler)
+        library.propagate = True
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
@@ -50,51 +85,70 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         description="Generate a video. With the defaults: CogVideoX-5B + the ExVideo 129-frame LoRA, 480x720, "
         "129 frames. Models missing under --models-dir are downloaded from ModelScope first.",
     )
-    p.add_argument("--prompt", help="the text (or give --prompts)")
+    p.add_argument("--prompt", help="what the video shows (T5 reads about 226 tokens of it); or give --prompts")
     p.add_argument(
         "--prompts",
         metavar="FILE",
-        help="a batch: one prompt per line, or JSON lines {prompt, negative_prompt, seed, num_frames, output}; "
-        "outputs that exist are skipped (a re-run resumes); under torchrun spread over groups of --group-size ranks",
+        help="a batch instead of --prompt: one prompt per line, or JSON lines {prompt, negative_prompt, seed, "
+        "num_frames, output}; outputs that exist are skipped (a re-run resumes); under torchrun spread over groups "
+        "of --group-size ranks (default: none, one video from --prompt)",
     )
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--output", default="video.mp4", help="mp4 file to write (default: video.mp4)")
-    p.add_argument("--output-dir", default="videos", help="where --prompts writes its videos (default: videos)")
-    p.add_argument("--models-dir", default="models", help="where downloaded models live (default: models)")
+    p.add_argument("--negative-prompt", default="", help="what guidance steers away from (default: empty)")
+    p.add_argument(
+        "--output", default="video.mp4", help="video file to write: .mp4, .mkv or .mov (H.264); see --overwrite"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output (it stays until the new video is complete); without it an existing "
+        "file is refused before anything is loaded",
+    )
+    p.add_argument("--output-dir", default="videos", help="where --prompts writes its videos")
+    p.add_argument("--models-dir", default="models", help="where downloaded models live")
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help="a download preset (CogVideoX-2B, CogVideoX-5B, CogVideoX-5B-I2V) or a local model folder "
-        f"(text_encoder/, tokenizer/, transformer/, vae/, scheduler/). Default: {DEFAULT_MODEL}",
+        "(text_encoder/, tokenizer/, transformer/, vae/, scheduler/)",
     )
     p.add_argument(
         "--lora",
         default="auto",
-        help="LoRA file or preset to merge; 'auto' = the ExVideo 129-frame LoRA when --num-frames > 49 with "
-        "CogVideoX-5B, 'none' = no LoRA",
+        help="LoRA .safetensors file or preset to merge; 'auto' = the ExVideo 129-frame LoRA when --num-frames > 49 "
+        "with a CogVideoX-5B model (a preset or a local folder; taken from --models-dir, else downloaded), "
+        "'none' = no LoRA",
     )
-    p.add_argument("--lora-alpha", type=float, default=1.0)
-    p.add_argument("--num-frames", type=int, default=129, help="4k+1 frames (49 base, 129 with ExVideo)")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=720)
+    p.add_argument("--lora-alpha", type=float, default=1.0, help="strength of the merged LoRA")
+    p.add_argument("--num-frames", type=int, default=129, help="8k+1 frames (49 base, 129 with ExVideo)")
+    p.add_argument("--height", type=int, default=480, help="pixels, a multiple of 16")
+    p.add_argument("--width", type=int, default=720, help="pixels, a multiple of 16")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (DiffSynth's ExVideo example uses 100)")
-    p.add_argument("--cfg-scale", type=float, default=7.0)
+    p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance, >= 0 (<= 1 turns it off)")
     p.add_argument("--dynamic-cfg", action="store_true", help="guidance growing over the steps")
     p.add_argument(
         "--sampler",
         choices=["ddim", "dpm", "diffsynth"],
         default="ddim",
-        help="ddim (default), dpm, or diffsynth: DiffSynth-Studio 1.1.x's own DDIM and seed conventions",
+        help="ddim, dpm, or diffsynth: DiffSynth-Studio 1.1.x's own DDIM and seed conventions",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--quality", type=int, default=5, help="mp4 quality 1-10")
-    p.add_argument("--input-image", help="image to animate (needs CogVideoX-5B-I2V)")
-    p.add_argument("--input-video", help="video to edit (video-to-video)")
-    p.add_argument("--denoising-strength", type=float, default=0.7, help="for --input-video (0, 1]")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--offload", choices=["none", "model", "sequential"], default="none", help="memory mode")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--fps", type=int, default=8, help="frames per second of the written video")
+    p.add_argument("--quality", type=int, default=5, help="video quality 1-10 (10: near lossless)")
+    p.add_argument("--input-image", help="image to animate (needs CogVideoX-5B-I2V; default: none)")
+    p.add_argument("--input-video", help="video to edit (video-to-video; default: none)")
+    p.add_argument("--denoising-strength", type=float, default=0.7, help="for --input-video, in (0, 1]")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (the GPU when torch sees one, else the CPU, and says which), cpu, cuda or cuda:N",
+    )
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights' dtype")
+    p.add_argument(
+        "--offload",
+        choices=["none", "model", "sequential"],
+        default="none",
+        help="memory mode: model = each model on the GPU only while it runs, sequential = block by block",
+    )
     p.add_argument("--no-tiled-vae", action="store_true", help="decode without spatial tiling (more memory)")
     p.add_argument(
         "--quantize",
@@ -125,7 +179,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     _add_long_video(p)
     p.add_argument("--no-download", action="store_true", help="never download; fail if models are missing")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_parallel_options(p)
     p.set_defaults(func=cmd_generate)
 
@@ -221,12 +275,12 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
         description=f"Download presets into --models-dir (DiffSynth-Studio's layout). Presets: {preset_names()}",
     )
     p.add_argument("names", nargs="+", help="preset names")
-    p.add_argument("--models-dir", default="models")
+    p.add_argument("--models-dir", default="models", help="where downloaded models live")
     p.add_argument(
         "--endpoint", default=None, help="ModelScope endpoint (default: $MODELSCOPE_ENDPOINT or the public one)"
     )
     p.add_argument("--verify", action="store_true", help="re-check every local file against the repository")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_download)
 
 
@@ -239,9 +293,11 @@ def _add_upload(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path", help="the exported LoRA .safetensors file, or a folder")
     p.add_argument("--repo-id", required=True, help="owner/name on ModelScope")
-    p.add_argument("--token", default=None)
-    p.add_argument("--endpoint", default=None)
-    p.add_argument("--visibility", choices=["private", "public"], default="private")
+    p.add_argument("--token", default=None, help="ModelScope access token (default: $MODELSCOPE_API_TOKEN)")
+    p.add_argument(
+        "--endpoint", default=None, help="ModelScope endpoint (default: $MODELSCOPE_ENDPOINT or the public one)"
+    )
+    p.add_argument("--visibility", choices=["private", "public"], default="private", help="of a new repository")
     p.set_defaults(func=cmd_upload)
 
 
@@ -255,8 +311,12 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from diffsynth_cog.downloads import download_models
+    from diffsynth_cog.atomic import check_output_path
+    from diffsynth_cog.downloads import MANIFEST_FOLDER, download_models, get_preset
 
+    for name in args.names:  # a typo fails before any download
+        get_preset(name)
+    check_output_path(Path(args.models_dir) / MANIFEST_FOLDER / "check.json", what="--models-dir")
     paths = download_models(
         args.names,
         models_dir=args.models_dir,
@@ -270,37 +330,14 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def _resolve_model(args: argparse.Namespace) -> Path:
-    """A local model (a whole folder, or its transformer folder or file: the model folder around it is
-    used), else a download preset."""
-    local = Path(args.model).expanduser()
-    if local.exists():
-        from diffsynth_cog.loading.model_folder import resolve_model_folder
+    """The model folder of ``args.model`` (a local folder, or its transformer folder or file: the model folder
+    around it is used; else a download preset, fetched unless ``args.no_download``)."""
+    from diffsynth_cog.cli_checks import LoRAChoice, choose_model, fetch_models
 
-        folder = resolve_model_folder(local, part="transformer")
-        return folder.root or folder.require("transformer")
-    from diffsynth_cog.downloads import download_models, get_preset
-
-    preset = get_preset(args.model)
-    if args.no_download:
-        return preset.result_path(args.models_dir)
-    return download_models([args.model], models_dir=args.models_dir, progress=not args.no_progress)[0]
-
-
-def _resolve_lora(args: argparse.Namespace, model_dir: Path) -> Path | None:
-    choice = args.lora
-    if choice == "none":
-        return None
-    if choice == "auto":
-        if args.num_frames <= 49 or args.model != DEFAULT_MODEL:
-            return None
-        choice = DEFAULT_LORA
-    if Path(choice).is_file():
-        return Path(choice)
-    from diffsynth_cog.downloads import download_models, get_preset
-
-    if args.no_download:
-        return get_preset(choice).result_path(args.models_dir)
-    return download_models([choice], models_dir=args.models_dir, progress=not args.no_progress)[0]
+    model = choose_model(args.model)
+    return fetch_models(
+        model, LoRAChoice(), models_dir=args.models_dir, download=not args.no_download, progress=not args.no_progress
+    )[0]
 
 
 def _parallel_degrees(args: argparse.Namespace, world: int, batch: bool) -> dict[str, object]:
@@ -323,24 +360,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from diffsynth_cog import CogVideoPipeline, ModelManager
-    from diffsynth_cog.configs import check_num_frames, check_size
+    from diffsynth_cog.cli_checks import check_generate_args, fetch_models
     from diffsynth_cog.models.attention import set_attention_backend
     from diffsynth_cog.parallel.launch import init_distributed, main_rank_first
     from diffsynth_cog.parallel.prompts import read_prompt_file
 
-    # First: bad sizes, a missing kernel package, bad long-video options and a bad prompt file fail before any
+    # First: every input (a missing kernel package, bad long-video options, a bad prompt file) fails before any
     # download or loading.
     if (args.prompt is None) == (args.prompts is None):
         raise ValueError("give exactly one of --prompt TEXT and --prompts FILE")
     jobs = read_prompt_file(args.prompts, args.output_dir) if args.prompts else None
-    check_num_frames(args.num_frames)
-    check_size(args.height, args.width)
     set_attention_backend(args.attention)
+    plan = check_generate_args(args)
     options = _long_video_options(args)
     launch = init_distributed(args.device, timedelta(seconds=args.dist_timeout))
     args.device = launch.device  # cuda:LOCAL_RANK under torchrun
-    model_dir = main_rank_first(lambda: _resolve_model(args))  # rank 0 downloads, the others then find it
-    lora = main_rank_first(lambda: _resolve_lora(args, model_dir))
+    model_dir, lora = main_rank_first(  # rank 0 downloads, the others then find the files
+        lambda: fetch_models(
+            plan.model,
+            plan.lora,
+            models_dir=args.models_dir,
+            download=not args.no_download,
+            progress=not args.no_progress,
+        )
+    )
     dtype = getattr(torch, DTYPES[args.dtype])
     load_device = "cpu" if args.offload != "none" else args.device
     manager = ModelManager(torch_dtype=dtype, device=load_device)
@@ -359,15 +402,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if launch.distributed:
         pipe.enable_parallel(**_parallel_degrees(args, launch.world, batch=jobs is not None))
     if jobs is None:
-        _generate_one(pipe, args, options)
+        _generate_one(pipe, args, options, plan.input_video)
     else:
         _generate_batch(pipe, args, jobs, options)
     return 0
 
 
-def _generate_one(pipe, args: argparse.Namespace, options: dict) -> None:  # noqa: ANN001
+def _generate_one(pipe, args: argparse.Namespace, options: dict, input_video=None) -> None:  # noqa: ANN001
     """One video from the options; written by the rank that gets the result (the only one, or a group's first)."""
-    from diffsynth_cog import load_video, save_video
+    from diffsynth_cog import load_video
 
     common = dict(
         prompt=args.prompt,
@@ -386,11 +429,10 @@ def _generate_one(pipe, args: argparse.Namespace, options: dict) -> None:  # noq
         frames = pipe.extend_video(video, args.extend_by, context_frames=args.context_frames, **common)
         if frames is None:  # another rank of this video's group writes it
             return
-        save_video(frames, args.output, fps=args.fps, quality=args.quality)
+        save_or_rescue(frames, args.output, fps=args.fps, quality=args.quality)
         logger.info("wrote %s (%d frames: %d + %d new)", args.output, len(frames), len(video), args.extend_by)
         return
-    input_video = None
-    if args.input_video:
+    if input_video is None and args.input_video:
         input_video = load_video(args.input_video, height=args.height, width=args.width, num_frames=args.num_frames)
     frames = pipe(
         input_image=args.input_image,
@@ -404,7 +446,7 @@ def _generate_one(pipe, args: argparse.Namespace, options: dict) -> None:  # noq
     if frames is None:  # another rank of this video's group writes it
         return
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    save_video(frames, args.output, fps=args.fps, quality=args.quality)
+    save_or_rescue(frames, args.output, fps=args.fps, quality=args.quality)
     logger.info("wrote %s (%d frames)", args.output, len(frames))
 
 
@@ -435,9 +477,28 @@ def _generate_batch(pipe, args: argparse.Namespace, jobs: list, options: dict) -
     logger.info("this rank's group generated %d of the %d videos left", len(mine), len(todo))
 
 
+def save_or_rescue(frames: Sequence, output: str | os.PathLike[str], **options) -> Path:
+    """``save_video``; when the output cannot be written at the end of a long run (the disk filled up meanwhile),
+    the frames go to the temporary folder instead, and the error says where: a generation is never lost."""
+    import tempfile
+
+    from diffsynth_cog.errors import WriteError
+    from diffsynth_cog.video_io import VideoWriteError, save_video
+
+    try:
+        return save_video(frames, output, **options)
+    except (WriteError, VideoWriteError) as error:
+        rescue = Path(tempfile.gettempdir()) / f"diffsynth-cog-{os.getpid()}-{Path(output).name}"
+        try:
+            save_video(frames, rescue, **options)
+        except (OSError, ValueError):
+            raise error from None
+        raise WriteError(f"{error}. The generated video was saved to {rescue} instead", error.errno) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffsynth-cog", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = Parser(prog="diffsynth-cog", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages, and tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_download(sub)
@@ -460,13 +521,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    from diffsynth_cog.errors import DiffSynthCogError
-
     try:
         return int(args.func(args) or 0)
-    except (DiffSynthCogError, ValueError, FileNotFoundError) as e:
-        logger.error("%s", e)
+    except KeyboardInterrupt:
+        logger.error("interrupted; no file was left half-written (each is replaced only once complete)")
+        return 130
+    except Exception as e:
+        message = error_message(e, args.command)
+        if message is None or args.verbose:
+            raise
+        logger.error("%s", message)
         return 2
+
+
+def error_message(error: BaseException, command: str) -> str | None:
+    """The one-line message of an error a user can act on; None for a bug (its traceback is printed)."""
+    from diffsynth_cog.errors import DiffSynthCogError
+
+    if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in EXTRAS:
+        extra = EXTRAS[(error.name or "").split(".")[0]]
+        return (
+            f"diffsynth-cog {command} needs the {extra!r} extras, which are not installed (no module "
+            f"{error.name!r}): pip install 'diffsynth-cog[{extra}]' (or pip install -e '.[{extra}]' in a checkout)"
+        )
+    if isinstance(error, (DiffSynthCogError, ValueError, FileNotFoundError)):
+        return str(error)
+    if isinstance(error, OSError):  # a folder in the way, permissions, a full disk outside the atomic writer
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror or error}{where}"
+    if isinstance(error, RuntimeError) and "out of memory" in str(error):
+        return (
+            f"out of GPU memory ({str(error).splitlines()[0][:200]}). Try --offload model (or sequential), "
+            "--quantize int8, fewer --num-frames or a smaller size"
+        )
+    return None
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ of each family) and of the input checks every entry point shares (:func:`check_n
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +32,65 @@ VAE_SCALING_FACTORS: dict[str, float] = {"cogvideox-2b": 1.15258426, "cogvideox-
 DEFAULT_VAE_SCALING_FACTOR = VAE_SCALING_FACTORS["cogvideox-5b"]
 # Pixel frames per latent frame of the causal VAE (after the first frame, which is encoded alone).
 TEMPORAL_COMPRESSION = 4
+# Latent frames the VAE decodes per temporal chunk: the released checkpoints were trained on two-latent-frame
+# windows (models/vae.py). After the first latent frame they decode in pairs, so only an even number of latent
+# frames after the first decodes to exactly the frames encoded.
+VAE_LATENT_FRAMES_PER_CHUNK = 2
+# Valid frame counts are FRAME_MULTIPLE * k + 1 (49, 57, ..., 129).
+FRAME_MULTIPLE = TEMPORAL_COMPRESSION * VAE_LATENT_FRAMES_PER_CHUNK
 # Pixel sides: the VAE's 8x spatial compression times the DiT's 2x2 patches.
 SIZE_MULTIPLE = 16
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
+
+
+def _type_problem(annotation: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for a config field annotated ``annotation`` (as a string); None if it fits.
+
+    JSON gives int, float, bool, str, list and null: an int is accepted where a float is expected, a list of
+    the element type where a tuple is.
+    """
+    kind = annotation.replace(" ", "").removesuffix("|None")
+    if value is None:
+        return None if annotation.replace(" ", "").endswith("|None") else "a value (found null)"
+    if kind == "bool":
+        return None if isinstance(value, bool) else "true or false"
+    if kind == "int":
+        return None if _is_int(value) else "an integer"
+    if kind == "float":
+        return None if _is_number(value) else "a finite number"
+    if kind == "str":
+        return None if isinstance(value, str) else "a string"
+    element = re.fullmatch(r"tuple\[(\w+),\.\.\.\]", kind)
+    if element:
+        items_ok = isinstance(value, (list, tuple)) and all(_type_problem(element[1], v) is None for v in value)
+        return None if items_ok else f"a list of {element[1]} values"
+    return None  # a field type this check does not know: left to the class's own checks
+
+
+def check_field_types(cls: type, values: dict[str, Any], source: str) -> None:
+    """Raises ValueError naming the file, every field whose JSON value has the wrong type, the expected type
+    and the value found (before the class's own range checks, which would fail with a TypeError on them)."""
+    annotations = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(cls)}
+    problems = [
+        f"{key!r} must be {expected}, found {value!r}"
+        for key, value in values.items()
+        if key in annotations and (expected := _type_problem(annotations[key], value)) is not None
+    ]
+    if problems:
+        raise ValueError(f"{source}: wrong type for {cls.__name__} field(s): " + "; ".join(problems))
 
 
 def _from_dict(cls: type, values: dict[str, Any], *, source: str, ignored: frozenset[str]) -> Any:
@@ -58,6 +112,7 @@ def _from_dict(cls: type, values: dict[str, Any], *, source: str, ignored: froze
             unknown.append(key)
     if unknown:
         raise ValueError(f"{source}: unsupported config field(s) {sorted(unknown)} for {cls.__name__}")
+    check_field_types(cls, kwargs, source)
     return cls(**kwargs)
 
 
@@ -303,27 +358,31 @@ def vae_scaling_factor(family: str) -> float:
 # -- input checks -------------------------------------------------------------------------------------
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def check_num_frames(num_frames: int, multiple: int = FRAME_MULTIPLE, *, name: str = "num_frames") -> None:
+    """Raises ValueError unless ``num_frames`` is ``multiple * k + 1`` (k >= 0; ``multiple`` = 8 for CogVideoX).
 
-
-def check_num_frames(num_frames: int, compression: int = TEMPORAL_COMPRESSION, *, name: str = "num_frames") -> None:
-    """Raises ValueError unless ``num_frames`` is ``compression * k + 1`` (k >= 0).
-
-    The causal VAE encodes the first frame alone and then ``compression`` frames per latent frame.
-    The message names the value (as ``name``), the rule and the nearest valid values.
+    The causal VAE encodes the first frame alone, then 4 frames per latent frame, and decodes the latent
+    frames after the first in pairs: any other count comes out longer (53 frames are decoded as 56). Pass
+    :func:`frame_multiple` of a model's temporal compression. The message names the value (as ``name``),
+    the rule and the nearest valid values.
     """
-    if _is_int(num_frames) and num_frames >= 1 and (num_frames - 1) % compression == 0:
+    if _is_int(num_frames) and num_frames >= 1 and (num_frames - 1) % multiple == 0:
         return
     if not _is_int(num_frames):
-        raise ValueError(f"{name} must be an integer {compression}k+1 (e.g. 49, 129); got {num_frames!r}")
-    below = (num_frames - 1) // compression * compression + 1 if num_frames > 1 else None
-    above = below + compression if below is not None else 1
+        raise ValueError(f"{name} must be an integer {multiple}k+1 (e.g. 49, 129); got {num_frames!r}")
+    below = (num_frames - 1) // multiple * multiple + 1 if num_frames > 1 else None
+    above = below + multiple if below is not None else 1
     nearest = " or ".join(str(v) for v in (below, above) if v is not None)
     raise ValueError(
-        f"{name} must be {compression}k+1 (the VAE encodes the first frame alone, then {compression} frames per "
-        f"latent frame; e.g. 49, 129); got {num_frames}. Nearest valid values: {nearest}"
+        f"{name} must be {multiple}k+1 (e.g. 49, 129: the VAE encodes the first frame alone, then "
+        f"{multiple // VAE_LATENT_FRAMES_PER_CHUNK} frames per latent frame, and decodes the latent frames after the "
+        f"first in pairs, so other counts come out longer); got {num_frames}. Nearest valid values: {nearest}"
     )
+
+
+def frame_multiple(temporal_compression: int = TEMPORAL_COMPRESSION) -> int:
+    """The step of the valid frame counts for a VAE with this temporal compression (4 -> 8: 49, 57, ..., 129)."""
+    return temporal_compression * VAE_LATENT_FRAMES_PER_CHUNK
 
 
 _SIZE_REASON = "the VAE's 8x compression times the DiT's 2x2 patches"
@@ -356,3 +415,65 @@ def check_size(height: int, width: int, multiple: int = SIZE_MULTIPLE) -> None:
             f"height and width must be positive multiples of {multiple} ({_SIZE_REASON}); got {height}x{width}: "
             + "; ".join(problems)
         )
+
+
+def check_number(
+    value: object,
+    *,
+    name: str,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+    hint: str = "",
+) -> None:
+    """Raises ValueError unless ``value`` is a finite number (an integer with ``integer``) in the range.
+
+    ``low`` / ``high`` bound it (inclusive, or exclusive with ``low_open`` / ``high_open``); the message
+    names the value as ``name``, the valid range and what was found (NaN, a string, ...), then ``hint``.
+    """
+    kind = "an integer" if integer else "a number"
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    wanted = kind + (" " + " and ".join(parts) if parts else "")
+    ok = _is_int(value) if integer else _is_number(value)
+    if ok:
+        ok = (low is None or (value > low if low_open else value >= low)) and (
+            high is None or (value < high if high_open else value <= high)
+        )
+    if not ok:
+        raise ValueError(f"{name} must be {wanted}; got {value!r}" + (f". {hint}" if hint else ""))
+
+
+def check_cfg_scale(cfg_scale: object, *, name: str = "cfg_scale") -> None:
+    """Guidance scale: a finite number >= 0 (values <= 1 turn guidance off: one DiT pass per step).
+
+    NaN and negative values are refused: compared with 1 they would silently turn guidance off.
+    """
+    check_number(cfg_scale, name=name, low=0.0, hint="Values <= 1 turn classifier-free guidance off; 6-7 is usual")
+
+
+def check_generation_numbers(
+    *,
+    cfg_scale: object = 7.0,
+    num_inference_steps: object = 50,
+    denoising_strength: object = 1.0,
+    seed: object = None,
+) -> None:
+    """The numbers of one generation (pipeline call, command line, web UI): guidance, steps, strength, seed."""
+    check_cfg_scale(cfg_scale)
+    check_number(num_inference_steps, name="num_inference_steps", low=1, integer=True)
+    check_number(
+        denoising_strength,
+        name="denoising_strength",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        hint="1.0 = from pure noise; smaller keeps more of the input video",
+    )
+    if seed is not None:
+        check_number(seed, name="seed", low=-(2**63), high=2**64 - 1, integer=True)

@@ -91,6 +91,7 @@ class ModelPreset:
     allow_patterns: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
     description: str = ""
+    family: str | None = None  # a model's family (configs.FAMILIES), known before it is downloaded
 
     def __post_init__(self) -> None:
         if bool(self.files) == bool(self.allow_patterns):
@@ -150,6 +151,7 @@ def _cogvideox(name: str, repo: str, description: str) -> ModelPreset:
         allow_patterns=_COGVIDEOX_PATTERNS,
         required=_COGVIDEOX_REQUIRED,
         description=description,
+        family=name.lower(),
     )
 
 
@@ -497,8 +499,49 @@ def download_models(
     chosen = [get_preset(name, presets) for name in requested]  # fail on a bad name before any download
     root = Path(models_dir)
     effective_endpoint = _effective_endpoint(endpoint)
+    unreachable: list[DownloadError] = []
     for preset in tqdm(chosen, desc="models", unit="preset", disable=not progress or len(chosen) < 2):
-        _download_one(preset, root, effective_endpoint, verify=verify, max_workers=max_workers)
+        try:
+            _download_one(preset, root, effective_endpoint, verify=verify, max_workers=max_workers)
+        except DownloadError as error:
+            if not error.missing or error.failed:  # not "offline with files missing": nothing to gather
+                raise
+            unreachable.append(error)  # the other presets' missing files go into the same message
+    if unreachable:
+        raise _combined(unreachable)
+    return [preset.result_path(root) for preset in chosen]
+
+
+def _combined(errors: Sequence[DownloadError]) -> DownloadError:
+    """One error listing what every preset lacks, so that a user fetches everything in one go."""
+    if len(errors) == 1:
+        return errors[0]
+    missing: dict[str, Path] = {}
+    for error in errors:
+        missing.update(error.missing)
+    return DownloadError("\n".join(str(e) for e in errors), missing=missing)
+
+
+def check_local(
+    names: str | Sequence[str],
+    models_dir: str | os.PathLike[str] = "models",
+    *,
+    presets: Mapping[str, ModelPreset] | None = None,
+    reason: str = "downloads are off (--no-download)",
+) -> list[Path]:
+    """The local paths of presets that must not be downloaded; a DownloadError listing every missing file
+    of every preset (with the path to put it at) when any is incomplete. Reads file metadata only."""
+    requested = [names] if isinstance(names, str) else list(names)
+    chosen = [get_preset(name, presets) for name in requested]
+    root = Path(models_dir)
+    errors = []
+    for preset in chosen:
+        local_dir = preset.local_dir(root)
+        missing = _missing_offline(preset, local_dir, _read_manifest(root, preset))
+        if missing:
+            errors.append(DownloadError(_offline_message(preset, local_dir, missing, reason), missing=missing))
+    if errors:
+        raise _combined(errors)
     return [preset.result_path(root) for preset in chosen]
 
 

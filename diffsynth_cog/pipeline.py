@@ -32,7 +32,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffsynth_cog.configs import DiTConfig, check_num_frames, check_size, dit_family
+from diffsynth_cog.configs import (
+    DiTConfig,
+    check_generation_numbers,
+    check_num_frames,
+    check_size,
+    dit_family,
+    frame_multiple,
+)
 from diffsynth_cog.continuation import KeptFrames, check_extension, kept_latent_frames
 from diffsynth_cog.denoiser import AttentionPart, Denoiser, StepSkipper
 from diffsynth_cog.model_manager import ModelManager
@@ -358,7 +365,7 @@ class CogVideoPipeline:
             input_image: I2V conditioning image (needs an I2V transformer, 2 x latent channels in).
             input_video: frames to edit (video-to-video); ``denoising_strength`` in (0, 1] sets how much
                 of the schedule is run (1.0 = from pure noise).
-            height, width: multiples of 16. num_frames: 4k+1 (49; 129 with the ExVideo LoRA).
+            height, width: multiples of 16. num_frames: 8k+1 (49; 129 with the ExVideo LoRA).
             cfg_scale: classifier-free guidance (<= 1 disables it: one DiT pass per step).
             sampler: "ddim" (deterministic), "dpm" (stochastic; its noise comes from the generator), or
                 "diffsynth": DiffSynth-Studio 1.1.x's own DDIM and conventions (its noise from a seed, latents in
@@ -394,15 +401,22 @@ class CogVideoPipeline:
         latent_shape = latent_shape_for(config, num_frames, height, width)
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent'; got {output_type!r}")
-        if not 0.0 < denoising_strength <= 1.0:
-            raise ValueError(f"denoising_strength must be in (0, 1]; got {denoising_strength}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1; got {num_inference_steps}")
+        check_generation_numbers(
+            cfg_scale=cfg_scale,
+            num_inference_steps=num_inference_steps,
+            denoising_strength=denoising_strength,
+            seed=seed,
+        )
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if not (isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text))):
+                raise ValueError(f"{name} must be a string (or a list of strings); got {type(text).__name__}")
         is_i2v = config.in_channels != config.out_channels
         if is_i2v and input_image is None:
             raise ValueError("this transformer is an image-to-video model: pass input_image")
         if input_image is not None and not is_i2v:
             raise ValueError("input_image needs an I2V transformer (e.g. CogVideoX-5B-I2V)")
+        if isinstance(input_image, (str, os.PathLike)):
+            load_image(input_image)  # a missing or unreadable image fails now, not after the prompt is encoded
         if latents is not None and tuple(latents.shape) != latent_shape:
             raise ValueError(
                 f"latents must have shape {list(latent_shape)} for these settings; got {list(latents.shape)}"
@@ -561,7 +575,7 @@ class CogVideoPipeline:
 
 def latent_shape_for(config: DiTConfig, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
     """The latents [1, C, T, H/8, W/8] of one video; checks the frame count and the size."""
-    check_num_frames(num_frames, config.temporal_compression_ratio)
+    check_num_frames(num_frames, frame_multiple(config.temporal_compression_ratio))
     check_size(height, width)
     frames = (num_frames - 1) // config.temporal_compression_ratio + 1
     return (1, config.out_channels, frames, height // 8, width // 8)

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffsynth_cog.configs import check_field_types
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_BETA_SCHEDULES = ("scaled_linear",)
@@ -107,6 +109,7 @@ class SchedulerConfig:
                 unknown.append(key)
         if unknown:
             raise ValueError(f"{source}: unsupported scheduler config field(s) {sorted(unknown)}")
+        check_field_types(cls, kwargs, source)
         defaulted = sorted(names - set(kwargs))
         if defaulted:
             logger.info("%s: %s not given, using the CogVideoX defaults", source, defaulted)

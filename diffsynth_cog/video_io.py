@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,17 +26,24 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
-from .errors import DiffSynthCogError
+from .configs import check_number
+from .errors import DiffSynthCogError, WriteError
 
 logger = logging.getLogger(__name__)
 
 VideoLike = Sequence[Image.Image] | Sequence[np.ndarray] | np.ndarray | torch.Tensor
 
 _MIN_QUALITY, _MAX_QUALITY = 1, 10
+# Containers that hold the H.264 (yuv420p) stream save_video writes.
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")
 
 
 class VideoReadError(DiffSynthCogError, OSError):
     """A video file is missing, unreadable or corrupt (ffmpeg could not decode it)."""
+
+
+class VideoWriteError(DiffSynthCogError, OSError):
+    """ffmpeg could not write a complete, readable video (the target was left as it was)."""
 
 
 class VideoTooShortError(DiffSynthCogError, ValueError):
@@ -180,14 +188,14 @@ def save_video(
         or not _MIN_QUALITY <= quality <= _MAX_QUALITY
     ):
         raise ValueError(f"quality must be a number in [{_MIN_QUALITY}, {_MAX_QUALITY}]; got {quality!r}")
-    if not fps > 0:
-        raise ValueError(f"fps must be positive; got {fps!r}")
+    check_number(fps, name="fps", low=0, low_open=True)
+    target = check_video_path(path)
     video = _pad_to_even(_video_to_uint8(frames))  # [F, H, W, 3] uint8
     num_frames, height, width = video.shape[:3]
 
-    target = Path(path)
     import imageio_ffmpeg  # imported on use: the library must import on machines without ffmpeg
 
+    replacing = target.is_file()
     # The temporary file keeps the suffix: ffmpeg picks the container from it.
     with atomic_path(target) as partial:
         writer = imageio_ffmpeg.write_frames(
@@ -205,10 +213,60 @@ def save_video(
             writer.send(None)  # start ffmpeg
             for frame in tqdm(video, total=num_frames, desc="save_video", unit="frame", disable=not progress):
                 writer.send(np.ascontiguousarray(frame))
+        except OSError as error:  # ffmpeg stopped (full disk, bad container): its own words, not a traceback
+            if isinstance(error, WriteError):
+                raise
+            raise VideoWriteError(f"ffmpeg failed writing {target}: {_ffmpeg_reason(error)}") from error
         finally:
             writer.close()  # waits for ffmpeg to finish the file
-    logger.info("saved %d frames (%dx%d, %s fps) to %s", num_frames, width, height, fps, target)
+        # ffmpeg may exit 0 with a truncated or empty file (e.g. "Error writing trailer" on a full disk): the
+        # file replaces the target only once it reads back whole.
+        _verify_written(partial, target, num_frames)
+    logger.info(
+        "saved %d frames (%dx%d, %s fps) to %s%s",
+        num_frames,
+        width,
+        height,
+        fps,
+        target,
+        " (replacing the file that was there)" if replacing else "",
+    )
     return target
+
+
+def check_video_path(path: str | os.PathLike[str]) -> Path:
+    """The path as a Path, if :func:`save_video` can write its container; else a ValueError naming the suffix.
+
+    save_video writes H.264 (yuv420p), which ``.mp4``, ``.mkv`` and ``.mov`` hold. A GIF or a WebM needs
+    another encoder: convert the mp4 afterwards (``ffmpeg -i video.mp4 video.gif``).
+    """
+    target = Path(path).expanduser()
+    if target.suffix.lower() not in VIDEO_SUFFIXES:
+        got = f"{target.suffix!r}" if target.suffix else "no suffix"
+        raise ValueError(
+            f"cannot write {target}: videos are written as H.264 in {', '.join(VIDEO_SUFFIXES)} files; got {got}. "
+            "Write an .mp4 and convert it afterwards if you need another format (e.g. ffmpeg -i video.mp4 video.gif)"
+        )
+    return target
+
+
+def _verify_written(partial: Path, target: Path, num_frames: int) -> None:
+    """Raises VideoWriteError unless ``partial`` decodes to ``num_frames`` frames."""
+    import imageio_ffmpeg
+
+    try:
+        found, _ = imageio_ffmpeg.count_frames_and_secs(str(partial))
+    except (OSError, RuntimeError) as error:
+        found, reason = None, _ffmpeg_reason(error)
+    else:
+        reason = f"it holds {found} frames"
+    if found != num_frames:
+        full = shutil.disk_usage(partial.parent).free < 1024 * 1024
+        raise VideoWriteError(
+            f"ffmpeg did not write {target} completely ({reason}; expected {num_frames} frames)"
+            + ("; the disk is full: free some space or write somewhere else" if full else "")
+            + f"; {'the existing file was left as it was' if target.exists() else 'nothing was written'}"
+        )
 
 
 # --------------------------------------------------------------------------------------------- reading

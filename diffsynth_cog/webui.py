@@ -18,6 +18,7 @@ the system's fonts (no Google Fonts), there is no share link, and the server bin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import threading
@@ -110,7 +111,7 @@ def run_job(
     """One generation: checks the inputs, gets the pipeline, denoises with progress, writes the mp4.
 
     Raises ValueError (or a DiffSynthCogError) with a message for the user on bad input."""
-    from diffsynth_cog.configs import check_num_frames
+    from diffsynth_cog.configs import check_generation_numbers, check_num_frames
     from diffsynth_cog.video_io import save_video
 
     if not prompt or not prompt.strip():
@@ -118,11 +119,10 @@ def run_job(
     try:
         frames = int(num_frames)
     except (TypeError, ValueError):
-        raise ValueError(f"frames must be a whole number (4k+1, e.g. 49 or 129); got {num_frames!r}") from None
-    check_num_frames(frames)
+        raise ValueError(f"frames must be a whole number (8k+1, e.g. 49 or 129); got {num_frames!r}") from None
+    check_num_frames(frames, name="frames")
     steps, seed = int(steps), int(seed)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1; got {steps}")
+    check_generation_numbers(cfg_scale=cfg_scale, num_inference_steps=steps, seed=seed)
     setup = ModelSetup(setup.lora, float(setup.lora_alpha), setup.memory, setup.attention, frames)
 
     start = time.perf_counter()
@@ -151,7 +151,12 @@ def run_job(
     if progress is not None:
         progress(1.0, desc="writing the mp4")
     options.output_dir.mkdir(parents=True, exist_ok=True)
-    path = options.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-seed{seed}-{frames}f.mp4"
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-seed{seed}-{frames}f"
+    path = options.output_dir / f"{stem}.mp4"
+    for n in range(1, 1000):  # two jobs in one second with one seed: a new name, never an overwrite
+        if not path.exists():
+            break
+        path = options.output_dir / f"{stem}-{n}.mp4"
     save_video(video, path, fps=options.fps)
     seconds = time.perf_counter() - start
     status = (
@@ -219,7 +224,7 @@ def build_ui(factory: PipelineFactory, options: UIOptions | None = None) -> gr.B
                     frames = gr.Dropdown(
                         frame_choices,
                         value=str(options.num_frames),
-                        label="Frames (4k+1)",
+                        label="Frames (8k+1)",
                         allow_custom_value=True,
                         elem_id="frames",
                     )
@@ -281,6 +286,7 @@ class ModelPipelines:
         self.args = args
         self.pipe: CogVideoPipeline | None = None
         self.manager: Any = None
+        self.model: Any = None  # cli_checks.ModelChoice of the loaded model
         self.lora: tuple[Path | None, float] = (None, 0.0)
         self.lock = threading.Lock()
 
@@ -288,21 +294,28 @@ class ModelPipelines:
         import torch
 
         from diffsynth_cog import CogVideoPipeline, ModelManager
-        from diffsynth_cog.cli import DTYPES, _resolve_lora, _resolve_model
+        from diffsynth_cog.cli import DTYPES
+        from diffsynth_cog.cli_checks import LoRAChoice, choose_lora, choose_model, fetch_models, resolve_device
         from diffsynth_cog.models.attention import set_attention_backend
 
         if setup.memory not in MEMORY_MODES:
             raise ValueError(f"memory mode must be one of {MEMORY_MODES}; got {setup.memory!r}")
+        fetch = dict(
+            models_dir=self.args.models_dir, download=not self.args.no_download, progress=not self.args.no_progress
+        )
         with self.lock:
             set_attention_backend(setup.attention)
             if self.pipe is None:
-                model_dir = _resolve_model(self.args)
+                model = choose_model(self.args.model)
+                model_dir, _ = fetch_models(model, LoRAChoice(), **fetch)
+                self.model = dataclasses.replace(model, local=model_dir, preset=None)
+                device = resolve_device(self.args.device)
                 # Loaded on the CPU; the pipeline moves what the memory mode keeps on the device.
                 self.manager = ModelManager(torch_dtype=getattr(torch, DTYPES[self.args.dtype]), device="cpu")
                 self.manager.load_models([model_dir])
-                self.pipe = CogVideoPipeline.from_model_manager(self.manager, device=self.args.device)
-            lora_args = argparse.Namespace(**{**vars(self.args), "lora": setup.lora, "num_frames": setup.num_frames})
-            lora = _resolve_lora(lora_args, Path(self.args.model))
+                self.pipe = CogVideoPipeline.from_model_manager(self.manager, device=device)
+            choice = choose_lora(setup.lora, self.model, setup.num_frames, self.args.models_dir)
+            _, lora = fetch_models(self.model, choice, **fetch)
             wanted = (lora, setup.lora_alpha if lora is not None else 0.0)
             if wanted != self.lora:
                 self.manager.clear_loras()
@@ -326,7 +339,18 @@ def local_loras(models_dir: str | Path) -> list[str]:
 
 
 def cmd_webui(args: argparse.Namespace) -> int:
+    from diffsynth_cog.atomic import check_output_path
     from diffsynth_cog.cli import ATTENTION_BACKENDS
+    from diffsynth_cog.cli_checks import choose_model, resolve_device
+    from diffsynth_cog.configs import check_size
+
+    # Before serving: a typo in --model, a size or a device, or an output folder that cannot be written fails
+    # now, not at the first job.
+    check_size(args.height, args.width)
+    choose_model(args.model)
+    args.device = resolve_device(args.device)
+    check_output_path(Path(args.output_dir) / "video.mp4", what="--output-dir")
+    _gradio()  # the webui extra: an install hint instead of a traceback
 
     options = UIOptions(
         output_dir=Path(args.output_dir),
@@ -352,16 +376,18 @@ def add_webui_command(sub: argparse._SubParsersAction) -> None:
         "and attention modes, with a progress bar and the video to watch and download. One job at a time; "
         "the model is loaded on the first job. Needs the webui extra: pip install 'diffsynth-cog[webui]'.",
     )
-    p.add_argument("--models-dir", default="models", help="where downloaded models live (default: models)")
+    p.add_argument("--models-dir", default="models", help="where downloaded models live")
     p.add_argument("--model", default=DEFAULT_MODEL, help="a download preset or a local model folder")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=720)
-    p.add_argument("--output-dir", default="outputs", help="where the videos are written (default: outputs)")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument(
+        "--device", default="auto", help="auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
+    )
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights' dtype")
+    p.add_argument("--height", type=int, default=480, help="pixels, a multiple of 16")
+    p.add_argument("--width", type=int, default=720, help="pixels, a multiple of 16")
+    p.add_argument("--output-dir", default="outputs", help="where the videos are written (new names, never replaced)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on")
     p.add_argument("--queue-size", type=int, default=16, help="jobs that may wait behind the running one")
     p.add_argument("--no-download", action="store_true", help="never download; fail if models are missing")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars in the console")
     p.set_defaults(func=cmd_webui)

@@ -60,7 +60,7 @@ def test_generate_rejects_bad_frame_counts_with_a_suggestion(folder, tmp_path, c
     args = ["generate", "--prompt", "x", "--model", str(folder), "--lora", "none", "--device", "cpu"]
     args += ["--dtype", "fp32", "--num-frames", "50", "--height", "32", "--width", "48", "--no-download"]
     assert main(args + ["--output", str(tmp_path / "x.mp4")]) == 2
-    assert "Nearest valid values: 49 or 53" in caplog.text
+    assert "Nearest valid values: 49 or 57" in caplog.text
     assert "loaded cog_" not in caplog.text  # checked before any model was loaded
     assert not (tmp_path / "x.mp4").exists()
 

@@ -15,17 +15,17 @@ from diffsynth_cog.configs import (
 from diffsynth_cog.schedulers import scheduler_preset
 
 
-@pytest.mark.parametrize("frames", [1, 5, 49, 129])
+@pytest.mark.parametrize("frames", [1, 9, 49, 57, 129])
 def test_valid_frame_counts_pass(frames):
     check_num_frames(frames)
 
 
 @pytest.mark.parametrize(
     "frames,nearest",
-    [(48, "45 or 49"), (50, "49 or 53"), (2, "1 or 5"), (0, ": 1$"), (-7, ": 1$")],
+    [(48, "41 or 49"), (50, "49 or 57"), (53, "49 or 57"), (2, "1 or 9"), (0, ": 1$"), (-7, ": 1$")],
 )
 def test_invalid_frame_count_names_value_rule_and_nearest_valid_values(frames, nearest):
-    with pytest.raises(ValueError, match=rf"num_frames must be 4k\+1 .*got {frames}\. Nearest valid values") as info:
+    with pytest.raises(ValueError, match=rf"num_frames must be 8k\+1 .*got {frames}\. Nearest valid values") as info:
         check_num_frames(frames)
     assert info.match(nearest)
 
@@ -51,10 +51,10 @@ def test_every_entry_point_uses_the_same_frame_rule(tmp_path):
     from diffsynth_cog.training.config import TrainConfig, TrainConfigError
     from diffsynth_cog.training.data import VideoClipDataset
 
-    with pytest.raises(ValueError, match="Nearest valid values: 49 or 53"):
+    with pytest.raises(ValueError, match="Nearest valid values: 49 or 57"):
         VideoClipDataset([], num_frames=50)
     common = dict(model=str(tmp_path), cache_dir=str(tmp_path), output_dir=str(tmp_path))
-    with pytest.raises(TrainConfigError, match=r"validation_num_frames: validation_num_frames must be 4k\+1.*49 or 53"):
+    with pytest.raises(TrainConfigError, match=r"validation_num_frames: validation_num_frames must be 8k\+1.*49 or 57"):
         TrainConfig(**common, validation_num_frames=50)
     with pytest.raises(TrainConfigError, match=r"validation_width: .*got 100 \(nearest valid: 96 or 112\)"):
         TrainConfig(**common, validation_width=100)

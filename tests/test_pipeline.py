@@ -168,7 +168,7 @@ def test_video_to_video_runs_the_last_steps_of_the_schedule(ours):
 
 @pytest.mark.parametrize("frames", [48, 50, 0])
 def test_invalid_frame_count_suggests_nearest_valid(frames):
-    with pytest.raises(ValueError, match="4k\\+1.*Nearest valid values"):
+    with pytest.raises(ValueError, match="8k\\+1.*Nearest valid values"):
         check_num_frames(frames)
 
 

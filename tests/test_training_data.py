@@ -207,7 +207,7 @@ def test_clip_dataset_returns_resized_clips_and_reports_bad_ones(dataset_dir: Pa
     missing = VideoClipDataset([VideoSample(dataset_dir / "nope.mp4", "x", 7)], NUM_FRAMES, on_error="report")[0]
     assert isinstance(missing, SkippedSample) and missing.reason == "missing"
 
-    with pytest.raises(ValueError, match=r"4k\+1"):
+    with pytest.raises(ValueError, match=r"8k\+1"):
         VideoClipDataset(samples, num_frames=8)
 
 
@@ -341,9 +341,9 @@ def test_prepare_refuses_a_cache_made_with_other_settings(
 ) -> None:
     sample = load_dataset_index(dataset_dir)[0]
     run_prepare(encoders, [sample], tmp_path / "c")
-    with pytest.raises(CacheError, match=r"num_frames: 9 vs 5"):
-        run_prepare(encoders, [sample], tmp_path / "c", num_frames=5)
-    with pytest.raises(ValueError, match=r"4k\+1"):
+    with pytest.raises(CacheError, match=r"num_frames: 9 vs 17"):
+        run_prepare(encoders, [sample], tmp_path / "c", num_frames=17)
+    with pytest.raises(ValueError, match=r"8k\+1"):
         run_prepare(encoders, [sample], tmp_path / "d", num_frames=8)
 
 

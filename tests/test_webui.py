@@ -119,7 +119,7 @@ def test_run_job_writes_the_video_and_rejects_bad_input(tiny_pipe: CogVideoPipel
     assert [a[0] for a in seen if isinstance(a[0], tuple)] == [(1, 2), (2, 2)]  # one update per step
     for bad, message in [
         (dict(prompt=" ", num_frames=9), "write a prompt"),
-        (dict(prompt="x", num_frames=10), "4k\\+1"),
+        (dict(prompt="x", num_frames=10), "8k\\+1"),
     ]:
         with pytest.raises(ValueError, match=message):
             run_job(factory, options, setup=setup, **bad, **kwargs)

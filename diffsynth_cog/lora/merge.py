@@ -72,12 +72,13 @@ def merge_lora(
     can undo any number of stacked merges bitwise. Raises ``LoRAError`` (model untouched) when
     anything in the LoRA does not fit.
     """
-    if not math.isfinite(alpha):
-        raise LoRAError(f"alpha must be a finite number, got {alpha}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise LoRAError(f"alpha must be a finite number, got {alpha!r}")
     tensors = open_lora(lora)
+    record = _record(model)
+    _refuse_second_merge(record, tensors.source, alpha)
     fmt, alpha_source, pairs = plan_merge(model, tensors, alpha, lora_config)
     modules = dict(model.named_modules())
-    record = _record(model)
     first_touch: list[str] = []
     done: list[LoRAPair] = []
     try:
@@ -89,8 +90,10 @@ def merge_lora(
                     first_touch.append(p.module)
                 a = get(p.key_a).to(weight.device, torch.float32)  # [r, in]
                 b = get(p.key_b).to(weight.device, torch.float32)  # [out, r]
-                merged = weight.float() + p.scale * (b @ a)  # [out, in]
-                weight.copy_(merged.to(weight.dtype))
+                merged = (weight.float() + p.scale * (b @ a)).to(weight.dtype)  # [out, in]
+                if not bool(torch.isfinite(merged).all()):
+                    raise LoRAError(_overflow_message(tensors.source, p.module, merged, weight.dtype, alpha))
+                weight.copy_(merged)
                 done.append(p)
     except BaseException:
         _roll_back(modules, record, first_touch, done, tensors)
@@ -118,6 +121,35 @@ def merge_lora(
         alpha_source,
     )
     return report
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # not files (a state dict's source), or gone
+        return False
+
+
+def _refuse_second_merge(record: _LoRARecord, source: str, alpha: float) -> None:
+    """A file merged twice would double its effect without a word: refused, naming the alpha it has."""
+    for earlier in record.merged:
+        if _same_file(earlier.source, source):
+            raise LoRAError(
+                f"{source} is already merged into this model (alpha {earlier.alpha:g}); merging it again would "
+                f"double its effect. For a stronger LoRA pass a larger alpha once (e.g. lora_alpha="
+                f"{earlier.alpha + alpha:g}); to start over call ModelManager.clear_loras() "
+                "(or restore_base_weights(model)) first. No weight was changed"
+            )
+
+
+def _overflow_message(source: str, module: str, merged: torch.Tensor, dtype: torch.dtype, alpha: float) -> str:
+    bad = int((~torch.isfinite(merged)).sum())
+    limit = torch.finfo(dtype).max
+    return (
+        f"{source}: merging into {module!r} gives {bad} values that are inf or NaN in {str(dtype).removeprefix('torch.')}"
+        f" (largest finite value {limit:.4g}), at alpha {alpha:g}. The merge was rolled back; no weight was "
+        "changed. Load the model in bfloat16 or float32 (torch_dtype / --dtype bf16), or use a smaller alpha"
+    )
 
 
 def _roll_back(

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import T5EncoderModel
 
 from diffsynth_cog.configs import DEFAULT_MAX_LENGTH
+from diffsynth_cog.errors import shorten
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class CogTextEncoder(nn.Module):
                     i,
                     len(seq),
                     self.max_length,
-                    removed,
+                    shorten(removed),
                 )
         return ids
 

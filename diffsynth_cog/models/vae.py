@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffsynth_cog.configs import VAEConfig
+from diffsynth_cog.configs import VAE_LATENT_FRAMES_PER_CHUNK, VAEConfig
 from diffsynth_cog.tiling import DEFAULT_TILE_OVERLAP, TileGrid, TileSpec, map_tiles, pair
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,9 @@ ConvCache = dict[str, torch.Tensor]
 
 # Latent frames decoded per chunk. The released VAE was trained on two-latent-frame windows
 # (8 pixel frames); other chunk sizes change the GroupNorm statistics and give visibly worse
-# frames, so this is a property of the checkpoints rather than a tuning knob.
-LATENT_FRAMES_PER_CHUNK = 2
+# frames, so this is a property of the checkpoints rather than a tuning knob (it is why frame
+# counts are 8k+1: configs.check_num_frames).
+LATENT_FRAMES_PER_CHUNK = VAE_LATENT_FRAMES_PER_CHUNK
 
 # The checkpoints' spatial norms and the encoder's output norm use eps 1e-6 whatever
 # ``norm_eps`` says (only the plain resnet GroupNorms follow ``norm_eps``). Every released

@@ -17,11 +17,17 @@ Layout of a cache folder::
 A record counts as finished only once its manifest line exists: the record file is renamed into
 place first and the line appended after, so a file without a line (an interrupted write) is
 redone and a line always points at a complete file. Readers merge every manifest.
+
+Each line and each record's header carry the record's key (:func:`record_key`: its caption, its clip's
+path, size and modification time, the cache settings). Prepare re-encodes a record whose dataset entry
+has another key now, and drops the records of entries that left the dataset (a ``"dropped": true`` line);
+of several lines for one index, the one that describes the file on disk wins, whatever manifest holds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -200,6 +206,10 @@ class CacheInfo:
             raise CacheError(f"{path}: not valid JSON ({error})") from error
         return cls.from_dict(values, source=str(path))
 
+    def record_settings(self) -> dict[str, Any]:
+        """The settings every record is made with (part of each record's key, see :func:`record_key`)."""
+        return {name: getattr(self, name) for name in self.MUST_MATCH}
+
     def differences(self, other: CacheInfo) -> list[str]:
         """'name: self vs other' for every :attr:`MUST_MATCH` field that differs."""
         return [
@@ -255,16 +265,36 @@ class CacheInfo:
 # --------------------------------------------------------------------------------------------- manifests
 @dataclass(frozen=True)
 class CacheRecord:
-    """One finished record, as a manifest line describes it."""
+    """One manifest line: a finished record, or (``dropped``) the note that prepare removed the record of
+    ``index`` because what it was made from changed or left the dataset."""
 
     index: int
     file: str  # record file name, relative to the cache folder
     source: str  # the video it was encoded from
     prompt: str
     bytes: int  # size of the record file when it was finished
+    key: str = ""  # record_key of what it was made from ("" in caches of older versions); also in the file's header
+    dropped: bool = False
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)
+        values = dataclasses.asdict(self)
+        if not self.dropped:
+            del values["dropped"]
+        return json.dumps(values, ensure_ascii=False, sort_keys=True)
+
+
+def record_key(source: str | os.PathLike[str], prompt: str, settings: Mapping[str, Any]) -> str:
+    """What a record is made from, as a digest: the caption, the clip (its path, size and modification time:
+    a replaced or re-encoded clip changes it) and the cache settings. Prepare re-encodes a record whose key
+    differs from the one its dataset entry has now."""
+    path = Path(source)
+    try:
+        stat = path.stat()
+        clip: list[Any] = [str(path), stat.st_size, stat.st_mtime_ns]
+    except OSError:  # a missing clip: skipped by prepare, but it still has a key
+        clip = [str(path), None, None]
+    text = json.dumps({"prompt": prompt, "clip": clip, "settings": dict(settings)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 def _parse_manifest_line(line: str, where: str) -> CacheRecord:
@@ -276,6 +306,8 @@ def _parse_manifest_line(line: str, where: str) -> CacheRecord:
             source=str(values.get("source", "")),
             prompt=str(values.get("prompt", "")),
             bytes=int(values["bytes"]),
+            key=str(values.get("key", "")),
+            dropped=bool(values.get("dropped", False)),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CacheError(
@@ -284,7 +316,7 @@ def _parse_manifest_line(line: str, where: str) -> CacheRecord:
 
 
 def iter_manifest(path: Path) -> Iterator[CacheRecord]:
-    """Records of one manifest file. An incomplete LAST line (a process stopped mid-append, or one
+    """Lines of one manifest file. An incomplete LAST line (a process stopped mid-append, or one
     still writing) is skipped with a warning; an unparsable line elsewhere is a CacheError."""
     lines = path.read_text(encoding="utf-8").split("\n")
     for number, line in enumerate(lines, start=1):
@@ -300,12 +332,52 @@ def iter_manifest(path: Path) -> Iterator[CacheRecord]:
             raise CacheError(f"{where}: corrupt manifest line ({error}): {line[:200]}") from error
 
 
-def read_manifests(cache_dir: str | os.PathLike[str]) -> dict[int, CacheRecord]:
-    """Merged manifests of a cache: dataset index -> record (a later line for the same index wins)."""
-    merged: dict[int, CacheRecord] = {}
-    for path in manifest_paths(Path(cache_dir)):
+def header_key(path: Path) -> str:
+    """The key a record file was written with (its header's ``key``; "" for older caches or unreadable files)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("key", "")
+    except (SafetensorError, OSError):
+        return ""
+
+
+def _resolve(cache_dir: Path, lines: list[CacheRecord]) -> tuple[CacheRecord | None, bool]:
+    """(the current line of one index, whether its file is there as that line describes it).
+
+    The line that describes the file on disk (size and key) wins, whatever the order of the manifests (ranks
+    append to their own files). Without one: None when prepare dropped the record (a ``dropped`` line), else
+    the last line (the file is missing or was changed: readers report it, prepare redoes it).
+    """
+    kept = [line for line in lines if not line.dropped]
+    dropped = len(kept) < len(lines)
+    if not kept:
+        return None, False
+    path = cache_dir / kept[-1].file
+    if path.is_file():
+        size, key = path.stat().st_size, header_key(path)
+        matching = [line for line in kept if line.bytes == size and line.key == key]
+        if matching:
+            return matching[-1], True
+    return (None, False) if dropped else (kept[-1], False)
+
+
+def _lines_by_index(cache_dir: Path) -> dict[int, list[CacheRecord]]:
+    lines: dict[int, list[CacheRecord]] = {}
+    for path in manifest_paths(cache_dir):
         for record in iter_manifest(path):
-            merged[record.index] = record
+            lines.setdefault(record.index, []).append(record)
+    return lines
+
+
+def read_manifests(cache_dir: str | os.PathLike[str]) -> dict[int, CacheRecord]:
+    """Merged manifests of a cache: dataset index -> its current line (see :func:`_resolve`); records prepare
+    dropped (stale, or no longer in the dataset) are left out."""
+    folder = Path(cache_dir)
+    merged = {}
+    for index, lines in _lines_by_index(folder).items():
+        record, _ = _resolve(folder, lines)
+        if record is not None:
+            merged[index] = record
     return merged
 
 
@@ -333,14 +405,18 @@ def repair_manifest_tail(path: Path) -> None:
 
 
 def finished_records(cache_dir: Path) -> dict[int, CacheRecord]:
-    """Records listed in a manifest whose file exists with the size the manifest recorded."""
+    """Records whose file is there as their manifest line describes it (size and key)."""
     done = {}
-    for index, record in read_manifests(cache_dir).items():
-        path = cache_dir / record.file
-        if path.is_file() and path.stat().st_size == record.bytes:
+    for index, lines in _lines_by_index(cache_dir).items():
+        record, complete = _resolve(cache_dir, lines)
+        if complete and record is not None:
             done[index] = record
-        else:
-            logger.info("record %d: %s is missing or was changed after it was finished; it will be redone", index, path)
+        elif record is not None:
+            logger.info(
+                "record %d: %s is missing or was changed after it was finished; it will be redone",
+                index,
+                cache_dir / record.file,
+            )
     return done
 
 
@@ -401,6 +477,11 @@ class LatentCacheDataset(Dataset):
                     raise CacheError(
                         f"{path}: {size} bytes, but the manifest recorded {record.bytes}; the file was changed after "
                         "prepare finished it (delete it and re-run prepare to redo it)"
+                    )
+                if header_key(path) != record.key:
+                    raise CacheError(
+                        f"{path}: the file was encoded from other inputs than its manifest line (index "
+                        f"{record.index}) says; a prepare run was interrupted: re-run prepare to finish it"
                     )
                 _check_record_header(path, self.info)
         logger.info(

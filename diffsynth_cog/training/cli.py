@@ -30,15 +30,6 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
-def _default_device() -> str:
-    import torch
-
-    if not torch.cuda.is_available():
-        return "cpu"
-    # One process per GPU (torchrun sets LOCAL_RANK): each takes its own device.
-    return f"cuda:{_env_int('LOCAL_RANK', 0)}"
-
-
 # --------------------------------------------------------------------------------------------- prepare
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -57,20 +48,24 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", required=True, help="CogVideoX model folder (text_encoder/, tokenizer/, vae/, transformer/)"
     )
-    p.add_argument("--cache", required=True, help="output folder of the latent cache")
-    p.add_argument("--num-frames", type=int, default=129, help="frames per clip, 4k+1 (default 129)")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=720)
+    p.add_argument(
+        "--cache", required=True, help="folder of the latent cache (new, or an earlier cache: edited clips are redone)"
+    )
+    p.add_argument("--num-frames", type=int, default=129, help="frames per clip, 8k+1")
+    p.add_argument("--height", type=int, default=480, help="pixels, a multiple of 16")
+    p.add_argument("--width", type=int, default=720, help="pixels, a multiple of 16")
     p.add_argument("--frame-interval", type=int, default=1, help="take every n-th frame of the source video")
     p.add_argument("--rank", type=int, default=None, help="this process's shard (default: $RANK or 0)")
     p.add_argument("--world-size", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
-    p.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda:$LOCAL_RANK when CUDA is available, else cpu), cpu or cuda:N"
+    )
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="encoder weights and cache dtype")
     p.add_argument("--no-tiled", action="store_true", help="encode without spatial tiling (more memory)")
     p.add_argument(
         "--sample-posterior", action="store_true", help="store one seeded VAE posterior draw instead of its mean"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample-posterior's draws")
     p.add_argument(
         "--image-latents",
         choices=("auto", "yes", "no"),
@@ -79,18 +74,38 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "training (default auto: when the model's transformer is an image-to-video one)",
     )
     p.add_argument("--num-workers", type=int, default=2, help="video decoding processes")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     import torch
 
-    from diffsynth_cog.training.prepare import load_encoders, prepare_cache
+    from diffsynth_cog.cli_checks import check_model_folder, check_options, number, resolve_device
+    from diffsynth_cog.configs import check_num_frames, check_size
+    from diffsynth_cog.loading.model_folder import resolve_model_folder
+    from diffsynth_cog.training.data import load_dataset_index
+    from diffsynth_cog.training.prepare import check_cache_dir, load_encoders, prepare_cache
 
     rank = args.rank if args.rank is not None else _env_int("RANK", 0)
     world_size = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE", 1)
-    device = args.device or _default_device()
+    # Everything that can be checked before the encoders load: numbers, the dataset index, the cache folder,
+    # the model's parts, the device.
+    check_options(
+        args,
+        {
+            "num_frames": lambda value, option: check_num_frames(value, name=option),
+            "frame_interval": number(low=1, integer=True),
+            "num_workers": number(low=0, integer=True),
+        },
+    )
+    check_size(args.height, args.width)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= --rank < --world-size; got rank {rank}, world size {world_size}")
+    load_dataset_index(args.dataset)
+    check_cache_dir(args.cache)
+    check_model_folder(resolve_model_folder(args.model), parts=("text_encoder", "tokenizer", "vae"))
+    device = resolve_device(args.device)
     dtype = getattr(torch, _DTYPES[args.dtype])
     image_latents = args.image_latents == "yes"
     if args.image_latents == "auto":
@@ -152,7 +167,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         nargs="?",
         const="last",
         default=None,
-        help="continue the run in output_dir (from last.ckpt), or from the given checkpoint",
+        help="continue the run in output_dir (from last.ckpt), or from the given checkpoint (default: a new run; "
+        "an output_dir with checkpoints is refused)",
     )
     p.add_argument(
         "--set",
@@ -160,10 +176,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a job field (VALUE is JSON, e.g. --set learning_rate=1e-4 --set max_steps=200)",
+        help="override a job field (VALUE is JSON, e.g. --set learning_rate=1e-4 --set max_steps=200; default: none)",
     )
     p.add_argument("--no-export", action="store_true", help="do not export the LoRA at the end")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     p.set_defaults(func=cmd_train)
 
 
@@ -187,9 +203,13 @@ def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from diffsynth_cog.atomic import check_output_path
+    from diffsynth_cog.cli import adopt_library_loggers
     from diffsynth_cog.training.trainer import run_training
 
+    adopt_library_loggers()
     config = load_job(args.config, args.overrides)
+    check_output_path(config.checkpoint_dir / "last.ckpt", what="output_dir")
     resume: bool | str = False if args.resume is None else (True if args.resume == "last" else args.resume)
     result = run_training(config, resume=resume, progress=not args.no_progress, export=not args.no_export)
     if result.lora_path is not None:
@@ -215,8 +235,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         help="checkpoint file(s)/folder(s), or <output_dir>/checkpoints (its newest, or all with --ema)",
     )
-    p.add_argument("--output", required=True, help="safetensors file to write")
-    p.add_argument("--ema", type=float, default=None, metavar="GAMMA", help="EMA over the checkpoints, e.g. 0.9")
+    p.add_argument("--output", required=True, help="the .safetensors file to write (see --overwrite)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output (it stays until the new file is complete)",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="GAMMA",
+        help="EMA over the checkpoints, e.g. 0.9 (default: the newest checkpoint alone)",
+    )
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="dtype of the written tensors")
     p.add_argument(
         "--format",
@@ -230,8 +261,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def cmd_export_lora(args: argparse.Namespace) -> int:
     import torch
 
+    from diffsynth_cog.atomic import check_output_path
+    from diffsynth_cog.cli import adopt_library_loggers
+
+    if Path(args.output).suffix != ".safetensors":
+        raise ValueError(f"--output {args.output}: a LoRA is written as a .safetensors file")
+    if args.ema is not None and not 0.0 <= args.ema <= 1.0:  # NaN included
+        raise ValueError(f"--ema must be in [0, 1] (0.9 is ExVideo's); got {args.ema}")
+    check_output_path(args.output, what="--output", overwrite=args.overwrite)
     from diffsynth_cog.training.trainer import export_lora_from_checkpoints
 
+    adopt_library_loggers()
     path = export_lora_from_checkpoints(
         args.checkpoint, args.output, ema_gamma=args.ema, dtype=getattr(torch, _DTYPES[args.dtype]), format=args.format
     )

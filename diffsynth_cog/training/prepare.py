@@ -3,8 +3,9 @@
 Long-video training keeps only the DiT in the training process (ExVideo's recipe): prompts and clips
 are encoded ahead of time, here, and the trainer reads the results from a latent cache (layout in
 :mod:`diffsynth_cog.training.cache`). One record is written per clip, atomically; the step can be
-interrupted and re-run (finished records are not redone) and spread over several processes (sample
-``i`` goes to rank ``i % world_size``, each rank keeping its own manifest).
+interrupted and re-run (finished records are not redone; records whose caption, clip or settings
+changed are, and records of clips no longer in the index are dropped) and spread over several
+processes (sample ``i`` goes to rank ``i % world_size``, each rank keeping its own manifest).
 
 Latents are the posterior MEAN by default. The VAE posterior is a Gaussian; diffusers' trainers draw
 a fresh sample from it at every step, which a cache cannot do: a cached draw is frozen, so it adds
@@ -17,6 +18,7 @@ depend on rank count or resume order.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import Counter
@@ -29,7 +31,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffsynth_cog.atomic import save_safetensors_atomic, write_json_atomic
-from diffsynth_cog.configs import check_num_frames
+from diffsynth_cog.configs import check_num_frames, frame_multiple
+from diffsynth_cog.errors import shorten
 from diffsynth_cog.loading.model_folder import resolve_model_folder
 from diffsynth_cog.loading.text_encoder_loader import load_text_encoder
 from diffsynth_cog.loading.vae_loader import load_vae_encoder
@@ -47,6 +50,7 @@ from diffsynth_cog.training.cache import (
     dtype_name,
     finished_records,
     manifest_name,
+    record_key,
     record_name,
     repair_manifest_tail,
 )
@@ -77,6 +81,7 @@ class PrepareSummary:
     skipped_existing: int = 0
     skipped_bad: list[SkippedSample] = field(default_factory=list)
     other_ranks: int = 0
+    stale: int = 0  # records dropped because what they were made from changed (re-encoded) or left the dataset
 
     @property
     def skipped_by_reason(self) -> dict[str, int]:
@@ -85,8 +90,11 @@ class PrepareSummary:
         return {reason: counts.get(reason, 0) for reason in SKIP_REASONS}
 
     def describe(self) -> str:
-        """'2 written, 1 already done, 2 skipped: 1 too short, 1 unreadable'."""
-        return f"{self.written} written, {self.skipped_existing} already done, {describe_skips(self.skipped_bad)}"
+        """'2 written, 1 already done, 1 stale dropped, 2 skipped: 1 too short, 1 unreadable'."""
+        stale = f"{self.stale} stale dropped, " if self.stale else ""
+        return (
+            f"{self.written} written, {self.skipped_existing} already done, {stale}{describe_skips(self.skipped_bad)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -187,7 +195,7 @@ def _cache_info(
     """The shapes every record will have, computed from the configs (no encoding needed)."""
     config = vae_encoder.config
     r, s = config.temporal_compression_ratio, config.spatial_compression
-    check_num_frames(num_frames, r)
+    check_num_frames(num_frames, frame_multiple(r))
     for name, size in (("height", height), ("width", width)):
         if size <= 0 or size % s:
             raise ValueError(f"{name} must be a positive multiple of the VAE's spatial compression {s}, got {size}")
@@ -239,6 +247,54 @@ def _write_or_check_info(cache_dir: Path, info: CacheInfo) -> None:
         )
 
 
+def check_cache_dir(cache_dir: str | os.PathLike[str]) -> Path:
+    """The cache folder, if it can be one: a folder (new, or an earlier cache) that can be written; else a
+    CacheError that says what is in the way. Nothing is created here."""
+    from diffsynth_cog.atomic import check_output_path
+
+    out = Path(cache_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CacheError(f"--cache {out} is a file; the latent cache is a folder (a new one, or an earlier cache)")
+    if out.is_dir() and any(out.iterdir()) and not (out / CACHE_INFO).is_file():
+        raise CacheError(
+            f"--cache {out} is a folder with other files and no {CACHE_INFO}, not a latent cache; give a new "
+            "folder (or an earlier cache)"
+        )
+    try:
+        check_output_path(out / CACHE_INFO, what="--cache")
+    except ValueError as error:
+        raise CacheError(str(error)) from None
+    return out
+
+
+def _drop_stale(
+    cache_dir: Path, manifest: Path, stale: Sequence[CacheRecord], samples: Mapping[int, VideoSample]
+) -> None:
+    """Removes records whose inputs changed (re-encoded below) or left the dataset, and notes each in this rank's
+    manifest, so that neither this run nor a trainer ever reads them, even if the run stops before the redo."""
+    if not stale:
+        return
+    with manifest.open("a", encoding="utf-8") as handle:
+        for record in stale:
+            sample = samples.get(record.index)
+            if sample is None:
+                why = "is no longer in the dataset index: dropped"
+            elif sample.prompt != record.prompt:
+                why = f"has a new caption ({shorten(sample.prompt, 60)!r}): re-encoding"
+            elif str(sample.path) != record.source:
+                why = f"now comes from {sample.path}: re-encoding"
+            elif not record.key:
+                why = "was made by an older version (no record of its inputs): re-encoding"
+            else:
+                why = "was made from another version of its clip (size or modification time changed): re-encoding"
+            logger.info("record %d (%s) %s", record.index, record.source, why)
+            (cache_dir / record.file).unlink(missing_ok=True)
+            tombstone = dataclasses.replace(record, dropped=True)
+            handle.write(tombstone.to_json() + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def posterior_generator(seed: int, index: int) -> torch.Generator:
     """A CPU generator for record ``index``'s posterior draw: same draw whatever rank or order encodes it."""
     return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
@@ -284,7 +340,7 @@ def prepare_cache(
         text_encoder, vae_encoder: frozen encoders (see :func:`load_encoders`); a whole
             :class:`CogVAE` works as well as its encoder.
         num_frames, height, width, frame_interval: the clip read from each video (``num_frames`` =
-            4k+1, sides multiples of 8); videos shorter than ``(num_frames - 1) * frame_interval + 1``
+            8k+1, sides multiples of 8); videos shorter than ``(num_frames - 1) * frame_interval + 1``
             frames are skipped.
         tiled: spatial tiling in the VAE (bounds memory at 480x720 and above).
         sample_posterior, seed: store one seeded posterior draw instead of the mean (module docstring).
@@ -310,8 +366,7 @@ def prepare_cache(
     if duplicates:
         raise ValueError(f"sample indices must be unique (they name the cache records); repeated: {duplicates[:10]}")
 
-    out = Path(cache_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_cache_dir(cache_dir)
     info = _cache_info(
         text_encoder,
         vae_encoder,
@@ -326,14 +381,25 @@ def prepare_cache(
         model_paths=model_paths,
         image_latents=image_latents,
     )
+    out.mkdir(parents=True, exist_ok=True)
     _write_or_check_info(out, info)
 
+    settings = info.record_settings()
+    keys = {s.index: record_key(s.path, s.prompt, settings) for s in samples}
+    manifest_path = out / manifest_name(rank, world_size)
+    repair_manifest_tail(manifest_path)
+    finished = finished_records(out)  # every rank's manifest: a resume may use another world size
+    stale = [r for i, r in finished.items() if i % world_size == rank and keys.get(i) != r.key]
+    _drop_stale(out, manifest_path, stale, {s.index: s for s in samples})
+    done = {i: r for i, r in finished.items() if keys.get(i) == r.key}
     mine = [s for s in samples if s.index % world_size == rank]
-    done = finished_records(out)  # every rank's manifest: a resume may use another world size
     todo = [s for s in mine if s.index not in done]
     by_index = {s.index: s for s in todo}
     summary = PrepareSummary(
-        cache_dir=out, skipped_existing=len(mine) - len(todo), other_ranks=len(samples) - len(mine)
+        cache_dir=out,
+        skipped_existing=len(mine) - len(todo),
+        other_ranks=len(samples) - len(mine),
+        stale=len(stale),
     )
     logger.info(
         "prepare rank %d/%d: %d of %d clips are this rank's; %d already done, %d to encode into %s",
@@ -352,8 +418,6 @@ def prepare_cache(
     scale = float(vae_encoder.config.scaling_factor)
     dataset = VideoClipDataset(todo, num_frames, height, width, frame_interval, on_error="report")
 
-    manifest_path = out / manifest_name(rank, world_size)
-    repair_manifest_tail(manifest_path)
     with (
         manifest_path.open("a", encoding="utf-8") as manifest,
         tqdm(total=len(todo), desc=f"prepare rank {rank}", unit="clip", disable=not progress) as bar,
@@ -398,11 +462,14 @@ def prepare_cache(
                 "frame_interval": str(frame_interval),
                 "scaling_factor": repr(scale),
                 "posterior": info.posterior,
+                "key": keys[index],
             }
             name = record_name(index)
             size = write_record(out / name, record, metadata)
             # The manifest line comes only after the record is in place: a line always means a whole file.
-            line = CacheRecord(index=index, file=name, source=str(sample.path), prompt=prompt, bytes=size)
+            line = CacheRecord(
+                index=index, file=name, source=str(sample.path), prompt=prompt, bytes=size, key=keys[index]
+            )
             manifest.write(line.to_json() + "\n")
             manifest.flush()
             os.fsync(manifest.fileno())

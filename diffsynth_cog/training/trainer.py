@@ -40,6 +40,7 @@ from diffsynth_cog.lora import LORA_EXPORT_FORMATS, LoRAError, ema_lora_state_di
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.training.cache import CacheInfo
 from diffsynth_cog.training.config import TrainConfig, TrainConfigError
+from diffsynth_cog.training.console import console_callbacks
 from diffsynth_cog.training.datamodule import CachedLatentDataModule
 from diffsynth_cog.training.module import (
     CHECKPOINT_KEY,
@@ -180,8 +181,10 @@ def build_trainer(
         save_weights_only=False,  # optimizer and loop state too, so a run resumes exactly
         save_on_train_epoch_end=False,
     )
+    console, bar = console_callbacks(config.log_every_n_steps, progress)
     all_callbacks: list[Callback] = [
         *callbacks,
+        *console,
         FinalCheckpoint(config.checkpoint_dir, config.checkpoint_every_n_steps),
         checkpoints,
     ]
@@ -210,14 +213,15 @@ def build_trainer(
         accumulate_grad_batches=config.grad_accumulation,
         gradient_clip_val=config.grad_clip if config.grad_clip > 0 else None,
         gradient_clip_algorithm="norm",
-        log_every_n_steps=config.log_every_n_steps,
+        # A run shorter than the interval still logs (metrics.csv): at least its last step.
+        log_every_n_steps=min(config.log_every_n_steps, config.max_steps),
         callbacks=all_callbacks,
         logger=loggers or False,
         # The DataModule shards and orders samples itself, resumably (see datamodule.py).
         use_distributed_sampler=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        enable_progress_bar=progress,
+        enable_progress_bar=bar,
         enable_model_summary=False,
         default_root_dir=config.output_path,
         **kwargs,
