@@ -85,7 +85,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         description="Generate a video. With the defaults: CogVideoX-5B + the ExVideo 129-frame LoRA, 480x720, "
         "129 frames. Models missing under --models-dir are downloaded from ModelScope first.",
     )
-    p.add_argument("--prompt", help="what the video shows (T5 reads about 226 tokens of it); or give --prompts")
+    p.add_argument(
+        "--prompt",
+        help="what the video shows (T5 reads about 226 tokens of it); required unless --prompts (default: none)",
+    )
     p.add_argument(
         "--prompts",
         metavar="FILE",
@@ -192,19 +195,20 @@ def _add_long_video(p: argparse.ArgumentParser) -> None:
         type=int,
         nargs="*",
         metavar="K N_K",
-        help="RIFLEx temporal RoPE (5B): alone = the published setting (k=2, N_k=20), or give K N_K",
+        help="RIFLEx temporal RoPE (5B): alone = the published setting (k=2, N_k=20), or give K N_K (default: off)",
     )
     g.add_argument(
         "--sparse-attention",
         metavar="SPEC",
         help="block-sparse attention mask (FlexAttention): window:W (+-W latent frames, text global, first frame a "
-        "sink), window:W:nosink, radial, radial:DECAY",
+        "sink), window:W:nosink, radial, radial:DECAY (default: dense attention)",
     )
     g.add_argument(
         "--window-frames",
         type=int,
         metavar="F",
-        help="denoise overlapping windows of F (4k+1) frames: any length at the memory of one window",
+        help="denoise overlapping windows of F (4k+1) frames: any length at the memory of one window (default: no "
+        "windows)",
     )
     g.add_argument("--window-overlap", type=float, default=0.25, help="fraction of a window shared with the next")
     g.add_argument(
@@ -212,9 +216,11 @@ def _add_long_video(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="with --input-video: continue that video by N frames (a multiple of 4); writes the whole video",
+        help="with --input-video: continue that video by N frames (a multiple of 8); writes the whole video (default 0: no)",
     )
-    g.add_argument("--context-frames", type=int, default=17, help="with --extend-by: frames of context (4k+1)")
+    g.add_argument(
+        "--context-frames", type=int, default=17, help="with --extend-by: frames of context (8k+1; default 17)"
+    )
 
 
 def _long_video_options(args: argparse.Namespace) -> dict:
@@ -371,8 +377,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --prompt TEXT and --prompts FILE")
     jobs = read_prompt_file(args.prompts, args.output_dir) if args.prompts else None
     set_attention_backend(args.attention)
-    plan = check_generate_args(args)
     options = _long_video_options(args)
+    plan = check_generate_args(args)
     launch = init_distributed(args.device, timedelta(seconds=args.dist_timeout))
     args.device = launch.device  # cuda:LOCAL_RANK under torchrun
     model_dir, lora = main_rank_first(  # rank 0 downloads, the others then find the files

@@ -13,7 +13,7 @@ the original video followed by the N new frames (the original frames are returne
 
 Frame arithmetic: the causal VAE turns pixel frame 0 into latent frame 0 and every later group of 4
 into one latent frame, so K = 4a + 1 context frames are exactly a + 1 latent frames, and N must be a
-multiple of 4 for K + N to be a valid clip length (4k + 1).
+multiple of 8 for K + N to be a frame count the VAE honours (8k + 1).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diffsynth_cog.configs import check_num_frames, frame_multiple
 from diffsynth_cog.schedulers import Sampler, add_noise
 
 
@@ -34,14 +35,18 @@ def kept_latent_frames(keep_frames: int, compression: int = 4) -> int:
 
 
 def check_extension(num_frames: int, context_frames: int, extend_by: int, compression: int = 4) -> None:
-    """``extend_by`` new frames after ``context_frames`` of a ``num_frames`` video: checked before any work."""
+    """``extend_by`` new frames after ``context_frames`` of a ``num_frames`` video: checked before any work.
+
+    The clip generated (context + new frames) must be a frame count the VAE honours (``configs.check_num_frames``:
+    8k+1), so the context is 8k+1 frames and the extension a multiple of 8."""
+    step = frame_multiple(compression)
+    check_num_frames(context_frames, step, name="context_frames")
     kept_latent_frames(context_frames, compression)
     if context_frames > num_frames:
         raise ValueError(f"context_frames={context_frames} exceeds the video's {num_frames} frames")
-    if extend_by < compression or extend_by % compression:
+    if extend_by < step or extend_by % step:
         raise ValueError(
-            f"extend_by must be a positive multiple of {compression} (so the clip stays {compression}k+1 frames); "
-            f"got {extend_by}"
+            f"extend_by must be a positive multiple of {step} (so the clip stays {step}k+1 frames); got {extend_by}"
         )
 
 

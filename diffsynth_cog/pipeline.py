@@ -528,8 +528,8 @@ class CogVideoPipeline:
         output_type: str = "pil",
         **kwargs,
     ) -> list[Image.Image] | np.ndarray | torch.Tensor:
-        """Continues ``video`` by ``extend_by`` frames (a multiple of 4), conditioned on its last ``context_frames``
-        (4k+1) frames through the video-to-video path (see ``diffsynth_cog.continuation``).
+        """Continues ``video`` by ``extend_by`` frames (a multiple of 8), conditioned on its last ``context_frames``
+        (8k+1) frames through the video-to-video path (see ``diffsynth_cog.continuation``).
 
         ``video``: PIL frames, or pixels [1, 3, F, H, W] in [-1, 1]; its size sets height and width. The clip
         generated is the context plus ``extend_by`` new frames (at most the model's trained length unless

@@ -76,6 +76,6 @@ def test_extend_a_video_from_the_command_line(folder, tmp_path):
     source = tmp_path / "in.mp4"
     save_video(tensor_to_frames(torch.rand(3, 9, 32, 48) * 2 - 1), source, fps=8)
     out = tmp_path / "longer.mp4"
-    extra = ["--input-video", str(source), "--extend-by", "4", "--context-frames", "5"]
+    extra = ["--input-video", str(source), "--extend-by", "8", "--context-frames", "9"]
     assert main(tiny_args(folder, out) + extra) == 0
-    assert len(load_video(out)) == 13
+    assert len(load_video(out)) == 17

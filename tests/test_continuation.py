@@ -72,14 +72,14 @@ def test_kept_frames_follow_the_encoded_context_and_end_exactly_on_it(pipe):
 def test_extended_video_is_the_original_untouched_then_the_new_frames(pipe):
     original = tensor_to_frames(video(13, seed=1)[0])  # 13 PIL frames
     out = pipe.extend_video(
-        original, 8, context_frames=5, num_inference_steps=2, seed=3, progress_bar=False, **prompts(pipe)
+        original, 8, context_frames=9, num_inference_steps=2, seed=3, progress_bar=False, **prompts(pipe)
     )
     assert len(out) == 13 + 8
     assert all(a is b for a, b in zip(out[:13], original, strict=True))
     assert out[13].size == (WIDTH, HEIGHT)
     arr = pipe.extend_video(
         original,
-        4,
+        16,
         context_frames=9,
         num_inference_steps=1,
         seed=3,
@@ -87,7 +87,7 @@ def test_extended_video_is_the_original_untouched_then_the_new_frames(pipe):
         progress_bar=False,
         **prompts(pipe),
     )
-    assert arr.shape == (17, HEIGHT, WIDTH, 3)
+    assert arr.shape == (13 + 16, HEIGHT, WIDTH, 3)
     want = np.stack([np.asarray(f, dtype=np.float32) / 255 for f in original])
     assert np.allclose(arr[:13], want, atol=1e-6)
 
@@ -95,10 +95,10 @@ def test_extended_video_is_the_original_untouched_then_the_new_frames(pipe):
 def test_bad_continuations_fail_before_any_work(pipe):
     frames = video(13)
     for kwargs, message in (
-        (dict(extend_by=6, context_frames=5), "multiple of 4"),
-        (dict(extend_by=4, context_frames=6), "4k\\+1"),
-        (dict(extend_by=4, context_frames=17), "exceeds"),
-        (dict(extend_by=4, context_frames=5, num_frames=9), "sets num_frames"),
+        (dict(extend_by=4, context_frames=9), "multiple of 8"),
+        (dict(extend_by=8, context_frames=5), "8k\\+1"),
+        (dict(extend_by=8, context_frames=17), "exceeds"),
+        (dict(extend_by=8, context_frames=9, num_frames=9), "sets num_frames"),
     ):
         with pytest.raises(ValueError, match=message):
             pipe.extend_video(frames, **kwargs)

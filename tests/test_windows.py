@@ -120,7 +120,7 @@ def generate(pipe, **kwargs):
     g = torch.Generator().manual_seed(3)
     c = pipe.dit.config
     prompt, negative = (torch.randn(1, c.max_text_seq_length, c.text_embed_dim, generator=g) for _ in range(2))
-    options = dict(height=32, width=48, num_frames=21, num_inference_steps=3, cfg_scale=5.0, seed=4)
+    options = dict(height=32, width=48, num_frames=25, num_inference_steps=3, cfg_scale=5.0, seed=4)
     return pipe(
         prompt_emb=prompt,
         negative_prompt_emb=negative,
@@ -132,19 +132,19 @@ def generate(pipe, **kwargs):
 
 def test_one_window_covering_the_video_is_the_plain_loop_bitwise(pipe):
     plain = generate(pipe)
-    assert torch.equal(generate(pipe, windows=WindowSpec(frames=21)), plain)
+    assert torch.equal(generate(pipe, windows=WindowSpec(frames=25)), plain)
     assert torch.equal(generate(pipe, windows=WindowSpec(frames=49)), plain)
 
 
 def test_windowed_generation_starts_from_rescheduled_noise(pipe):
-    """21 frames (6 latent) in windows of 13 frames (4 latent): stage 2 draws the noise, then reschedules it with
+    """25 frames (7 latent) in windows of 13 frames (4 latent): stage 2 draws the noise, then reschedules it with
     the same generator; the loop runs the windows from there."""
     spec = WindowSpec(frames=13, overlap=0.5)
-    shape = (1, 4, 6, 4, 6)
+    shape = (1, 4, 7, 4, 6)
     sampler = make_sampler("ddim", pipe.scheduler_config, 2)
     got = pipe.initial_latents(shape, sampler, torch.Generator().manual_seed(4), windows=spec)
     generator = torch.Generator().manual_seed(4)
-    want = reschedule_noise(draw_noise(shape, generator), spec.plan(6), generator)
+    want = reschedule_noise(draw_noise(shape, generator), spec.plan(7), generator)
     assert torch.equal(got, want) and not torch.equal(
         got[:, :, 4:], draw_noise(shape, torch.Generator().manual_seed(4))[:, :, 4:]
     )
