@@ -61,6 +61,98 @@ def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     return math.inf if scale == 0.0 else change / scale
 
 
+class StepBook:
+    """The bookkeeping every step-skipping part shares: its settings, the generation's steps, one state per DiT
+    call site (``key``: a guidance half, a temporal window, a spatial tile), and which steps were computed or
+    skipped (a step counts as skipped when every call site of it skipped).
+
+    Subclasses give ``name``, ``min_warmup``, ``_new_track()`` and ``run``; ``_reset()`` / ``_extra_stats()``
+    add their own per-generation records.
+    """
+
+    name = "step-skipping"
+    min_warmup = 0
+
+    def __init__(self, threshold: float, warmup: int) -> None:
+        if not (isinstance(threshold, int | float) and not isinstance(threshold, bool)):
+            raise TypeError(f"threshold must be a number; got {type(threshold).__name__}")
+        if not math.isfinite(threshold) or threshold < 0:
+            raise ValueError(f"threshold must be a finite number >= 0 (0 = never skip); got {threshold}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < self.min_warmup:
+            raise ValueError(f"warmup must be an integer >= {self.min_warmup}; got {warmup!r}")
+        self.threshold = float(threshold)
+        self.warmup = warmup
+        self.start(0)
+
+    def start(self, num_steps: int) -> None:
+        """Starts a new generation of ``num_steps`` steps: forgets every call site's state and the counts."""
+        if num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0; got {num_steps}")
+        self.num_steps = num_steps
+        self.step = 0
+        self._tracks: dict[Hashable, object] = {}
+        self._step_skipped: list[bool] = []  # decisions of the current step's calls
+        self.computed_steps: list[int] = []
+        self.skipped_steps: list[int] = []  # steps on which every call (site) was skipped
+        self._reset()
+
+    def _reset(self) -> None:
+        """The subclass's own per-generation records."""
+
+    def _extra_stats(self) -> dict[str, object]:
+        return {}
+
+    def _new_track(self) -> object:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, object]:
+        """Counts of this generation: steps done, computed, skipped, which were skipped, and the part's records."""
+        return {
+            "method": self.name,
+            "threshold": self.threshold,
+            "warmup": self.warmup,
+            "steps": self.step,
+            "computed": len(self.computed_steps),
+            "skipped": len(self.skipped_steps),
+            "skipped_steps": list(self.skipped_steps),
+            **self._extra_stats(),
+        }
+
+    def _track(self, key: Hashable) -> object:
+        """The state of call site ``key`` in the current step (checks that the step was announced)."""
+        if self.step >= self.num_steps:
+            raise RuntimeError(
+                f"{type(self).__name__} was called for step {self.step + 1} of a generation announced with "
+                f"start(num_steps={self.num_steps}); call start(num_steps) before each generation"
+            )
+        if key not in self._tracks:
+            self._tracks[key] = self._new_track()
+        return self._tracks[key]
+
+    def _always_computed(self) -> bool:
+        """The first ``warmup`` steps and the last one are computed in full."""
+        return self.step < self.warmup or self.step == self.num_steps - 1
+
+    def _book(self, skipped: bool) -> None:
+        self._step_skipped.append(skipped)
+
+    def end_step(self) -> None:
+        """Books the current step as computed or skipped (skipped when every call skipped) and moves on."""
+        (self.skipped_steps if all(self._step_skipped) else self.computed_steps).append(self.step)
+        self._step_skipped = []
+        self.step += 1
+        if self.step == self.num_steps:
+            logger.info(
+                "%s (threshold %g): %d of %d steps computed, %d skipped %s",
+                self.name,
+                self.threshold,
+                len(self.computed_steps),
+                self.num_steps,
+                len(self.skipped_steps),
+                self.skipped_steps,
+            )
+
+
 @dataclasses.dataclass
 class _Track:
     """What one DiT call site (the whole frame, or one tile) remembers between steps."""
@@ -70,7 +162,7 @@ class _Track:
     residual: tuple[torch.Tensor, torch.Tensor] | None = None  # blocks 1.. on (video, text), float32
 
 
-class StepCache:
+class StepCache(StepBook):
     """Step caching across the denoising steps of ONE generation: the denoiser's step-skipping part.
 
     Usage: ``pipe(..., step_cache=0.1)`` or ``step_cache=StepCache(0.1)`` (then read ``stats()``), or
@@ -91,54 +183,26 @@ class StepCache:
     name = "step-cache"
 
     def __init__(self, threshold: float, warmup: int = 2) -> None:
-        if not (isinstance(threshold, int | float) and not isinstance(threshold, bool)):
-            raise TypeError(f"threshold must be a number; got {type(threshold).__name__}")
-        if not math.isfinite(threshold) or threshold < 0:
-            raise ValueError(f"threshold must be a finite number >= 0 (0 = never skip); got {threshold}")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be an integer >= 0; got {warmup!r}")
-        self.threshold = float(threshold)
-        self.warmup = warmup
-        self.start(0)
+        super().__init__(threshold, warmup)
 
-    def start(self, num_steps: int) -> None:
-        """Starts a new generation of ``num_steps`` steps: forgets the residuals, sums and counts."""
-        if num_steps < 0:
-            raise ValueError(f"num_steps must be >= 0; got {num_steps}")
-        self.num_steps = num_steps
-        self.step = 0
-        self._tracks: dict[Hashable, _Track] = {}
-        self._step_skipped: list[bool] = []  # decisions of the current step's calls
-        self.computed_steps: list[int] = []
-        self.skipped_steps: list[int] = []  # steps on which every call (tile) was skipped
+    def _reset(self) -> None:
         self.distances: list[float | None] = []  # per call; None where there is no previous step
 
-    def stats(self) -> dict[str, object]:
-        """Counts of this generation: steps done, computed, skipped, which were skipped, and the distances."""
-        return {
-            "threshold": self.threshold,
-            "warmup": self.warmup,
-            "steps": self.step,
-            "computed": len(self.computed_steps),
-            "skipped": len(self.skipped_steps),
-            "skipped_steps": list(self.skipped_steps),
-            "distances": list(self.distances),
-        }
+    def _extra_stats(self) -> dict[str, object]:
+        return {"distances": list(self.distances)}
+
+    def _new_track(self) -> _Track:
+        return _Track()
 
     def _must_compute(self, track: _Track) -> bool:
-        if self.step < self.warmup or self.step == self.num_steps - 1 or track.residual is None:
+        if self._always_computed() or track.residual is None:
             return True
         # `not <` rather than `>=`: a NaN distance (should never happen) computes the step.
         return not track.accumulated < self.threshold
 
     def run(self, dit: CogDiT, state: DiTState, key: Hashable, reduce: TokenSplit) -> DiTState:
         """The blocks of one DiT call of the current step, with blocks 1..N-1 skipped when the cache allows."""
-        if self.step >= self.num_steps:
-            raise RuntimeError(
-                f"StepCache was called for step {self.step + 1} of a generation announced with "
-                f"start(num_steps={self.num_steps}); call start(num_steps) before each generation"
-            )
-        track = self._tracks.setdefault(key, _Track())
+        track = self._track(key)
         first = dit.run_blocks(state, start=0, stop=1)
         signal = first.video - state.video  # [B, Lv, D], block 0's contribution
         distance = None
@@ -155,25 +219,10 @@ class StepCache:
             # block 0's output plus the residual gives back the last block's output.
             track.residual = (last.video.float() - first.video.float(), last.text.float() - first.text.float())
             track.accumulated = 0.0
-            self._step_skipped.append(False)
+            self._book(skipped=False)
             return last
-        self._step_skipped.append(True)
+        self._book(skipped=True)
         video_residual, text_residual = track.residual
         video = (first.video.float() + video_residual).to(first.video.dtype)  # [B, Lv, D]
         text = (first.text.float() + text_residual).to(first.text.dtype)  # [B, Lt, D]
         return dataclasses.replace(first, video=video, text=text)
-
-    def end_step(self) -> None:
-        """Books the current step as computed or skipped (skipped when every call skipped) and moves on."""
-        (self.skipped_steps if all(self._step_skipped) else self.computed_steps).append(self.step)
-        self._step_skipped = []
-        self.step += 1
-        if self.step == self.num_steps:
-            logger.info(
-                "step cache (threshold %g): %d of %d steps computed, %d skipped %s",
-                self.threshold,
-                len(self.computed_steps),
-                self.num_steps,
-                len(self.skipped_steps),
-                self.skipped_steps,
-            )

@@ -41,7 +41,7 @@ import torch
 from diffsynth_cog.configs import teacache_coefficients
 from diffsynth_cog.denoiser import StepSkipper, TokenSplit
 from diffsynth_cog.models.dit import CogDiT, DiTState
-from diffsynth_cog.step_cache import StepCache, l1_change
+from diffsynth_cog.step_cache import StepBook, StepCache, l1_change
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class _Track:
     residual: tuple[torch.Tensor, torch.Tensor] | None = None  # all blocks on (video, text), model dtype
 
 
-class TeaCache:
+class TeaCache(StepBook):
     """TeaCache step skipping for ONE generation at a time (see the module docstring).
 
     Args:
@@ -73,20 +73,13 @@ class TeaCache:
     """
 
     name = "teacache"
+    min_warmup = 1  # the first step has nothing to compare with
 
     def __init__(self, threshold: float, coefficients: Sequence[float] | None = None, warmup: int = 1) -> None:
-        if not (isinstance(threshold, int | float) and not isinstance(threshold, bool)):
-            raise TypeError(f"threshold must be a number; got {type(threshold).__name__}")
-        if not math.isfinite(threshold) or threshold < 0:
-            raise ValueError(f"threshold must be a finite number >= 0 (0 = never skip); got {threshold}")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"warmup must be an integer >= 1; got {warmup!r}")
-        self.threshold = float(threshold)
-        self.warmup = warmup
+        super().__init__(threshold, warmup)
         self.coefficients: tuple[float, ...] | None = None
         if coefficients is not None:
             self._set_coefficients(coefficients)
-        self.start(0)
 
     def _set_coefficients(self, coefficients: Sequence[float]) -> None:
         values = tuple(float(c) for c in coefficients)
@@ -117,41 +110,19 @@ class TeaCache:
             return math.inf
         return max(0.0, float(np.polyval(self.coefficients, change)))
 
-    def start(self, num_steps: int) -> None:
-        """A new generation of ``num_steps`` steps: forgets inputs, residuals, sums and counts."""
-        if num_steps < 0:
-            raise ValueError(f"num_steps must be >= 0; got {num_steps}")
-        self.num_steps = num_steps
-        self.step = 0
-        self._tracks: dict[Hashable, _Track] = {}
-        self._step_skipped: list[bool] = []
-        self.computed_steps: list[int] = []
-        self.skipped_steps: list[int] = []  # steps on which every call site skipped
+    def _reset(self) -> None:
         self.changes: list[float | None] = []  # raw relative L1 change per call; None without a previous step
         self.estimates: list[float | None] = []  # rescaled
 
-    def stats(self) -> dict[str, object]:
-        """This generation's counts: steps, computed, skipped (which), raw changes and their estimates."""
-        return {
-            "method": self.name,
-            "threshold": self.threshold,
-            "warmup": self.warmup,
-            "steps": self.step,
-            "computed": len(self.computed_steps),
-            "skipped": len(self.skipped_steps),
-            "skipped_steps": list(self.skipped_steps),
-            "changes": list(self.changes),
-            "estimates": list(self.estimates),
-        }
+    def _extra_stats(self) -> dict[str, object]:
+        return {"changes": list(self.changes), "estimates": list(self.estimates)}
+
+    def _new_track(self) -> _Track:
+        return _Track()
 
     def run(self, dit: CogDiT, state: DiTState, key: Hashable, reduce: TokenSplit) -> DiTState:
         """All blocks of one DiT call of the current step, or the stored residual when the estimate allows."""
-        if self.step >= self.num_steps:
-            raise RuntimeError(
-                f"TeaCache was called for step {self.step + 1} of a generation announced with "
-                f"start(num_steps={self.num_steps}); call start(num_steps) before each generation"
-            )
-        track = self._tracks.setdefault(key, _Track())
+        track = self._track(key)
         modulated = dit.blocks[0].norm1(state.video, state.text, state.cond)[0]  # [B, Lv, D]
         change = estimate = None
         if track.previous is not None:
@@ -162,7 +133,7 @@ class TeaCache:
         self.estimates.append(estimate)
         track.previous = modulated
 
-        compute = self.step < self.warmup or self.step == self.num_steps - 1 or track.residual is None
+        compute = self._always_computed() or track.residual is None
         if not compute:
             track.accumulated += estimate if estimate is not None else math.inf
             compute = not track.accumulated < self.threshold  # `not <`: a NaN computes
@@ -170,26 +141,11 @@ class TeaCache:
             out = dit.run_blocks(state)
             track.residual = (out.video - state.video, out.text - state.text)
             track.accumulated = 0.0
-            self._step_skipped.append(False)
+            self._book(skipped=False)
             return out
-        self._step_skipped.append(True)
+        self._book(skipped=True)
         video_residual, text_residual = track.residual
         return dataclasses.replace(state, video=state.video + video_residual, text=state.text + text_residual)
-
-    def end_step(self) -> None:
-        """Books the current step as computed or skipped (skipped when every call site skipped)."""
-        (self.skipped_steps if all(self._step_skipped) else self.computed_steps).append(self.step)
-        self._step_skipped = []
-        self.step += 1
-        if self.step == self.num_steps:
-            logger.info(
-                "TeaCache (threshold %g): %d of %d steps computed, %d skipped %s",
-                self.threshold,
-                len(self.computed_steps),
-                self.num_steps,
-                len(self.skipped_steps),
-                self.skipped_steps,
-            )
 
 
 STEP_SKIPPERS = ("teacache", "first-block")
