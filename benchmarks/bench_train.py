@@ -48,7 +48,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import write_json  # noqa: E402
+from tiny_models import PRESET_FLAGS, TINY_DIT  # noqa: E402
 
 from diffsynth_cog.configs import DiTConfig, dit_preset  # noqa: E402
 from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS, lora_parameters  # noqa: E402
@@ -74,20 +76,8 @@ SWITCHES: dict[str, dict[str, str]] = {
 ALIASES = {"recipe": "fp8+stream+adam8bit"}
 STEP_ANCHOR_S = 17.30  # today's 129 f ExVideo step on one H200 (bf16 base, AdamW): the goal is <= 1.3x
 GOAL_PEAK_GIB = 24.0
-# A tiny 5B-like config (RoPE, qk-norm, two streams) for the CPU smoke run.
-TINY = dict(
-    num_attention_heads=2,
-    attention_head_dim=16,
-    time_embed_dim=16,
-    text_embed_dim=32,
-    num_layers=2,
-    sample_width=6,
-    sample_height=4,
-    sample_frames=9,
-    max_text_seq_length=7,
-    in_channels=4,
-    out_channels=4,
-)
+# The tests' tiny 5B-like config (RoPE, qk-norm, two streams) for the CPU smoke run.
+TINY = {**TINY_DIT, **PRESET_FLAGS["cogvideox-5b"]}
 
 
 # --------------------------------------------------------------------------------------------- variants
