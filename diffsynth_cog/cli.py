@@ -363,12 +363,9 @@ def _parallel_degrees(args: argparse.Namespace, world: int, batch: bool) -> dict
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from diffsynth_cog import CogVideoPipeline, ModelManager
-    from diffsynth_cog.cli_checks import check_generate_args, fetch_models
+    from diffsynth_cog.cli_checks import check_generate_args
     from diffsynth_cog.models.attention import set_attention_backend
-    from diffsynth_cog.parallel.launch import init_distributed, main_rank_first
+    from diffsynth_cog.parallel.launch import init_distributed, shutdown_distributed
     from diffsynth_cog.parallel.prompts import read_prompt_file
 
     # First: every input (a missing kernel package, bad long-video options, a bad prompt file) fails before any
@@ -380,6 +377,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = _long_video_options(args)
     plan = check_generate_args(args)
     launch = init_distributed(args.device, timedelta(seconds=args.dist_timeout))
+    try:
+        return _generate(args, launch, plan, options, jobs)
+    finally:
+        shutdown_distributed()
+
+
+def _generate(args: argparse.Namespace, launch, plan, options: dict, jobs: list | None) -> int:  # noqa: ANN001
+    """Loads the models (rank 0 first under torchrun) and makes the video(s) of ``cmd_generate``."""
+    import torch
+
+    from diffsynth_cog import CogVideoPipeline, ModelManager
+    from diffsynth_cog.cli_checks import fetch_models
+    from diffsynth_cog.parallel.launch import main_rank_first
+
     args.device = launch.device  # cuda:LOCAL_RANK under torchrun
     model_dir, lora = main_rank_first(  # rank 0 downloads, the others then find the files
         lambda: fetch_models(
