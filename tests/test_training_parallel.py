@@ -18,11 +18,12 @@ from training_parallel_cases import (
     ReferenceWindowAttention,
     lora_grads,
     max_rel,
-    ring_refused,
     sequence_parallel_grads,
     tiny_batch,
     tiny_dit,
     tiny_module,
+    train_job,
+    two_rank_session,
 )
 
 from diffsynth_cog.lora import TRAINED_ATTENTION_KEY, trained_attention
@@ -39,9 +40,12 @@ def one_thread():
 
 
 # --------------------------------------------------------------------------------------------- part 2
-def test_ulysses_split_step_gives_the_lora_gradients_of_the_unsplit_step(tmp_path: Path) -> None:
-    results = ok(run_ranks(2, sequence_parallel_grads, tmp_path, 2, [None, "window:0"]))
-    for rank, by_attention in enumerate(results):
+def test_ulysses_split_step_gives_the_lora_gradients_of_the_unsplit_step_and_ring_refuses_to_train(
+    tmp_path: Path,
+) -> None:
+    results = ok(run_ranks(2, two_rank_session, tmp_path))
+    for rank, (by_attention, ring_message) in enumerate(results):
+        assert "inference only" in ring_message and "Ulysses" in ring_message, (rank, ring_message)
         for attention, r in by_attention.items():
             assert r["split_name"] == "parallel:ulysses2", (rank, attention)
             assert r["loss_split"] == pytest.approx(r["loss_whole"], rel=1e-6), (rank, attention)
@@ -56,11 +60,6 @@ def test_two_groups_of_two_average_the_groups_samples(tmp_path: Path) -> None:
         r = by_attention["window:1"]
         assert r["rel"] < 1e-5, (rank, r)
     assert results[0]["window:1"]["loss_split"] != results[2]["window:1"]["loss_split"]  # two samples
-
-
-def test_ring_attention_refuses_to_train(tmp_path: Path) -> None:
-    messages = ok(run_ranks(2, ring_refused, tmp_path))
-    assert all("inference only" in m and "Ulysses" in m for m in messages), messages
 
 
 def test_sequence_parallel_config_is_checked_against_ranks_and_heads(workspace, tmp_path: Path) -> None:  # noqa: F811
@@ -105,3 +104,23 @@ def test_training_under_a_mask_exports_a_lora_that_records_it(workspace, tmp_pat
         metadata = f.metadata()
     assert metadata[TRAINED_ATTENTION_KEY] == "window:0"
     assert json.loads(metadata["diffsynth_cog_train_config"])["attention"] == "window:0"
+
+
+def test_run_training_with_sequence_parallel_2_on_2_ranks_trains_the_one_process_lora(
+    workspace,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The whole job (Lightning's DDP on gloo, the group-sharded data, the shared noise, the exchanges, the
+    strategy's gradient mean) against the same job on one process: the same samples, the same LoRA."""
+    common = dict(max_steps=2, checkpoint_every_n_steps=2, tensorboard=False, accelerator="cpu", attention="window:1")
+    single = run_training(tiny_config(workspace, tmp_path / "one", **common), progress=False)
+    job = tiny_config(workspace, tmp_path / "two", sequence_parallel=2, devices=2, **common).to_dict()
+    ranks = ok(run_ranks(2, train_job, tmp_path / "ranks", job))
+    assert [r["split"] for r in ranks] == ["parallel:ulysses2"] * 2
+    assert ranks[0]["strategy"] == "DDPStrategy" and ranks[0]["step"] == 2
+    assert ranks[0]["lora_path"] is not None and ranks[1]["lora_path"] is None
+    expected = single.module.lora_weights()
+    assert all(v.norm() > 0 for k, v in expected.items() if "lora_B" in k)  # B starts at 0: the steps moved it
+    for r in ranks:
+        assert max_rel(r["lora"], expected) < 1e-4, max_rel(r["lora"], expected)
+    assert trained_attention(ranks[0]["lora_path"]) == "window:1"

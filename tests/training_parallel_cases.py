@@ -144,3 +144,22 @@ def ring_refused(rank: int, world: int) -> str:
     except ParallelError as e:
         return str(e)
     return "no error"
+
+
+def two_rank_session(rank: int, world: int) -> tuple[dict[str, Any], str]:
+    """The split step's gradients (dense and masked), then ring attention asked for gradients."""
+    return sequence_parallel_grads(rank, world, 2, [None, "window:0"]), ring_refused(rank, world)
+
+
+def train_job(rank: int, world: int, values: dict[str, Any]) -> dict[str, Any]:
+    """``run_training`` of a job on this rank (Lightning finds the process group already initialised)."""
+    from diffsynth_cog.training.trainer import run_training
+
+    result = run_training(TrainConfig.from_dict(values), progress=False)
+    return {
+        "step": result.global_step,
+        "lora": result.module.lora_weights(),
+        "lora_path": None if result.lora_path is None else str(result.lora_path),
+        "split": result.module.denoiser.split.name,
+        "strategy": type(result.trainer.strategy).__name__,
+    }
