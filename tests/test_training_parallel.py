@@ -16,6 +16,7 @@ from safetensors import safe_open
 from test_training import tiny_config, workspace  # noqa: F401  (module fixture)
 from training_parallel_cases import (
     ReferenceWindowAttention,
+    bench_tiny,
     lora_grads,
     max_rel,
     sequence_parallel_grads,
@@ -124,3 +125,23 @@ def test_run_training_with_sequence_parallel_2_on_2_ranks_trains_the_one_process
     for r in ranks:
         assert max_rel(r["lora"], expected) < 1e-4, max_rel(r["lora"], expected)
     assert trained_attention(ranks[0]["lora_path"]) == "window:1"
+
+
+# --------------------------------------------------------------------------------------------- benchmark
+def test_sequence_parallel_and_sparse_benchmark_runs_its_tiny_cpu_smoke_mode(tmp_path: Path) -> None:
+    """benchmarks/bench_train_sp.py --tiny on 2 gloo ranks: the script the GPUs run, proven on the CPU."""
+    ok(run_ranks(2, bench_tiny, tmp_path / "ranks", str(tmp_path)))
+    sp = json.loads((tmp_path / "tiny_sp.json").read_text())
+    assert sp["ranks"] == 2 and len(sp["split"]) == 2 and sp["speedup"] > 0
+    assert sp["one_gpu"]["parts"]["split"] == "whole" and sp["split"][1]["parts"]["split"] == "parallel:ulysses2"
+    assert sp["losses_equal_on_ranks"]
+    # the same sample, timesteps and noise, and after the first update the same LoRA: the one-GPU run's losses
+    assert sp["split"][0]["losses"] == pytest.approx(sp["one_gpu"]["losses"], rel=1e-4)
+    assert sp["one_gpu"]["losses"][0] != sp["one_gpu"]["losses"][1]
+    for r in sp["split"]:  # the reduced gradients are the one-GPU step's
+        assert r["grad_norms"] == pytest.approx(sp["one_gpu"]["grad_norms"], rel=1e-5)
+    sparse = json.loads((tmp_path / "tiny_sparse.json").read_text())
+    assert sorted(sparse["runs"], key=int) == ["9", "17"]
+    for entry in sparse["runs"].values():
+        assert entry["dense"]["parts"]["attention"] != "window1" and entry["sparse"]["parts"]["attention"] == "window1"
+        assert entry["sparse_vs_dense"] > 0

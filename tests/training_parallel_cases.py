@@ -163,3 +163,20 @@ def train_job(rank: int, world: int, values: dict[str, Any]) -> dict[str, Any]:
         "split": result.module.denoiser.split.name,
         "strategy": type(result.trainer.strategy).__name__,
     }
+
+
+def bench_tiny(rank: int, world: int, out: str) -> dict[str, Any]:
+    """benchmarks/bench_train_sp.py --tiny on this rank (the process group is already up, as under torchrun)."""
+    import importlib.util
+    import os
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    os.environ["OUT"] = out
+    spec = importlib.util.spec_from_file_location("bench_train_sp", folder / "bench_train_sp.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train_sp"] = bench
+    spec.loader.exec_module(bench)
+    return bench.main(["--tiny", "--prefix", "tiny"])
