@@ -7,6 +7,7 @@ degree divides it), with gradient checkpointing (so the blocks' exchanges also r
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from training_parallel_cases import (
     two_rank_session,
 )
 
+from diffsynth_cog.cli import _hint_trained_attention
 from diffsynth_cog.lora import TRAINED_ATTENTION_KEY, trained_attention
 from diffsynth_cog.training.config import TrainConfig, TrainConfigError
 from diffsynth_cog.training.trainer import run_training
@@ -96,7 +98,11 @@ def test_attention_field_is_checked_with_the_valid_specs() -> None:
     assert TrainConfig(model="m", cache_dir="c", output_dir="o", attention="radial").attention == "radial"
 
 
-def test_training_under_a_mask_exports_a_lora_that_records_it(workspace, tmp_path: Path) -> None:  # noqa: F811
+def test_training_under_a_mask_exports_a_lora_that_records_it_and_generate_hints_at_it(
+    workspace,  # noqa: F811
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     config = tiny_config(workspace, tmp_path / "run", attention="window:0", max_steps=2, checkpoint_every_n_steps=2)
     result = run_training(config, progress=False)
     assert result.module.denoiser.parts()["attention"] == "window0"
@@ -105,6 +111,11 @@ def test_training_under_a_mask_exports_a_lora_that_records_it(workspace, tmp_pat
         metadata = f.metadata()
     assert metadata[TRAINED_ATTENTION_KEY] == "window:0"
     assert json.loads(metadata["diffsynth_cog_train_config"])["attention"] == "window:0"
+    with caplog.at_level(logging.WARNING, logger="diffsynth_cog.cli"):
+        _hint_trained_attention(result.lora_path, "window:0")  # run as trained: nothing to say
+        assert not caplog.records
+        _hint_trained_attention(result.lora_path, None)
+    assert "add --sparse-attention window:0" in caplog.text and "dense attention" in caplog.text
 
 
 def test_run_training_with_sequence_parallel_2_on_2_ranks_trains_the_one_process_lora(

@@ -320,6 +320,7 @@ def run_training(
                 fps=config.validation_fps,
                 images=config.validation_images,
                 precision=config.precision,
+                attention=config.attention,
             )
         )
     module = CogLoRAModule(config)
