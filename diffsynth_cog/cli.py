@@ -407,6 +407,7 @@ def _generate(args: argparse.Namespace, launch, plan, options: dict, jobs: list 
     manager.load_models([model_dir])
     if lora is not None:
         manager.load_lora(lora, lora_alpha=args.lora_alpha)
+        _hint_trained_attention(lora, args.sparse_attention)
     if args.quantize != "none":
         from diffsynth_cog.quantization import quantize_dit
 
@@ -423,6 +424,24 @@ def _generate(args: argparse.Namespace, launch, plan, options: dict, jobs: list 
     else:
         _generate_batch(pipe, args, jobs, options)
     return 0
+
+
+def _hint_trained_attention(lora, given: str | None) -> None:  # noqa: ANN001
+    """Logs a hint when the LoRA was trained under a sparse mask that this run does not use."""
+    from diffsynth_cog.lora import trained_attention
+
+    try:
+        trained = trained_attention(lora)
+    except Exception:  # noqa: BLE001 - a hint only; the LoRA itself loaded
+        return
+    if trained and trained != given:
+        logger.warning(
+            "the LoRA was trained with attention %r; add --sparse-attention %s to run it as it was trained "
+            "(this run uses %s)",
+            trained,
+            trained,
+            repr(given) if given else "dense attention",
+        )
 
 
 def _generate_one(pipe, args: argparse.Namespace, options: dict, input_video=None) -> None:  # noqa: ANN001

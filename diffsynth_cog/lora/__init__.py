@@ -18,7 +18,7 @@ from diffsynth_cog.lora.export import (
     load_lora_state_dict,
     lora_state_dict,
 )
-from diffsynth_cog.lora.files import DIFFSYNTH, DIFFUSERS, LoRAMergeReport
+from diffsynth_cog.lora.files import DIFFSYNTH, DIFFUSERS, TRAINED_ATTENTION_KEY, LoRAMergeReport, trained_attention
 from diffsynth_cog.lora.layers import (
     BLOCK_LINEAR_TARGETS,
     LoRALinear,
@@ -37,6 +37,7 @@ __all__ = [
     "LoRAError",
     "LoRALinear",
     "LoRAMergeReport",
+    "TRAINED_ATTENTION_KEY",
     "TargetSpec",
     "ema_lora_state_dicts",
     "export_lora",
@@ -48,4 +49,5 @@ __all__ = [
     "merge_lora",
     "merged_loras",
     "restore_base_weights",
+    "trained_attention",
 ]

@@ -71,6 +71,7 @@ _DIFFSYNTH_PREFIX = "diffusion_model."
 # differently; ``norm_out.linear`` and ``proj_out`` are the same in every layout.
 _DIFFSYNTH_ONLY_NAME = re.compile(r"^(blocks\.\d+\.|context_embedder$|time_embedder\.|text_proj$|time_embed\.)")
 _HEADER_CONFIG_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry
+TRAINED_ATTENTION_KEY = "diffsynth_cog_attention"  # the attention spec a LoRA was trained under (trainer's export)
 _ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's save_pretrained
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # LoraConfig fields that, when set, make the update something other than W + s * B @ A (weight
@@ -164,6 +165,12 @@ def open_lora(lora: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> LoRA
             raise LoRAError(f"{f}: corrupt safetensors file ({e})") from e
     name = str(source.files[0]) if len(source.files) == 1 else str(source.path)
     return LoRATensors(name, shapes, dtypes, metadata, source.files[0].parent, files=files)
+
+
+def trained_attention(lora: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> str | None:
+    """The attention spec (e.g. ``"window:2"``) a LoRA exported by this trainer was trained under, from its
+    header; None for a LoRA trained dense or written elsewhere."""
+    return open_lora(lora).metadata.get(TRAINED_ATTENTION_KEY)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,15 +38,40 @@ def collective(what: str, group: dist.ProcessGroup | None = None) -> Iterator[No
         ) from e
 
 
-def all_to_all(
+def _all_to_all(
     send: torch.Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int], group: dist.ProcessGroup, what: str
 ) -> torch.Tensor:
-    """``send`` [sum(send_sizes), ...]: block i goes to the group's i-th rank; returns the received blocks
-    [sum(recv_sizes), ...] in rank order. Sizes may differ between ranks (no padding)."""
     recv = send.new_empty((sum(recv_sizes), *send.shape[1:]))
     with collective(what, group):
         dist.all_to_all_single(recv, send.contiguous(), list(recv_sizes), list(send_sizes), group=group)
     return recv
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` with autograd: its adjoint is the reverse exchange (send and receive sizes swapped),
+    which hands every rank the gradients of the rows it sent."""
+
+    @staticmethod
+    def forward(ctx, send, send_sizes, recv_sizes, group, what):  # noqa: ANN001, ANN205
+        ctx.sizes, ctx.group, ctx.what = (tuple(send_sizes), tuple(recv_sizes)), group, what
+        return _all_to_all(send, send_sizes, recv_sizes, group, what)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        send_sizes, recv_sizes = ctx.sizes
+        back = _all_to_all(grad, recv_sizes, send_sizes, ctx.group, f"{ctx.what}, backward")
+        return back, None, None, None, None
+
+
+def all_to_all(
+    send: torch.Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int], group: dist.ProcessGroup, what: str
+) -> torch.Tensor:
+    """``send`` [sum(send_sizes), ...]: block i goes to the group's i-th rank; returns the received blocks
+    [sum(recv_sizes), ...] in rank order. Sizes may differ between ranks (no padding). Differentiable: the
+    backward pass runs the reverse exchange (every rank of the group must run it, as for the forward)."""
+    if torch.is_grad_enabled() and send.requires_grad:
+        return _AllToAll.apply(send, send_sizes, recv_sizes, group, what)
+    return _all_to_all(send, send_sizes, recv_sizes, group, what)
 
 
 def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup, what: str) -> list[torch.Tensor]:

@@ -11,9 +11,11 @@ the whole sequence is then, as in USP (yunchang's ``LongContextAttention``):
      whole sequence;
   3. Ulysses back: outputs return to their tokens, all heads.
 
-The whole exchange runs inside one custom op (``diffsynth_cog::sequence_parallel_attention``), so
-``torch.compile`` keeps each block in one graph around an opaque call instead of tracing collectives.
-Inference only: the op has no backward.
+Inference: the whole exchange runs inside one custom op (``diffsynth_cog::sequence_parallel_attention``),
+so ``torch.compile`` keeps each block in one graph around an opaque call instead of tracing collectives.
+Training (a call whose q, k or v need gradients): the same steps run eagerly, outside the op, through
+the differentiable all-to-all of ``parallel.comm`` (its backward is the reverse exchange), so the
+gradients of every token reach the rank that holds it. Ring attention has no backward: refused there.
 """
 
 from __future__ import annotations
@@ -76,8 +78,17 @@ class SequenceParallelAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q, k, v [B, l, H, D] of this rank's shard -> attention output [B, l, H, D]
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            raise ParallelError("sequence-parallel attention is for inference: it has no backward pass")
+            self.check_trainable()
+            return self.compute(q, k, v)  # eager, through the differentiable all-to-all
         return torch.ops.diffsynth_cog.sequence_parallel_attention(q, k, v, self.plan)
+
+    def check_trainable(self) -> None:
+        """Training runs Ulysses alone: ring attention's exchange has no backward pass."""
+        if self.ring > 1:
+            raise ParallelError(
+                f"ring attention (ring degree {self.ring}) is for inference only: it has no backward pass; "
+                "train with Ulysses alone (sequence_parallel = the Ulysses degree, ring degree 1)"
+            )
 
     def release(self) -> None:
         """Forgets this plan (the custom op can no longer run it)."""

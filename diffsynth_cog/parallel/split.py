@@ -18,7 +18,7 @@ import torch
 
 from diffsynth_cog.denoiser import AttentionPart
 from diffsynth_cog.models.attention import Attend
-from diffsynth_cog.models.dit import DiTState
+from diffsynth_cog.models.dit import DiTState, TokenLayout
 from diffsynth_cog.parallel.comm import all_gather, all_reduce
 from diffsynth_cog.parallel.layout import ParallelError, shard_bounds
 from diffsynth_cog.parallel.mesh import ProcessMesh
@@ -100,11 +100,21 @@ class ParallelSplit:
         # patches [b, lv, C*p*p] of this rank -> [B, Lv, C*p*p] of the whole call, on every rank
         if self.mesh.generation is None:
             return patches
-        layout = state.layout
-        batch = state.shape[0]
+        if torch.is_grad_enabled() and patches.requires_grad:
+            return _GatherPatches.apply(patches, self, state.shape[0], state.layout)
+        return self._gather(patches, state.shape[0], state.layout)
+
+    def _video_shards(self, layout: TokenLayout) -> list[tuple[int, int]]:
         n_text = layout.n_text
-        video_shards = [(max(s, n_text) - n_text, max(e, n_text) - n_text) for s, e in self.shards(layout.n_tokens)]
-        halves = range(self.layout.cfg) if batch >= self.layout.cfg else range(1)
+        return [(max(s, n_text) - n_text, max(e, n_text) - n_text) for s, e in self.shards(layout.n_tokens)]
+
+    def _halves(self, batch: int) -> range:
+        """The CFG halves whose rows make up the output (one when every half computes every row)."""
+        return range(self.layout.cfg) if batch >= self.layout.cfg else range(1)
+
+    def _gather(self, patches: torch.Tensor, batch: int, layout: TokenLayout) -> torch.Tensor:
+        video_shards = self._video_shards(layout)
+        halves = self._halves(batch)
         most_rows = max(len(self.rows(batch, h)) for h in halves)
         most_tokens = max(e - s for s, e in video_shards)
         padded = patches.new_zeros((most_rows, most_tokens, patches.shape[-1]))
@@ -117,6 +127,18 @@ class ParallelSplit:
             for index, (s, e) in enumerate(video_shards):
                 out[rows.start : rows.stop, s:e] = parts[half * sequence + index][: len(rows), : e - s]
         return out
+
+    def gather_adjoint(self, grad: torch.Tensor, batch: int, layout: TokenLayout) -> torch.Tensor:
+        """The gradient of this rank's patches from ``grad`` [B, Lv, C*p*p], the gradient of the gathered
+        output on this rank: the adjoint of the all-gather (a reduce-scatter, as all-reduce + own slice), the
+        sum over the generation's ranks of the gradient at this rank's rows and tokens."""
+        total = all_reduce(grad.contiguous(), self.mesh.generation, "summing the gradients of the output patches")
+        half = self.mesh.coords.half
+        s, e = self._video_shards(layout)[self.mesh.sequence_index]
+        rows = self.rows(batch)
+        if half not in self._halves(batch):  # this half's rows were not taken into the output
+            return grad.new_zeros((len(rows), e - s, grad.shape[-1]))
+        return total[rows.start : rows.stop, s:e]
 
     def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
         group = self.mesh.generation if self._rows_split else self.mesh.sequence
@@ -140,3 +162,16 @@ class ParallelSplit:
                 f"the attention backend 'sage' cannot combine with the split {self.name!r}: ring attention needs "
                 "each block's log-sum-exp, which the sage kernel does not return here; use Ulysses alone"
             )
+
+
+class _GatherPatches(torch.autograd.Function):
+    """:meth:`ParallelSplit.gather` with autograd (backward: :meth:`ParallelSplit.gather_adjoint`)."""
+
+    @staticmethod
+    def forward(ctx, patches, split, batch, layout):  # noqa: ANN001, ANN205
+        ctx.split, ctx.batch, ctx.layout = split, batch, layout
+        return split._gather(patches, batch, layout)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        return ctx.split.gather_adjoint(grad, ctx.batch, ctx.layout), None, None, None

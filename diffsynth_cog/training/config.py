@@ -24,6 +24,7 @@ from typing import Any
 from diffsynth_cog.configs import check_num_frames, check_side
 from diffsynth_cog.errors import DiffSynthCogError
 from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS
+from diffsynth_cog.sparse_attention import parse_attention
 
 STRATEGIES = ("auto", "deepspeed_stage_2")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -83,6 +84,15 @@ class TrainConfig:
             [mean, std] (CogVideoX's I2V trainers: [-3.0, 0.5]); null = none. image_dropout:
             probability of zeroing a sample's image latent (no image condition).
 
+    Long clips (see ``training/sequence.py``):
+        sequence_parallel: the Ulysses degree: each sample's tokens are split over this many ranks
+            (forward and backward), groups of them train different samples (data parallel); it must
+            divide the DiT's attention heads and the number of ranks (devices x num_nodes).
+        attention: train under a block-sparse mask, e.g. ``"window:2"`` or ``"radial"``
+            (``sparse_attention.parse_attention``; a dense kernel name also works); null = dense. The
+            exported LoRA records it (``diffsynth_cog_attention``): generate with ``--sparse-attention``
+            and the same spec to run it as trained.
+
     Logs: tensorboard (a TensorBoard run in ``<output_dir>/logs/tensorboard`` with the losses and the
         validation videos) beside the CSV logs.
 
@@ -134,6 +144,8 @@ class TrainConfig:
     image_noise: tuple[float, float] | None = (-3.0, 0.5)
     image_dropout: float = 0.0
     tensorboard: bool = True
+    sequence_parallel: int = 1
+    attention: str | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -216,6 +228,24 @@ class TrainConfig:
             problems.append(
                 "base_quantization: 'fp8' runs on CUDA GPUs (compute capability >= 8.9); use 'int8' on a CPU"
             )
+        if not is_int(self.sequence_parallel) or self.sequence_parallel < 1:
+            bad("sequence_parallel", "an integer >= 1 (the Ulysses degree; 1 = off)")
+        elif (
+            is_int(self.devices) and is_int(self.num_nodes) and (self.devices * self.num_nodes) % self.sequence_parallel
+        ):
+            ranks = self.devices * self.num_nodes
+            problems.append(
+                f"sequence_parallel: {self.sequence_parallel} does not divide the {ranks} ranks (devices x num_nodes); "
+                f"valid: {[d for d in range(1, ranks + 1) if ranks % d == 0]}"
+            )
+        if self.attention is not None:
+            if not isinstance(self.attention, str):
+                bad("attention", "a mask spec such as 'window:2' or 'radial', a kernel name, or null (dense)")
+            else:
+                try:
+                    parse_attention(self.attention)
+                except ValueError as error:
+                    problems.append(f"attention: {error}")
         n = self.image_noise
         if n is not None and not (isinstance(n, tuple) and len(n) == 2 and all(is_number(v) for v in n) and n[1] >= 0):
             bad("image_noise", "[mean, std] of ln(sigma) with std >= 0 (e.g. [-3.0, 0.5]), or null")

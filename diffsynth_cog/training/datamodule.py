@@ -31,6 +31,7 @@ from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.training.cache import CacheInfo, LatentCacheDataset
 from diffsynth_cog.training.config import TrainConfig
 from diffsynth_cog.training.module import read_dit_config
+from diffsynth_cog.training.sequence import data_parallel_coords
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class CachedLatentDataModule(pl.LightningDataModule):
         seed: of the per-epoch permutations. shuffle: False reads the cache in index order.
         num_workers: loader processes (records are safetensors files, cheap to read).
         validate: check every record's header when the dataset is opened (see LatentCacheDataset).
+        sequence_parallel: ranks sharing each sample (``training.sequence``): the stream is sharded over
+            their groups, every rank of a group reading the same samples.
     """
 
     def __init__(
@@ -146,12 +149,14 @@ class CachedLatentDataModule(pl.LightningDataModule):
         shuffle: bool = True,
         num_workers: int = 0,
         validate: bool = True,
+        sequence_parallel: int = 1,
     ) -> None:
         super().__init__()
         self.cache_dir = Path(cache_dir).expanduser()
         self.dit_config = dit_config
         self.batch_size, self.max_steps, self.grad_accumulation = batch_size, max_steps, grad_accumulation
         self.seed, self.shuffle, self.num_workers, self.validate = seed, shuffle, num_workers, validate
+        self.sequence_parallel = sequence_parallel
         self.dataset: LatentCacheDataset | None = None
 
     @classmethod
@@ -165,6 +170,7 @@ class CachedLatentDataModule(pl.LightningDataModule):
             grad_accumulation=config.grad_accumulation,
             seed=config.seed,
             num_workers=config.num_workers,
+            sequence_parallel=config.sequence_parallel,
         )
 
     @property
@@ -179,12 +185,14 @@ class CachedLatentDataModule(pl.LightningDataModule):
             self.dataset.info.check_dit(self.dit_config)
 
     def _run_geometry(self) -> tuple[int, int, int, int, int]:
-        """(rank, world size, optimizer steps done, max steps, micro-batches per step)."""
+        """(data-parallel rank, data-parallel world size, optimizer steps done, max steps, micro-batches per step):
+        with sequence parallelism, the rank's group and the number of groups."""
         trainer = self.trainer
         if trainer is None:
             return 0, 1, 0, self.max_steps, self.grad_accumulation
         max_steps = trainer.max_steps if trainer.max_steps > 0 else self.max_steps
-        return trainer.global_rank, trainer.world_size, trainer.global_step, max_steps, trainer.accumulate_grad_batches
+        rank, world = data_parallel_coords(trainer.global_rank, trainer.world_size, self.sequence_parallel)
+        return rank, world, trainer.global_step, max_steps, trainer.accumulate_grad_batches
 
     def train_dataloader(self) -> DataLoader:
         if self.dataset is None:

@@ -62,8 +62,10 @@ from diffsynth_cog.schedulers import (
     scheduler_preset,
     v_prediction_loss,
 )
+from diffsynth_cog.sparse_attention import parse_attention
 from diffsynth_cog.training.config import TrainConfig
 from diffsynth_cog.training.memory import activation_offload, build_optimizer
+from diffsynth_cog.training.sequence import data_parallel_coords, sequence_parallel_split
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +127,9 @@ class CogLoRAModule(pl.LightningModule):
     strategy's device, so optimizers and DeepSpeed only ever see the LoRA parameters as trainable.
     ``dit`` may be passed in instead (tests, notebooks, benchmarks); it must not carry LoRA layers yet.
     ``attention`` / ``split``: the attention part and token split of every training DiT call (see
-    :class:`~diffsynth_cog.denoiser.Denoiser`; default dense attention, whole calls).
+    :class:`~diffsynth_cog.denoiser.Denoiser`); by default the config's: ``attention`` (a sparse mask,
+    else dense) and ``sequence_parallel`` (the Ulysses split of ``training.sequence``, built in
+    :meth:`configure_model` once the process group exists; else whole calls).
     ``scheduler_config``: instead of the model folder's (needed when ``config.model`` is not a folder).
     """
 
@@ -209,7 +213,12 @@ class CogLoRAModule(pl.LightningModule):
         inject_lora(dit, cfg.lora_spec(), generator=generator)
         dit.train()
         self.dit = dit
-        self.denoiser = Denoiser(dit, attention=self._attention, split=self._split)
+        attention, split = self._attention, self._split
+        if attention is None and cfg.attention is not None:
+            attention = parse_attention(cfg.attention)
+        if split is None and cfg.sequence_parallel > 1:
+            split = sequence_parallel_split(cfg.sequence_parallel, dit.config.num_attention_heads)
+        self.denoiser = Denoiser(dit, attention=attention, split=split)
         trainable = sum(p.numel() for p in dit.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in dit.parameters() if not p.requires_grad)
         logger.info(
@@ -295,8 +304,16 @@ class CogLoRAModule(pl.LightningModule):
     def step_generator(self, micro_batch: int, device: torch.device, step: int | None = None) -> torch.Generator:
         """The generator of one micro-batch (see :func:`step_seed`); ``step`` defaults to the global step."""
         step = self.global_step if step is None else step
-        seed = step_seed(self.train_config.seed, step, micro_batch, self.global_rank)
+        seed = step_seed(self.train_config.seed, step, micro_batch, self.data_parallel_rank)
         return torch.Generator(device=device).manual_seed(seed)
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This rank's sample stream: the rank, or with ``sequence_parallel`` its group's index (every rank of
+        a group trains the same sample with the same timesteps and noise)."""
+        if self._trainer is None:  # called directly (tests, benchmarks): one stream
+            return 0
+        return data_parallel_coords(self.global_rank, self.trainer.world_size, self.train_config.sequence_parallel)[0]
 
     def batch_loss(self, batch: dict[str, Any], micro_batch: int = 0, step: int | None = None) -> torch.Tensor:
         """The loss of one micro-batch, with its (t, noise) drawn from :meth:`step_generator`."""
@@ -333,7 +350,7 @@ class CogLoRAModule(pl.LightningModule):
         # enough that the average over a logging interval is the real rate.
         now = time.perf_counter()
         if self._last_batch_end is not None and now > self._last_batch_end:
-            samples = batch["latents"].shape[0] * self.trainer.world_size
+            samples = batch["latents"].shape[0] * self.trainer.world_size // self.train_config.sequence_parallel
             rate = samples / (now - self._last_batch_end)
             self.log("train/samples_per_s", rate, on_step=True, on_epoch=False, batch_size=1)
             self.log("train/tokens_per_s", rate * self._tokens_per_sample, on_step=True, on_epoch=False, batch_size=1)

@@ -36,8 +36,16 @@ from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 from diffsynth_cog.atomic import torch_save_atomic
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.errors import DiffSynthCogError
-from diffsynth_cog.lora import LORA_EXPORT_FORMATS, LoRAError, ema_lora_state_dicts, export_lora, inject_lora
+from diffsynth_cog.lora import (
+    LORA_EXPORT_FORMATS,
+    TRAINED_ATTENTION_KEY,
+    LoRAError,
+    ema_lora_state_dicts,
+    export_lora,
+    inject_lora,
+)
 from diffsynth_cog.models.dit import CogDiT
+from diffsynth_cog.parallel.layout import ParallelError
 from diffsynth_cog.training.cache import CacheInfo
 from diffsynth_cog.training.config import TrainConfig, TrainConfigError
 from diffsynth_cog.training.console import console_callbacks
@@ -48,6 +56,7 @@ from diffsynth_cog.training.module import (
     CogLoRAModule,
     read_dit_config,
 )
+from diffsynth_cog.training.sequence import check_degree
 from diffsynth_cog.training.validation import ValidationVideoCallback
 
 logger = logging.getLogger(__name__)
@@ -233,6 +242,10 @@ def preflight(config: TrainConfig) -> tuple[DiTConfig, CacheInfo]:
     dit_config = read_dit_config(config.model)
     info = CacheInfo.load(config.cache_dir)
     info.check_dit(dit_config)
+    try:
+        check_degree(config.sequence_parallel, dit_config.num_attention_heads)
+    except ParallelError as error:
+        raise TrainConfigError(f"sequence_parallel ({config.model}): {error}") from error
     image_to_video = dit_config.in_channels == 2 * dit_config.out_channels
     if config.validation_every_n_steps > 0 and image_to_video != bool(config.validation_images):
         raise TrainConfigError(
@@ -307,6 +320,7 @@ def run_training(
                 fps=config.validation_fps,
                 images=config.validation_images,
                 precision=config.precision,
+                attention=config.attention,
             )
         )
     module = CogLoRAModule(config)
@@ -460,6 +474,8 @@ def _export_metadata(info: Mapping[str, Any], steps: Sequence[int], gamma: float
         "diffsynth_cog_train_config": json.dumps(train_config, sort_keys=True),
         "base_model": str(train_config.get("model", "")),
     }
+    if train_config.get("attention"):  # the mask the LoRA learnt under: generate with the same
+        metadata[TRAINED_ATTENTION_KEY] = str(train_config["attention"])
     if gamma is not None:
         metadata["diffsynth_cog_ema_gamma"] = repr(gamma)
         metadata["diffsynth_cog_ema_steps"] = json.dumps(list(steps))

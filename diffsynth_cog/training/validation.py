@@ -83,7 +83,8 @@ class ValidationVideoCallback(Callback):
 
     Needs ``text_encoder/``, ``tokenizer/`` and ``vae/`` in the model folder. ``images``: one input
     image per prompt for an image-to-video model (paths). ``num_frames`` / ``height`` / ``width``:
-    the generated clip (e.g. the cache's). Other ranks wait for rank 0 at their next collective.
+    the generated clip (e.g. the cache's). ``attention``: the job's sparse mask, so the videos run the way
+    inference will run the LoRA. Other ranks wait for rank 0 at their next collective.
     """
 
     def __init__(
@@ -103,6 +104,7 @@ class ValidationVideoCallback(Callback):
         fps: int = 8,
         images: Sequence[str] = (),
         precision: str = "auto",
+        attention: str | None = None,
     ) -> None:
         if every_n_steps < 1 or not prompts:
             raise ValueError("ValidationVideoCallback needs every_n_steps >= 1 and at least one prompt")
@@ -119,6 +121,7 @@ class ValidationVideoCallback(Callback):
         self.num_frames, self.height, self.width = num_frames, height, width
         self.num_inference_steps, self.cfg_scale, self.seed, self.fps = num_inference_steps, cfg_scale, seed, fps
         self.precision = precision
+        self.attention = attention  # the mask the LoRA trains under (None: dense), as inference will run it
         self._embeddings: list[torch.Tensor] | None = None
         self._negative: torch.Tensor | None = None
         self._last_step = -1
@@ -204,6 +207,7 @@ class ValidationVideoCallback(Callback):
                     cfg_scale=self.cfg_scale,
                     num_inference_steps=self.num_inference_steps,
                     seed=self.seed,
+                    attention=self.attention,
                     tiled=tiled,
                     output_type="latent",
                     progress_bar=False,
