@@ -107,8 +107,9 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
-def build(dit_config: DiTConfig, variant: str, layout: str, device: torch.device, lr: float) -> tuple:
-    """(module, optimizer, LoRA parameters) of one variant on random weights (seed 0: every variant equal)."""
+def build(dit_config: DiTConfig, variant: str, layout: str, device: torch.device, lr: float, **changes: Any) -> tuple:
+    """(module, optimizer, LoRA parameters) of one variant on random weights (seed 0: every variant and every rank
+    builds the same); ``changes``: further TrainConfig fields."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(device), default_dtype(dtype):  # initialised in the base dtype: no fp32 5B copy
@@ -122,7 +123,7 @@ def build(dit_config: DiTConfig, variant: str, layout: str, device: torch.device
         precision="bf16" if device.type == "cuda" else "fp32",
         accelerator="gpu" if device.type == "cuda" else "cpu",
         seed=0,
-        **variant_changes(variant),
+        **{**variant_changes(variant), **changes},
     )
     module = CogLoRAModule(config, dit=dit, scheduler_config=scheduler_preset("cogvideox-5b")).to(device)
     del dit

@@ -40,46 +40,17 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import LAYOUTS, TINY, default_dtype, latent_batch, release, sync  # noqa: E402
+from bench_train import LAYOUTS, TINY, build, latent_batch, release, sync  # noqa: E402
 from common import write_json  # noqa: E402
 
 from diffsynth_cog.configs import DiTConfig, dit_preset  # noqa: E402
-from diffsynth_cog.lora import lora_parameters  # noqa: E402
-from diffsynth_cog.models.dit import CogDiT  # noqa: E402
 from diffsynth_cog.parallel.launch import init_distributed  # noqa: E402
-from diffsynth_cog.schedulers import scheduler_preset  # noqa: E402
-from diffsynth_cog.training.config import TrainConfig  # noqa: E402
 from diffsynth_cog.training.module import CogLoRAModule  # noqa: E402
 
 logger = logging.getLogger("bench_train_sp")
 
 SPEEDUP_GOAL = 1.85  # 257 f on 2 GPUs vs 1
 SPARSE_GOAL = 0.5  # sparse step / dense step at 257 f
-
-
-def build(dit_config: DiTConfig, device: torch.device, layout: str, lr: float, **changes: Any) -> tuple:
-    """(module, optimizer, LoRA parameters) on random weights, seed 0 (every rank builds the same)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    with torch.device(device), default_dtype(dtype):
-        dit = CogDiT(dit_config)
-    config = TrainConfig(
-        model="benchmark",
-        cache_dir="benchmark",
-        output_dir="benchmark",
-        lora_targets=LAYOUTS[layout],
-        learning_rate=lr,
-        precision="bf16" if device.type == "cuda" else "fp32",
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        seed=0,
-        **changes,
-    )
-    module = CogLoRAModule(config, dit=dit, scheduler_config=scheduler_preset("cogvideox-5b")).to(device)
-    del dit
-    module.setup("fit")
-    module.configure_model()
-    optimizer = module.configure_optimizers()["optimizer"]
-    return module, optimizer, lora_parameters(module.dit)
 
 
 def measure(
@@ -90,7 +61,7 @@ def measure(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    module, optimizer, params = build(dit_config, device, args.layout, args.lr, **changes)
+    module, optimizer, params = build(dit_config, "baseline", args.layout, device, args.lr, **changes)
     reduce = changes.get("sequence_parallel", 1) > 1
     sync(device)
     built_s = time.perf_counter() - start
