@@ -48,7 +48,15 @@ from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.vae import CogVAEDecoder, CogVAEEncoder
 from diffsynth_cog.offload import ModelOffloader
 from diffsynth_cog.parallel.context import ParallelContext
-from diffsynth_cog.sampling import DIFFUSERS, Conditions, Conventions, StepCallback, conventions_for, denoise
+from diffsynth_cog.sampling import (
+    DIFFUSERS,
+    Conditions,
+    Conventions,
+    StepCallback,
+    conventions_for,
+    denoise,
+    image_condition,
+)
 from diffsynth_cog.schedulers import Sampler, SchedulerConfig, make_sampler, scheduler_preset
 from diffsynth_cog.sparse_attention import parse_attention
 from diffsynth_cog.teacache import make_step_skipper
@@ -273,9 +281,7 @@ class CogVideoPipeline:
         if input_image is not None:
             _, _, frames, h, w = latent_shape
             image = video_to_tensor([load_image(input_image, h * 8, w * 8)])[None]  # [1, 3, 1, H, W]
-            first = self.encode_video(image, tiled, generator)  # [1, C, 1, h, w]
-            pad = first.new_zeros(first.shape[0], first.shape[1], frames - 1, *first.shape[3:])
-            image_latents = torch.cat([first, pad], dim=2)
+            image_latents = image_condition(self.encode_video(image, tiled, generator), frames)  # [1, C, T, h, w]
             if guided:
                 image_latents = torch.cat([image_latents] * 2)
         return Conditions(

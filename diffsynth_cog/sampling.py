@@ -38,6 +38,13 @@ class Conditions:
     one_batch: bool = True
 
 
+def image_condition(image_latents: torch.Tensor, frames: int) -> torch.Tensor:
+    """The I2V conditioning channels: the image's latent frame(s) [B, C, t, h, w] zero-padded in time to ``frames``
+    (the reference pipelines' and trainers' layout; concatenated after the noisy latents on the channels)."""
+    b, c, t, h, w = image_latents.shape
+    return torch.cat([image_latents, image_latents.new_zeros(b, c, frames - t, h, w)], dim=2)
+
+
 def draw_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """Standard normal latents [B, C, T, H, W] (float32, on the generator's device), drawn in the reference's
     [B, T, C, H, W] order so that a seed gives the same noise as diffusers' CogVideoX pipelines."""

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from test_training import fixed_batch_loss, tiny_config, workspace  # noqa: F401  (module fixture)
 from tiny_models import PRESET_FLAGS, TINY_DIT, randomize_
+from training_parallel_cases import lora_grads, max_rel
 
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS, LoRALinear, lora_layers, lora_parameters
@@ -65,19 +66,6 @@ def tiny_batch(seed: int = 0, batch: int = 2) -> dict[str, torch.Tensor]:
         "latents": torch.randn(batch, 4, 3, 4, 6, generator=g),
         "prompt_emb": torch.randn(batch, 7, 32, generator=g),
     }
-
-
-def lora_grads(module: CogLoRAModule, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
-    for p in module.parameters():
-        p.grad = None
-    loss = module.batch_loss(batch, step=3)
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
-
-
-def max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a)
 
 
 # --------------------------------------------------------------------------------------------- quantized base

@@ -55,6 +55,7 @@ from diffsynth_cog.loading.dit_loader import load_dit
 from diffsynth_cog.loading.model_folder import ModelFolder, resolve_model_folder
 from diffsynth_cog.lora import inject_lora, lora_layers, lora_state_dict
 from diffsynth_cog.models.dit import CogDiT
+from diffsynth_cog.sampling import image_condition
 from diffsynth_cog.schedulers import (
     SchedulerConfig,
     add_noise,
@@ -264,10 +265,7 @@ class CogLoRAModule(pl.LightningModule):
                 "the DiT is image-to-video (in_channels = 2 x out_channels): the batch needs 'image_latents' "
                 "(prepare the cache with --image-latents)"
             )
-        b, c, frames, h, w = x_t.shape
-        image = image_latents.to(x_t.dtype)  # [B, C, 1, h, w]
-        padded = torch.cat([image, image.new_zeros(b, c, frames - image.shape[2], h, w)], dim=2)
-        return torch.cat([x_t, padded], dim=1)  # [B, 2C, T, h, w]
+        return torch.cat([x_t, image_condition(image_latents.to(x_t.dtype), x_t.shape[2])], dim=1)  # [B, 2C, T, h, w]
 
     def augment_image(self, image_latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Noise augmentation and dropout of the I2V condition [B, C, 1, h, w] (see the module docstring)."""
