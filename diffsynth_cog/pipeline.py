@@ -151,6 +151,7 @@ class CogVideoPipeline:
         *,
         group_size: int | None = None,
         timeout: timedelta | None = None,
+        ulysses_head_chunks: int | None = None,
     ) -> None:
         """Share every generation between the ranks of the initialised ``torch.distributed`` process group.
 
@@ -167,6 +168,9 @@ class CogVideoPipeline:
             group_size: ranks per generation (default: all); the world splits into groups that generate
                 different videos (e.g. the prompts of a batch), each with these degrees.
             timeout: of the new process groups' collectives (default: the default group's).
+            ulysses_head_chunks: with Ulysses alone, the groups of heads pipelined through the all-to-all so
+                that communication overlaps attention (default ``parallel.sequence.DEFAULT_HEAD_CHUNKS``;
+                1 = no overlap). Any value gives the same result.
         See ``diffsynth_cog.parallel`` for what each part does.
         """
         self.parallel = ParallelContext.create(
@@ -177,6 +181,7 @@ class CogVideoPipeline:
             ring_degree=ring_degree,
             group_size=group_size,
             timeout=timeout,
+            ulysses_head_chunks=ulysses_head_chunks,
         )
 
     def disable_parallel(self) -> None:

@@ -296,6 +296,9 @@ TWO_RANK_CASES = [
     dict(name="ulysses2", preset="5b", layout={"cfg_parallel": False}),
     dict(name="ring2", preset="5b", layout={"cfg_parallel": False, "ulysses_degree": 1, "ring_degree": 2}),
     dict(name="2b-ulysses2", preset="2b", layout={"cfg_parallel": False}),
+    # the default pipelines 2 groups of heads through the exchange: one group (no overlap) and 3 of 1 head each
+    dict(name="ulysses2-one-head-group", preset="5b", layout={"cfg_parallel": False, "ulysses_head_chunks": 1}),
+    dict(name="2b-ulysses2-three-head-groups", preset="2b", layout={"cfg_parallel": False, "ulysses_head_chunks": 3}),
     dict(
         name="2b-ring2-dpm",
         preset="2b",
@@ -345,8 +348,39 @@ FOUR_RANK_CASES = [
 ]
 
 
+def ulysses_exchanges(rank: int, world: int) -> dict[str, float]:
+    """The pipelined Ulysses round trip (``ulysses_attention``) against attention over the whole sequence in one
+    process: uneven token shards, a batch of 2, 6 heads (3 per rank) cut into 1, 2 (uneven) and 3 groups; and
+    against the differentiable exchange the trainer uses. Returns rel errors by name."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from diffsynth_cog.parallel.layout import shard_bounds
+    from diffsynth_cog.parallel.ulysses import heads_to_tokens, tokens_to_heads, ulysses_attention
+
+    def attend(q, k, v):  # [B, L, H, D], strided inputs welcome (as the kernels)
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 37, 6, 8, generator=g) for _ in range(3))  # 37 tokens: shards of 19 and 18
+    whole = attend(q, k, v)
+    bounds = shard_bounds(37, world)
+    lengths = [e - s for s, e in bounds]
+    start, end = bounds[rank]
+    mine = [t[:, start:end] for t in (q, k, v)]
+    group = dist.group.WORLD
+    out = {}
+    for chunks in (1, 2, 3):
+        got = ulysses_attention(*mine, attend, lengths, rank, group, head_chunks=chunks)
+        out[f"chunks{chunks}"] = rel(got, whole[:, start:end])
+    heads = tokens_to_heads(mine, lengths, group)
+    out["differentiable"] = rel(heads_to_tokens(attend(*heads), lengths, rank, group), whole[:, start:end])
+    return out
+
+
 def two_rank_session(rank: int, world: int, text_folder: str) -> dict[str, Any]:
     return {
+        "ulysses": ulysses_exchanges(rank, world),
         "generations": generations(rank, world, TWO_RANK_CASES),
         "vae": vae_roundtrip(rank, world),
         "text": text_once(rank, world, text_folder),

@@ -154,6 +154,14 @@ def test_enable_parallel_without_a_process_group_says_how_to_launch():
         tiny_pipeline("5b").enable_parallel()
 
 
+def test_a_bad_ulysses_head_grouping_is_refused_before_anything_starts():
+    from parallel_cases import tiny_pipeline
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ParallelError, match=f"ulysses_head_chunks must be an integer >= 1; got {bad!r}"):
+            tiny_pipeline("5b").enable_parallel(ulysses_head_chunks=bad)
+
+
 def test_cli_defaults_use_every_rank_cfg_halves_first():
     from diffsynth_cog.cli import _parallel_degrees, build_parser
 
@@ -238,6 +246,12 @@ def check_generations(results: list[dict], cases: list[dict]) -> None:
 @pytest.mark.parametrize("case", TWO_RANK_CASES, ids=[c["name"] for c in TWO_RANK_CASES])
 def test_two_ranks_give_the_one_process_latents(two_ranks, case):
     check_generations(two_ranks, [case])
+
+
+def test_pipelined_ulysses_exchange_equals_whole_sequence_attention_for_any_head_grouping(two_ranks):
+    for r in two_ranks:
+        assert set(r["ulysses"]) == {"chunks1", "chunks2", "chunks3", "differentiable"}
+        assert all(v < RTOL for v in r["ulysses"].values()), r["ulysses"]
 
 
 def test_the_step_cache_skips_the_same_steps_on_two_ranks(two_ranks):

@@ -74,6 +74,32 @@ def all_to_all(
     return _all_to_all(send, send_sizes, recv_sizes, group, what)
 
 
+class PendingExchange:
+    """An all-to-all in flight (:func:`start_all_to_all`): :meth:`wait` makes the current stream wait for it
+    and returns the received blocks. The send buffer is kept alive until then."""
+
+    def __init__(self, work: dist.Work, send: torch.Tensor, recv: torch.Tensor, group, what: str) -> None:  # noqa: ANN001
+        self._work, self._send, self.recv, self._group, self._what = work, send, recv, group, what
+
+    def wait(self) -> torch.Tensor:
+        with collective(self._what, self._group):
+            self._work.wait()
+        self._send = None
+        return self.recv
+
+
+def start_all_to_all(
+    send: torch.Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int], group: dist.ProcessGroup, what: str
+) -> PendingExchange:
+    """:func:`all_to_all` without waiting (inference only: no autograd): the exchange runs on the backend's
+    own stream (NCCL) or thread (gloo) while the caller goes on; ``.wait()`` on the result before using it.
+    ``send`` must be contiguous and must not change until then."""
+    recv = send.new_empty((sum(recv_sizes), *send.shape[1:]))
+    with collective(what, group):
+        work = dist.all_to_all_single(recv, send, list(recv_sizes), list(send_sizes), group=group, async_op=True)
+    return PendingExchange(work, send, recv, group, what)
+
+
 def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup, what: str) -> list[torch.Tensor]:
     """Every rank's ``tensor`` (same shape everywhere), in the group's rank order."""
     size = dist.get_world_size(group)

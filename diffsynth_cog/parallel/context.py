@@ -43,11 +43,11 @@ logger = logging.getLogger(__name__)
 class ParallelContext:
     """The distributed side of one pipeline (see the module docstring). Build it with :meth:`create`."""
 
-    def __init__(self, mesh: ProcessMesh, device: torch.device) -> None:
+    def __init__(self, mesh: ProcessMesh, device: torch.device, ulysses_head_chunks: int | None = None) -> None:
         self.mesh = mesh
         self.layout = mesh.layout
         self.device = device
-        self.split = ParallelSplit(mesh)
+        self.split = ParallelSplit(mesh, ulysses_head_chunks)
         self._warned_unguided = False
 
     @classmethod
@@ -61,7 +61,12 @@ class ParallelContext:
         ring_degree: int = 1,
         group_size: int | None = None,
         timeout: timedelta | None = None,
+        ulysses_head_chunks: int | None = None,
     ) -> ParallelContext:
+        if ulysses_head_chunks is not None and (
+            isinstance(ulysses_head_chunks, bool) or not isinstance(ulysses_head_chunks, int) or ulysses_head_chunks < 1
+        ):
+            raise ParallelError(f"ulysses_head_chunks must be an integer >= 1; got {ulysses_head_chunks!r}")
         if not dist.is_available() or not dist.is_initialized():
             raise ParallelError(
                 "enable_parallel needs an initialised torch.distributed process group: launch every rank with "
@@ -83,7 +88,7 @@ class ParallelContext:
             raise ParallelError(f"the process group uses NCCL but the pipeline's device is {device}; use a CUDA device")
         mesh = build_mesh(layout, timeout=timeout)
         logger.info("parallel generation: %s on %d ranks (%s)", layout.name(), layout.world, backend)
-        return cls(mesh, device)
+        return cls(mesh, device, ulysses_head_chunks)
 
     # -- per call --------------------------------------------------------------------------------
 

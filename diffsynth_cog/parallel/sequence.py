@@ -12,7 +12,9 @@ the whole sequence is then, as in USP (yunchang's ``LongContextAttention``):
   3. Ulysses back: outputs return to their tokens, all heads.
 
 Inference: the whole exchange runs inside one custom op (``diffsynth_cog::sequence_parallel_attention``),
-so ``torch.compile`` keeps each block in one graph around an opaque call instead of tracing collectives.
+so ``torch.compile`` keeps each block in one graph around an opaque call instead of tracing collectives;
+with Ulysses alone it pipelines ``head_chunks`` groups of heads through the exchange
+(``ulysses.ulysses_attention``), so communication overlaps attention.
 Training (a call whose q, k or v need gradients): the same steps run eagerly, outside the op, through
 the differentiable all-to-all of ``parallel.comm`` (its backward is the reverse exchange), so the
 gradients of every token reach the rank that holds it. Ring attention has no backward: refused there.
@@ -30,9 +32,11 @@ from diffsynth_cog.models.attention import Attend, DenseAttention
 from diffsynth_cog.parallel.block_attention import BlockKernel, block_kernel
 from diffsynth_cog.parallel.layout import ParallelError
 from diffsynth_cog.parallel.ring import ring_attention
-from diffsynth_cog.parallel.ulysses import heads_to_tokens, tokens_to_heads
+from diffsynth_cog.parallel.ulysses import heads_to_tokens, tokens_to_heads, ulysses_attention
 
 _PLANS: dict[int, SequenceParallelAttention] = {}
+# Ulysses alone, at inference: head groups pipelined through the all-to-all (``ulysses.ulysses_attention``)
+DEFAULT_HEAD_CHUNKS = 2
 _IDS = itertools.count()
 
 
@@ -48,6 +52,7 @@ class SequenceParallelAttention:
     ulysses_index: int
     ring_group: dist.ProcessGroup | None
     ulysses_group: dist.ProcessGroup | None
+    head_chunks: int = DEFAULT_HEAD_CHUNKS
     plan: int = field(init=False)
     _kernels: dict[tuple[torch.device, torch.dtype], tuple[str, BlockKernel]] = field(init=False, default_factory=dict)
 
@@ -102,6 +107,11 @@ class SequenceParallelAttention:
         return self._kernels[key]
 
     def compute(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        trains = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if self.ulysses > 1 and self.ring == 1 and not trains:
+            return ulysses_attention(
+                q, k, v, self.inner, self.ulysses_lengths, self.ulysses_index, self.ulysses_group, self.head_chunks
+            )
         if self.ulysses > 1:
             lengths = self.ulysses_lengths
             q, k, v = tokens_to_heads((q, k, v), lengths, self.ulysses_group)

@@ -4,8 +4,16 @@ Before attention, each of the ``U`` ranks of a Ulysses group holds all heads of 
 (``lengths[i]`` tokens on rank i; they need not be equal). One ``all_to_all_single`` with uneven
 split sizes gives every rank all the group's tokens for ``H / U`` of the heads, so any attention
 kernel or attention part (a mask, say) runs on whole sequences; a second all-to-all brings the
-outputs back. No padding, so nothing is ever added to the softmax. Each direction costs one copy
-into the send buffer and one out of the receive buffer.
+outputs back. No padding, so nothing is ever added to the softmax.
+
+Two forms of the same exchange:
+
+* :func:`tokens_to_heads` / :func:`heads_to_tokens`: differentiable (training); each direction costs one
+  copy into the send buffer and one out of the receive buffer.
+* :func:`ulysses_attention` (inference): the whole round trip around an attention call, pipelined over
+  groups of heads so that the exchange of one group runs while another group's attention computes
+  (``dist.all_to_all_single(async_op=True)``: NCCL's own stream); the send buffer is laid out token-major
+  so that the received q, k and v are attention inputs as they arrive (strided views, no unpacking copy).
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from diffsynth_cog.parallel.comm import all_to_all
+from diffsynth_cog.models.attention import Attend
+from diffsynth_cog.parallel.comm import PendingExchange, all_to_all, start_all_to_all
+from diffsynth_cog.parallel.layout import shard_bounds
 
 
 def tokens_to_heads(
@@ -59,3 +69,58 @@ def heads_to_tokens(x: torch.Tensor, lengths: Sequence[int], index: int, group: 
         send, [b * length for length in lengths], [b * n] * u, group, "Ulysses all-to-all (heads -> tokens)"
     )
     return recv.view(u, b, n, h, dim).permute(1, 2, 0, 3, 4).reshape(b, n, u * h, dim)
+
+
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attend: Attend,
+    lengths: Sequence[int],
+    index: int,
+    group: dist.ProcessGroup,
+    head_chunks: int = 1,
+) -> torch.Tensor:
+    """Attention over the whole sequence of a Ulysses group, for this rank's tokens (inference, no autograd).
+
+    q, k, v [B, n, H, D] (this rank's ``lengths[index]`` = n tokens, all heads) -> [B, n, H, D]: the same as
+    ``heads_to_tokens(attend(*tokens_to_heads((q, k, v), ...)), ...)``. The ``H / U`` heads each rank
+    attends over are cut into ``head_chunks`` groups (at most one head each); group j+1's exchange is
+    started before group j's attention runs, and each group's outputs go back while the next one computes.
+    """
+    u = len(lengths)
+    b, n, heads, dim = q.shape
+    h = heads // u
+    total = sum(lengths)
+    chunks = [(a, e) for a, e in shard_bounds(h, max(1, min(head_chunks, h)))]
+
+    def send_inputs(a: int, e: int) -> PendingExchange:
+        # [U (destination), n, 3, B, hc, D]: rank i receives [sum(lengths), 3, B, hc, D], token-major
+        send = q.new_empty((u, n, 3, b, e - a, dim))
+        for i, t in enumerate((q, k, v)):
+            send[:, :, i].copy_(t.unflatten(2, (u, h))[:, :, :, a:e].permute(2, 1, 0, 3, 4))
+        return start_all_to_all(
+            send.view(u * n, -1), [n] * u, list(lengths), group, "Ulysses all-to-all (tokens -> heads)"
+        )
+
+    returning: list[tuple[int, int, PendingExchange]] = []
+    pending = send_inputs(*chunks[0])
+    for j, (a, e) in enumerate(chunks):
+        recv = pending.wait().view(total, 3, b, e - a, dim)
+        if j + 1 < len(chunks):
+            pending = send_inputs(*chunks[j + 1])
+        out = attend(*(recv[:, i].transpose(0, 1) for i in range(3)))  # [B, total, hc, D]
+        send = out.transpose(0, 1).contiguous()  # [total, B, hc, D]: rank j's tokens are rows of lengths[j]
+        returning.append(
+            (
+                a,
+                e,
+                start_all_to_all(
+                    send.view(total, -1), list(lengths), [n] * u, group, "Ulysses all-to-all (heads -> tokens)"
+                ),
+            )
+        )
+    result = q.new_empty((b, n, u, h, dim))
+    for a, e, exchange in returning:  # from rank i: [n, B, hc, D] of heads i*h + a .. i*h + e - 1
+        result[:, :, :, a:e].copy_(exchange.wait().view(u, n, b, e - a, dim).permute(2, 1, 0, 3, 4))
+    return result.view(b, n, heads, dim)
