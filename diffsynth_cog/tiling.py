@@ -127,9 +127,10 @@ def stitch(tiles: list[list[torch.Tensor]], blend: tuple[int, int], keep: tuple[
     return torch.cat([torch.cat([out[..., : keep[0], : keep[1]] for out in row], dim=-1) for row in tiles], dim=-2)
 
 
-TileRunner = Callable[[Sequence[int], Callable[[int], torch.Tensor]], list[torch.Tensor]]
-"""Runs the tiles of one :func:`map_tiles` call: ``runner(costs, run_one)`` -> the results of tiles
-0..n-1 (raster order), where ``run_one(i)`` computes tile i and ``costs[i]`` is its area (input units)."""
+TileRunner = Callable[[Sequence[tuple[int, ...]], Callable[[int], torch.Tensor]], list[torch.Tensor]]
+"""Runs the tiles of one :func:`map_tiles` call: ``runner(shapes, run_one)`` -> the results of tiles
+0..n-1 (raster order), where ``run_one(i)`` computes tile i and ``shapes[i]`` is the shape of its input
+(tiles of equal shape cost the same; the last two sizes are its rows and columns)."""
 
 _tile_runner: contextvars.ContextVar[TileRunner | None] = contextvars.ContextVar("tile_runner", default=None)
 
@@ -170,8 +171,8 @@ def map_tiles(
     if runner is None:
         flat = [run_one(i) for i in range(len(starts))]
     else:
-        costs = [min(th, grid.size[0] - r) * min(tw, grid.size[1] - c) for r, c in starts]
-        flat = runner(costs, run_one)
+        lead = tuple(x.shape[:-2])
+        flat = runner([(*lead, min(th, grid.size[0] - r), min(tw, grid.size[1] - c)) for r, c in starts], run_one)
     results = [flat[i * len(cols) : (i + 1) * len(cols)] for i in range(len(rows))]
     scale = Fraction(scale)
     blend = tuple(int((t - s) * scale) for t, s in zip(grid.tile, grid.stride, strict=True))

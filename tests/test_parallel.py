@@ -85,20 +85,37 @@ def test_tiles_go_largest_first_to_the_least_loaded_rank():
     assert assign_tiles([5, 5, 5], 4) == [0, 1, 2]  # more ranks than tiles: some idle
 
 
+def test_measured_tile_times_replace_areas_once_every_shape_has_run():
+    from diffsynth_cog.parallel.vae import TileTimes
+
+    big, wide, tall, corner = (1, 16, 33, 30, 45), (1, 16, 33, 30, 18), (1, 16, 33, 10, 45), (1, 16, 33, 10, 18)
+    shapes = [big, big, wide, big, big, wide, tall, tall, corner]
+    times = TileTimes()
+    assert times.costs(shapes) == [1350.0, 1350.0, 540.0, 1350.0, 1350.0, 540.0, 450.0, 450.0, 180.0]
+    times.record(shapes[:3], [1.0, 0.9, 0.8])
+    assert times.costs(shapes)[0] == 1350.0  # not every shape measured yet: areas, one unit for all
+    times.record(shapes, [1.2, 1.1, 0.7, 1.0, 1.0, 0.6, 0.5, 0.5, 0.45])
+    assert times.costs(shapes) == [0.9, 0.9, 0.6, 0.9, 0.9, 0.6, 0.5, 0.5, 0.45]  # the fastest run of each shape
+    owner = assign_tiles(times.costs(shapes), 2)
+    loads = [sum(c for c, o in zip(times.costs(shapes), owner, strict=True) if o == r) for r in range(2)]
+    assert max(loads) - min(loads) < 0.5  # small tiles that cost more than their area are balanced by time
+
+
 def test_a_tile_runner_sees_every_tile_and_its_results_are_stitched_as_without_one():
     x = torch.randn(1, 2, 3, 8, 12)
     grid = TileGrid((8, 12), (4, 6), (3, 4))
     seen = []
 
-    def backwards(costs, run_one):  # runs the tiles in reverse order, as another rank might
-        seen.append(list(costs))
-        return list(reversed([run_one(i) for i in reversed(range(len(costs)))]))
+    def backwards(shapes, run_one):  # runs the tiles in reverse order, as another rank might
+        seen.append([s[-2:] for s in shapes])
+        assert all(s[:-2] == (1, 2, 3) for s in shapes)
+        return list(reversed([run_one(i) for i in reversed(range(len(shapes)))]))
 
     plain = map_tiles(x, grid, lambda tile, start: tile * 2 + start[0])
     with tiles_run_by(backwards):
         spread = map_tiles(x, grid, lambda tile, start: tile * 2 + start[0])
     assert torch.equal(plain, spread)
-    assert seen == [[4 * 6, 4 * 6, 4 * 4, 4 * 6, 4 * 6, 4 * 4, 2 * 6, 2 * 6, 2 * 4]]
+    assert seen == [[(4, 6), (4, 6), (4, 4), (4, 6), (4, 6), (4, 4), (2, 6), (2, 6), (2, 4)]]
 
 
 def test_fingerprints_tell_different_arguments_apart():
@@ -264,6 +281,9 @@ def test_parallel_vae_equals_the_one_process_tiled_vae(two_ranks):
         assert r["vae"]["decode_equal"] and r["vae"]["encode_equal"], r["vae"]
         assert r["vae"]["untiled_equal"]  # tiled=False: every rank runs it whole
         assert r["vae"]["decode_shape"] == (1, 3, 17, 64, 96)
+        assert r["vae"]["timed_decode_equal"]  # the plan from measured tile times changes nothing in the result
+    times = [r["vae"]["tile_times"] for r in two_ranks]
+    assert times[0] == times[1] and len(times[0]) >= 2  # every rank plans from the same measured table
 
 
 def test_t5_encodes_each_text_once_across_the_ranks(two_ranks):

@@ -31,7 +31,7 @@ from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout
 from diffsynth_cog.parallel.mesh import ProcessMesh, build_mesh
 from diffsynth_cog.parallel.ring import require_yunchang
 from diffsynth_cog.parallel.split import ParallelSplit
-from diffsynth_cog.parallel.vae import SpreadTiles
+from diffsynth_cog.parallel.vae import SpreadTiles, TileTimes
 from diffsynth_cog.tiling import tiles_run_by
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ class ParallelContext:
         self.layout = mesh.layout
         self.device = device
         self.split = ParallelSplit(mesh, ulysses_head_chunks)
+        self._tile_times = TileTimes()  # what the VAE's tiles took, for balancing the next calls
         self._warned_unguided = False
 
     @classmethod
@@ -171,6 +172,6 @@ class ParallelContext:
         if self._group is None:
             yield
             return
-        runner = SpreadTiles(self._group, self.mesh.generation_ranks, self.mesh.rank, self.device)
+        runner = SpreadTiles(self._group, self.mesh.generation_ranks, self.mesh.rank, self.device, self._tile_times)
         with tiles_run_by(runner):
             yield

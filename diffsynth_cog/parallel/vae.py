@@ -1,10 +1,15 @@
 """Parallel VAE: the spatial tiles of a tiled encode or decode spread over the ranks of a generation.
 
 The tiled VAE runs every tile on its own (``tiling.map_tiles``), so tiles can run anywhere: each rank
-runs a share of them (largest first, each to the least loaded rank: the edge tiles are smaller), then
-every tile's result is broadcast from its rank, and every rank stitches the same tiles with the same
-blender. The result is the one-process tiled result, on every rank (all need the encoded latents;
-for a decode only the leader uses the pixels).
+runs a share of them (costliest first, each to the least loaded rank), then every tile's result is
+broadcast from its rank, and every rank stitches the same tiles with the same blender. The result is
+the one-process tiled result, on every rank (all need the encoded latents; for a decode only the
+leader uses the pixels).
+
+A tile's cost is first its area; once tiles of a shape have run, the seconds they took (the fastest
+run seen, shared by every rank of the group so all plan alike) replace the estimate. Areas
+undercount small tiles (an edge tile of 10 x 18 latents keeps the GPU far from busy), so the second
+call of a shape is the balanced one.
 
 Untiled calls (``tiled=False``, or a video that fits one tile) have nothing to spread: every rank
 runs the whole call itself, with the one-GPU time and memory.
@@ -12,21 +17,24 @@ runs the whole call itself, with the one-GPU time and memory.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from diffsynth_cog.parallel.comm import broadcast
+from diffsynth_cog.parallel.comm import all_reduce, broadcast
 
 # dtypes a tile result may have, by code (the header of each broadcast tile)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _MAX_DIMS = 8
+Shape = tuple[int, ...]
 
 
-def assign_tiles(costs: Sequence[int], ranks: int) -> list[int]:
-    """The rank (0..ranks-1) of each tile: largest first, each to the least loaded rank (ties: lowest rank)."""
-    load = [0] * ranks
+def assign_tiles(costs: Sequence[float], ranks: int) -> list[int]:
+    """The rank (0..ranks-1) of each tile: costliest first, each to the least loaded rank (ties: lowest rank)."""
+    load = [0.0] * ranks
     owner = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         rank = min(range(ranks), key=lambda r: (load[r], r))
@@ -35,29 +43,69 @@ def assign_tiles(costs: Sequence[int], ranks: int) -> list[int]:
     return owner
 
 
+class TileTimes:
+    """Seconds a tile of each input shape took (the fastest run seen); the same on every rank of a group."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[Shape, float] = {}
+
+    def costs(self, shapes: Sequence[Shape]) -> list[float]:
+        """Measured seconds where every shape has run, else areas (one unit for all tiles of a call)."""
+        if all(s in self.seconds for s in shapes):
+            return [self.seconds[s] for s in shapes]
+        return [float(math.prod(s[-2:])) for s in shapes]
+
+    def record(self, shapes: Sequence[Shape], seconds: Sequence[float]) -> None:
+        for shape, s in zip(shapes, seconds, strict=True):
+            if s > 0:
+                self.seconds[shape] = min(s, self.seconds.get(shape, math.inf))
+
+
 class SpreadTiles:
     """A ``tiling.TileRunner`` that spreads tiles over the ranks of ``group`` (global ``ranks``)."""
 
-    def __init__(self, group: dist.ProcessGroup, ranks: Sequence[int], rank: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        ranks: Sequence[int],
+        rank: int,
+        device: torch.device,
+        times: TileTimes | None = None,
+    ) -> None:
         self.group = group
         self.ranks = list(ranks)
         self.me = self.ranks.index(rank)
         self.device = device
+        self.times = times if times is not None else TileTimes()
 
-    def __call__(self, costs: Sequence[int], run_one: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
-        owner = assign_tiles(costs, len(self.ranks))
-        results: list[torch.Tensor | None] = [
-            run_one(i).contiguous() if owner[i] == self.me else None for i in range(len(costs))
-        ]
+    def _timed(self, run_one: Callable[[int], torch.Tensor], i: int) -> tuple[torch.Tensor, float]:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        tile = run_one(i).contiguous()
+        sync()
+        return tile, time.perf_counter() - start
+
+    def __call__(self, shapes: Sequence[Shape], run_one: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
+        n = len(shapes)
+        owner = assign_tiles(self.times.costs(shapes), len(self.ranks))
+        results: list[torch.Tensor | None] = [None] * n
+        seconds = torch.zeros(n, dtype=torch.float64, device=self.device)
+        for i in range(n):
+            if owner[i] == self.me:
+                results[i], took = self._timed(run_one, i)
+                seconds[i] = took
         for i, tile in enumerate(results):
             src = self.ranks[owner[i]]
             header = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64, device=self.device)
             if tile is not None:
                 header[0], header[1] = tile.ndim, _DTYPES.index(tile.dtype)
                 header[2 : 2 + tile.ndim] = torch.tensor(tile.shape)
-            broadcast(header, src, self.group, f"sharing VAE tile {i + 1}/{len(costs)} (shape)")
+            broadcast(header, src, self.group, f"sharing VAE tile {i + 1}/{n} (shape)")
             if tile is None:
                 ndim, code = int(header[0]), int(header[1])
                 tile = torch.empty(header[2 : 2 + ndim].tolist(), dtype=_DTYPES[code], device=self.device)
-            results[i] = broadcast(tile, src, self.group, f"sharing VAE tile {i + 1}/{len(costs)}")
+            results[i] = broadcast(tile, src, self.group, f"sharing VAE tile {i + 1}/{n}")
+        # every rank learns every tile's time (each was run by one rank), so the next plan is the same everywhere
+        self.times.record(shapes, all_reduce(seconds, self.group, "sharing VAE tile times").tolist())
         return results  # type: ignore[return-value]
