@@ -15,7 +15,8 @@ fewer ranks than the world runs as several groups at once (each group its own co
 Per (frames, layout), after one warm-up generation of ``--warmup-steps`` steps (compile; its time is
 reported apart): ``--steps`` timed denoising steps (CFG 7, DDIM, 480x720, seed 0; median per step),
 the text encode (T5-XXL, random weights; each text encoded once across the group), the tiled VAE
-decode (spread over the group; after one warm-up decode per length), the peak memory of every GPU,
+decode (spread over the group; median of ``--decode-repeat`` after one warm-up decode, whose tile times
+plan the spread), the peak memory of every GPU,
 the relative difference of the final latents from the single-GPU ones (same steps and noise), and
 an estimate of a ``--estimate-steps``-step video (text + steps x median step + decode). With
 ``--full-steps N`` one whole N-step generation (text, steps, decode to frames) is also timed end to end.
@@ -62,10 +63,16 @@ DEGREE = re.compile(r"^(cfg|ulysses|ring)(\d+)$")
 
 
 def parse_layout(name: str) -> dict[str, int] | None:
-    """ "cfg2xulysses2" -> {"cfg": 2, "ulysses": 2, "ring": 1}; "single" -> None."""
+    """ "cfg2xulysses2" -> {"cfg": 2, "ulysses": 2, "ring": 1, "head_chunks": None}; "single" -> None.
+    A suffix ``@hcN`` sets Ulysses' pipelined head groups (``enable_parallel(ulysses_head_chunks=N)``)."""
     if name == "single":
         return None
-    degrees = {"cfg": 1, "ulysses": 1, "ring": 1}
+    degrees = {"cfg": 1, "ulysses": 1, "ring": 1, "head_chunks": None}
+    name, _, chunks = name.partition("@hc")
+    if chunks:
+        if not chunks.isdigit() or int(chunks) < 1:
+            raise SystemExit(f"bad layout suffix @hc{chunks}: use @hcN with N >= 1 head groups")
+        degrees["head_chunks"] = int(chunks)
     for part in name.split("x"):
         match = DEGREE.match(part)
         if match is None or (match[1] == "cfg" and match[2] not in ("1", "2")):
@@ -143,7 +150,7 @@ def time_text(pipe: CogVideoPipeline) -> tuple[float, dict[str, torch.Tensor]]:
 
 
 def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Namespace, state: dict) -> dict:
-    """One (frames, layout) measurement; ``state`` carries the single-GPU latents and the warm decodes."""
+    """One (frames, layout) measurement; ``state`` carries the single-GPU latents and the parallel contexts."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     degrees = parse_layout(name)
     size = 1 if degrees is None else degrees["cfg"] * degrees["ulysses"] * degrees["ring"]
@@ -159,6 +166,7 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
                 ulysses_degree=degrees["ulysses"],
                 ring_degree=degrees["ring"],
                 group_size=size,
+                ulysses_head_chunks=degrees["head_chunks"],
             )
             state["contexts"][key] = pipe.parallel
         pipe.parallel = state["contexts"][key]
@@ -193,13 +201,14 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
     latents = latents.to(pipe.device).contiguous()  # a transposed view out of the loop; NCCL wants contiguous
     if pipe.parallel is not None and pipe.parallel.mesh.generation is not None:
         dist.broadcast(latents, src=pipe.parallel.mesh.leader, group=pipe.parallel.mesh.generation)
-    if (frames, size) not in state["warm_decodes"]:
+    pipe.decode_latents(latents, tiled=True, progress=False)  # warm-up (and the tile times a parallel plan uses)
+    decodes = []
+    for _ in range(args.decode_repeat):
+        barrier()
+        start = synced()
         pipe.decode_latents(latents, tiled=True, progress=False)
-        state["warm_decodes"].add((frames, size))
-    barrier()
-    start = synced()
-    pipe.decode_latents(latents, tiled=True, progress=False)
-    decode = synced() - start
+        decodes.append(synced() - start)
+    decode = statistics.median(decodes)
     entry = {
         "ranks_per_video": size,
         "warmup_s": round(warmup, 2),
@@ -207,6 +216,7 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
         "median_step_s": round(step, 4),
         "text_encode_s": round(text, 3),
         "vae_decode_tiled_s": round(decode, 3),
+        "vae_decodes_s": [round(t, 3) for t in decodes],
         f"estimate_{args.estimate_steps}_steps_s": round(text + args.estimate_steps * step + decode, 1),
     }
     if name == "single":
@@ -259,6 +269,7 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=3, help="timed denoising steps per layout (the median is reported)"
     )
+    parser.add_argument("--decode-repeat", type=int, default=2, help="timed decodes after a warm-up (median)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps of the warm-up generation (compile)")
     parser.add_argument("--estimate-steps", type=int, default=50, help="steps of the estimated whole video")
     parser.add_argument("--full-steps", type=int, default=0, help="also time one whole generation of N steps")
@@ -291,7 +302,7 @@ def main() -> None:
     result |= {"attention": attn.resolve_backend(torch.device(launch.device)), "steps": args.steps}
     result |= {"build_s": round(time.perf_counter() - start, 1), "runs": {}}
     logger.info("%s", result)
-    state = {"contexts": {}, "warm_decodes": set(), "single": {}}
+    state = {"contexts": {}, "single": {}}
     ordered = ["single"] + [n for n in args.layouts if n != "single"] if "single" in args.layouts else args.layouts
     for frames in args.frames:
         for name in ordered:
