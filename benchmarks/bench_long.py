@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import sys
 import time
@@ -86,6 +87,9 @@ def sync(setup: Setup) -> None:
 
 
 def reset_peak(setup: Setup) -> None:
+    """Frees what is no longer referenced (a failed run's tensors can sit in reference cycles until the cycle
+    collector runs: they would count in the next run's peak), then starts a new peak."""
+    gc.collect()
     if setup.cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -208,8 +212,8 @@ def measure_one(
         }
     denoiser = Denoiser(dit, attention=attention, windows=windows)
     with torch.no_grad():
-        if args.compile or attention is not None or first:
-            warm, _ = seconds(setup, lambda: denoiser(x, 500, context), 1)  # compiles
+        if args.compile or attention is not None or windows is not None or first:
+            warm = seconds(setup, lambda: denoiser(x, 500, context), 1)[0]  # compiles
             entry["first_call_s"] = round(warm, 1)
         reset_peak(setup)
         step, out = seconds(setup, lambda: denoiser(x, 500, context), args.repeat)
@@ -293,7 +297,9 @@ def fast_path(setup: Setup, args: argparse.Namespace, result: dict) -> None:
         skipping = Denoiser(ours, attention=attention, step_skip=TeaCache(1e9, coefficients=IDENTITY))
         skipping.start(3)
         skipping(x, 500, context)
-        entry["skipped_step_s"], _ = seconds(setup, lambda: skipping(x, 490, context), 1)
+        skipping.end_step()
+        entry["skipped_step_s"] = seconds(setup, lambda: skipping(x, 490, context), 1)[0]
+        skipping.end_step()
         assert skipping.step_skip.skipped_steps == [1], skipping.step_skip.stats()
     del out, exact
 
