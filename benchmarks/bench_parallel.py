@@ -209,6 +209,9 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
         pipe.decode_latents(latents, tiled=True, progress=False)
         decodes.append(synced() - start)
     decode = statistics.median(decodes)
+    if args.profile and name in args.profile and frames == max(args.frames):
+        profile(pipe, f"{frames}f_{name}", lambda: pipe(**timed_call, num_inference_steps=1, output_type="latent"))
+        profile(pipe, f"{frames}f_{name}_decode", lambda: pipe.decode_latents(latents, tiled=True, progress=False))
     entry = {
         "ranks_per_video": size,
         "warmup_s": round(warmup, 2),
@@ -219,6 +222,9 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
         "vae_decodes_s": [round(t, 3) for t in decodes],
         f"estimate_{args.estimate_steps}_steps_s": round(text + args.estimate_steps * step + decode, 1),
     }
+    if pipe.parallel is not None:  # what each tile shape took, by the rank that ran it (plans the spread)
+        times = pipe.parallel._tile_times.seconds
+        entry["vae_tile_s"] = {"x".join(map(str, k[-3:])): round(v, 3) for k, v in times.items()}
     if name == "single":
         state["single"][frames] = latents.float().cpu() if final else None
     elif final and state["single"].get(frames) is not None:
@@ -230,6 +236,29 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
         entry[f"full_{args.full_steps}_steps_s"] = round(synced() - start, 1)
     entry["peak_GiB_per_gpu"] = [round(v, 2) for v in gather(peak_gib() if torch.cuda.is_available() else 0.0)]
     return entry
+
+
+def profile(pipe: CogVideoPipeline, label: str, fn) -> None:  # noqa: ANN001
+    """One call of ``fn`` under torch.profiler; every rank writes its table of kernels (by GPU time) and CPU
+    ops to $OUT/profile_<label>_rank<R>.txt."""
+    import os
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    barrier()
+    start = synced()
+    with torch_profile(activities=activities) as prof:
+        fn()
+        synced()
+    took = synced() - start
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    text = f"{label}: {took:.3f} s under the profiler\n" + prof.key_averages().table(sort_by=sort, row_limit=40)
+    out = Path(os.environ.get("OUT", ".")) / f"profile_{label}_rank{rank}.txt"
+    out.write_text(text)
+    logger.info("profile written: %s", out)
 
 
 def scaling(results: dict, frames: int, name: str, args: argparse.Namespace) -> None:
@@ -280,6 +309,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=None, help="a T5 tokenizer folder (default: a small test tokenizer)")
     parser.add_argument("--timeout", type=float, default=3600, help="collective timeout, s (compiles are slow)")
     parser.add_argument("--json", default="bench_parallel.json")
+    parser.add_argument("--profile", nargs="*", default=None, help="layouts to profile (one step, one decode)")
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=720)
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU (gloo): checks the script only")
