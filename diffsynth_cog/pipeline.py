@@ -169,8 +169,8 @@ class CogVideoPipeline:
                 different videos (e.g. the prompts of a batch), each with these degrees.
             timeout: of the new process groups' collectives (default: the default group's).
             ulysses_head_chunks: with Ulysses alone, the groups of heads pipelined through the all-to-all so
-                that communication overlaps attention (default ``parallel.sequence.DEFAULT_HEAD_CHUNKS``;
-                1 = no overlap). Any value gives the same result.
+                that communication may overlap attention (default 1: all heads in one exchange, the fastest on
+                2 H200s over NVLink; more groups may pay where the link is slow). Any value gives the same result.
         See ``diffsynth_cog.parallel`` for what each part does.
         """
         self.parallel = ParallelContext.create(

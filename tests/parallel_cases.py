@@ -300,8 +300,8 @@ TWO_RANK_CASES = [
     dict(name="ulysses2", preset="5b", layout={"cfg_parallel": False}),
     dict(name="ring2", preset="5b", layout={"cfg_parallel": False, "ulysses_degree": 1, "ring_degree": 2}),
     dict(name="2b-ulysses2", preset="2b", layout={"cfg_parallel": False}),
-    # the default pipelines 2 groups of heads through the exchange: one group (no overlap) and 3 of 1 head each
-    dict(name="ulysses2-one-head-group", preset="5b", layout={"cfg_parallel": False, "ulysses_head_chunks": 1}),
+    # the default exchanges all heads at once: 2 pipelined groups of heads, and 3 of 1 head each
+    dict(name="ulysses2-two-head-groups", preset="5b", layout={"cfg_parallel": False, "ulysses_head_chunks": 2}),
     dict(name="2b-ulysses2-three-head-groups", preset="2b", layout={"cfg_parallel": False, "ulysses_head_chunks": 3}),
     dict(
         name="2b-ring2-dpm",

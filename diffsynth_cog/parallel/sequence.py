@@ -35,8 +35,9 @@ from diffsynth_cog.parallel.ring import ring_attention
 from diffsynth_cog.parallel.ulysses import heads_to_tokens, tokens_to_heads, ulysses_attention
 
 _PLANS: dict[int, SequenceParallelAttention] = {}
-# Ulysses alone, at inference: head groups pipelined through the all-to-all (``ulysses.ulysses_attention``)
-DEFAULT_HEAD_CHUNKS = 2
+# Ulysses alone, at inference: head groups pipelined through the all-to-all (``ulysses.ulysses_attention``).
+# 1 (no pipelining) measured fastest on 2 H200s over NVLink (BENCHMARKS.md, issue 10 second reading)
+DEFAULT_HEAD_CHUNKS = 1
 _IDS = itertools.count()
 
 
