@@ -5,8 +5,9 @@ Sections (each selectable, so a run can take a subset):
 * ``--modes`` at ``--frames`` (pixel frames): per-step time (one denoiser call on a CFG batch of 2) and peak
   memory of each mode, and its relative error against the exact dense call at the same length (where that
   ran). Modes: ``dense`` (the exact path), ``window:W`` / ``radial`` (block-sparse FlexAttention masks, with the
-  mask's block density and build time), ``windowed`` (temporal windows of ``--window-frames``, dense inside),
-  ``windowed+SPEC`` (windows with a mask inside). Dense at 513 frames is skipped unless ``--dense-513``.
+  mask's block density, its share of full blocks and build time; ``:token`` appended: token granularity),
+  ``windowed`` (temporal windows of ``--window-frames``, dense inside), ``windowed+SPEC`` (windows with a mask
+  inside). Dense at 513 frames is skipped unless ``--dense-513``.
 * ``--fast-path``: the 129-frame opt-in fast path (fp8 linears + ``--fast-attention`` mask + TeaCache) against
   the diffusers eager reference measured in the same process on the same weights: the reference's step, our
   computed step and skipped step, a ``--fast-steps`` run through the pipeline (average step, steps skipped),
@@ -209,6 +210,8 @@ def measure_one(
             "name": attention.name,
             "build_s": round(time.perf_counter() - start, 2),
             "block_density": round(float(block_mask.to_dense().float().mean()), 4),
+            # tiles FlexAttention runs without evaluating the mask (the rest of the kept ones are partial)
+            "full_block_fraction": round(float(block_mask.full_kv_num_blocks.sum()) / block_mask.to_dense().numel(), 4),
         }
     denoiser = Denoiser(dit, attention=attention, windows=windows)
     with torch.no_grad():

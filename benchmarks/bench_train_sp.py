@@ -44,7 +44,7 @@ from bench_train import LAYOUTS, TINY, build, latent_batch, release, sync  # noq
 from common import write_json  # noqa: E402
 
 from diffsynth_cog.configs import DiTConfig, dit_preset  # noqa: E402
-from diffsynth_cog.parallel.launch import init_distributed  # noqa: E402
+from diffsynth_cog.parallel.launch import init_distributed, shutdown_distributed  # noqa: E402
 from diffsynth_cog.training.module import CogLoRAModule  # noqa: E402
 
 logger = logging.getLogger("bench_train_sp")
@@ -236,8 +236,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     else:
         env = {"device": "cpu (tiny smoke run)", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     results = {}
-    for mode in args.mode:
-        results[mode] = MODES[mode](args, dit_config, device, env)
+    try:
+        for mode in args.mode:
+            results[mode] = MODES[mode](args, dit_config, device, env)
+    finally:
+        shutdown_distributed()  # else a rank can abort at exit with the group's threads running
     return results
 
 

@@ -201,7 +201,8 @@ def _add_long_video(p: argparse.ArgumentParser) -> None:
         "--sparse-attention",
         metavar="SPEC",
         help="block-sparse attention mask (FlexAttention): window:W (+-W latent frames, text global, first frame a "
-        "sink), window:W:nosink, radial, radial:DECAY (default: dense attention)",
+        "sink), window:W:nosink, radial, radial:DECAY, decided per 128-token block; append :token for the "
+        "token-exact mask, e.g. window:2:token (default: dense attention)",
     )
     g.add_argument(
         "--window-frames",

@@ -388,7 +388,8 @@ class CogVideoPipeline:
             tiled: tiled VAE. dit_tiled: the DiT on overlapping spatial tiles (True: 480x720-pixel tiles
                 overlapping by half; or a ``tiling.TileSpec``).
             attention: this call's attention kernel (one of ``models.attention.BACKENDS``), a block-sparse mask
-                (``"window:W"``: +-W latent frames; ``"radial"``; see ``diffsynth_cog.sparse_attention``) or a part.
+                (``"window:W"``: +-W latent frames; ``"radial"``; ``":token"`` appended for the token-exact mask;
+                see ``diffsynth_cog.sparse_attention``) or a part.
             output_type: "pil" (list of frames), "np" (float array [F, H, W, 3] in [0, 1]) or "latent"
                 (the final latents [B, C, T, h, w]).
             callback: called after every step with (step index, timestep, latents).

@@ -13,13 +13,22 @@ then only between tokens at most ``width[d]`` apart in the frame's row-major ord
     of the band is kept, so every band costs about the same while the total grows like L log L.
 
 Both keep the text global (text queries see everything, every query sees the text) and, by default,
-frame 0 as an attention sink (every query sees the first latent frame). Radial Attention's own code
-(mit-han-lab/radial-attention) rounds its mask to 128-token blocks for its kernel; here the mask is
-the token-level definition and FlexAttention evaluates it inside partially covered blocks.
+frame 0 as an attention sink (every query sees the first latent frame).
+
+Granularity. A latent frame is rarely a whole number of 128-token tiles (480x720: 1350 tokens), so the
+token-level bands (``granularity="token"``) cut most of the tiles they touch; FlexAttention evaluates the
+mask element by element inside such *partial* tiles and skips that work only for *full* ones, and a
+token-level radial mask ends up slower than dense attention. ``granularity="block"`` (the default, as
+Radial Attention's own code rounds its mask to its kernel's 128-token blocks) decides per pair of
+``block_size``-token blocks: the pair attends iff any token pair inside it does under the token-level
+rule (:func:`block_table`). That mask contains the token-level one (it adds up to one block on each
+side of every band, and makes the video tokens sharing a block with the text global), and every tile
+is full or empty except those cut by the end of the sequence.
 
 Mechanics: a mask is a ``mask_mod(b, h, q_idx, kv_idx)`` predicate; its block mask (which 128 x 128
 tiles are empty, partial or full) is built once per token layout and length, chunk by chunk with
-bounded memory (:func:`block_mask_from_mask_mod`), and cached with the attention object, so compiled
+bounded memory (:func:`block_mask_from_mask_mod`; a block-granular mask passes its block table, so only
+the tiles at the end of the sequence are evaluated), and cached with the attention object, so compiled
 blocks see the same object at every step. Attention runs through ``torch.compile(flex_attention)`` on
 GPUs (inside compiled blocks the compiler traces it in place), eagerly on the CPU; FlexAttention has a
 backward on GPUs, so the masks train. On the CPU, where FlexAttention has no backward, a call that
@@ -96,28 +105,124 @@ def frame_band_mask_mod(layout: TokenLayout, bands: FrameBands, device: torch.de
     return mask_mod
 
 
+def block_table(
+    layout: TokenLayout, token_mask_mod: MaskMod, device: torch.device | str, block_size: int
+) -> torch.Tensor:
+    """The block granularity of a :func:`frame_band_mask_mod`: ``[n_blocks, n_blocks]`` booleans over the
+    layout's tokens (blocks of ``block_size`` from token 0), True where any query token of the first block
+    attends to any key token of the second.
+
+    Exact without visiting every token pair: cut the tokens into runs that share a block and a frame (the
+    text is one run); between two runs the text and sink terms are constant and the band term only asks
+    how close the row-major positions come, so the rule at the pair's closest positions decides. Runs are
+    compared a few query blocks at a time (bounded memory)."""
+    n_text, per, n_video, n_tokens, t = (
+        layout.n_text,
+        layout.tokens_per_frame,
+        layout.n_video,
+        layout.n_tokens,
+        layout.grid[0],
+    )
+    n_blocks = math.ceil(n_tokens / block_size)
+    cuts = torch.cat(
+        [
+            torch.arange(0, n_tokens, block_size),
+            torch.tensor([n_text, n_tokens]),
+            n_text + per * torch.arange(1, t),
+        ]
+    ).unique()  # sorted: every run starts at a cut and ends before the next
+    first, last = cuts[:-1], cuts[1:] - 1
+    block = first // block_size
+    # [n_blocks, S] first and last index of each block's runs; a block with fewer than S repeats its first run.
+    count = torch.bincount(block, minlength=n_blocks)
+    offset = torch.cumsum(count, 0) - count  # each block's first run
+    slot = torch.arange(len(first)) - offset[block]
+    runs = int(count.max())
+    starts, ends = first[offset][:, None].repeat(1, runs), last[offset][:, None].repeat(1, runs)
+    starts[block, slot], ends[block, slot] = first, last
+    frame = (starts - n_text).clamp(0, n_video - 1) // per  # text: frame 0 (its rule ignores frames)
+    starts, ends, frame = (x.to(device=device, dtype=torch.int32) for x in (starts, ends, frame))
+
+    zero = torch.zeros((), dtype=torch.int32, device=device)
+    rows = max(1, _MASK_CHUNK_ELEMENTS // 4 // (runs * runs * n_blocks))  # a dozen temporaries per entry
+    k_start, k_end, k_frame = (x[None, None] for x in (starts, ends, frame))  # [1, 1, n_blocks, S]
+    table = []
+    for first_row in range(0, n_blocks, rows):
+        chunk = slice(first_row, first_row + rows)
+        q_start, q_end, q_frame = (x[chunk, :, None, None] for x in (starts, ends, frame))  # [rows, S, 1, 1]
+        shift = (k_frame - q_frame) * per  # key index - query index of equal positions in their frames
+        low = torch.maximum(q_start, k_start - shift)  # the first common position, if the runs overlap
+        overlap = low <= torch.minimum(q_end, k_end - shift)
+        before = q_end < k_start - shift  # the query run ends before the key run's positions begin
+        q = torch.where(overlap, low, torch.where(before, q_end, q_start))
+        k = torch.where(overlap, low + shift, torch.where(before, k_start, k_end))
+        table.append(token_mask_mod(zero, zero, q, k).any(dim=3).any(dim=1))  # [rows, n_blocks]
+    return torch.cat(table)
+
+
+def block_mask_mod(layout: TokenLayout, table: torch.Tensor, block_size: int) -> MaskMod:
+    """The mask predicate of a block table (:func:`block_table`) over the [text, video] sequence of ``layout``:
+    tokens in blocks the table keeps attend; as at token level, padding keys are masked out and padding
+    queries see the text."""
+    n_text, n_tokens, last = layout.n_text, layout.n_tokens, table.shape[0] - 1
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        kept = table[(q_idx // block_size).clamp(max=last), (kv_idx // block_size).clamp(max=last)]
+        return ((kv_idx < n_text) | (kept & (q_idx < n_tokens))) & (kv_idx < n_tokens)
+
+    return mask_mod
+
+
+def _block_counts(
+    mask_mod: MaskMod, length: int, q_blocks: range, kv_blocks: range, device: torch.device | str, block_size: int
+) -> torch.Tensor:
+    """How many entries of each (query block, key block) pair ``mask_mod`` keeps, out-of-range entries counted as
+    masked: ``[len(q_blocks), len(kv_blocks)]``, evaluated a few block rows at a time."""
+    if not q_blocks or not kv_blocks:
+        return torch.zeros(len(q_blocks), len(kv_blocks), dtype=torch.int64, device=device)
+    kv = torch.arange(kv_blocks.start * block_size, kv_blocks.stop * block_size, device=device, dtype=torch.int32)
+    zero = torch.zeros((), dtype=torch.int32, device=device)
+    rows = max(1, _MASK_CHUNK_ELEMENTS // (block_size * len(kv)))
+    counts = []
+    for first in range(q_blocks.start, q_blocks.stop, rows):
+        stop = min(first + rows, q_blocks.stop)
+        q = torch.arange(first * block_size, stop * block_size, device=device, dtype=torch.int32)
+        inside = (q[:, None] < length) & (kv[None, :] < length)
+        allowed = mask_mod(zero, zero, q[:, None], kv[None, :]) & inside  # [rows*bs, kv]
+        counts.append(allowed.view(stop - first, block_size, len(kv_blocks), block_size).sum(dim=(1, 3)))
+    return torch.cat(counts)
+
+
 def block_mask_from_mask_mod(
-    mask_mod: MaskMod, length: int, device: torch.device | str, block_size: int = BLOCK_SIZE
+    mask_mod: MaskMod,
+    length: int,
+    device: torch.device | str,
+    block_size: int = BLOCK_SIZE,
+    uniform: torch.Tensor | None = None,
 ) -> BlockMask:
     """FlexAttention's block mask of ``mask_mod`` over a ``length`` x ``length`` attention, one head and batch
     entry broadcast. The same blocks as ``create_block_mask`` (partial / full, out-of-range entries counted
-    as masked), computed a few block rows at a time so memory stays bounded at 500-frame lengths."""
-    n_blocks = math.ceil(length / block_size)
-    padded = n_blocks * block_size
-    rows = max(1, _MASK_CHUNK_ELEMENTS // (block_size * padded))
-    kv = torch.arange(padded, device=device, dtype=torch.int32)
-    zero = torch.zeros((), dtype=torch.int32, device=device)
-    partial, full = [], []
-    for first in range(0, n_blocks, rows):
-        q = torch.arange(first * block_size, min(first + rows, n_blocks) * block_size, device=device, dtype=torch.int32)
-        inside = (q[:, None] < length) & (kv[None, :] < length)
-        allowed = mask_mod(zero, zero, q[:, None], kv[None, :]) & inside  # [rows*bs, padded]
-        count = allowed.view(-1, block_size, n_blocks, block_size).sum(dim=(1, 3))  # [rows, n_blocks]
-        full.append(count == block_size * block_size)
-        partial.append((count > 0) & (count < block_size * block_size))
+    as masked), computed a few block rows at a time so memory stays bounded at 500-frame lengths.
 
-    def ordered(dense: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        blocks = torch.cat(dense).to(torch.int32)[None, None]  # [1, 1, n_blocks, n_blocks]
+    ``uniform``: an ``[n, n]`` boolean table promising that ``mask_mod`` is all True (True) or all False on each
+    of the leading n x n block pairs (a block-granular mask); those blocks are taken from it as full or empty
+    and only the rest is evaluated."""
+    n_blocks = math.ceil(length / block_size)
+    n = 0 if uniform is None else uniform.shape[0]
+    if n * block_size > length or (uniform is not None and uniform.shape != (n, n)):
+        raise ValueError(f"uniform must be [n, n] with n * block_size <= {length}; got {tuple(uniform.shape)}")
+    area = block_size * block_size
+    full = torch.zeros(n_blocks, n_blocks, dtype=torch.bool, device=device)
+    partial = torch.zeros_like(full)
+    if uniform is not None:
+        full[:n, :n] = uniform.to(device)
+    for q_blocks, kv_blocks in ((range(n, n_blocks), range(n_blocks)), (range(n), range(n, n_blocks))):
+        count = _block_counts(mask_mod, length, q_blocks, kv_blocks, device, block_size)
+        full[q_blocks.start : q_blocks.stop, kv_blocks.start : kv_blocks.stop] = count == area
+        partial[q_blocks.start : q_blocks.stop, kv_blocks.start : kv_blocks.stop] = (count > 0) & (count < area)
+
+    def ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = blocks.to(torch.int32)[None, None]  # [1, 1, n_blocks, n_blocks]
         indices = torch.argsort(blocks, dim=-1, descending=True, stable=True)  # listed blocks first, in order
         return blocks.sum(-1).to(torch.int32), indices.to(torch.int32)
 
@@ -159,15 +264,27 @@ def flex_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
         return _compiled_flex(q, k, v, block_mask=block_mask, kernel_options=_kernel_options)
 
 
+GRANULARITIES = ("block", "token")
+
+
 class MaskedAttention:
     """The attention of one token layout under one mask: q, k, v [B, L, H, D] -> [B, L, H, D].
 
-    Holds the block mask of each sequence length it has seen (the layout's own, built up front; a padded
-    length on first use)."""
+    ``granularity``: ``"token"`` applies the bands token by token, ``"block"`` per pair of ``block_size``-token
+    blocks (:func:`block_table`; ``table`` holds it). Holds the block mask of each sequence length it has seen
+    (the layout's own, built up front; a padded length on first use)."""
 
-    def __init__(self, layout: TokenLayout, bands: FrameBands, device: torch.device, block_size: int) -> None:
+    def __init__(
+        self, layout: TokenLayout, bands: FrameBands, device: torch.device, block_size: int, granularity: str
+    ) -> None:
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
         self.layout, self.bands, self.device, self.block_size = layout, bands, device, block_size
         self.mask_mod = frame_band_mask_mod(layout, bands, device)
+        self.table: torch.Tensor | None = None
+        if granularity == "block":
+            self.table = block_table(layout, self.mask_mod, device, block_size)
+            self.mask_mod = block_mask_mod(layout, self.table, block_size)
         self.block_masks: dict[int, BlockMask] = {}
         self.prepare(layout.n_tokens)
 
@@ -177,7 +294,11 @@ class MaskedAttention:
         if length < self.layout.n_tokens:
             raise ValueError(f"attention over {length} tokens; the call's layout has {self.layout.n_tokens}")
         if length not in self.block_masks:
-            self.block_masks[length] = block_mask_from_mask_mod(self.mask_mod, length, self.device, self.block_size)
+            whole = self.layout.n_tokens // self.block_size  # blocks of real tokens only: the table decides them
+            uniform = None if self.table is None else self.table[:whole, :whole]
+            self.block_masks[length] = block_mask_from_mask_mod(
+                self.mask_mod, length, self.device, self.block_size, uniform
+            )
         return self.block_masks[length]
 
     def dense_mask(self, length: int) -> torch.Tensor:
@@ -205,11 +326,14 @@ class _BandedAttention:
     name = "banded"
     _CACHE = 8  # layouts kept (windows and tiles reuse a handful)
 
-    def __init__(self, sink: bool, block_size: int) -> None:
+    def __init__(self, sink: bool, block_size: int, granularity: str) -> None:
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16; got {block_size}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
         self.sink = sink
         self.block_size = block_size
+        self.granularity = granularity
         self._built: OrderedDict[tuple[TokenLayout, torch.device], MaskedAttention] = OrderedDict()
 
     def bands(self, layout: TokenLayout) -> FrameBands:
@@ -220,7 +344,9 @@ class _BandedAttention:
         key = (layout, torch.device(device))
         attend = self._built.get(key)
         if attend is None:
-            attend = MaskedAttention(layout, self.bands(layout), torch.device(device), self.block_size)
+            attend = MaskedAttention(
+                layout, self.bands(layout), torch.device(device), self.block_size, self.granularity
+            )
             self._built[key] = attend
             while len(self._built) > self._CACHE:
                 self._built.popitem(last=False)
@@ -230,14 +356,22 @@ class _BandedAttention:
 
 class TemporalWindowAttention(_BandedAttention):
     """Every video token sees the whole latent frames within +-``window`` of its own, the text, and (``sink``)
-    latent frame 0; text sees everything. ``window >= T - 1`` is dense attention."""
+    latent frame 0; text sees everything. ``window >= T - 1`` is dense attention.
 
-    def __init__(self, window: int, sink: bool = True, block_size: int = BLOCK_SIZE) -> None:
+    ``granularity="block"`` (default) rounds the mask out to ``block_size``-token blocks: a query also sees
+    the rest of the key blocks that its block shares with the window's edge frames and frame 0, i.e. up to
+    one block (``block_size`` tokens) beyond each side of the window and of the sink, and a window's first
+    and last queries see as far as their block's; ``"token"`` is the exact frame window (named
+    ``window{W}-token``)."""
+
+    def __init__(
+        self, window: int, sink: bool = True, block_size: int = BLOCK_SIZE, granularity: str = "block"
+    ) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
             raise ValueError(f"window must be an integer >= 0 (latent frames each side); got {window!r}")
-        super().__init__(sink, block_size)
+        super().__init__(sink, block_size, granularity)
         self.window = window
-        self.name = f"window{window}" + ("" if sink else "-nosink")
+        self.name = f"window{window}" + ("" if sink else "-nosink") + ("-token" if granularity == "token" else "")
 
     def bands(self, layout: TokenLayout) -> FrameBands:
         t, per = layout.grid[0], layout.tokens_per_frame
@@ -245,13 +379,17 @@ class TemporalWindowAttention(_BandedAttention):
 
 
 class RadialAttention(_BandedAttention):
-    """Radial Attention's static mask (arXiv 2506.19852), at token level.
+    """Radial Attention's static mask (arXiv 2506.19852).
 
     With ``P = 2^bit_length(tokens per frame)`` and ``g = bit_length(d)`` the band of frame distance d:
     d <= ``dense_distance``: whole frames; otherwise tokens within ``max(P / 2^g * decay, min_width)`` of
     each other, and where ``P / 2^g < min_width`` only distances that are multiples of
     ``min_width / (P / 2^g)`` are kept. Defaults: the reference's (decay 1, dense distance 1 as for its
     HunyuanVideo setting, min width 128 = its block size), frame 0 a sink, text global.
+
+    ``granularity="block"`` (default, as the reference's kernel runs it) rounds the bands out to
+    ``block_size``-token blocks (up to one block wider on each side); ``"token"`` keeps them token-exact
+    (the name gains ``-token``).
     """
 
     def __init__(
@@ -261,18 +399,19 @@ class RadialAttention(_BandedAttention):
         min_width: int = BLOCK_SIZE,
         sink: bool = True,
         block_size: int = BLOCK_SIZE,
+        granularity: str = "block",
     ) -> None:
         if not decay > 0:
             raise ValueError(f"decay must be > 0; got {decay}")
         if dense_distance < 0 or min_width < 1:
             raise ValueError(f"dense_distance must be >= 0 and min_width >= 1; got {dense_distance}, {min_width}")
-        super().__init__(sink, block_size)
+        super().__init__(sink, block_size, granularity)
         self.decay, self.dense_distance, self.min_width = float(decay), dense_distance, min_width
         self.name = (
             "radial"
             if (decay, dense_distance, min_width, sink) == (1.0, 1, BLOCK_SIZE, True)
             else (f"radial(decay={decay},dense={dense_distance},min_width={min_width},sink={sink})")
-        )
+        ) + ("-token" if granularity == "token" else "")
 
     def bands(self, layout: TokenLayout) -> FrameBands:
         t, per = layout.grid[0], layout.tokens_per_frame
@@ -291,19 +430,23 @@ class RadialAttention(_BandedAttention):
 
 def parse_attention(spec: str) -> str | _BandedAttention:
     """A user's attention choice: a dense kernel name (``models.attention.BACKENDS``), ``window:W`` (+-W latent
-    frames), ``window:W:nosink``, ``radial`` or ``radial:DECAY``."""
+    frames), ``window:W:nosink``, ``radial`` or ``radial:DECAY``; the masks at block granularity, or with a
+    ``:token`` suffix at token granularity (e.g. ``window:2:token``, ``radial:0.5:token``)."""
     if spec in BACKENDS:
         return spec
     name, _, rest = spec.partition(":")
     args = [a for a in rest.split(":") if a] if rest else []
+    granularity = "token" if args[-1:] == ["token"] else "block"
+    args = args[:-1] if granularity == "token" else args
     try:
         if name == "window" and 1 <= len(args) <= 2 and (len(args) == 1 or args[1] == "nosink"):
-            return TemporalWindowAttention(int(args[0]), sink=len(args) == 1)
+            return TemporalWindowAttention(int(args[0]), sink=len(args) == 1, granularity=granularity)
         if name == "radial" and len(args) <= 1:
-            return RadialAttention(decay=float(args[0])) if args else RadialAttention()
+            return RadialAttention(decay=float(args[0]) if args else 1.0, granularity=granularity)
     except ValueError as e:
         raise ValueError(f"attention {spec!r}: {e}") from None
     raise ValueError(
         f"unknown attention {spec!r}; valid: a kernel {BACKENDS}, 'window:W' (W latent frames each side), "
-        "'window:W:nosink', 'radial' or 'radial:DECAY'"
+        "'window:W:nosink', 'radial' or 'radial:DECAY', each at 128-token block granularity, or token-exact "
+        "with ':token' appended (e.g. 'window:2:token', 'radial:token')"
     )

@@ -25,8 +25,9 @@ def test_long_video_options_become_pipeline_keywords():
     assert options("--riflex") == {"riflex": True}
     assert options("--riflex", "2", "20") == {"riflex": (2, 20)}
     window = options("--sparse-attention", "window:2")["attention"]
-    assert isinstance(window, TemporalWindowAttention) and window.window == 2
+    assert isinstance(window, TemporalWindowAttention) and window.window == 2 and window.granularity == "block"
     assert isinstance(options("--sparse-attention", "radial")["attention"], RadialAttention)
+    assert options("--sparse-attention", "radial:token")["attention"].name == "radial-token"
     assert options("--window-frames", "49", "--window-overlap", "0.5") == {"windows": WindowSpec(49, 0.5)}
     assert options("--step-cache", "0.2") == {"step_cache": "auto:0.2"}
     assert options("--step-cache", "0.1", "--step-cache-method", "first-block") == {"step_cache": "first-block:0.1"}

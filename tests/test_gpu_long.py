@@ -26,7 +26,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 # 226 text tokens and 9 frames of 30 x 45 patches (the 480x720 grid): 12,376 tokens, frames not block-aligned.
 LAYOUT = TokenLayout(n_text=226, grid=(9, 30, 45))
-PARTS = [TemporalWindowAttention(1), TemporalWindowAttention(2, sink=False), RadialAttention(min_width=256)]
+PARTS = [
+    TemporalWindowAttention(1),
+    TemporalWindowAttention(2, sink=False),
+    RadialAttention(min_width=256),
+    RadialAttention(),
+    TemporalWindowAttention(1, granularity="token"),
+    RadialAttention(min_width=256, granularity="token"),
+]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,8 +62,9 @@ def test_compiled_flex_equals_masked_attention(part):
         assert got.dtype == dtype and rel(got, want) < tol
 
 
-def test_padded_sequences_mask_the_padding_keys():
-    attend = TemporalWindowAttention(1).build(LAYOUT, torch.device("cuda"))
+@pytest.mark.parametrize("granularity", ["block", "token"])
+def test_padded_sequences_mask_the_padding_keys(granularity):
+    attend = TemporalWindowAttention(1, granularity=granularity).build(LAYOUT, torch.device("cuda"))
     q, k, v = qkv(torch.float32, extra=100)
     with torch.no_grad():
         got = attend(q, k, v)
@@ -71,15 +79,18 @@ def test_a_covering_window_is_dense_attention_on_the_gpu():
         assert rel(attend(q, k, v), masked_sdpa(q, k, v, None)) < 1e-4
 
 
-def test_block_mask_built_on_the_gpu_equals_the_cpu_one():
-    part = RadialAttention()
-    gpu = part.build(LAYOUT, torch.device("cuda"))
+@pytest.mark.parametrize("granularity", ["block", "token"])
+def test_block_mask_built_on_the_gpu_equals_the_cpu_one(granularity):
+    part = RadialAttention(granularity=granularity)
+    gpu = part.build(LAYOUT, torch.device("cuda")).block_masks[LAYOUT.n_tokens]
     cpu = block_mask_from_mask_mod(part.build(LAYOUT, torch.device("cpu")).mask_mod, LAYOUT.n_tokens, "cpu")
-    assert torch.equal(gpu.block_masks[LAYOUT.n_tokens].to_dense().cpu(), cpu.to_dense())
+    assert torch.equal(gpu.to_dense().cpu(), cpu.to_dense())
+    assert torch.equal(gpu.full_kv_num_blocks.cpu(), cpu.full_kv_num_blocks)
 
 
-def test_masks_train_through_flex_attention_backward():
-    attend = TemporalWindowAttention(1).build(LAYOUT, torch.device("cuda"))
+@pytest.mark.parametrize("granularity", ["block", "token"])
+def test_masks_train_through_flex_attention_backward(granularity):
+    attend = TemporalWindowAttention(1, granularity=granularity).build(LAYOUT, torch.device("cuda"))
     q, k, v = qkv(torch.float32, grad=True)
     attend(q, k, v).square().sum().backward()
     mask = attend.dense_mask(LAYOUT.n_tokens)
@@ -110,6 +121,7 @@ def test_masks_windows_and_teacache_inside_fullgraph_compiled_blocks():
     cases = [
         dict(attention=TemporalWindowAttention(1)),
         dict(attention=RadialAttention()),
+        dict(attention=RadialAttention(granularity="token")),
         dict(windows=WindowSpec(frames=17, overlap=0.4)),
         dict(attention=TemporalWindowAttention(8)),  # covers all 9 frames: dense
     ]

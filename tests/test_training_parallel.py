@@ -58,11 +58,11 @@ def test_ulysses_split_step_gives_the_lora_gradients_of_the_unsplit_step_and_rin
 
 def test_two_groups_of_two_average_the_groups_samples(tmp_path: Path) -> None:
     """4 ranks: sequence_parallel 2 x 2 data-parallel groups, each group its own sample."""
-    results = ok(run_ranks(4, sequence_parallel_grads, tmp_path, 2, ["window:1"]))
+    results = ok(run_ranks(4, sequence_parallel_grads, tmp_path, 2, ["window:1:token"]))  # (blocks: dense here)
     for rank, by_attention in enumerate(results):
-        r = by_attention["window:1"]
+        r = by_attention["window:1:token"]
         assert r["rel"] < 1e-5, (rank, r)
-    assert results[0]["window:1"]["loss_split"] != results[2]["window:1"]["loss_split"]  # two samples
+    assert results[0]["window:1:token"]["loss_split"] != results[2]["window:1:token"]["loss_split"]  # two samples
 
 
 def test_sequence_parallel_config_is_checked_against_ranks_and_heads(workspace, tmp_path: Path) -> None:  # noqa: F811
@@ -80,8 +80,8 @@ def test_sequence_parallel_config_is_checked_against_ranks_and_heads(workspace, 
 def test_sparse_lora_gradients_equal_the_dense_masked_reference() -> None:
     dit = tiny_dit()
     batch = tiny_batch()
-    sparse = tiny_module(dit, attention="window:0")
-    assert sparse.denoiser.parts()["attention"] == "window0"
+    sparse = tiny_module(dit, attention="window:0:token")  # token-exact: the tiny sequence is one 128-token block
+    assert sparse.denoiser.parts()["attention"] == "window0-token"
     loss, grads = lora_grads(sparse, batch)
     reference = tiny_module(tiny_dit(), attention=None)
     reference.denoiser.attention = ReferenceWindowAttention(0)
@@ -125,7 +125,9 @@ def test_run_training_with_sequence_parallel_2_on_2_ranks_trains_the_one_process
 ) -> None:
     """The whole job (Lightning's DDP on gloo, the group-sharded data, the shared noise, the exchanges, the
     strategy's gradient mean) against the same job on one process: the same samples, the same LoRA."""
-    common = dict(max_steps=2, checkpoint_every_n_steps=2, tensorboard=False, accelerator="cpu", attention="window:1")
+    common = dict(
+        max_steps=2, checkpoint_every_n_steps=2, tensorboard=False, accelerator="cpu", attention="window:1:token"
+    )
     single = run_training(tiny_config(workspace, tmp_path / "one", **common), progress=False)
     job = tiny_config(workspace, tmp_path / "two", sequence_parallel=2, devices=2, **common).to_dict()
     ranks = ok(run_ranks(2, train_job, tmp_path / "ranks", job))
@@ -136,7 +138,7 @@ def test_run_training_with_sequence_parallel_2_on_2_ranks_trains_the_one_process
     assert all(v.norm() > 0 for k, v in expected.items() if "lora_B" in k)  # B starts at 0: the steps moved it
     for r in ranks:
         assert max_rel(r["lora"], expected) < 1e-4, max_rel(r["lora"], expected)
-    assert trained_attention(ranks[0]["lora_path"]) == "window:1"
+    assert trained_attention(ranks[0]["lora_path"]) == "window:1:token"
 
 
 # --------------------------------------------------------------------------------------------- benchmark

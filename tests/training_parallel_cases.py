@@ -148,7 +148,7 @@ def ring_refused(rank: int, world: int) -> str:
 
 def two_rank_session(rank: int, world: int) -> tuple[dict[str, Any], str]:
     """The split step's gradients (dense and masked), then ring attention asked for gradients."""
-    return sequence_parallel_grads(rank, world, 2, [None, "window:0"]), ring_refused(rank, world)
+    return sequence_parallel_grads(rank, world, 2, [None, "window:0:token"]), ring_refused(rank, world)
 
 
 def train_job(rank: int, world: int, values: dict[str, Any]) -> dict[str, Any]:

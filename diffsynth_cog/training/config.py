@@ -88,7 +88,7 @@ class TrainConfig:
         sequence_parallel: the Ulysses degree: each sample's tokens are split over this many ranks
             (forward and backward), groups of them train different samples (data parallel); it must
             divide the DiT's attention heads and the number of ranks (devices x num_nodes).
-        attention: train under a block-sparse mask, e.g. ``"window:2"`` or ``"radial"``
+        attention: train under a block-sparse mask, e.g. ``"window:2"``, ``"radial"`` or ``"radial:token"``
             (``sparse_attention.parse_attention``; a dense kernel name also works); null = dense. The
             exported LoRA records it (``diffsynth_cog_attention``): generate with ``--sparse-attention``
             and the same spec to run it as trained.
