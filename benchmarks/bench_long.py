@@ -160,6 +160,9 @@ def measure_modes(setup: Setup, args: argparse.Namespace, result: dict) -> None:
         exact = None
         for mode in args.modes:
             key = f"{frames}f_{mode}"
+            if key in args.skip:
+                result["runs"][key] = {"skipped": "--skip"}
+                continue
             if mode == "dense" and frames > 257 and not args.dense_513:
                 result["runs"][key] = {"skipped": "dense beyond 257 frames: pass --dense-513"}
                 continue
@@ -400,6 +403,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, nargs="*", default=[129, 257, 513], help="pixel frames (4k+1)")
     parser.add_argument("--modes", nargs="*", default=["dense", "window:2", "window:4", "radial", "windowed"])
+    parser.add_argument("--skip", nargs="*", default=[], help="runs to leave out, e.g. 257f_dense 513f_window:2")
     parser.add_argument("--dense-513", action="store_true", help="also run dense beyond 257 frames (minutes)")
     parser.add_argument("--window-frames", type=int, default=129, help="window length of the windowed modes")
     parser.add_argument("--window-overlap", type=float, default=0.25)

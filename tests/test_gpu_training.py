@@ -89,10 +89,14 @@ def test_activation_offload_on_cuda_gives_the_same_gradients_with_less_memory(mo
     assert loss_p == loss_o  # the forward is untouched
     # The offloaded copies are exact, so the gradients are those of the plain run up to the GPU's own
     # run-to-run differences (attention backward kernels may accumulate in any order): bitwise where
-    # two plain runs are.
+    # two plain runs are, else within a few times that noise or 1e-4 of the gradient's scale (one pair of
+    # runs samples the noise only roughly: seen on an H200, 1.7e-10 against a plain pair's 7.5e-11 on a
+    # gradient of scale ~4e-6). A wrong offloaded tensor moves gradients by their own scale.
     for k in grads_p:
         noise = (again[k].float() - grads_p[k].float()).abs().max().item()
-        assert (grads_o[k].float() - grads_p[k].float()).abs().max().item() <= 2 * noise, k
+        scale = grads_p[k].float().abs().max().item()
+        bound = 0.0 if noise == 0 else max(4 * noise, 1e-4 * scale)
+        assert (grads_o[k].float() - grads_p[k].float()).abs().max().item() <= bound, k
     # 6 blocks x 17,550 x 3072 bf16 = 0.6 GiB of checkpointed video inputs; at the backward's start all
     # but the last block's (and one prefetched) are in CPU memory.
     assert peak_o < peak_p - 0.25, (peak_p, peak_o)
