@@ -21,9 +21,12 @@ mask element by element inside such *partial* tiles and skips that work only for
 token-level radial mask ends up slower than dense attention. ``granularity="block"`` (the default, as
 Radial Attention's own code rounds its mask to its kernel's 128-token blocks) decides per pair of
 ``block_size``-token blocks: the pair attends iff any token pair inside it does under the token-level
-rule (:func:`block_table`). That mask contains the token-level one (it adds up to one block on each
-side of every band, and makes the video tokens sharing a block with the text global), and every tile
-is full or empty except those cut by the end of the sequence.
+rule (:func:`block_table`). That mask contains the token-level one: each query sees the union of its
+block's bands rounded out to whole key blocks (under two blocks past its own band's edges; both frames'
+bands where its block straddles two frames; global where its block holds text), and every tile is full
+or empty except those cut by the end of the sequence. At 129
+frames (480x720) the kept tiles hold 18.9 % of the token pairs for ``window:2`` (token level: 18.2 %)
+and 48.5 % for ``radial`` (34.2 %).
 
 Mechanics: a mask is a ``mask_mod(b, h, q_idx, kv_idx)`` predicate; its block mask (which 128 x 128
 tiles are empty, partial or full) is built once per token layout and length, chunk by chunk with
@@ -358,11 +361,10 @@ class TemporalWindowAttention(_BandedAttention):
     """Every video token sees the whole latent frames within +-``window`` of its own, the text, and (``sink``)
     latent frame 0; text sees everything. ``window >= T - 1`` is dense attention.
 
-    ``granularity="block"`` (default) rounds the mask out to ``block_size``-token blocks: a query also sees
-    the rest of the key blocks that its block shares with the window's edge frames and frame 0, i.e. up to
-    one block (``block_size`` tokens) beyond each side of the window and of the sink, and a window's first
-    and last queries see as far as their block's; ``"token"`` is the exact frame window (named
-    ``window{W}-token``)."""
+    ``granularity="block"`` (default) rounds the mask out to ``block_size``-token blocks (each query sees the
+    union of its block's windows in whole key blocks): the window and the sink frame gain less than a block
+    past each edge, or, for a query whose block straddles two frames, one more frame on one side; ``"token"``
+    is the exact frame window (named ``window{W}-token``)."""
 
     def __init__(
         self, window: int, sink: bool = True, block_size: int = BLOCK_SIZE, granularity: str = "block"
@@ -387,9 +389,11 @@ class RadialAttention(_BandedAttention):
     ``min_width / (P / 2^g)`` are kept. Defaults: the reference's (decay 1, dense distance 1 as for its
     HunyuanVideo setting, min width 128 = its block size), frame 0 a sink, text global.
 
-    ``granularity="block"`` (default, as the reference's kernel runs it) rounds the bands out to
-    ``block_size``-token blocks (up to one block wider on each side); ``"token"`` keeps them token-exact
-    (the name gains ``-token``).
+    ``granularity="block"`` (default; the reference's kernel also works on 128-token blocks, though it rounds
+    with a density threshold rather than keeping every touched block) rounds the bands out to
+    ``block_size``-token blocks (each query sees the union of its block's bands in whole key blocks: under two
+    blocks past its own band's edges, both frames' bands where its block straddles two frames); ``"token"``
+    keeps them token-exact (the name gains ``-token``).
     """
 
     def __init__(
