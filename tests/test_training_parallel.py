@@ -157,5 +157,10 @@ def test_sequence_parallel_and_sparse_benchmark_runs_its_tiny_cpu_smoke_mode(tmp
     sparse = json.loads((tmp_path / "tiny_sparse.json").read_text())
     assert sorted(sparse["runs"], key=int) == ["9", "17"]
     for entry in sparse["runs"].values():
-        assert entry["dense"]["parts"]["attention"] != "window1" and entry["sparse"]["parts"]["attention"] == "window1"
-        assert entry["sparse_vs_dense"] > 0
+        assert entry["dense"]["parts"]["attention"] == "auto"
+        assert {s: r["parts"]["attention"] for s, r in entry["sparse"].items()} == {
+            "window:1:token": "window1-token",
+            "radial:token": "radial-token",
+        }
+        assert set(entry["sparse_vs_dense"]) == {"window:1:token", "radial:token"}
+        assert all(v > 0 for v in entry["sparse_vs_dense"].values())
