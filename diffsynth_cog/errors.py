@@ -23,6 +23,10 @@ class LoRAError(DiffSynthCogError, ValueError):
     """A LoRA file or request does not fit the model; nothing was changed."""
 
 
+class QuantizationError(DiffSynthCogError, ValueError):
+    """A quantization request cannot be carried out; the model was not changed."""
+
+
 class OutputPathError(DiffSynthCogError, ValueError):
     """An output path cannot be written (a folder, a read-only place, an existing file without overwrite).
 

@@ -1,4 +1,4 @@
-"""The quantizers of ``diffsynth_cog.quantization`` spelled out independently, in numpy fp32.
+"""The quantizers of ``diffsynth_cog.quantization.layers`` spelled out independently, in numpy fp32.
 
 Every step is one numpy fp32 operation (one IEEE rounding), written without torch, and the e4m3fn
 encoding is done here by searching the table of all e4m3fn values (round to nearest, ties to the

@@ -10,7 +10,7 @@ Why bit for bit. Every forward runs on the GPU either way, with the same kernels
 offloading is where the operations done *after* enabling it run: on the CPU, where the weights then
 live. Each of them gives the same bits on either device: merging, restoring and loading LoRA values
 (the test's LoRA values are multiples of 1/8, so a merge is exact) and quantizing (see "Same bits on
-every device" in ``diffsynth_cog.quantization``; tests/test_quantization.py checks it on the CPU and,
+every device" in ``diffsynth_cog.quantization.layers``; tests/test_quantization.py checks it on the CPU and,
 with a GPU, compares the devices directly).
 
 When something differs, the test goes on through all orders and then fails once, naming every

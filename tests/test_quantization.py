@@ -25,7 +25,6 @@ from cuda_semantics import CudaReplay, bit_difference, exactness_problems
 from tiny_models import PRESET_FLAGS, TINY_DIT, randomize_
 from torch import nn
 
-from diffsynth_cog import quantization
 from diffsynth_cog.configs import DiTConfig, dit_preset
 from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS, inject_lora
 from diffsynth_cog.models.dit import CogDiT
@@ -40,6 +39,8 @@ from diffsynth_cog.quantization import (
     quantize_dit,
     quantized_layers,
 )
+from diffsynth_cog.quantization import layers as quant_layers
+from diffsynth_cog.quantization import swap as quant_swap
 
 E4M3_MANTISSA_BITS = 3
 E4M3_MIN_SUBNORMAL = 2.0**-9
@@ -86,7 +87,7 @@ def run(model: nn.Module, x) -> torch.Tensor:
 @pytest.fixture
 def fp8_allowed(monkeypatch):
     """Lets quantize_dit build fp8 layers on this CPU-only machine (they run the emulation)."""
-    monkeypatch.setattr(quantization, "_check_fp8_device", lambda model: None)
+    monkeypatch.setattr(quant_swap, "_check_fp8_device", lambda model: None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,14 +453,14 @@ def test_the_replay_and_the_op_check_catch_what_differs_between_devices():
         replayed = amax / 448.0
     differ = (replayed != amax / 448.0).float().mean().item()
     assert differ > 0.3, differ  # measured 55%: CUDA's amax * fp32(1/448) vs the CPU's amax / 448
-    assert torch.equal(replayed, amax * quantization._FP8_STEP)  # what CUDA computes, and the library now
+    assert torch.equal(replayed, amax * quant_layers._FP8_STEP)  # what CUDA computes, and the library now
     problems = exactness_problems(replay.records)
     assert len(problems) == 1 and "division by the CPU scalar 448.0" in problems[0], problems
 
     with CudaReplay() as replay:
         amax / 2.0  # exact: a power of two
         amax / amax  # tensor by tensor: IEEE division on both devices
-        amax * quantization._INT8_STEP  # an fp32 constant
+        amax * quant_layers._INT8_STEP  # an fp32 constant
         amax.sum()
         amax.add(amax, alpha=3)
         amax * 0.1
@@ -500,7 +501,7 @@ def test_quantizers_give_the_same_bits_on_cpu_and_cuda(name):
 
 
 def _fp8_capable() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= quantization.FP8_MIN_CAPABILITY
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= quant_layers.FP8_MIN_CAPABILITY
 
 
 @needs_cuda

@@ -1,11 +1,9 @@
-"""Opt-in quantized Linear layers for the CogVideoX DiT (inference, and a frozen base for LoRA training).
+"""The quantized Linear layers and their maths: ``Float8Linear`` (fp8 e4m3 matmuls) and ``Int8WeightLinear``.
 
-Two modes, chosen with ``quantize_dit(dit, mode)``; both swap the eight Linear layers of every
-block (``BLOCK_LINEAR_TARGETS``: attention q/k/v/out, the two feed-forward layers and the two
-AdaLN modulation layers) in place and leave everything else (patch embedding, text projection,
-time embedding, norms, output projection) in the model's dtype.
+Each replaces one frozen ``nn.Linear`` (``from_linear``); :mod:`diffsynth_cog.quantization.swap` puts
+them into a model.
 
-``"fp8"``: speed. ``Float8Linear`` runs its matmul on fp8 e4m3 tensor cores through
+``Float8Linear`` (mode ``"fp8"``, speed) runs its matmul on fp8 e4m3 tensor cores through
 ``torch._scaled_mm`` with row-wise scales:
 
 * the weight [N, K] is quantized once, one fp32 scale per output channel (amax of the row * 1/448;
@@ -23,25 +21,15 @@ On any other device the layer runs ``_emulate``: the same quantization followed 
 the dequantized operands. That path is for tests and CPU checks only (it is slower than the bf16
 Linear it replaces), and exists so the quantization code the GPU runs is exercised on CPU.
 
-``"int8"``: memory. ``Int8WeightLinear`` stores int8 codes with one symmetric fp32 scale per output
-channel (amax * 1/127) and dequantizes the weight to the activation dtype on every forward, then calls
-``F.linear``. The matmul itself is unchanged (bf16), so it costs the dequantization pass (cheap next
-to a 35k-token matmul, dominant for the M=2 modulation layers) and saves memory only.
+``Int8WeightLinear`` (mode ``"int8"``, memory) stores int8 codes with one symmetric fp32 scale per
+output channel (amax * 1/127) and dequantizes the weight to the activation dtype on every forward, then
+calls ``F.linear``. The matmul itself is unchanged (bf16), so it costs the dequantization pass (cheap
+next to a 35k-token matmul, dominant for the M=2 modulation layers) and saves memory only.
 
-Memory (weights): an fp8 or int8 layer holds 1 byte per weight + 4 bytes per output channel + the
-bias in the model's dtype; the original bf16/fp32 weight is not kept anywhere (``from_linear`` does
-not hold a reference to it, so an in-place ``quantize_dit`` frees each bf16 weight as it goes, unless
-something else, such as another model sharing the tensors, still references it). For CogVideoX-5B
-the block Linear weights are 5.549 B of the 5.570 B parameters, so the DiT shrinks from 10.4 GiB
-(bf16) to about 5.2 GiB in either mode. Transient memory per fp8 layer call: the activation's fp8
-copy (M*K bytes) and one activation-sized temporary in its dtype while quantizing (eager mode;
-``torch.compile`` fuses the quantization into one kernel). Per int8 layer call: one dequantized
-weight (N*K in the activation dtype, plus an fp32 temporary in eager mode).
-
-Accuracy (measured in ``tests/test_quantization.py``): e4m3 keeps 3 mantissa bits, so a matmul of
-quantized operands on random data is off by ~3-4% relative to the fp32 result; int8 per-channel
-weights alone give ~0.5-1%. Quantize after merging LoRAs (``merge_lora``): a quantized layer has no
-full-precision weight to merge into, and an injected training ``LoRALinear`` is refused.
+Memory (the weights: see :mod:`diffsynth_cog.quantization`): transient memory per fp8 layer call is
+the activation's fp8 copy (M*K bytes) and one activation-sized temporary in its dtype while
+quantizing (eager mode; ``torch.compile`` fuses the quantization into one kernel). Per int8 layer call:
+one dequantized weight (N*K in the activation dtype, plus an fp32 temporary in eager mode).
 
 Same bits on every device: quantizing a weight gives bit-identical codes and scales on the CPU and
 on CUDA, so quantizing before or after offloading (``ModelOffloader``: the weights then live on the
@@ -69,18 +57,14 @@ and scales in their own dtypes (fp8/int8 and fp32) and follow device moves only.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from diffsynth_cog.errors import DiffSynthCogError
-from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS, LoRALinear
-
-logger = logging.getLogger(__name__)
+from diffsynth_cog.errors import QuantizationError
+from diffsynth_cog.lora import LoRALinear
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448: e4m3fn has no infinities, overflow would be NaN
@@ -101,11 +85,6 @@ _FP8_STEP = _fp32(1 / FP8_MAX)
 _INT8_STEP = _fp32(1 / INT8_MAX)
 # A row of zeros would give scale 0 and 0/0 = NaN; any positive floor works since its codes are all 0.
 _MIN_AMAX = _fp32(1e-12)
-MODES = ("fp8", "int8")
-
-
-class QuantizationError(DiffSynthCogError, ValueError):
-    """A quantization request cannot be carried out; the model was not changed."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,185 +417,3 @@ def _check_plain_linear(linear: nn.Module) -> None:
         )
     if not isinstance(linear, nn.Linear):
         raise QuantizationError(f"expected an nn.Linear, got {type(linear).__name__}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Whole-model swap
-
-
-def _module_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _check_fp8_device(model: nn.Module) -> None:
-    """fp8 needs ``_scaled_mm`` on an NVIDIA GPU of compute capability >= 8.9; name what was found."""
-    major, minor = FP8_MIN_CAPABILITY
-    need = (
-        f"fp8 mode runs torch._scaled_mm, which needs a CUDA GPU of compute capability >= {major}.{minor} "
-        "(Ada, Hopper or newer)"
-    )
-    hint = "mode='int8' saves the same memory on any device"
-    model_device = _module_device(model)
-    if torch.version.hip is not None:
-        raise QuantizationError(f"{need}; this torch is a ROCm build ({torch.version.hip}). {hint}")
-    if model_device.type == "cuda":
-        device = model_device
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        raise QuantizationError(
-            f"{need}; found no CUDA device (torch.cuda.is_available() is False, the DiT is on {model_device}). {hint}"
-        )
-    capability = torch.cuda.get_device_capability(device)
-    if capability < FP8_MIN_CAPABILITY:
-        raise QuantizationError(
-            f"{need}; found {device} = {torch.cuda.get_device_name(device)} with compute capability "
-            f"{capability[0]}.{capability[1]}. {hint}"
-        )
-    if model_device.type != "cuda":
-        logger.warning(
-            "quantize_dit: the DiT is on %s; its fp8 layers run the slow fp32 emulation there. Move it to %s "
-            "(%s) before running it.",
-            model_device,
-            device,
-            torch.cuda.get_device_name(device),
-        )
-
-
-def _targeted_layers(model: nn.Module, targets: Sequence[str]) -> tuple[dict[str, nn.Linear], list[str]]:
-    """name -> Linear for every module whose name ends (at a dot) with a target; and the problems."""
-    chosen: dict[str, nn.Linear] = {}
-    problems: list[str] = []
-    matched = dict.fromkeys(targets, 0)
-    lora_layers = []
-    for name, module in model.named_modules():
-        hits = [t for t in targets if name and (name == t or name.endswith("." + t))]
-        if not hits:
-            continue
-        for t in hits:
-            matched[t] += 1
-        if isinstance(module, LoRALinear):  # before the Linear check: LoRALinear is an nn.Linear
-            lora_layers.append(name)
-        elif isinstance(module, _QuantizedLinear):
-            problems.append(f"{name!r} is already quantized ({module.mode}); call dequantize_dit first")
-        elif not isinstance(module, nn.Linear):
-            problems.append(f"target {max(hits, key=len)!r} matches {name!r}, a {type(module).__name__}, not a Linear")
-        else:
-            chosen[name] = module
-    if lora_layers:
-        problems.append(
-            f"{len(lora_layers)} targeted layer(s) are LoRALinear (a LoRA injected for training), e.g. "
-            f"{lora_layers[:3]}. Quantize after merging: export_lora() the trained LoRA, load the base DiT "
-            f"fresh, merge_lora() the file into it, then quantize_dit()"
-        )
-    unmatched = [t for t, n in matched.items() if n == 0]
-    if unmatched:
-        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        problems.append(f"target(s) {unmatched} match no layer; Linear layers are named like {linear_names[:8]}")
-    return chosen, problems
-
-
-def _tensor_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-
-
-@torch.no_grad()
-def quantize_dit(
-    dit: nn.Module,
-    mode: str,
-    targets: Sequence[str] = BLOCK_LINEAR_TARGETS,
-    *,
-    use_fast_accum: bool = True,
-    progress: bool = False,
-) -> list[str]:
-    """Swaps the targeted Linear layers of ``dit`` for quantized ones in place; returns their names.
-
-    Args:
-        mode: ``"fp8"`` (``Float8Linear``: fp8 e4m3 matmuls, speed; needs CUDA compute capability
-            >= 8.9) or ``"int8"`` (``Int8WeightLinear``: int8 weights, memory; any device).
-        targets: module-name suffixes at a dot boundary, as ``inject_lora`` takes them; default
-            ``BLOCK_LINEAR_TARGETS``, the eight Linear layers of every block.
-        use_fast_accum: fp8 only; see ``Float8Linear``.
-        progress: show a tqdm bar over the layers.
-
-    Quantization runs on the device the weights are on (fastest on the GPU); each original weight is
-    dropped as its layer is swapped. fp8 layers whose K or N is not a multiple of 16 stay
-    ``nn.Linear`` (logged). Merge LoRAs before quantizing: injected ``LoRALinear`` layers are refused,
-    and ``restore_base_weights`` cannot undo a merge into a quantized layer.
-
-    Raises ``QuantizationError`` (model untouched) for an unknown mode, for fp8 without a suitable
-    GPU, for targets that match no layer or a non-Linear, and for LoRALinear or already-quantized layers.
-    """
-    if mode not in MODES:
-        raise QuantizationError(
-            f"unknown quantization mode {mode!r}; choose 'fp8' (fp8 e4m3 matmuls for speed, CUDA compute "
-            f"capability >= 8.9) or 'int8' (int8 weights dequantized per call, for memory)"
-        )
-    if isinstance(targets, str):
-        targets = (targets,)
-    if mode == "fp8":
-        _check_fp8_device(dit)
-    chosen, problems = _targeted_layers(dit, targets)
-    if problems:
-        raise QuantizationError(f"quantize_dit({mode!r}) on {type(dit).__name__}: " + "; ".join(problems))
-
-    skipped = [n for n, m in chosen.items() if mode == "fp8" and not Float8Linear.supports(m)]
-    for name in skipped:
-        del chosen[name]
-    before = after = 0
-    done: list[str] = []
-    for name in tqdm(list(chosen), desc=f"quantize {mode}", unit="layer", disable=not progress):
-        # pop: once swapped, nothing here references the old layer, so its weight is freed now and
-        # the peak stays at the full-precision model plus one quantized layer.
-        linear = chosen.pop(name)
-        if mode == "fp8":
-            layer: _QuantizedLinear = Float8Linear.from_linear(linear, use_fast_accum=use_fast_accum)
-        else:
-            layer = Int8WeightLinear.from_linear(linear)
-        before += _tensor_bytes(linear)
-        after += layer.weight_bytes()
-        parent_name, _, child = name.rpartition(".")
-        setattr(dit.get_submodule(parent_name), child, layer)
-        done.append(name)
-        del linear, layer
-    if skipped:
-        logger.warning(
-            "quantize_dit: %d layer(s) kept as nn.Linear, K or N not divisible by %d: %s",
-            len(skipped),
-            _MM_ALIGNMENT,
-            skipped[:5],
-        )
-    logger.info(
-        "quantized %d Linear layers of %s to %s: their weights %.2f GiB -> %.2f GiB",
-        len(done),
-        type(dit).__name__,
-        mode,
-        before / 2**30,
-        after / 2**30,
-    )
-    return done
-
-
-@torch.no_grad()
-def dequantize_dit(dit: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
-    """Turns every quantized layer back into an ``nn.Linear`` holding its *dequantized* weight.
-
-    Approximate by nature: the original weights are gone; this gives the weights the quantized model
-    was computing with. dtype: see ``_QuantizedLinear.to_linear``. Returns the names restored.
-    """
-    names = [n for n, m in dit.named_modules() if isinstance(m, _QuantizedLinear)]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = dit.get_submodule(parent_name)
-        setattr(parent, child, getattr(parent, child).to_linear(dtype))
-    logger.info("dequantized %d layers of %s back to nn.Linear", len(names), type(dit).__name__)
-    return names
-
-
-def quantized_layers(model: nn.Module) -> dict[str, _QuantizedLinear]:
-    """name -> quantized layer, for every Float8Linear / Int8WeightLinear in ``model``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, _QuantizedLinear)}
