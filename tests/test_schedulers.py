@@ -21,9 +21,8 @@ from diffsynth_cog.schedulers import (
     make_sampler,
     scheduler_preset,
     timesteps,
-    v_prediction_loss,
-    velocity,
 )
+from diffsynth_cog.training.loss import v_prediction_loss, velocity
 
 PRESETS = ["cogvideox-2b", "cogvideox-5b"]
 LATENT_SHAPE = (2, 3, 4, 6, 8)  # [B, T, C, H, W], the pipeline's latent layout

@@ -56,15 +56,10 @@ from diffsynth_cog.loading.model_folder import ModelFolder, resolve_model_folder
 from diffsynth_cog.lora import inject_lora, lora_layers, lora_state_dict
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.sampling import image_condition
-from diffsynth_cog.schedulers import (
-    SchedulerConfig,
-    add_noise,
-    alphas_cumprod,
-    scheduler_preset,
-    v_prediction_loss,
-)
+from diffsynth_cog.schedulers import SchedulerConfig, add_noise, alphas_cumprod, scheduler_preset
 from diffsynth_cog.sparse_attention import parse_attention
 from diffsynth_cog.training.config import TrainConfig
+from diffsynth_cog.training.loss import v_prediction_loss
 from diffsynth_cog.training.memory import activation_offload, build_optimizer
 from diffsynth_cog.training.sequence import data_parallel_coords, sequence_parallel_split
 
