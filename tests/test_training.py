@@ -22,9 +22,10 @@ from diffsynth_cog.cli import build_parser, main
 from diffsynth_cog.errors import StateDictMismatchError
 from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS, ema_lora_state_dicts, lora_layers
 from diffsynth_cog.training.cache import LatentCacheDataset
+from diffsynth_cog.training.checkpoints import export_lora_from_checkpoints
 from diffsynth_cog.training.config import TrainConfig, TrainConfigError
 from diffsynth_cog.training.datamodule import StreamSampler
-from diffsynth_cog.training.trainer import build_trainer, export_lora_from_checkpoints, run_training
+from diffsynth_cog.training.trainer import build_trainer, run_training
 from diffsynth_cog.video_io import load_video, save_video
 
 NUM_FRAMES, HEIGHT, WIDTH = 9, 32, 48

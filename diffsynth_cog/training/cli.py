@@ -269,7 +269,7 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     if args.ema is not None and not 0.0 <= args.ema <= 1.0:  # NaN included
         raise ValueError(f"--ema must be in [0, 1] (0.9 is ExVideo's); got {args.ema}")
     check_output_path(args.output, what="--output", overwrite=args.overwrite)
-    from diffsynth_cog.training.trainer import export_lora_from_checkpoints
+    from diffsynth_cog.training.checkpoints import export_lora_from_checkpoints
 
     adopt_library_loggers()
     path = export_lora_from_checkpoints(

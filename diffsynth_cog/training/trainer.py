@@ -1,26 +1,22 @@
-"""Building and running the training job, and exporting its LoRA from checkpoints.
+"""Building and running the training job.
 
 * :func:`build_trainer`: a ``lightning.Trainer`` for a :class:`TrainConfig`: strategy "auto" (one
   device, or DDP) or DeepSpeed ZeRO-2 (CUDA only), step checkpoints that resume, CSV logs and a
   TensorBoard run (losses, and the validation videos of :mod:`diffsynth_cog.training.validation`).
 * :func:`run_training`: seeds, checks the model and cache up front, trains (optionally resuming),
   and exports the final LoRA as a DiffSynth-format safetensors file.
-* :func:`export_lora_from_checkpoints`: reads Lightning ``.ckpt`` files or DeepSpeed checkpoint
-  folders (``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary
-  pickled objects), optionally averages several with ExVideo's EMA (gamma 0.9), and writes the LoRA.
-  It needs no model files: each checkpoint carries the DiT config and the LoRA layout.
+
+Reading checkpoints and exporting a LoRA from them (``export-lora``) live in
+:mod:`diffsynth_cog.training.checkpoints`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
-import json
 import logging
 import os
-import pickle
-import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,23 +31,21 @@ from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 
 from diffsynth_cog.atomic import torch_save_atomic
 from diffsynth_cog.configs import DiTConfig
-from diffsynth_cog.errors import DiffSynthCogError
 from diffsynth_cog.lora import (
-    LORA_EXPORT_FORMATS,
-    TRAINED_ATTENTION_KEY,
-    LoRAError,
-    ema_lora_state_dicts,
     export_lora,
-    inject_lora,
 )
-from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.parallel.layout import ParallelError
 from diffsynth_cog.training.cache import CacheInfo
+from diffsynth_cog.training.checkpoints import (
+    EXPORT_DTYPES,
+    LAST_CHECKPOINT,
+    export_metadata,
+    find_step_checkpoints,
+)
 from diffsynth_cog.training.config import TrainConfig, TrainConfigError
 from diffsynth_cog.training.console import console_callbacks
 from diffsynth_cog.training.datamodule import CachedLatentDataModule
 from diffsynth_cog.training.module import (
-    CHECKPOINT_KEY,
     CHECKPOINT_STEM,
     CogLoRAModule,
     read_dit_config,
@@ -60,15 +54,6 @@ from diffsynth_cog.training.sequence import check_degree
 from diffsynth_cog.training.validation import ValidationVideoCallback
 
 logger = logging.getLogger(__name__)
-
-LAST_CHECKPOINT = "last.ckpt"
-_STEP_NAME = re.compile(r"^step(\d+)\.ckpt$")
-_LORA_KEY = re.compile(r"^(?:dit\.)?(?P<name>.+\.lora_[AB]\.weight)$")
-_EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class CheckpointError(DiffSynthCogError, ValueError):
-    """A training checkpoint is missing, unreadable, or not one this trainer wrote (the message names it)."""
 
 
 # --------------------------------------------------------------------------------------------- strategy
@@ -344,212 +329,7 @@ def run_training(
         lora_path = export_lora(
             module.dit,
             config.lora_dir / name,
-            metadata=_export_metadata(module.checkpoint_info(), [trainer.global_step], None),
-            dtype=_EXPORT_DTYPES[config.export_dtype],
+            metadata=export_metadata(module.checkpoint_info(), [trainer.global_step], None),
+            dtype=EXPORT_DTYPES[config.export_dtype],
         )
     return TrainingResult(trainer=trainer, module=module, global_step=trainer.global_step, lora_path=lora_path)
-
-
-# --------------------------------------------------------------------------------------------- reading checkpoints
-@dataclass
-class LoRACheckpoint:
-    """The LoRA of one training checkpoint.
-
-    lora_weights: ``blocks.0.attn1.to_q.lora_A.weight`` -> fp32 tensor (B unscaled, as trained).
-    info: our checkpoint entry (``train_config``, ``dit_config``, ``lora_layers``).
-    """
-
-    path: Path
-    global_step: int
-    lora_weights: dict[str, torch.Tensor]
-    info: dict[str, Any]
-
-
-def _deepspeed_model_file(folder: Path) -> Path:
-    """The model-states file of a Lightning DeepSpeed checkpoint folder (tag from ``latest``)."""
-    tag_file = folder / "latest"
-    tag = tag_file.read_text(encoding="utf-8").strip() if tag_file.is_file() else "checkpoint"
-    tag_dir = folder / tag
-    if not tag_dir.is_dir():
-        raise CheckpointError(f"{folder}: not a DeepSpeed checkpoint folder (no {tag}/ subfolder)")
-    preferred = tag_dir / "mp_rank_00_model_states.pt"
-    if preferred.is_file():
-        return preferred
-    found = sorted(tag_dir.glob("*model_states.pt"))
-    if not found:
-        raise CheckpointError(f"{tag_dir}: no *model_states.pt file in this DeepSpeed checkpoint")
-    return found[0]
-
-
-def _torch_load(path: Path) -> dict[str, Any]:
-    try:
-        values = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as error:
-        raise CheckpointError(
-            f"{path}: cannot read the checkpoint with torch.load(weights_only=True) ({type(error).__name__}: "
-            f"{str(error)[:300]})"
-        ) from error
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{path}: expected a checkpoint dict, found {type(values).__name__}")
-    return values
-
-
-def read_lora_checkpoint(path: str | os.PathLike[str]) -> LoRACheckpoint:
-    """Reads the LoRA weights and our entry from a ``.ckpt`` file or a DeepSpeed checkpoint folder."""
-    p = Path(path)
-    if p.is_dir():
-        values = _torch_load(_deepspeed_model_file(p))
-        weights = values.get("module")
-        where = "module"
-    elif p.is_file():
-        values = _torch_load(p)
-        weights = values.get("state_dict")
-        where = "state_dict"
-    else:
-        raise CheckpointError(f"checkpoint not found: {p}")
-    info = values.get(CHECKPOINT_KEY)
-    if not isinstance(info, dict) or not isinstance(weights, Mapping):
-        raise CheckpointError(
-            f"{p}: not a checkpoint of this trainer (no {CHECKPOINT_KEY!r} entry or no {where!r} weights)"
-        )
-    lora: dict[str, torch.Tensor] = {}
-    for key, value in weights.items():
-        match = _LORA_KEY.match(key)
-        if match and isinstance(value, torch.Tensor):
-            lora[match.group("name")] = value.detach().to(torch.float32)
-    if not lora:
-        raise CheckpointError(f"{p}: the checkpoint holds no LoRA weights (keys like {list(weights)[:3]})")
-    return LoRACheckpoint(path=p, global_step=int(values.get("global_step", -1)), lora_weights=lora, info=info)
-
-
-def find_step_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
-    """``step*.ckpt`` files (or DeepSpeed folders) in ``folder``, oldest step first (``last.ckpt`` left out)."""
-    found = []
-    for entry in Path(folder).iterdir():
-        match = _STEP_NAME.match(entry.name)
-        if match:
-            found.append((int(match.group(1)), entry))
-    return [p for _, p in sorted(found)]
-
-
-def _is_single_checkpoint(path: Path) -> bool:
-    return path.is_file() or (path / "latest").is_file() or (path / "checkpoint").is_dir()
-
-
-def expand_checkpoints(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Checkpoint paths, with a folder of step checkpoints (``<output_dir>/checkpoints``) expanded."""
-    out: list[Path] = []
-    for given in paths:
-        p = Path(given)
-        if not p.exists():
-            raise CheckpointError(f"checkpoint not found: {p}")
-        if _is_single_checkpoint(p):
-            out.append(p)
-            continue
-        steps = find_step_checkpoints(p)
-        if not steps:
-            raise CheckpointError(f"{p}: no step*.ckpt checkpoints in this folder")
-        out += steps
-    return out
-
-
-# --------------------------------------------------------------------------------------------- export
-def lora_model_from_info(info: Mapping[str, Any], source: str = "checkpoint") -> CogDiT:
-    """A CogDiT on the meta device (no memory, no weights) with the checkpoint's LoRA layers, for export."""
-    try:
-        dit_config = DiTConfig.from_dict(dict(info["dit_config"]), source=f"{source}: dit_config")
-        layout = {name: (int(v["rank"]), float(v["alpha"])) for name, v in info["lora_layers"].items()}
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{source}: malformed {CHECKPOINT_KEY!r} entry ({error})") from error
-    with torch.device("meta"):
-        model = CogDiT(dit_config)
-    inject_lora(model, layout)  # full layer names: each target matches exactly its layer
-    return model
-
-
-def _export_metadata(info: Mapping[str, Any], steps: Sequence[int], gamma: float | None) -> dict[str, str]:
-    train_config = info.get("train_config", {})
-    metadata = {
-        "diffsynth_cog_global_step": str(steps[-1]),
-        "diffsynth_cog_train_config": json.dumps(train_config, sort_keys=True),
-        "base_model": str(train_config.get("model", "")),
-    }
-    if train_config.get("attention"):  # the mask the LoRA learnt under: generate with the same
-        metadata[TRAINED_ATTENTION_KEY] = str(train_config["attention"])
-    if gamma is not None:
-        metadata["diffsynth_cog_ema_gamma"] = repr(gamma)
-        metadata["diffsynth_cog_ema_steps"] = json.dumps(list(steps))
-    return metadata
-
-
-def _ordered(paths: Sequence[Path]) -> list[Path]:
-    """Oldest first, by the step in the names (step0000250.ckpt); the given order if a name has none."""
-    steps = [_STEP_NAME.match(p.name) for p in paths]
-    if all(steps):
-        return [p for _, p in sorted(zip([int(m.group(1)) for m in steps], paths, strict=True))]
-    return list(paths)
-
-
-def export_lora_from_checkpoints(
-    checkpoints: Sequence[str | os.PathLike[str]],
-    output: str | os.PathLike[str],
-    *,
-    ema_gamma: float | None = None,
-    dtype: torch.dtype = torch.float32,
-    format: str = "diffsynth",
-) -> Path:
-    """Writes the LoRA of training checkpoints (``format``: "diffsynth" or "diffusers", see
-    ``export_lora``); returns the file written.
-
-    ``checkpoints``: ``.ckpt`` files, DeepSpeed checkpoint folders, or ``<output_dir>/checkpoints``
-    folders (expanded to their step checkpoints, ``last.ckpt`` left out). Without ``ema_gamma`` the
-    newest checkpoint is exported; with it, all are averaged oldest first (by the step in their
-    names, else in the order given), ``ema_k = gamma * ema_{k-1} + (1 - gamma) * lora_k`` (ExVideo's
-    post-training EMA, gamma 0.9), reading one checkpoint at a time. The file records ranks, alphas
-    and targets (``export_lora``) plus the step(s) and the training config.
-    """
-    if format not in LORA_EXPORT_FORMATS:
-        raise ValueError(f"format must be one of {list(LORA_EXPORT_FORMATS)}, got {format!r}")
-    paths = _ordered(expand_checkpoints(checkpoints))
-    if ema_gamma is not None and not 0.0 <= ema_gamma <= 1.0:
-        raise ValueError(f"ema gamma must be in [0, 1], got {ema_gamma}")
-    if ema_gamma is None:
-        if len(paths) > 1 and not all(_STEP_NAME.match(p.name) for p in paths):
-            raise CheckpointError(
-                f"{len(paths)} checkpoints given ({[str(p) for p in paths[:3]]}...): pass one, or average them "
-                "with an EMA gamma (--ema 0.9)"
-            )
-        newest = read_lora_checkpoint(paths[-1])
-        info, weights, steps = newest.info, newest.lora_weights, [newest.global_step]
-        logger.info("exporting the LoRA of %s (step %d)", newest.path, newest.global_step)
-    else:
-        steps = []
-        seen: dict[str, Any] = {}
-
-        def stream() -> Iterator[dict[str, torch.Tensor]]:
-            for path in paths:
-                checkpoint = read_lora_checkpoint(path)
-                layers = checkpoint.info.get("lora_layers")
-                if seen and layers != seen["info"].get("lora_layers"):
-                    raise CheckpointError(
-                        f"{path} and {seen['path']} have different LoRA layers; they cannot be averaged"
-                    )
-                seen.update(info=checkpoint.info, path=path)
-                steps.append(checkpoint.global_step)
-                yield checkpoint.lora_weights
-
-        weights = ema_lora_state_dicts(stream(), gamma=ema_gamma)
-        info = seen["info"]
-        logger.info("EMA (gamma %g) over %d checkpoints, steps %s", ema_gamma, len(steps), steps)
-    model = lora_model_from_info(info, source=str(paths[-1]))
-    try:
-        return export_lora(
-            model,
-            output,
-            metadata=_export_metadata(info, steps, ema_gamma),
-            lora_weights=weights,
-            dtype=dtype,
-            format=format,
-        )
-    except LoRAError as error:
-        raise CheckpointError(f"{paths[-1]}: {error}") from error
