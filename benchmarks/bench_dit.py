@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import dit_flops, environment, peak_gib, rel_err, reset_peak, timed, write_json  # noqa: E402
 
-from diffsynth_cog.configs import dit_preset  # noqa: E402
+from diffsynth_cog.configs import DiTConfig, dit_preset  # noqa: E402
 from diffsynth_cog.denoiser import Denoiser  # noqa: E402
 from diffsynth_cog.loading.convert import convert_state_dict  # noqa: E402
 from diffsynth_cog.loading.dit_loader import dit_rename  # noqa: E402
@@ -42,10 +42,12 @@ def reference_rope(model, t: int, h: int, w: int, device):
     return get_3d_rotary_pos_embed(c.attention_head_dim, crops, (gh, gw), t, device=device)
 
 
-def build_pair(preset: str, dtype: torch.dtype, device: str):
+def build_pair(preset: str | DiTConfig, dtype: torch.dtype, device: str | torch.device):
+    """diffusers' transformer and ours (a preset name or a config) on one set of random weights: ours takes
+    the reference's tensors."""
     from diffusers import CogVideoXTransformer3DModel
 
-    config = dit_preset(preset)
+    config = dit_preset(preset) if isinstance(preset, str) else preset
     ref_kwargs = {k: v for k, v in config.to_dict().items() if k != "rope_theta"}
     with torch.device(device):
         ref = CogVideoXTransformer3DModel(**ref_kwargs).to(dtype).eval()

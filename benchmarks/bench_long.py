@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dit import build_pair, reference_rope  # noqa: E402
 from common import rel_err, write_json  # noqa: E402
 
 from diffsynth_cog.configs import DiTConfig, VAEConfig, dit_preset, vae_preset  # noqa: E402
@@ -227,43 +228,17 @@ def measure_one(
     return entry
 
 
-def build_reference_pair(setup: Setup) -> tuple[torch.nn.Module, CogDiT]:
-    """diffusers' transformer and ours on one set of random weights (ours takes the reference's tensors)."""
-    from diffusers import CogVideoXTransformer3DModel
-
-    from diffsynth_cog.loading.convert import convert_state_dict
-    from diffsynth_cog.loading.dit_loader import dit_rename
-
-    torch.manual_seed(0)
-    kwargs = {k: v for k, v in setup.config.to_dict().items() if k != "rope_theta"}
-    with torch.device(setup.device):
-        ref = CogVideoXTransformer3DModel(**kwargs).to(setup.dtype).eval().requires_grad_(False)
-    with torch.device("meta"):
-        ours = CogDiT(setup.config)
-    sd = convert_state_dict(ref.state_dict(), ours, dit_rename, source="diffusers (random init)")
-    ours.load_state_dict(sd, assign=True, strict=True)
-    return ref, ours.eval().requires_grad_(False)
-
-
-def reference_rope(setup: Setup, t: int):
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-
-    c = setup.config
-    gh, gw = c.sample_height // c.patch_size, c.sample_width // c.patch_size
-    crops = get_resize_crop_region_for_grid((gh, gw), gw, gh)
-    return get_3d_rotary_pos_embed(c.attention_head_dim, crops, (gh, gw), t, device=setup.device)
-
-
 def fast_path(setup: Setup, args: argparse.Namespace, result: dict) -> None:
     """The 129-frame opt-in fast path against the diffusers eager reference, same process, same weights."""
     frames = args.fast_frames
     t = latent_frames(frames)
     x, context = inputs(setup, frames, seed=7)
     timestep = torch.full((2,), 500, device=setup.device)
-    ref, ours = build_reference_pair(setup)
+    c = setup.config
+    torch.manual_seed(0)
+    ref, ours = build_pair(c, setup.dtype, setup.device)
     entry: dict[str, Any] = {"frames": frames, "attention": args.fast_attention, "quantize": args.fast_quantize}
-    rope = reference_rope(setup, t)
+    rope = reference_rope(ref, t, c.sample_height, c.sample_width, setup.device)
     with torch.no_grad():
 
         def run_ref():
@@ -312,7 +287,6 @@ def fast_path(setup: Setup, args: argparse.Namespace, result: dict) -> None:
     # A short run through the pipeline with TeaCache at the chosen threshold (random weights decide the skips).
     pipe = CogVideoPipeline(ours, None, None, None, device=setup.device, torch_dtype=setup.dtype)
     cache = TeaCache(args.fast_threshold, coefficients=coefficients)
-    c = setup.config
     g = torch.Generator().manual_seed(1)
     prompt, negative = (torch.randn(1, c.max_text_seq_length, c.text_embed_dim, generator=g) for _ in range(2))
     h, w = c.sample_height * 8, c.sample_width * 8

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import re
 import statistics
 import sys
@@ -223,7 +224,7 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
         f"estimate_{args.estimate_steps}_steps_s": round(text + args.estimate_steps * step + decode, 1),
     }
     if pipe.parallel is not None:  # what each tile shape took, by the rank that ran it (plans the spread)
-        times = pipe.parallel._tile_times.seconds
+        times = pipe.parallel.tile_times.seconds
         entry["vae_tile_s"] = {"x".join(map(str, k[-3:])): round(v, 3) for k, v in times.items()}
     if name == "single":
         state["single"][frames] = latents.float().cpu() if final else None
@@ -241,8 +242,6 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
 def profile(pipe: CogVideoPipeline, label: str, fn) -> None:  # noqa: ANN001
     """One call of ``fn`` under torch.profiler; every rank writes its table of kernels (by GPU time) and CPU
     ops to $OUT/profile_<label>_rank<R>.txt."""
-    import os
-
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 

@@ -167,7 +167,7 @@ def vae_roundtrip(rank: int, world: int) -> dict[str, Any]:
     p_encoded = pipe.encode_video(video, tiled=True, generator=torch.Generator().manual_seed(3))
     p_untiled = pipe.decode_latents(latents[..., :4, :6], tiled=False, progress=False)
     timed = pipe.decode_latents(latents, tiled=True, progress=False)  # planned by the first call's tile times
-    times = dict(pipe.parallel._tile_times.seconds)
+    times = dict(pipe.parallel.tile_times.seconds)
     pipe.disable_parallel()
     return {
         "decode_equal": torch.equal(decoded, p_decoded),

@@ -18,19 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_training import fixed_batch_loss, tiny_config, workspace  # noqa: F401  (module fixture)
-from tiny_models import PRESET_FLAGS, TINY_DIT, randomize_
-from training_parallel_cases import lora_grads, max_rel
+from training_parallel_cases import lora_grads, max_rel, tiny_batch, tiny_dit, tiny_module
 
-from diffsynth_cog.configs import DiTConfig
-from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS, LoRALinear, lora_layers, lora_parameters
+from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS, LoRALinear, lora_layers
 from diffsynth_cog.lora import layers as lora_layers_module
-from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.quantization import Float8Linear, Int8WeightLinear, dequantize_dit, quantize_dit
-from diffsynth_cog.schedulers import scheduler_preset
 from diffsynth_cog.training import memory
 from diffsynth_cog.training.config import TrainConfig, TrainConfigError
 from diffsynth_cog.training.memory import build_optimizer, optimizer_state_bytes
-from diffsynth_cog.training.module import CogLoRAModule
 from diffsynth_cog.training.trainer import run_training
 
 
@@ -40,32 +35,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tiny_dit(seed: int = 0) -> CogDiT:
-    config = DiTConfig.from_dict({**TINY_DIT, **PRESET_FLAGS["cogvideox-5b"]})
-    torch.manual_seed(seed)
-    return randomize_(CogDiT(config), seed).float()
-
-
-def tiny_module(dit: CogDiT, **changes) -> CogLoRAModule:
-    config = TrainConfig(model="unused", cache_dir="unused", output_dir="unused", lora_rank=4, **changes)
-    module = CogLoRAModule(config, dit=dit, scheduler_config=scheduler_preset("cogvideox-5b"))
-    module.setup("fit")
-    module.configure_model()
-    with torch.no_grad():  # B = 0 would give A no gradient: start from a non-trivial LoRA
-        for p in lora_parameters(module.dit):
-            if p.abs().max() == 0:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
-    return module
-
-
-def tiny_batch(seed: int = 0, batch: int = 2) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "latents": torch.randn(batch, 4, 3, 4, 6, generator=g),
-        "prompt_emb": torch.randn(batch, 7, 32, generator=g),
-    }
 
 
 # --------------------------------------------------------------------------------------------- quantized base

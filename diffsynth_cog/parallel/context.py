@@ -48,7 +48,7 @@ class ParallelContext:
         self.layout = mesh.layout
         self.device = device
         self.split = ParallelSplit(mesh, ulysses_head_chunks)
-        self._tile_times = TileTimes()  # what the VAE's tiles took, for balancing the next calls
+        self.tile_times = TileTimes()  # what the VAE's tiles took (seconds by tile shape): plans the next calls
         self._warned_unguided = False
 
     @classmethod
@@ -172,6 +172,6 @@ class ParallelContext:
         if self._group is None:
             yield
             return
-        runner = SpreadTiles(self._group, self.mesh.generation_ranks, self.mesh.rank, self.device, self._tile_times)
+        runner = SpreadTiles(self._group, self.mesh.generation_ranks, self.mesh.rank, self.device, self.tile_times)
         with tiles_run_by(runner):
             yield

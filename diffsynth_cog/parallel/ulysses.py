@@ -92,7 +92,7 @@ def ulysses_attention(
     b, n, heads, dim = q.shape
     h = heads // u
     total = sum(lengths)
-    chunks = [(a, e) for a, e in shard_bounds(h, max(1, min(head_chunks, h)))]
+    chunks = shard_bounds(h, max(1, min(head_chunks, h)))
 
     def send_inputs(a: int, e: int) -> PendingExchange:
         # [U (destination), n, 3, B, hc, D]: rank i receives [sum(lengths), 3, B, hc, D], token-major
