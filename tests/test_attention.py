@@ -145,3 +145,24 @@ def test_fa3_op_has_a_shape_only_fake_so_compile_can_trace_it() -> None:
         assert out.shape == q.shape and out.dtype == torch.bfloat16
         q16 = torch.empty(2, 40, 3, 16, dtype=torch.bfloat16)
         assert torch.ops.diffsynth_cog.fa3(q16, q16, q16).dtype == torch.bfloat16
+
+
+def test_fa3_probe_is_a_constant_to_the_compiler_so_fullgraph_blocks_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``auto`` backend asks whether FA3 imports; a compiled block must not trace that question (the import
+    machinery is untraceable in some torch versions: a graph break, or an error under ``fullgraph=True``)."""
+    calls: list[str] = []
+
+    def module() -> None:
+        torch._dynamo.graph_break()  # what an untraceable probe is to the compiler: an error under fullgraph
+        calls.append("probe")
+        return None
+
+    monkeypatch.setattr(attn, "_fa3_module", module)
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if attn.fa3_available() else x - 1
+
+    x = torch.zeros(2)
+    out = torch.compile(probe, backend="eager", fullgraph=True)(x)
+    assert torch.equal(out, x - 1)
+    assert calls  # asked in plain Python while tracing

@@ -70,11 +70,13 @@ def _fa3_module() -> ModuleType | None:
     return None
 
 
+@torch.compiler.assume_constant_result  # compiled blocks must not trace the import machinery (a graph break)
 def fa3_available() -> bool:
     """True when a FlashAttention-3 build imports in this process."""
     return _fa3_module() is not None
 
 
+@torch.compiler.assume_constant_result
 def _fa3_trains() -> bool:
     module = _fa3_module()
     return module is not None and module.__name__ == "flash_attn_interface"
