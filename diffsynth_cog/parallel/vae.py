@@ -17,9 +17,10 @@ runs the whole call itself, with the one-GPU time and memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,37 @@ class TileTimes:
                 self.seconds[shape] = min(s, self.seconds.get(shape, math.inf))
 
 
+class TileClock:
+    """Seconds each tile took on this rank's device: CUDA events around each tile on the current stream (read
+    once, after the last tile, so the host never waits between tiles), or wall time off CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: dict[int, tuple] = {}
+
+    @contextlib.contextmanager
+    def timing(self, i: int) -> Iterator[None]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.marks[i] = (start, end)
+        else:
+            start = time.perf_counter()
+            yield
+            self.marks[i] = (time.perf_counter() - start,)
+
+    def seconds(self, n: int) -> list[float]:
+        """Tile i's seconds for i < n (0 for tiles this rank did not run)."""
+        if self.cuda and self.marks:
+            torch.cuda.synchronize()
+        out = [0.0] * n
+        for i, mark in self.marks.items():
+            out[i] = mark[0].elapsed_time(mark[1]) / 1000 if self.cuda else mark[0]
+        return out
+
+
 class SpreadTiles:
     """A ``tiling.TileRunner`` that spreads tiles over the ranks of ``group`` (global ``ranks``)."""
 
@@ -78,23 +110,19 @@ class SpreadTiles:
         self.device = device
         self.times = times if times is not None else TileTimes()
 
-    def _timed(self, run_one: Callable[[int], torch.Tensor], i: int) -> tuple[torch.Tensor, float]:
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        tile = run_one(i).contiguous()
-        sync()
-        return tile, time.perf_counter() - start
-
     def __call__(self, shapes: Sequence[Shape], run_one: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
         n = len(shapes)
-        owner = assign_tiles(self.times.costs(shapes), len(self.ranks))
+        costs = self.times.costs(shapes)
+        owner = assign_tiles(costs, len(self.ranks))
         results: list[torch.Tensor | None] = [None] * n
-        seconds = torch.zeros(n, dtype=torch.float64, device=self.device)
-        for i in range(n):
-            if owner[i] == self.me:
-                results[i], took = self._timed(run_one, i)
-                seconds[i] = took
+        # Costliest first: a launch-bound small tile then queues while a large one still computes. Nothing waits
+        # for the device between tiles; the clock reads the GPU's own timestamps once all are queued.
+        mine = sorted((i for i in range(n) if owner[i] == self.me), key=lambda i: (-costs[i], i))
+        clock = TileClock(self.device)
+        for i in mine:
+            with clock.timing(i):
+                results[i] = run_one(i).contiguous()
+        seconds = torch.tensor(clock.seconds(n), dtype=torch.float64, device=self.device)
         for i, tile in enumerate(results):
             src = self.ranks[owner[i]]
             header = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64, device=self.device)
