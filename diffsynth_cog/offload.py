@@ -262,3 +262,17 @@ class ModelOffloader:
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown offload mode {mode!r}; valid: {MODES}")
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of ``t``. From a CUDA device it lands in pinned memory (PyTorch's caching host allocator, so a
+    repeated size reuses its block): one DMA instead of a pageable copy staged through the driver, which for a
+    129-frame video takes tenths of a second. If pinning fails, a plain copy."""
+    if t.device.type != "cuda":
+        return t.cpu()
+    try:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    except RuntimeError as e:  # no pinnable memory left
+        logger.warning("could not pin %s bytes of host memory (%s); copying unpinned", t.nbytes, e)
+        return t.cpu()
+    return host.copy_(t)

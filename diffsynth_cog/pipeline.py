@@ -46,7 +46,7 @@ from diffsynth_cog.model_manager import ModelManager
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.vae import CogVAEDecoder, CogVAEEncoder
-from diffsynth_cog.offload import ModelOffloader
+from diffsynth_cog.offload import ModelOffloader, to_host
 from diffsynth_cog.parallel.context import ParallelContext
 from diffsynth_cog.sampling import (
     DIFFUSERS,
@@ -221,9 +221,7 @@ class CogVideoPipeline:
         with self.offloader.using("vae_decoder"), self._spread_tiles():
             scaled = (latents / self.vae_decoder.config.scaling_factor).to(self.device, self.torch_dtype)
             video = self.vae_decoder.decode(scaled, tiled=tiled, progress=progress)
-        # clamp, then copy in the decoder's dtype and widen on the host: the same values as widening first (the
-        # bounds are exact in every dtype), half the bytes across PCIe in bf16
-        return video.clamp(-1, 1).cpu().float()
+        return to_host(video.float().clamp_(-1, 1))
 
     # -- generation ------------------------------------------------------------------------
 

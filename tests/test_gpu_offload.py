@@ -232,3 +232,15 @@ def test_pipeline_orders_give_the_bits_of_no_offload_and_weights_live_where_expe
     report(
         f"pipeline, {mode} offload, {quantize}, {len(PIPELINE_ORDERS)} orders vs the same without offloading", failed
     )
+
+
+@cuda
+def test_to_host_copies_a_cuda_tensor_into_pinned_memory_exactly() -> None:
+    from diffsynth_cog.offload import to_host
+
+    t = torch.randn(3, 5, 7, device="cuda").to(torch.bfloat16)
+    host = to_host(t)
+    assert host.device.type == "cpu" and host.is_pinned() and host.dtype == t.dtype
+    assert torch.equal(host, t.cpu())
+    t.add_(1)  # a copy: later writes to the device tensor do not reach it
+    assert not torch.equal(host, t.cpu())
