@@ -11,10 +11,13 @@ the whole sequence is then, as in USP (yunchang's ``LongContextAttention``):
      whole sequence;
   3. Ulysses back: outputs return to their tokens, all heads.
 
-Inference: the whole exchange runs inside one custom op (``diffsynth_cog::sequence_parallel_attention``),
-so ``torch.compile`` keeps each block in one graph around an opaque call instead of tracing collectives;
-with Ulysses alone it pipelines ``head_chunks`` groups of heads through the exchange
-(``ulysses.ulysses_attention``), so communication overlaps attention.
+Inference: the exchange runs inside a custom op, so ``torch.compile`` keeps each block in one graph around an
+opaque call instead of tracing collectives. With Ulysses alone and all heads at once (the default) the op is
+``diffsynth_cog::ulysses_exchange``: q, k and v are packed into the send buffer and the outputs unpacked in the
+caller's graph (``ulysses.pack_heads`` / ``unpack_heads``, fused there with the norms, RoPE and the copies
+around), the op holds the two all-to-alls and the attention. Otherwise (ring attention, or ``head_chunks``
+groups of heads pipelined through the exchange by ``ulysses.ulysses_attention``) the whole exchange is one op,
+``diffsynth_cog::sequence_parallel_attention``.
 Training (a call whose q, k or v need gradients): the same steps run eagerly, outside the op, through
 the differentiable all-to-all of ``parallel.comm`` (its backward is the reverse exchange), so the
 gradients of every token reach the rank that holds it. Ring attention has no backward: refused there.
@@ -32,7 +35,15 @@ from diffsynth_cog.models.attention import Attend, DenseAttention
 from diffsynth_cog.parallel.block_attention import BlockKernel, block_kernel
 from diffsynth_cog.parallel.layout import ParallelError
 from diffsynth_cog.parallel.ring import ring_attention
-from diffsynth_cog.parallel.ulysses import heads_to_tokens, tokens_to_heads, ulysses_attention
+from diffsynth_cog.parallel.ulysses import (
+    attend_and_return,
+    heads_to_tokens,
+    pack_heads,
+    start_exchange,
+    tokens_to_heads,
+    ulysses_attention,
+    unpack_heads,
+)
 
 _PLANS: dict[int, SequenceParallelAttention] = {}
 # Ulysses alone, at inference: head groups pipelined through the all-to-all (``ulysses.ulysses_attention``).
@@ -86,7 +97,20 @@ class SequenceParallelAttention:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             self.check_trainable()
             return self.compute(q, k, v)  # eager, through the differentiable all-to-all
+        if self.ulysses > 1 and self.ring == 1 and self.head_chunks == 1:
+            # the packing and unpacking stay in the caller's graph (a compiled block fuses them with the ops
+            # around), only the exchange and the attention are opaque
+            u, (b, _, _, dim) = self.ulysses, q.shape
+            back = torch.ops.diffsynth_cog.ulysses_exchange(pack_heads(q, k, v, u), self.plan, b, dim)
+            return unpack_heads(back, u, b, dim).reshape(q.shape)
         return torch.ops.diffsynth_cog.sequence_parallel_attention(q, k, v, self.plan)
+
+    def exchange(self, send: torch.Tensor, batch: int, head_dim: int) -> torch.Tensor:
+        """Ulysses alone, all heads at once: ``ulysses.pack_heads``' buffer -> ``ulysses.unpack_heads``' input."""
+        lengths, group = self.ulysses_lengths, self.ulysses_group
+        n = send.shape[0] // self.ulysses
+        recv = start_exchange(send, lengths, group).wait()
+        return attend_and_return(recv, self.inner, lengths, n, batch, head_dim, group).wait()
 
     def check_trainable(self) -> None:
         """Training runs Ulysses alone: ring attention's exchange has no backward pass."""
@@ -143,3 +167,13 @@ def _sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 @_sequence_parallel_attention.register_fake
 def _(q, k, v, plan):  # noqa: ANN001, ANN202
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("diffsynth_cog::ulysses_exchange", mutates_args=())
+def _ulysses_exchange(send: torch.Tensor, plan: int, batch: int, head_dim: int) -> torch.Tensor:
+    return _PLANS[plan].exchange(send, batch, head_dim)
+
+
+@_ulysses_exchange.register_fake
+def _(send, plan, batch, head_dim):  # noqa: ANN001, ANN202
+    return send.new_empty((send.shape[0], send.shape[1] // 3))  # U * n rows of B * hc * D

@@ -71,6 +71,46 @@ def heads_to_tokens(x: torch.Tensor, lengths: Sequence[int], index: int, group: 
     return recv.view(u, b, n, h, dim).permute(1, 2, 0, 3, 4).reshape(b, n, u * h, dim)
 
 
+def pack_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: int, a: int = 0, e: int | None = None
+) -> torch.Tensor:
+    """The send buffer of the inference exchange: q, k, v [B, n, H, D] -> [U * n, 3 * B * hc * D] for heads
+    ``a .. e - 1`` of each rank's share (default: all ``H / U``), token-major, so that what rank i receives,
+    [sum(lengths), 3, B, hc, D], holds the attention's inputs as strided views. Pure tensor ops: inside a compiled
+    block the copy fuses with the ops that produce q, k and v (their norms and RoPE)."""
+    b, n, heads, dim = q.shape
+    h = heads // u
+    e = h if e is None else e
+    parts = [t.unflatten(2, (u, h))[:, :, :, a:e].permute(2, 1, 0, 3, 4) for t in (q, k, v)]  # [U, n, B, hc, D]
+    return torch.stack(parts, dim=2).reshape(u * n, 3 * b * (e - a) * dim)
+
+
+def unpack_heads(back: torch.Tensor, u: int, b: int, dim: int) -> torch.Tensor:
+    """The received outputs [U * n, B * hc * D] (rank i's rows: heads of its share) -> [B, n, U, hc, D], a view."""
+    n = back.shape[0] // u
+    return back.view(u, n, b, -1, dim).permute(2, 1, 0, 3, 4)
+
+
+def start_exchange(send: torch.Tensor, lengths: Sequence[int], group: dist.ProcessGroup) -> PendingExchange:
+    """Sends ``pack_heads``' buffer: this rank's n rows go to every rank of the group."""
+    n = send.shape[0] // len(lengths)
+    return start_all_to_all(send, [n] * len(lengths), list(lengths), group, "Ulysses all-to-all (tokens -> heads)")
+
+
+def attend_and_return(
+    recv: torch.Tensor, attend: Attend, lengths: Sequence[int], n: int, b: int, dim: int, group: dist.ProcessGroup
+) -> PendingExchange:
+    """Attention over the received [sum(lengths), 3 * B * hc * D] inputs, whose outputs start back to their
+    tokens' ranks (``n`` rows from each): the returned exchange yields ``unpack_heads``' input."""
+    total = sum(lengths)
+    qkv = recv.view(total, 3, b, -1, dim)
+    out = attend(*(qkv[:, i].transpose(0, 1) for i in range(3)))  # [B, total, hc, D]
+    send = out.transpose(0, 1).contiguous()  # [total, B, hc, D]: rank j's tokens are rows of lengths[j]
+    return start_all_to_all(
+        send.view(total, -1), list(lengths), [n] * len(lengths), group, "Ulysses all-to-all (heads -> tokens)"
+    )
+
+
 def ulysses_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -91,36 +131,15 @@ def ulysses_attention(
     u = len(lengths)
     b, n, heads, dim = q.shape
     h = heads // u
-    total = sum(lengths)
     chunks = shard_bounds(h, max(1, min(head_chunks, h)))
-
-    def send_inputs(a: int, e: int) -> PendingExchange:
-        # [U (destination), n, 3, B, hc, D]: rank i receives [sum(lengths), 3, B, hc, D], token-major
-        send = q.new_empty((u, n, 3, b, e - a, dim))
-        for i, t in enumerate((q, k, v)):
-            send[:, :, i].copy_(t.unflatten(2, (u, h))[:, :, :, a:e].permute(2, 1, 0, 3, 4))
-        return start_all_to_all(
-            send.view(u * n, -1), [n] * u, list(lengths), group, "Ulysses all-to-all (tokens -> heads)"
-        )
-
     returning: list[tuple[int, int, PendingExchange]] = []
-    pending = send_inputs(*chunks[0])
+    pending = start_exchange(pack_heads(q, k, v, u, *chunks[0]), lengths, group)
     for j, (a, e) in enumerate(chunks):
-        recv = pending.wait().view(total, 3, b, e - a, dim)
+        recv = pending.wait()
         if j + 1 < len(chunks):
-            pending = send_inputs(*chunks[j + 1])
-        out = attend(*(recv[:, i].transpose(0, 1) for i in range(3)))  # [B, total, hc, D]
-        send = out.transpose(0, 1).contiguous()  # [total, B, hc, D]: rank j's tokens are rows of lengths[j]
-        returning.append(
-            (
-                a,
-                e,
-                start_all_to_all(
-                    send.view(total, -1), list(lengths), [n] * u, group, "Ulysses all-to-all (heads -> tokens)"
-                ),
-            )
-        )
+            pending = start_exchange(pack_heads(q, k, v, u, *chunks[j + 1]), lengths, group)
+        returning.append((a, e, attend_and_return(recv, attend, lengths, n, b, dim, group)))
     result = q.new_empty((b, n, u, h, dim))
     for a, e, exchange in returning:  # from rank i: [n, B, hc, D] of heads i*h + a .. i*h + e - 1
-        result[:, :, :, a:e].copy_(exchange.wait().view(u, n, b, e - a, dim).permute(2, 1, 0, 3, 4))
+        result[:, :, :, a:e].copy_(unpack_heads(exchange.wait(), u, b, dim))
     return result.view(b, n, heads, dim)
