@@ -17,7 +17,7 @@ from diffsynth_cog.configs import dit_preset
 from diffsynth_cog.lora import inject_lora
 from diffsynth_cog.models import attention as attn
 from diffsynth_cog.models.dit import CogDiT
-from diffsynth_cog.models.vae import GroupNorm
+from diffsynth_cog.models.vae_blocks import GroupNorm
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 fa3 = pytest.mark.skipif(

@@ -21,7 +21,7 @@ import pytest
 import torch
 from tiny_models import make_diffusers_dit
 
-import diffsynth_cog.models.vae as vae_module
+import diffsynth_cog.models.vae_blocks as vae_blocks
 from diffsynth_cog.configs import VAEConfig
 from diffsynth_cog.errors import ModelDetectionError, StateDictMismatchError, WeightsFileError
 from diffsynth_cog.loading.convert import account_keys, model_shapes
@@ -191,7 +191,7 @@ def test_split_group_norm_matches_torch_group_norm(groups, channels):
     g = torch.Generator().manual_seed(groups)
     x = torch.randn(2, channels, 3, 10, 12, generator=g) * 3 + 0.5
     w, b = 1 + 0.2 * torch.randn(channels, generator=g), 0.2 * torch.randn(channels, generator=g)
-    fast = vae_module.group_norm_stats_split
+    fast = vae_blocks.group_norm_stats_split
     F = torch.nn.functional
     assert rel(fast(x, groups, w, b, 1e-6), F.group_norm(x, groups, w, b, 1e-6)) < 1e-6
     xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
@@ -205,13 +205,13 @@ def test_split_group_norm_holds_bf16_accuracy_when_the_mean_dwarfs_the_spread():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 8, 4, 16, 16, generator=g) + 100.0
     want = torch.nn.functional.group_norm(x, 2, eps=1e-6)
-    assert rel(vae_module.group_norm_stats_split(x, 2, None, None, 1e-6), want) < 2**-8
+    assert rel(vae_blocks.group_norm_stats_split(x, 2, None, None, 1e-6), want) < 2**-8
 
 
 def test_split_group_norm_keeps_a_channels_last_layout_and_its_values():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 8, 3, 5, 7, generator=g)
-    fast = vae_module.group_norm_stats_split
+    fast = vae_blocks.group_norm_stats_split
     out = fast(x.contiguous(memory_format=torch.channels_last_3d), 4, None, None, 1e-6)
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     assert rel(out, fast(x, 4, None, None, 1e-6)) < 1e-6
@@ -219,7 +219,7 @@ def test_split_group_norm_keeps_a_channels_last_layout_and_its_values():
 
 def test_group_norm_module_is_torch_group_norm_off_gpu_and_in_training():
     g = torch.Generator().manual_seed(4)
-    norm = vae_module.GroupNorm(2, 4)
+    norm = vae_blocks.GroupNorm(2, 4)
     x = torch.randn(1, 4, 2, 3, 3, generator=g)
     assert torch.equal(norm(x), torch.nn.functional.group_norm(x, 2, norm.weight, norm.bias, norm.eps))
     x.requires_grad_(True)
@@ -299,7 +299,7 @@ def test_time_sliced_convolution_is_exact(ours, monkeypatch):
     z = latents(3, seed=9)
     with torch.no_grad():
         whole = ours.decode(z)
-        monkeypatch.setattr(vae_module, "MAX_CONV_INPUT_ELEMENTS", 4096)  # every big conv is split in time
+        monkeypatch.setattr(vae_blocks, "MAX_CONV_INPUT_ELEMENTS", 4096)  # every big conv is split in time
         sliced = ours.decode(z)
     assert rel(sliced, whole) <= PARITY_TOL
 
