@@ -274,7 +274,7 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
-    from diffsynth_cog.downloads import preset_names
+    from diffsynth_cog.presets import preset_names
 
     p = sub.add_parser(
         "download",
@@ -319,7 +319,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     from diffsynth_cog.atomic import check_output_path
-    from diffsynth_cog.downloads import MANIFEST_FOLDER, download_models, get_preset
+    from diffsynth_cog.downloads import MANIFEST_FOLDER, download_models
+    from diffsynth_cog.presets import get_preset
 
     for name in args.names:  # a typo fails before any download
         get_preset(name)

@@ -184,8 +184,8 @@ def check_model_folder(folder: ModelFolder, parts: tuple[str, ...] = GENERATE_PA
 def choose_model(model: str, parts: tuple[str, ...] = GENERATE_PARTS) -> ModelChoice:
     """``--model``: a local model folder (or its transformer folder / file: the folder around it), checked for
     ``parts``; else a download preset. A path that does not exist is reported as such, not as a preset."""
-    from diffsynth_cog.downloads import PRESETS, get_preset
     from diffsynth_cog.loading.model_folder import resolve_model_folder
+    from diffsynth_cog.presets import PRESETS, get_preset
 
     models = [name for name, preset in PRESETS.items() if preset.family is not None]
     local = Path(model).expanduser()
@@ -214,7 +214,8 @@ def choose_lora(lora: str, model: ModelChoice, num_frames: int, models_dir: str 
     """``--lora``: ``none``; ``auto`` (the family's long-video LoRA beyond its trained clip length: from
     ``models_dir`` when it is there, else a download); a LoRA file (its header is read and checked); or a
     preset. Says what ``auto`` decided."""
-    from diffsynth_cog.downloads import get_preset, local_status, preset_names
+    from diffsynth_cog.downloads import local_status
+    from diffsynth_cog.presets import get_preset, preset_names
 
     if lora == "none":
         return LoRAChoice()

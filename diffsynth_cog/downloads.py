@@ -4,7 +4,7 @@ Downloads go through the real `modelscope` client (`snapshot_download(..., local
 verifies every file against the Sha256 of the repository listing and resumes `*.incomplete` partial
 files with HTTP Range requests. On top of it this module adds:
 
-* presets with DiffSynth-Studio's names and folder layout (`PRESETS`, `get_preset`);
+* the presets of `presets.py` (DiffSynth-Studio's names and folder layout);
 * a skip that needs no network: after a verified download a manifest
   (`<models_dir>/.manifests/<preset>.json`: size, Sha256 and mtime of each file) is written; a later call
   whose files still match it returns at once. A file whose mtime changed is re-hashed and compared with
@@ -20,37 +20,26 @@ client's default (modelscope.cn).
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from .atomic import write_json_atomic
 from .errors import DiffSynthCogError
+from .presets import ModelPreset, get_preset
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FOLDER = ".manifests"
 _HASH_BLOCK = 16 * 1024 * 1024
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class UnknownPresetError(DiffSynthCogError, KeyError):
-    """A preset name that is not in the registry (the message lists the valid names)."""
-
-    def __str__(self) -> str:
-        # KeyError would print the message in quotes.
-        return str(self.args[0]) if self.args else ""
 
 
 class DownloadError(DiffSynthCogError, RuntimeError):
@@ -70,123 +59,6 @@ class DownloadError(DiffSynthCogError, RuntimeError):
         super().__init__(message)
         self.missing: dict[str, Path] = dict(missing or {})
         self.failed: dict[str, str] = dict(failed or {})
-
-
-# --------------------------------------------------------------------------------------------- presets
-@dataclass(frozen=True)
-class ModelPreset:
-    """One downloadable model: where it lives on ModelScope and where it goes under `models_dir`.
-
-    Exactly one of `files` (exact repository paths) or `allow_patterns` (globs over repository paths,
-    `*` crossing `/`) selects what to download. `required` lists what a complete local copy must hold
-    when the repository listing cannot be fetched (offline): literal paths, or globs that at least one
-    file must match. Shards named by any `*.index.json` found locally are required as well, so the
-    list does not have to name each shard.
-    """
-
-    name: str
-    model_id: str
-    subfolder: str
-    files: tuple[str, ...] = ()
-    allow_patterns: tuple[str, ...] = ()
-    required: tuple[str, ...] = ()
-    description: str = ""
-    family: str | None = None  # a model's family (configs.FAMILIES), known before it is downloaded
-
-    def __post_init__(self) -> None:
-        if bool(self.files) == bool(self.allow_patterns):
-            raise ValueError(f"preset {self.name!r}: give exactly one of files or allow_patterns")
-        if not _REPO_ID.match(self.model_id):
-            raise ValueError(f"preset {self.name!r}: model_id must be 'owner/name'; got {self.model_id!r}")
-
-    def local_dir(self, models_dir: str | os.PathLike[str]) -> Path:
-        """Folder the repository paths are placed under."""
-        return Path(models_dir) / self.subfolder
-
-    def result_path(self, models_dir: str | os.PathLike[str]) -> Path:
-        """What `download_models` returns: the file for a one-file preset, else the folder."""
-        if len(self.files) == 1:
-            return self.local_dir(models_dir) / self.files[0]
-        return self.local_dir(models_dir)
-
-    def selects(self, repo_path: str) -> bool:
-        """Whether this preset downloads repository file `repo_path`."""
-        if self.files:
-            return repo_path in self.files
-        return any(fnmatch.fnmatchcase(repo_path, pattern) for pattern in self.allow_patterns)
-
-    def offline_requirements(self) -> tuple[str, ...]:
-        return self.files or self.required
-
-
-# The diffusers layout of a CogVideoX repository (REFERENCE.md section 1). README, LICENSE and
-# configuration.json are left out: nothing loads them.
-_COGVIDEOX_PATTERNS = (
-    "model_index.json",
-    "scheduler/*",
-    "text_encoder/*",
-    "tokenizer/*",
-    "transformer/*",
-    "vae/*",
-)
-_COGVIDEOX_REQUIRED = (
-    "model_index.json",
-    "scheduler/scheduler_config.json",
-    "text_encoder/config.json",
-    "text_encoder/*.safetensors",
-    "tokenizer/spiece.model",
-    "tokenizer/tokenizer_config.json",
-    "transformer/config.json",
-    "transformer/*.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-)
-
-
-def _cogvideox(name: str, repo: str, description: str) -> ModelPreset:
-    return ModelPreset(
-        name=name,
-        model_id=f"ZhipuAI/{repo}",
-        subfolder=f"CogVideo/{repo}",
-        allow_patterns=_COGVIDEOX_PATTERNS,
-        required=_COGVIDEOX_REQUIRED,
-        description=description,
-        family=name.lower(),
-    )
-
-
-PRESETS: Mapping[str, ModelPreset] = MappingProxyType(
-    {
-        preset.name: preset
-        for preset in (
-            _cogvideox("CogVideoX-2B", "CogVideoX-2b", "CogVideoX 2B text-to-video (diffusers layout)"),
-            _cogvideox("CogVideoX-5B", "CogVideoX-5b", "CogVideoX 5B text-to-video (diffusers layout)"),
-            _cogvideox("CogVideoX-5B-I2V", "CogVideoX-5b-I2V", "CogVideoX 5B image-to-video (diffusers layout)"),
-            ModelPreset(
-                name="ExVideo-CogVideoX-LoRA-129f-v1",
-                model_id="ECNU-CILab/ExVideo-CogVideoX-LoRA-129f-v1",
-                subfolder="lora",
-                files=("ExVideo-CogVideoX-LoRA-129f-v1.safetensors",),
-                description="ExVideo LoRA extending CogVideoX-5B to 129 frames",
-            ),
-        )
-    }
-)
-
-
-def preset_names(presets: Mapping[str, ModelPreset] | None = None) -> list[str]:
-    return sorted(PRESETS if presets is None else presets)
-
-
-def get_preset(name: str, presets: Mapping[str, ModelPreset] | None = None) -> ModelPreset:
-    """Look a preset up by name; an unknown name raises `UnknownPresetError` listing the valid ones."""
-    registry = PRESETS if presets is None else presets
-    try:
-        return registry[name]
-    except KeyError:
-        raise UnknownPresetError(
-            f"unknown model preset {name!r}; valid names: {', '.join(preset_names(registry))}"
-        ) from None
 
 
 # --------------------------------------------------------------------------------------------- local state

@@ -15,8 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .downloads import _REPO_ID, _describe_endpoint, _effective_endpoint, _is_network_error
+from .downloads import _describe_endpoint, _effective_endpoint, _is_network_error
 from .errors import DiffSynthCogError
+from .presets import REPO_ID
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def upload_lora(
         raise FileNotFoundError(f"LoRA to upload not found: {source}")
     if source.is_file() and source.suffix != ".safetensors":
         raise ValueError(f"expected a .safetensors LoRA file; got {source}")
-    if not _REPO_ID.match(repo_id):
+    if not REPO_ID.match(repo_id):
         raise ValueError(f"repo_id must look like 'owner/name'; got {repo_id!r}")
     if visibility not in ("private", "public"):
         raise ValueError(f"visibility must be 'private' or 'public'; got {visibility!r}")

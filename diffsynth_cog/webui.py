@@ -331,7 +331,7 @@ class ModelPipelines:
 def local_loras(models_dir: str | Path) -> list[str]:
     """LoRA choices: "auto", "none", the ExVideo preset, and the .safetensors files under ``models_dir/lora``."""
     from diffsynth_cog.cli import DEFAULT_LORA
-    from diffsynth_cog.downloads import get_preset
+    from diffsynth_cog.presets import get_preset
 
     preset_file = get_preset(DEFAULT_LORA).result_path(models_dir)
     found = sorted(str(p) for p in (Path(models_dir) / "lora").glob("*.safetensors") if p != preset_file)

@@ -129,7 +129,8 @@ def _write_video(path: Path) -> None:
 
 
 def _write_download_manifest(path: Path) -> None:
-    from diffsynth_cog.downloads import ModelPreset, _RemoteFile, _write_manifest
+    from diffsynth_cog.downloads import _RemoteFile, _write_manifest
+    from diffsynth_cog.presets import ModelPreset
 
     root = path.parent.parent
     preset = ModelPreset(name=path.stem, model_id="a/b", subfolder="m", files=("w.bin",))

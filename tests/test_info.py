@@ -14,8 +14,9 @@ import torch
 from modelscope_emulator import emulated_modelscope
 
 from diffsynth_cog.cli import main
-from diffsynth_cog.downloads import download_models, get_preset
+from diffsynth_cog.downloads import download_models
 from diffsynth_cog.models.attention import fa3_available
+from diffsynth_cog.presets import get_preset
 
 LORA = "ExVideo-CogVideoX-LoRA-129f-v1"
 LORA_REPO = "ECNU-CILab/ExVideo-CogVideoX-LoRA-129f-v1"

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from modelscope_emulator import ModelScopeEmulator, closed_port_endpoint, emulated_modelscope, isolate_modelscope
 
-from diffsynth_cog.downloads import ModelPreset, download_models
+from diffsynth_cog.downloads import download_models
+from diffsynth_cog.presets import ModelPreset
 from diffsynth_cog.uploads import UploadError, upload_lora
 
 
