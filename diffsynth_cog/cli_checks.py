@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "CogVideoX-5B"
+# --dtype choices of every command (generate, prepare, export-lora) -> torch dtype names
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# --attention choices; kept in step with diffsynth_cog.models.attention.BACKENDS (a test checks), so that building
+# the parser does not import torch.
+ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-cudnn", "fa3", "flash-attn", "fa3-fp8", "sage")
 DEFAULT_LORA = "ExVideo-CogVideoX-LoRA-129f-v1"
 # The long-video LoRA ``--lora auto`` merges, per model family, beyond the family's trained clip length.
 LONG_VIDEO_LORAS = {"cogvideox-5b": DEFAULT_LORA}

@@ -294,8 +294,7 @@ class ModelPipelines:
         import torch
 
         from diffsynth_cog import CogVideoPipeline, ModelManager
-        from diffsynth_cog.cli import DTYPES
-        from diffsynth_cog.cli_checks import LoRAChoice, choose_lora, choose_model, fetch_models, resolve_device
+        from diffsynth_cog.cli_checks import DTYPES, LoRAChoice, choose_lora, choose_model, fetch_models, resolve_device
         from diffsynth_cog.models.attention import set_attention_backend
 
         if setup.memory not in MEMORY_MODES:
@@ -330,7 +329,7 @@ class ModelPipelines:
 
 def local_loras(models_dir: str | Path) -> list[str]:
     """LoRA choices: "auto", "none", the ExVideo preset, and the .safetensors files under ``models_dir/lora``."""
-    from diffsynth_cog.cli import DEFAULT_LORA
+    from diffsynth_cog.cli_checks import DEFAULT_LORA
     from diffsynth_cog.presets import get_preset
 
     preset_file = get_preset(DEFAULT_LORA).result_path(models_dir)
@@ -340,8 +339,7 @@ def local_loras(models_dir: str | Path) -> list[str]:
 
 def cmd_webui(args: argparse.Namespace) -> int:
     from diffsynth_cog.atomic import check_output_path
-    from diffsynth_cog.cli import ATTENTION_BACKENDS
-    from diffsynth_cog.cli_checks import choose_model, resolve_device
+    from diffsynth_cog.cli_checks import ATTENTION_BACKENDS, choose_model, resolve_device
     from diffsynth_cog.configs import check_size
 
     # Before serving: a typo in --model, a size or a device, or an output folder that cannot be written fails
@@ -367,7 +365,7 @@ def cmd_webui(args: argparse.Namespace) -> int:
 
 
 def add_webui_command(sub: argparse._SubParsersAction) -> None:
-    from diffsynth_cog.cli import DEFAULT_MODEL, DTYPES
+    from diffsynth_cog.cli_checks import DEFAULT_MODEL, DTYPES
 
     p = sub.add_parser(
         "webui",

@@ -180,7 +180,8 @@ def test_a_bad_ulysses_head_grouping_is_refused_before_anything_starts():
 
 
 def test_cli_defaults_use_every_rank_cfg_halves_first():
-    from diffsynth_cog.cli import _parallel_degrees, build_parser
+    from diffsynth_cog.cli import build_parser
+    from diffsynth_cog.cli_generate import _parallel_degrees
 
     def degrees(*argv: str, world: int, batch: bool = False):
         args = build_parser().parse_args(["generate", "--prompt", "x", *argv])

@@ -28,7 +28,7 @@ from training_parallel_cases import (
     two_rank_session,
 )
 
-from diffsynth_cog.cli import _hint_trained_attention
+from diffsynth_cog.cli_generate import _hint_trained_attention
 from diffsynth_cog.lora import TRAINED_ATTENTION_KEY, trained_attention
 from diffsynth_cog.training.config import TrainConfig, TrainConfigError
 from diffsynth_cog.training.trainer import run_training

@@ -18,9 +18,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from diffsynth_cog.cli_checks import DTYPES
+
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # export-lora --format choices: diffsynth_cog.lora.LORA_EXPORT_FORMATS, spelled out to keep torch out of start-up.
 _LORA_FORMATS = ("diffsynth", "diffusers")
 
@@ -60,7 +61,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device", default="auto", help="auto (cuda:$LOCAL_RANK when CUDA is available, else cpu), cpu or cuda:N"
     )
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="encoder weights and cache dtype")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="encoder weights and cache dtype")
     p.add_argument("--no-tiled", action="store_true", help="encode without spatial tiling (more memory)")
     p.add_argument(
         "--sample-posterior", action="store_true", help="store one seeded VAE posterior draw instead of its mean"
@@ -106,7 +107,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     check_cache_dir(args.cache)
     check_model_folder(resolve_model_folder(args.model), parts=("text_encoder", "tokenizer", "vae"))
     device = resolve_device(args.device)
-    dtype = getattr(torch, _DTYPES[args.dtype])
+    dtype = getattr(torch, DTYPES[args.dtype])
     image_latents = args.image_latents == "yes"
     if args.image_latents == "auto":
         from diffsynth_cog.loading.model_folder import resolve_model_folder
@@ -248,7 +249,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         metavar="GAMMA",
         help="EMA over the checkpoints, e.g. 0.9 (default: the newest checkpoint alone)",
     )
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="dtype of the written tensors")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written tensors")
     p.add_argument(
         "--format",
         choices=_LORA_FORMATS,
@@ -273,7 +274,7 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 
     adopt_library_loggers()
     path = export_lora_from_checkpoints(
-        args.checkpoint, args.output, ema_gamma=args.ema, dtype=getattr(torch, _DTYPES[args.dtype]), format=args.format
+        args.checkpoint, args.output, ema_gamma=args.ema, dtype=getattr(torch, DTYPES[args.dtype]), format=args.format
     )
     logger.info("wrote %s", path)
     return 0
