@@ -30,18 +30,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
 
 from diffsynth_cog.configs import dit_preset  # noqa: E402
+from diffsynth_cog.models.dit import TokenLayout  # noqa: E402
 from diffsynth_cog.parallel.comm import all_gather  # noqa: E402
 from diffsynth_cog.parallel.launch import init_distributed, shutdown_distributed  # noqa: E402
+from diffsynth_cog.pipeline import latent_shape_for  # noqa: E402
 
 logger = logging.getLogger("bench_comm")
 NCCL_PREFIX = "NCCL_"
 
 
 def tokens(frames: int, height: int, width: int) -> int:
-    """Text + video tokens of a CogVideoX-5B call (patch 2, 8x VAE, 4x temporal)."""
+    """Text + video tokens of one CogVideoX-5B call."""
     c = dit_preset("cogvideox-5b")
-    latent = (frames - 1) // 4 + 1
-    return c.max_text_seq_length + latent * (height // 8 // c.patch_size) * (width // 8 // c.patch_size)
+    _, _, t, h, w = latent_shape_for(c, frames, height, width)
+    return TokenLayout(c.max_text_seq_length, (t, h // c.patch_size, w // c.patch_size)).n_tokens
 
 
 def time_it(fn, device: torch.device, repeat: int) -> float:  # noqa: ANN001

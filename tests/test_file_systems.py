@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from test_training_data import model_dir  # noqa: F401 (fixture)
-from test_user_path import generate_args, one_thread, tiny_lora  # noqa: F401 (fixture)
+from test_user_path import generate_args
 from test_user_path_training import prepare_argv, write_dataset
 from tiny_models import TINY_DIT, save_tiny_model_folder
 
@@ -28,6 +28,8 @@ from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.errors import WriteError
 from diffsynth_cog.training.cache import LatentCacheDataset
 from diffsynth_cog.video_io import load_video, save_video
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 Mount = Callable[..., Path]
 

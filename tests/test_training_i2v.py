@@ -11,24 +11,25 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_training import HEIGHT, NUM_FRAMES, WIDTH, frames_of, synthetic_clip, write_dataset
+from test_training import (
+    HEIGHT,
+    NUM_FRAMES,
+    WIDTH,
+    frames_of,
+    synthetic_clip,
+    trained_and_initial_loss,
+    write_dataset,
+)
 from tiny_models import save_tiny_model_folder
 
 from diffsynth_cog.cli import main
-from diffsynth_cog.lora import lora_layers
 from diffsynth_cog.training.cache import CacheError, CacheInfo, LatentCacheDataset
 from diffsynth_cog.training.config import TrainConfig, TrainConfigError
 from diffsynth_cog.training.data import VideoClipDataset, load_dataset_index
 from diffsynth_cog.training.prepare import load_encoders
 from diffsynth_cog.training.trainer import preflight, run_training
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prepare(dataset: Path, model: Path, cache: Path, *extra: str) -> Path:
@@ -126,12 +127,7 @@ def test_i2v_lora_prepare_train_export_generate(i2v: dict[str, Path], tmp_path: 
 
     module = result.module
     assert module.image_to_video and module.dit.config.in_channels == 8
-    module.dit.eval()
-    after = fixed_i2v_loss(module, i2v["cache"])
-    with torch.no_grad():
-        for layer in lora_layers(module.dit).values():
-            layer.lora_B.weight.zero_()
-    before = fixed_i2v_loss(module, i2v["cache"])
+    after, before = trained_and_initial_loss(module, lambda m: fixed_i2v_loss(m, i2v["cache"]))
     assert after < 0.5 * before, (before, after)
 
     # The exported LoRA changes what the I2V pipeline makes of the image (same seed, same image).

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training import fixed_batch_loss, tiny_config, workspace  # noqa: F401  (module fixture)
+from test_training import fixed_batch_loss, tiny_config, trained_and_initial_loss, workspace  # noqa: F401  (module fixture)
 from training_parallel_cases import lora_grads, max_rel, tiny_batch, tiny_dit, tiny_module
 
 from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS, LoRALinear, lora_layers
@@ -28,13 +28,7 @@ from diffsynth_cog.training.config import TrainConfig, TrainConfigError
 from diffsynth_cog.training.memory import build_optimizer, optimizer_state_bytes
 from diffsynth_cog.training.trainer import run_training
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------- quantized base
@@ -252,12 +246,7 @@ def test_int8_base_offloaded_activations_and_8bit_adamw_train_the_tiny_model(
     result = run_training(config, progress=False, export=False)
     module = result.module
     assert isinstance(module.dit.blocks[0].ff[0].base, Int8WeightLinear)
-    module.dit.eval()
-    after = fixed_batch_loss(module, workspace["cache1"])
-    with torch.no_grad():
-        for layer in lora_layers(module.dit).values():
-            layer.lora_B.weight.zero_()
-    before = fixed_batch_loss(module, workspace["cache1"])
+    after, before = trained_and_initial_loss(module, lambda m: fixed_batch_loss(m, workspace["cache1"]))
     assert after < 0.5 * before, (before, after)
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "step0000015.ckpt", weights_only=True)
     assert all(".base." not in k for k in checkpoint["state_dict"])  # LoRA only, no quantized base

@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 from parallel_harness import ok, run_ranks
 from safetensors import safe_open
 from test_training import tiny_config, workspace  # noqa: F401  (module fixture)
@@ -33,13 +32,7 @@ from diffsynth_cog.lora import TRAINED_ATTENTION_KEY, trained_attention
 from diffsynth_cog.training.config import TrainConfig, TrainConfigError
 from diffsynth_cog.training.trainer import run_training
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------- part 2

@@ -6,7 +6,6 @@ import io
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from test_training import NUM_FRAMES, tiny_config, workspace  # noqa: F401  (module fixture)
 
@@ -16,13 +15,7 @@ import diffsynth_cog.training.module as training_module
 from diffsynth_cog.training.trainer import run_training
 from diffsynth_cog.training.validation import GIF_MAX_FRAMES, gif_bytes
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gif_keeps_at_most_the_frame_budget_and_the_clip_speed() -> None:

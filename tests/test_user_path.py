@@ -28,13 +28,7 @@ from diffsynth_cog.video_io import VideoWriteError, load_video, save_video
 LORA_NAME = "ExVideo-CogVideoX-LoRA-129f-v1.safetensors"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors run as fast on one thread; two OpenMP threads on a shared 2-core machine can stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a cat playing piano", "a dog in the garden", "the sunset over a river"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
