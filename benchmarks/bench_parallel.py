@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import logging
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -63,17 +65,24 @@ logger = logging.getLogger("bench_parallel")
 DEGREE = re.compile(r"^(cfg|ulysses|ring)(\d+)$")
 
 
-def parse_layout(name: str) -> dict[str, int] | None:
-    """ "cfg2xulysses2" -> {"cfg": 2, "ulysses": 2, "ring": 1, "head_chunks": None}; "single" -> None.
-    A suffix ``@hcN`` sets Ulysses' pipelined head groups (``enable_parallel(ulysses_head_chunks=N)``)."""
+def parse_layout(name: str) -> dict[str, int | str | bool | None] | None:
+    """ "cfg2xulysses2" -> {"cfg": 2, "ulysses": 2, "ring": 1, ...}; "single" -> None. Suffixes: ``@hcN`` sets
+    Ulysses' pipelined head groups (``enable_parallel(ulysses_head_chunks=N)``), ``@nccl`` / ``@p2p`` the Ulysses
+    transport (``ulysses_transport``), ``@serial`` turns off the p2p exchange's row pipelining (a comparison)."""
     if name == "single":
         return None
-    degrees = {"cfg": 1, "ulysses": 1, "ring": 1, "head_chunks": None}
-    name, _, chunks = name.partition("@hc")
-    if chunks:
-        if not chunks.isdigit() or int(chunks) < 1:
-            raise SystemExit(f"bad layout suffix @hc{chunks}: use @hcN with N >= 1 head groups")
-        degrees["head_chunks"] = int(chunks)
+    degrees: dict[str, int | str | bool | None] = {"cfg": 1, "ulysses": 1, "ring": 1, "head_chunks": None}
+    degrees |= {"transport": "auto", "pipeline_rows": True}
+    name, *suffixes = name.split("@")
+    for suffix in suffixes:
+        if suffix in ("nccl", "p2p"):
+            degrees["transport"] = suffix
+        elif suffix == "serial":
+            degrees["pipeline_rows"] = False
+        elif suffix.startswith("hc") and suffix[2:].isdigit() and int(suffix[2:]) >= 1:
+            degrees["head_chunks"] = int(suffix[2:])
+        else:
+            raise SystemExit(f"bad layout suffix @{suffix}: use @hcN (N >= 1 head groups), @nccl, @p2p or @serial")
     for part in name.split("x"):
         match = DEGREE.match(part)
         if match is None or (match[1] == "cfg" and match[2] not in ("1", "2")):
@@ -168,7 +177,10 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
                 ring_degree=degrees["ring"],
                 group_size=size,
                 ulysses_head_chunks=degrees["head_chunks"],
+                ulysses_transport=degrees["transport"],
             )
+            if pipe.parallel.split.peer is not None:
+                pipe.parallel.split.peer.pipeline_rows = degrees["pipeline_rows"]
             state["contexts"][key] = pipe.parallel
         pipe.parallel = state["contexts"][key]
     call = dict(prompt=PROMPT, negative_prompt="", num_frames=frames, cfg_scale=7.0, seed=0, progress_bar=False)
@@ -211,10 +223,12 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
         decodes.append(synced() - start)
     decode = statistics.median(decodes)
     if args.profile and name in args.profile and frames == max(args.frames):
-        profile(pipe, f"{frames}f_{name}", lambda: pipe(**timed_call, num_inference_steps=1, output_type="latent"))
-        profile(pipe, f"{frames}f_{name}_decode", lambda: pipe.decode_latents(latents, tiled=True, progress=False))
+        step_once = lambda: pipe(**timed_call, num_inference_steps=1, output_type="latent")  # noqa: E731
+        profile(f"{frames}f_{name}", step_once, args.trace)
+        profile(f"{frames}f_{name}_decode", lambda: pipe.decode_latents(latents, tiled=True, progress=False))
     entry = {
         "ranks_per_video": size,
+        "ulysses_transport": None if pipe.parallel is None else pipe.parallel.ulysses_transport,
         "warmup_s": round(warmup, 2),
         "step_s": [round(t, 4) for t in times],
         "median_step_s": round(step, 4),
@@ -239,9 +253,10 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
     return entry
 
 
-def profile(pipe: CogVideoPipeline, label: str, fn) -> None:  # noqa: ANN001
+def profile(label: str, fn, trace: bool = False) -> None:  # noqa: ANN001
     """One call of ``fn`` under torch.profiler; every rank writes its table of kernels (by GPU time) and CPU
-    ops to $OUT/profile_<label>_rank<R>.txt."""
+    ops to $OUT/profile_<label>_rank<R>.txt, and with ``trace`` its timeline (Chrome trace, gzipped) to
+    $OUT/trace_<label>_rank<R>.json.gz."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -258,6 +273,12 @@ def profile(pipe: CogVideoPipeline, label: str, fn) -> None:  # noqa: ANN001
     out = Path(os.environ.get("OUT", ".")) / f"profile_{label}_rank{rank}.txt"
     out.write_text(text)
     logger.info("profile written: %s", out)
+    if trace:
+        raw = out.with_name(f"trace_{label}_rank{rank}.json")
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
 
 
 def scaling(results: dict, frames: int, name: str, args: argparse.Namespace) -> None:
@@ -309,6 +330,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600, help="collective timeout, s (compiles are slow)")
     parser.add_argument("--json", default="bench_parallel.json")
     parser.add_argument("--profile", nargs="*", default=None, help="layouts to profile (one step, one decode)")
+    parser.add_argument("--trace", action="store_true", help="with --profile: also write each rank's step timeline")
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=720)
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU (gloo): checks the script only")

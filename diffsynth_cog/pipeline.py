@@ -152,6 +152,7 @@ class CogVideoPipeline:
         group_size: int | None = None,
         timeout: timedelta | None = None,
         ulysses_head_chunks: int | None = None,
+        ulysses_transport: str = "auto",
     ) -> None:
         """Share every generation between the ranks of the initialised ``torch.distributed`` process group.
 
@@ -171,6 +172,11 @@ class CogVideoPipeline:
             ulysses_head_chunks: with Ulysses alone, the groups of heads pipelined through the all-to-all so
                 that communication may overlap attention (default 1: all heads in one exchange, the fastest on
                 2 H200s over NVLink; more groups may pay where the link is slow). Any value gives the same result.
+            ulysses_transport: how Ulysses moves heads between ranks: ``"p2p"``, the copy engines write straight
+                into the other GPUs' memory (PyTorch symmetric memory; one host, GPUs with peer access; with
+                a CFG batch the rows' transfers overlap the attention); ``"nccl"``, NCCL's all-to-all (any
+                link, several hosts); ``"auto"`` (default): ``"p2p"`` where every Ulysses group can use it,
+                else ``"nccl"``. Both give the same result.
         See ``diffsynth_cog.parallel`` for what each part does.
         """
         self.parallel = ParallelContext.create(
@@ -182,6 +188,7 @@ class CogVideoPipeline:
             group_size=group_size,
             timeout=timeout,
             ulysses_head_chunks=ulysses_head_chunks,
+            ulysses_transport=ulysses_transport,
         )
 
     def disable_parallel(self) -> None:

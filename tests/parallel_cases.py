@@ -244,6 +244,8 @@ def bad_layouts(rank: int, world: int) -> dict[str, str]:
     for name, preset, layout in (
         ("product", "5b", {"cfg_parallel": True, "ulysses_degree": world, "ring_degree": 1}),
         ("heads", "2b", {"cfg_parallel": False, "ulysses_degree": 4, "ring_degree": world // 4}),
+        ("p2p-ring", "5b", {"cfg_parallel": False, "ulysses_degree": 2, "ring_degree": 2, "ulysses_transport": "p2p"}),
+        ("p2p-cpu", "5b", {"cfg_parallel": False, "ulysses_transport": "p2p"}),
     ):
         try:
             _pipe(preset).enable_parallel(**layout)
@@ -406,7 +408,8 @@ def gpu_session(rank: int, world: int, device_type: str = "cuda") -> dict[str, A
     out: dict[str, Any] = {}
     layouts = {
         "cfg2": {"cfg_parallel": True},
-        "ulysses2": {"cfg_parallel": False},
+        "ulysses2": {"cfg_parallel": False},  # over symmetric memory where the GPUs map each other's memory
+        "ulysses2-nccl": {"cfg_parallel": False, "ulysses_transport": "nccl"},
         "ring2": {"cfg_parallel": False, "ulysses_degree": 1, "ring_degree": 2},
     }
     truth = None  # the one-GPU fp32 latents: bf16 runs are judged by their distance to them
@@ -421,6 +424,7 @@ def gpu_session(rank: int, world: int, device_type: str = "cuda") -> dict[str, A
             _enable(pipe, layout)
             got = pipe(**kwargs)
             if got is not None:
+                out[f"{name}-transport"] = pipe.parallel.ulysses_transport
                 out[f"{kind}-{name}"] = rel(got.cpu(), expected.cpu())
                 out[f"{kind}-{name}-vs-fp32"] = rel(got.cpu(), truth)
             pipe.disable_parallel()

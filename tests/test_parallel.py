@@ -177,6 +177,8 @@ def test_a_bad_ulysses_head_grouping_is_refused_before_anything_starts():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ParallelError, match=f"ulysses_head_chunks must be an integer >= 1; got {bad!r}"):
             tiny_pipeline("5b").enable_parallel(ulysses_head_chunks=bad)
+    with pytest.raises(ParallelError, match="ulysses_transport must be one of .*; got 'nvlink'"):
+        tiny_pipeline("5b").enable_parallel(ulysses_transport="nvlink")
 
 
 def test_cli_defaults_use_every_rank_cfg_halves_first():
@@ -333,6 +335,10 @@ def test_bad_layouts_are_refused_on_every_rank(four_ranks):
     for r in four_ranks:
         assert "cfg 2 x ulysses 4 x ring 1 = 8 ranks, but a group has 4" in r["bad_layouts"]["product"]
         assert "ulysses degree 4 does not divide the DiT's 6 attention heads" in r["bad_layouts"]["heads"]
+        assert "ulysses_transport='p2p' exchanges the heads of Ulysses alone" in r["bad_layouts"]["p2p-ring"]
+        assert (
+            "ulysses_transport='p2p' needs the ranks of each Ulysses group on one host" in r["bad_layouts"]["p2p-cpu"]
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from diffsynth_cog.parallel.call_check import check_same_call
 from diffsynth_cog.parallel.comm import broadcast, broadcast_object
 from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout
 from diffsynth_cog.parallel.mesh import ProcessMesh, build_mesh
+from diffsynth_cog.parallel.peer import TRANSPORTS, PeerExchange, peer_transport_available
 from diffsynth_cog.parallel.ring import require_yunchang
 from diffsynth_cog.parallel.split import ParallelSplit
 from diffsynth_cog.parallel.vae import SpreadTiles, TileTimes
@@ -43,11 +44,18 @@ logger = logging.getLogger(__name__)
 class ParallelContext:
     """The distributed side of one pipeline (see the module docstring). Build it with :meth:`create`."""
 
-    def __init__(self, mesh: ProcessMesh, device: torch.device, ulysses_head_chunks: int | None = None) -> None:
+    def __init__(
+        self,
+        mesh: ProcessMesh,
+        device: torch.device,
+        ulysses_head_chunks: int | None = None,
+        peer: PeerExchange | None = None,
+    ) -> None:
         self.mesh = mesh
         self.layout = mesh.layout
         self.device = device
-        self.split = ParallelSplit(mesh, ulysses_head_chunks)
+        self.split = ParallelSplit(mesh, ulysses_head_chunks, peer)
+        self.ulysses_transport = "p2p" if peer is not None else "nccl"
         self.tile_times = TileTimes()  # what the VAE's tiles took (seconds by tile shape): plans the next calls
         self._warned_unguided = False
 
@@ -63,7 +71,10 @@ class ParallelContext:
         group_size: int | None = None,
         timeout: timedelta | None = None,
         ulysses_head_chunks: int | None = None,
+        ulysses_transport: str = "auto",
     ) -> ParallelContext:
+        if ulysses_transport not in TRANSPORTS:
+            raise ParallelError(f"ulysses_transport must be one of {TRANSPORTS}; got {ulysses_transport!r}")
         if ulysses_head_chunks is not None and (
             isinstance(ulysses_head_chunks, bool) or not isinstance(ulysses_head_chunks, int) or ulysses_head_chunks < 1
         ):
@@ -87,9 +98,33 @@ class ParallelContext:
         backend = dist.get_backend()
         if backend == "nccl" and device.type != "cuda":
             raise ParallelError(f"the process group uses NCCL but the pipeline's device is {device}; use a CUDA device")
+        if ulysses_transport == "p2p" and (layout.ulysses == 1 or layout.ring > 1 or (ulysses_head_chunks or 1) > 1):
+            raise ParallelError(
+                f"ulysses_transport='p2p' exchanges the heads of Ulysses alone (ulysses degree > 1, ring degree 1, "
+                f"ulysses_head_chunks 1 or None); the layout is {layout.name()} with ulysses_head_chunks "
+                f"{ulysses_head_chunks}: use ulysses_transport='nccl' or 'auto'"
+            )
         mesh = build_mesh(layout, timeout=timeout)
-        logger.info("parallel generation: %s on %d ranks (%s)", layout.name(), layout.world, backend)
-        return cls(mesh, device, ulysses_head_chunks)
+        peer = None
+        wants_peer = ulysses_transport == "p2p" or (
+            ulysses_transport == "auto" and layout.ulysses > 1 and layout.ring == 1 and (ulysses_head_chunks or 1) == 1
+        )
+        if wants_peer:  # collective: every rank decides alike
+            if device.type == "cuda" and backend == "nccl" and peer_transport_available(mesh.ulysses, device):
+                peer = PeerExchange(mesh.ulysses, device, timeout) if mesh.ulysses is not None else None
+            elif ulysses_transport == "p2p":
+                raise ParallelError(
+                    "ulysses_transport='p2p' needs the ranks of each Ulysses group on one host, CUDA devices with "
+                    "peer access (NVLink or PCIe) and the NCCL backend (the log says what failed): use 'nccl' or 'auto'"
+                )
+        logger.info(
+            "parallel generation: %s on %d ranks (%s%s)",
+            layout.name(),
+            layout.world,
+            backend,
+            ", Ulysses over symmetric memory" if peer is not None else "",
+        )
+        return cls(mesh, device, ulysses_head_chunks, peer)
 
     # -- per call --------------------------------------------------------------------------------
 

@@ -18,6 +18,10 @@ caller's graph (``ulysses.pack_heads`` / ``unpack_heads``, fused there with the 
 around), the op holds the two all-to-alls and the attention. Otherwise (ring attention, or ``head_chunks``
 groups of heads pipelined through the exchange by ``ulysses.ulysses_attention``) the whole exchange is one op,
 ``diffsynth_cog::sequence_parallel_attention``.
+Within one host whose GPUs map each other's memory, Ulysses alone can instead exchange through symmetric memory
+(``parallel.peer``, op ``diffsynth_cog::ulysses_peer_exchange``): copy engines write every chunk where the
+attention reads it, no packing kernels and no SM time for the transfer; ``enable_parallel(ulysses_transport=...)``
+chooses (default: this one where it works).
 Training (a call whose q, k or v need gradients): the same steps run eagerly, outside the op, through
 the differentiable all-to-all of ``parallel.comm`` (its backward is the reverse exchange), so the
 gradients of every token reach the rank that holds it. Ring attention has no backward: refused there.
@@ -34,6 +38,7 @@ import torch.distributed as dist
 from diffsynth_cog.models.attention import Attend, DenseAttention
 from diffsynth_cog.parallel.block_attention import BlockKernel, block_kernel
 from diffsynth_cog.parallel.layout import ParallelError
+from diffsynth_cog.parallel.peer import PeerExchange, from_peer_layout, to_peer_layout
 from diffsynth_cog.parallel.ring import ring_attention
 from diffsynth_cog.parallel.ulysses import (
     attend_and_return,
@@ -65,6 +70,7 @@ class SequenceParallelAttention:
     ring_group: dist.ProcessGroup | None
     ulysses_group: dist.ProcessGroup | None
     head_chunks: int = DEFAULT_HEAD_CHUNKS
+    peer: PeerExchange | None = None  # Ulysses alone over symmetric memory (``parallel.peer``), else NCCL
     plan: int = field(init=False)
     _kernels: dict[tuple[torch.device, torch.dtype], tuple[str, BlockKernel]] = field(init=False, default_factory=dict)
 
@@ -97,6 +103,11 @@ class SequenceParallelAttention:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             self.check_trainable()
             return self.compute(q, k, v)  # eager, through the differentiable all-to-all
+        if self.ulysses > 1 and self.ring == 1 and self.peer is not None:
+            # q, k, v leave the block as [U, B, n, hc, D] (rank u's heads first; the permute fuses with RoPE):
+            # every chunk a copy engine moves is contiguous; the outputs come back in the same layout
+            sends = [to_peer_layout(t, self.ulysses) for t in (q, k, v)]
+            return from_peer_layout(torch.ops.diffsynth_cog.ulysses_peer_exchange(*sends, self.plan))
         if self.ulysses > 1 and self.ring == 1 and self.head_chunks == 1:
             # the packing and unpacking stay in the caller's graph (a compiled block fuses them with the ops
             # around), only the exchange and the attention are opaque
@@ -177,3 +188,14 @@ def _ulysses_exchange(send: torch.Tensor, plan: int, batch: int, head_dim: int) 
 @_ulysses_exchange.register_fake
 def _(send, plan, batch, head_dim):  # noqa: ANN001, ANN202
     return send.new_empty((send.shape[0], send.shape[1] // 3))  # U * n rows of B * hc * D
+
+
+@torch.library.custom_op("diffsynth_cog::ulysses_peer_exchange", mutates_args=())
+def _ulysses_peer_exchange(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: int) -> torch.Tensor:
+    attention = _PLANS[plan]
+    return attention.peer(q, k, v, attention.inner, attention.ulysses_lengths)  # type: ignore[misc]
+
+
+@_ulysses_peer_exchange.register_fake
+def _(q, k, v, plan):  # noqa: ANN001, ANN202
+    return torch.empty_like(q)  # [U, B, n, hc, D]

@@ -22,6 +22,7 @@ from diffsynth_cog.models.dit import DiTState, TokenLayout
 from diffsynth_cog.parallel.comm import all_gather, all_reduce
 from diffsynth_cog.parallel.layout import ParallelError, shard_bounds
 from diffsynth_cog.parallel.mesh import ProcessMesh
+from diffsynth_cog.parallel.peer import PeerExchange
 from diffsynth_cog.parallel.sequence import DEFAULT_HEAD_CHUNKS, SequenceParallelAttention
 
 MAX_CACHED_ATTENDS = 32
@@ -30,8 +31,11 @@ MAX_CACHED_ATTENDS = 32
 class ParallelSplit:
     """A DiT call shared by the ranks of one generation group (see the module docstring)."""
 
-    def __init__(self, mesh: ProcessMesh, ulysses_head_chunks: int | None = None) -> None:
+    def __init__(
+        self, mesh: ProcessMesh, ulysses_head_chunks: int | None = None, peer: PeerExchange | None = None
+    ) -> None:
         self.mesh = mesh
+        self.peer = peer
         self.head_chunks = DEFAULT_HEAD_CHUNKS if ulysses_head_chunks is None else ulysses_head_chunks
         self.layout = mesh.layout
         self.name = f"parallel:{self.layout.name()}"
@@ -73,6 +77,7 @@ class ParallelSplit:
                 ring_group=self.mesh.ring,
                 ulysses_group=self.mesh.ulysses,
                 head_chunks=self.head_chunks,
+                peer=self.peer,
             )
         return self._attends[key]
 
