@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from diffsynth_cog.cli_checks import ATTENTION_BACKENDS, DEFAULT_MODEL, DTYPES
+from diffsynth_cog.parallel.peer import TRANSPORTS
 
 logger = logging.getLogger("diffsynth_cog.cli")
 
@@ -205,6 +206,13 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (default: the ranks that are left)")
     g.add_argument("--ring", type=int, default=1, help="ring-attention degree (default 1)")
     g.add_argument(
+        "--ulysses-transport",
+        choices=TRANSPORTS,
+        default="auto",
+        help="how Ulysses moves heads: p2p (copy engines into the other GPUs' memory; one host), nccl (all-to-all; "
+        "any link), auto (p2p where it works, default)",
+    )
+    g.add_argument(
         "--group-size",
         type=int,
         default=None,
@@ -231,7 +239,13 @@ def _parallel_degrees(args: argparse.Namespace, world: int, batch: bool) -> dict
         cfg = not odd and rest >= 1 and args.cfg_scale > 1 and args.ulysses in (None, rest)
     else:
         cfg = args.cfg_parallel == "on"
-    return dict(cfg_parallel=cfg, ulysses_degree=args.ulysses, ring_degree=args.ring, group_size=size)
+    return dict(
+        cfg_parallel=cfg,
+        ulysses_degree=args.ulysses,
+        ring_degree=args.ring,
+        group_size=size,
+        ulysses_transport=args.ulysses_transport,
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

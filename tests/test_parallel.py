@@ -189,7 +189,10 @@ def test_cli_defaults_use_every_rank_cfg_halves_first():
         args = build_parser().parse_args(["generate", "--prompt", "x", *argv])
         return _parallel_degrees(args, world, batch)
 
-    assert degrees(world=2) == dict(cfg_parallel=True, ulysses_degree=None, ring_degree=1, group_size=2)
+    assert degrees(world=2) == dict(
+        cfg_parallel=True, ulysses_degree=None, ring_degree=1, group_size=2, ulysses_transport="auto"
+    )
+    assert degrees("--ulysses-transport", "nccl", world=2)["ulysses_transport"] == "nccl"
     assert degrees(world=8)["cfg_parallel"] and degrees(world=8)["group_size"] == 8  # cfg 2 x ulysses 4
     assert not degrees("--cfg-scale", "1", world=2)["cfg_parallel"]  # no second half to share
     assert not degrees(world=3)["cfg_parallel"]

@@ -12,6 +12,7 @@ The parts, one concept per module:
   * ``split``      - the denoiser's TokenSplit: CFG rows x token shards, gather of the outputs;
   * ``sequence``   - the attention of a token shard (Ulysses, then ring or the call's own attention);
   * ``ulysses`` / ``ring`` / ``block_attention`` - the all-to-all, the ring, the per-block kernels;
+  * ``peer``       - the Ulysses exchange over symmetric memory (copy engines, one host);
   * ``vae``        - the tiled VAE's tiles spread over the ranks;
   * ``call_check`` - every rank must make the same call;
   * ``context``    - what the pipeline holds: the hooks of its stages;

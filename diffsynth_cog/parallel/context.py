@@ -29,7 +29,7 @@ from diffsynth_cog.parallel.call_check import check_same_call
 from diffsynth_cog.parallel.comm import broadcast, broadcast_object
 from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout
 from diffsynth_cog.parallel.mesh import ProcessMesh, build_mesh
-from diffsynth_cog.parallel.peer import TRANSPORTS, PeerExchange, peer_transport_available
+from diffsynth_cog.parallel.peer import TRANSPORTS, PeerExchange, group_timeout, peer_transport_available
 from diffsynth_cog.parallel.ring import require_yunchang
 from diffsynth_cog.parallel.split import ParallelSplit
 from diffsynth_cog.parallel.vae import SpreadTiles, TileTimes
@@ -104,6 +104,7 @@ class ParallelContext:
                 f"ulysses_head_chunks 1 or None); the layout is {layout.name()} with ulysses_head_chunks "
                 f"{ulysses_head_chunks}: use ulysses_transport='nccl' or 'auto'"
             )
+        timeout = timeout or group_timeout(dist.group.WORLD, device)  # new groups keep the launch's timeout
         mesh = build_mesh(layout, timeout=timeout)
         peer = None
         wants_peer = ulysses_transport == "p2p" or (

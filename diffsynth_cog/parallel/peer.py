@@ -112,6 +112,15 @@ def peer_transport_available(group: dist.ProcessGroup | None, device: torch.devi
     return bool(flag.item())
 
 
+def group_timeout(group: dist.ProcessGroup, device: torch.device) -> timedelta:
+    """The timeout of ``group``'s collectives (``init_process_group(timeout=...)``; the CLI's ``--dist-timeout``),
+    or 10 minutes where the backend does not say."""
+    try:
+        return group._get_backend(device).options._timeout  # no public accessor in torch 2.11
+    except (AttributeError, RuntimeError):
+        return DEFAULT_TIMEOUT
+
+
 def _rendezvous(elements: int, dtype: torch.dtype, device: torch.device, group: dist.ProcessGroup):  # noqa: ANN202
     """A symmetric buffer of ``elements`` on every rank of ``group`` (collective; the same size everywhere), and
     the handle that maps the other ranks' buffers."""
@@ -133,7 +142,8 @@ class PeerExchange:
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self.device = device
-        self.timeout_ms = int((timeout or DEFAULT_TIMEOUT).total_seconds() * 1000)
+        # a barrier waits this long for the other ranks, then fails (as the group's collectives would)
+        self.timeout_ms = int((timeout or group_timeout(group, device)).total_seconds() * 1000)
         self.pipeline_rows = True  # row b+1's copies run while row b attends (False: one stage, for comparison)
         self._buffer: torch.Tensor | None = None
         self._handle = None
