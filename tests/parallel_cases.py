@@ -216,13 +216,14 @@ def mismatched_calls(rank: int, world: int) -> dict[str, Any]:
     return errors
 
 
-def rank_stops(rank: int, world: int, hang_s: float, timeout_s: float) -> dict[str, Any]:
+def rank_stops(rank: int, world: int, hang_s: float, timeout_s: float | None) -> dict[str, Any]:
     """The last rank stops answering in the middle of the second step (sleeps ``hang_s``, then exits); the
-    others must fail with a clear error after about the process groups' ``timeout_s``, not wait for it."""
+    others must fail with a clear error after about the process groups' timeout (``timeout_s`` given to
+    enable_parallel, or with None the launch's, which the new groups keep), not wait for it."""
     from datetime import timedelta
 
     pipe = _pipe("5b")
-    pipe.enable_parallel(cfg_parallel=False, timeout=timedelta(seconds=timeout_s))
+    pipe.enable_parallel(cfg_parallel=False, timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
 
     def stop(i, t, x):  # noqa: ANN001, ANN202
         if rank == world - 1 and i == 1:

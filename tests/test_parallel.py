@@ -348,10 +348,12 @@ def test_bad_layouts_are_refused_on_every_rank(four_ranks):
 # A rank that stops
 
 
-def test_a_rank_that_stops_answering_stops_the_others_after_the_timeout(tmp_path):
+@pytest.mark.parametrize("given", [True, False], ids=["enable_parallel-timeout", "launch-timeout"])
+def test_a_rank_that_stops_answering_stops_the_others_after_the_timeout(tmp_path, given):
     from parallel_cases import rank_stops
 
-    results = run_ranks(2, rank_stops, tmp_path, 8.0, 2.0, timeout=120)
+    # the 2 s bound: given to enable_parallel, or only to init_process_group (the CLI's --dist-timeout)
+    results = run_ranks(2, rank_stops, tmp_path, 8.0, 2.0 if given else None, timeout=120, pg_timeout=2.0 + 58 * given)
     assert results[1] == {"error": "no result"}  # it exited without a word
     survivor = results[0]["ok"]
     assert survivor["error"].startswith("ParallelError: rank 0: Ulysses all-to-all"), survivor

@@ -15,8 +15,10 @@ copy engines: no SM time, and the chunks land at their final place:
   3. the attention output rows of each rank's tokens, contiguous in ``[B, T, hc, D]``, are copied into that
      rank's ``[U, B, n, hc, D]`` buffer, which the block unpermutes into ``[B, n, H, D]`` (one fused copy).
 
-Symmetric memory's barrier (a kernel on the copy's stream, with a timeout) orders the copies: after it, every
-rank has written what this rank reads. With batch rows > 1 (a CFG batch), rows are pipelined: row b+1's inputs
+Symmetric memory's barrier (a kernel on the copy's stream) orders the copies: after it, every rank has written
+what this rank reads. It waits at most the Ulysses group's timeout (the launch's, or ``enable_parallel``'s); a rank
+that stops answering then ends the others with a CUDA error from the barrier (PyTorch's behaviour; not provoked in
+our tests, which cover the NCCL transport's timeout on the CPU). With batch rows > 1 (a CFG batch), rows are pipelined: row b+1's inputs
 travel while row b's attention computes, and row b's outputs travel while row b+1's computes; the copies and
 barriers run on a side stream, the attention on the caller's.
 
@@ -117,7 +119,7 @@ def group_timeout(group: dist.ProcessGroup, device: torch.device) -> timedelta:
     or 10 minutes where the backend does not say."""
     try:
         return group._get_backend(device).options._timeout  # no public accessor in torch 2.11
-    except (AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError, TypeError, ValueError):  # a backend without options: the default
         return DEFAULT_TIMEOUT
 
 
