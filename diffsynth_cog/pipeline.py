@@ -32,15 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffsynth_cog.configs import (
-    DiTConfig,
-    check_generation_numbers,
-    check_num_frames,
-    check_size,
-    dit_family,
-    frame_multiple,
-)
-from diffsynth_cog.continuation import KeptFrames, check_extension, kept_latent_frames
+from diffsynth_cog.call_inputs import check_call, check_output_type
+from diffsynth_cog.configs import dit_family
+from diffsynth_cog.continuation import KeptFrames, check_extension
 from diffsynth_cog.denoiser import AttentionPart, Denoiser, StepSkipper
 from diffsynth_cog.model_manager import ModelManager
 from diffsynth_cog.models.dit import CogDiT
@@ -416,59 +410,33 @@ class CogVideoPipeline:
         returns the result, the other ranks None.
         """
         # Checks first: nothing is encoded or drawn for a call that cannot run.
-        config = self.dit.config
-        latent_shape = latent_shape_for(config, num_frames, height, width)
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'latent'; got {output_type!r}")
-        check_generation_numbers(
+        checked = check_call(
+            self.dit.config,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            input_image=input_image,
+            input_video=input_video,
+            denoising_strength=denoising_strength,
+            height=height,
+            width=width,
+            num_frames=num_frames,
             cfg_scale=cfg_scale,
             num_inference_steps=num_inference_steps,
-            denoising_strength=denoising_strength,
             seed=seed,
+            latents=latents,
+            dit_tiled=dit_tiled,
+            output_type=output_type,
+            windows=windows,
+            keep_frames=keep_frames,
         )
-        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if not (isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text))):
-                raise ValueError(f"{name} must be a string (or a list of strings); got {type(text).__name__}")
-        is_i2v = config.in_channels != config.out_channels
-        if is_i2v and input_image is None:
-            raise ValueError("this transformer is an image-to-video model: pass input_image")
-        if input_image is not None and not is_i2v:
-            raise ValueError("input_image needs an I2V transformer (e.g. CogVideoX-5B-I2V)")
-        if isinstance(input_image, (str, os.PathLike)):
-            load_image(input_image)  # a missing or unreadable image fails now, not after the prompt is encoded
-        if latents is not None and tuple(latents.shape) != latent_shape:
-            raise ValueError(
-                f"latents must have shape {list(latent_shape)} for these settings; got {list(latents.shape)}"
-            )
-        video = None
-        if input_video is not None:
-            video = input_video if isinstance(input_video, torch.Tensor) else video_to_tensor(input_video)[None]
-            if tuple(video.shape[2:]) != (num_frames, height, width):
-                raise ValueError(
-                    f"input_video must have {num_frames} frames of {height}x{width}; got {list(video.shape)}"
-                )
-        if keep_frames:
-            if video is None:
-                raise ValueError("keep_frames needs input_video (the frames to keep are its first ones)")
-            if keep_frames > num_frames:
-                raise ValueError(f"keep_frames={keep_frames} exceeds num_frames={num_frames}")
-            kept = kept_latent_frames(keep_frames, config.temporal_compression_ratio)
-        if windows is True:
-            windows = WindowSpec(config.sample_frames)
-        windows = windows or None
-        if windows is not None and is_i2v:
-            raise ValueError(
-                "windows need a text-to-video transformer: the I2V model conditions every call on its first frame, "
-                "which only the first window holds"
-            )
-        tiles = (TileSpec((480, 720), (0.5, 0.5)) if dit_tiled is True else dit_tiled) or None
+        latent_shape, video, windows, tiles = checked.latent_shape, checked.video, checked.windows, checked.tiles
         conventions = conventions_for(sampler)
         guided = conventions.guided(cfg_scale)
         if self.parallel is not None:  # the same call on every rank, one seed, progress from rank 0
             arguments = {
                 k: v
                 for k, v in locals().items()
-                if k not in ("self", "callback", "progress_bar", "config", "conventions")
+                if k not in ("self", "callback", "progress_bar", "checked", "conventions")
             }
             self.parallel.check_call({**arguments, "text_encoder_loaded": self.text_encoder is not None})
             self.parallel.note_guidance(guided)
@@ -517,7 +485,7 @@ class CogVideoPipeline:
         )
         constraint = None
         if keep_frames:
-            kept_clean = clean[:, :, :kept].to(start.dtype)
+            kept_clean = clean[:, :, : checked.kept].to(start.dtype)
             kept_noise = conventions.noise(tuple(kept_clean.shape), generator, None, start.dtype)
             constraint = KeptFrames(kept_clean, kept_noise.to(start.device), steps)
             start = constraint.impose(start, 0)
@@ -565,8 +533,7 @@ class CogVideoPipeline:
         for key in ("input_video", "num_frames", "height", "width", "keep_frames", "input_image"):
             if key in kwargs:
                 raise ValueError(f"extend_video sets {key} itself; got {key}=...")
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'latent'; got {output_type!r}")
+        check_output_type(output_type)
         total = pixels.shape[2]
         check_extension(total, context_frames, extend_by, self.dit.config.temporal_compression_ratio)
         context = pixels[:, :, total - context_frames :]
@@ -590,14 +557,6 @@ class CogVideoPipeline:
             return np.concatenate([original, out[-extend_by:]])
         original = list(video) if not isinstance(video, torch.Tensor) else tensor_to_frames(pixels[0])
         return original + list(out[-extend_by:])
-
-
-def latent_shape_for(config: DiTConfig, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
-    """The latents [1, C, T, H/8, W/8] of one video; checks the frame count and the size."""
-    check_num_frames(num_frames, frame_multiple(config.temporal_compression_ratio))
-    check_size(height, width)
-    frames = (num_frames - 1) // config.temporal_compression_ratio + 1
-    return (1, config.out_channels, frames, height // 8, width // 8)
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:
