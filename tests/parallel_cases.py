@@ -443,3 +443,28 @@ def gpu_session(rank: int, world: int, device_type: str = "cuda") -> dict[str, A
         out["bfloat16-compiled-ulysses2-vs-fp32"] = rel(got.cpu(), truth)
     pipe.disable_parallel()
     return out
+
+
+def peer_agreement(rank: int, world: int) -> dict[str, bool]:
+    """How the ranks decide on the symmetric-memory transport (run on gloo: the decision, not the transfer)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from diffsynth_cog.parallel import peer
+
+    group, cpu = dist.new_group(list(range(world))), torch.device("cpu")
+
+    def fails() -> None:
+        raise RuntimeError("no peer access")
+
+    out = {
+        "one-host": peer.agree_on_peer_transport(group, cpu, lambda: None),
+        "trial-fails-on-the-last-rank": peer.agree_on_peer_transport(
+            group, cpu, fails if rank == world - 1 else (lambda: None)
+        ),
+    }
+    socket.gethostname = lambda: f"host{rank}"  # this process only
+    out["two-hosts"] = peer.agree_on_peer_transport(group, cpu, lambda: None)
+    out["no-group-here"] = peer.agree_on_peer_transport(None, cpu, lambda: None)
+    return out

@@ -44,3 +44,16 @@ def test_peer_layout_puts_each_ranks_heads_first_and_round_trips():
     assert packed.shape == (2, 2, 3, 2, 5) and packed.is_contiguous()
     assert torch.equal(packed[1, 0, 2], t[0, 2, 2:4])  # rank 1's heads (2, 3) of row 0, token 2
     assert torch.equal(from_peer_layout(packed), t)
+
+
+def test_ranks_take_the_peer_transport_only_if_every_group_is_on_one_host_and_maps(tmp_path):
+    from parallel_cases import peer_agreement
+    from parallel_harness import ok, run_ranks
+
+    for result in ok(run_ranks(2, peer_agreement, tmp_path, timeout=120)):
+        assert result == {
+            "one-host": True,
+            "trial-fails-on-the-last-rank": False,  # every rank falls back, not only the one that failed
+            "two-hosts": False,
+            "no-group-here": True,
+        }

@@ -29,16 +29,18 @@ whether this host can use it (``enable_parallel(ulysses_transport="auto")``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from diffsynth_cog.models.attention import Attend
+from diffsynth_cog.parallel.comm import all_gather, all_reduce
 from diffsynth_cog.parallel.layout import ParallelError
 
 logger = logging.getLogger(__name__)
@@ -94,24 +96,34 @@ def _symm():  # noqa: ANN202
 
 
 def peer_transport_available(group: dist.ProcessGroup | None, device: torch.device) -> bool:
-    """Whether the ranks of ``group`` can exchange through symmetric memory: CUDA, one host, a trial buffer
-    that maps. Collective over the WORLD (every rank calls it, each with its own group or None); every rank
-    gets the same answer (False if any group cannot)."""
-    hosts: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname())
-    ok = device.type == "cuda" and dist.get_backend() == "nccl"
+    """Whether the ranks of ``group`` can exchange through symmetric memory: CUDA with NCCL, one host, a trial
+    buffer that maps. Collective over the WORLD (every rank calls it, each with its own group or None); every
+    rank gets the same answer (False if any group cannot)."""
+    if device.type != "cuda" or dist.get_backend() != "nccl":
+        raise ValueError(
+            f"the symmetric-memory exchange needs CUDA devices and NCCL; got {device}, {dist.get_backend()}"
+        )
+    with torch.cuda.device(device):  # the rank's own GPU, whether or not the caller made it current
+        return agree_on_peer_transport(group, device, lambda: _rendezvous(1, torch.float32, device, group))
+
+
+def agree_on_peer_transport(group: dist.ProcessGroup | None, device: torch.device, trial: Callable[[], object]) -> bool:
+    """True on every rank if each rank's ``group`` lies on one host and ``trial()`` (collective within the group)
+    succeeded on all of them; False on every rank otherwise. Collective over the WORLD."""
+    host = hashlib.blake2b(socket.gethostname().encode(), digest_size=8).digest()
+    mine = torch.tensor([int.from_bytes(host, "little", signed=True)], device=device)
+    hosts = [int(h) for h in all_gather(mine, dist.group.WORLD, "comparing the ranks' hosts")]
+    ok = group is None or len({hosts[r] for r in dist.get_process_group_ranks(group)}) == 1
     if group is not None and ok:
-        ranks = dist.get_process_group_ranks(group)
-        ok = len({hosts[r] for r in ranks}) == 1
-    if group is not None and ok:
-        try:  # collective within the group: its ranks took the same path so far
-            _rendezvous(1, torch.float32, device, group)
+        try:  # its ranks took the same path so far
+            trial()
         except Exception as e:  # noqa: BLE001 - any failure means "use NCCL"; say why
             logger.warning("symmetric memory is not usable here (%s: %s); Ulysses uses NCCL", type(e).__name__, e)
             ok = False
-    flag = torch.tensor([1 if ok else 0], device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    failed = all_reduce(
+        torch.tensor([0 if ok else 1], device=device), dist.group.WORLD, "agreeing on Ulysses' transport"
+    )
+    return int(failed.item()) == 0
 
 
 def group_timeout(group: dist.ProcessGroup, device: torch.device) -> timedelta:
@@ -156,7 +168,8 @@ class PeerExchange:
         if self._buffer is not None and self._buffer.dtype == dtype and self._buffer.numel() >= elements:
             return
         self._buffer = self._handle = None
-        self._buffer, self._handle = _rendezvous(elements, dtype, self.device, self.group)
+        with torch.cuda.device(self.device):
+            self._buffer, self._handle = _rendezvous(elements, dtype, self.device, self.group)
 
     def _views(self, rank: int, shape: tuple[int, ...], offset: int) -> torch.Tensor:
         return self._handle.get_buffer(rank, shape, self._buffer.dtype, offset)
@@ -169,6 +182,12 @@ class PeerExchange:
     ) -> torch.Tensor:
         """q, k, v [U, B, n, hc, D] (this rank's n tokens, rank u's heads first) -> the attention outputs of this
         rank's tokens [U, B, n, hc, D] (rank u's heads first), a new tensor."""
+        with torch.cuda.device(self.device):  # the barriers run on the current device's streams
+            return self._exchange(q, k, v, attend, lengths)
+
+    def _exchange(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Attend, lengths: Sequence[int]
+    ) -> torch.Tensor:
         u, b, n, hc, dim = q.shape
         if u != self.size or len(lengths) != u or lengths[self.rank] != n:
             raise ParallelError(f"peer exchange: inputs {tuple(q.shape)} do not match shards {tuple(lengths)}")
