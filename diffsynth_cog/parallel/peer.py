@@ -18,13 +18,13 @@ copy engines: no SM time, and the chunks land at their final place:
 Symmetric memory's barrier (a kernel on the copy's stream) orders the copies: after it, every rank has written
 what this rank reads. It waits at most the Ulysses group's timeout (the launch's, or ``enable_parallel``'s); a rank
 that stops answering then ends the others with a CUDA error from the barrier (PyTorch's behaviour; not provoked in
-our tests, which cover the NCCL transport's timeout on the CPU). With batch rows > 1 (a CFG batch), rows are pipelined: row b+1's inputs
-travel while row b's attention computes, and row b's outputs travel while row b+1's computes; the copies and
-barriers run on a side stream, the attention on the caller's.
+our tests, which cover the NCCL transport's timeout on the CPU). With batch rows > 1 (a CFG batch), rows are
+pipelined: row b+1's inputs travel while row b's attention computes, and row b's outputs travel while row b+1's
+computes; the copies and barriers run on a side stream, the attention on the caller's.
 
-:func:`copy_inputs` / :func:`copy_outputs` say which chunk goes where (plain tensor copies, checked on the CPU
-by simulating the ranks in one process); :class:`PeerExchange` runs them on the GPUs. :func:`peer_transport_available` decides, on every rank alike,
-whether this host can use it (``enable_parallel(ulysses_transport="auto")``).
+:func:`copy_inputs` / :func:`copy_outputs` say which chunk goes where (plain tensor copies, checked on the CPU by
+simulating the ranks in one process); :class:`PeerExchange` runs them on the GPUs; :func:`peer_transport_available`
+decides, on every rank alike, whether this host can use it (``enable_parallel(ulysses_transport="auto")``).
 """
 
 from __future__ import annotations
