@@ -339,9 +339,7 @@ def test_bad_layouts_are_refused_on_every_rank(four_ranks):
         assert "cfg 2 x ulysses 4 x ring 1 = 8 ranks, but a group has 4" in r["bad_layouts"]["product"]
         assert "ulysses degree 4 does not divide the DiT's 6 attention heads" in r["bad_layouts"]["heads"]
         assert "ulysses_transport='p2p' exchanges the heads of Ulysses alone" in r["bad_layouts"]["p2p-ring"]
-        assert (
-            "ulysses_transport='p2p' needs the ranks of each Ulysses group on one host" in r["bad_layouts"]["p2p-cpu"]
-        )
+        assert "ulysses4, ulysses_head_chunks None, cpu under gloo" in r["bad_layouts"]["p2p-cpu"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,7 +55,6 @@ class ParallelContext:
         self.layout = mesh.layout
         self.device = device
         self.split = ParallelSplit(mesh, ulysses_head_chunks, peer)
-        self.ulysses_transport = "p2p" if peer is not None else "nccl"
         self.tile_times = TileTimes()  # what the VAE's tiles took (seconds by tile shape): plans the next calls
         self._warned_unguided = False
 
@@ -98,25 +97,25 @@ class ParallelContext:
         backend = dist.get_backend()
         if backend == "nccl" and device.type != "cuda":
             raise ParallelError(f"the process group uses NCCL but the pipeline's device is {device}; use a CUDA device")
-        if ulysses_transport == "p2p" and (layout.ulysses == 1 or layout.ring > 1 or (ulysses_head_chunks or 1) > 1):
+        # the symmetric-memory exchange serves Ulysses alone, all heads at once, on GPUs under NCCL
+        peer_fits = layout.ulysses > 1 and layout.ring == 1 and (ulysses_head_chunks or 1) == 1
+        peer_runs_here = device.type == "cuda" and backend == "nccl"
+        if ulysses_transport == "p2p" and not (peer_fits and peer_runs_here):
             raise ParallelError(
-                f"ulysses_transport='p2p' exchanges the heads of Ulysses alone (ulysses degree > 1, ring degree 1, "
-                f"ulysses_head_chunks 1 or None); the layout is {layout.name()} with ulysses_head_chunks "
-                f"{ulysses_head_chunks}: use ulysses_transport='nccl' or 'auto'"
+                "ulysses_transport='p2p' exchanges the heads of Ulysses alone (ulysses degree > 1, ring degree 1, "
+                f"ulysses_head_chunks 1 or None) on CUDA devices under NCCL; got the layout {layout.name()}, "
+                f"ulysses_head_chunks {ulysses_head_chunks}, {device} under {backend}: use 'nccl' or 'auto'"
             )
         timeout = timeout or group_timeout(dist.group.WORLD, device)  # new groups keep the launch's timeout
         mesh = build_mesh(layout, timeout=timeout)
         peer = None
-        wants_peer = ulysses_transport == "p2p" or (
-            ulysses_transport == "auto" and layout.ulysses > 1 and layout.ring == 1 and (ulysses_head_chunks or 1) == 1
-        )
-        if wants_peer:  # collective: every rank decides alike
-            if device.type == "cuda" and backend == "nccl" and peer_transport_available(mesh.ulysses, device):
-                peer = PeerExchange(mesh.ulysses, device, timeout) if mesh.ulysses is not None else None
+        if ulysses_transport != "nccl" and peer_fits and peer_runs_here:
+            if peer_transport_available(mesh.ulysses, device):  # collective: every rank decides alike
+                peer = PeerExchange(mesh.ulysses, device, timeout)
             elif ulysses_transport == "p2p":
                 raise ParallelError(
-                    "ulysses_transport='p2p' needs the ranks of each Ulysses group on one host, CUDA devices with "
-                    "peer access (NVLink or PCIe) and the NCCL backend (the log says what failed): use 'nccl' or 'auto'"
+                    "ulysses_transport='p2p' needs the ranks of each Ulysses group on one host, with GPUs that map "
+                    "each other's memory (NVLink or PCIe peer access; the log says what failed): use 'nccl' or 'auto'"
                 )
         logger.info(
             "parallel generation: %s on %d ranks (%s%s)",
@@ -126,6 +125,11 @@ class ParallelContext:
             ", Ulysses over symmetric memory" if peer is not None else "",
         )
         return cls(mesh, device, ulysses_head_chunks, peer)
+
+    @property
+    def ulysses_transport(self) -> str:
+        """How Ulysses exchanges heads here: "p2p" (symmetric memory) or "nccl"."""
+        return "p2p" if self.split.peer is not None else "nccl"
 
     # -- per call --------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ decides, on every rank alike, whether this host can use it (``enable_parallel(ul
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import socket
 import warnings
@@ -51,11 +52,7 @@ DEFAULT_TIMEOUT = timedelta(minutes=10)
 
 def token_offsets(lengths: Sequence[int]) -> list[int]:
     """Where each rank's tokens start in the whole sequence."""
-    offsets, total = [], 0
-    for length in lengths:
-        offsets.append(total)
-        total += length
-    return offsets
+    return list(itertools.accumulate(lengths, initial=0))[:-1]
 
 
 def to_peer_layout(t: torch.Tensor, ranks: int) -> torch.Tensor:
