@@ -29,11 +29,11 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
 
-from diffsynth_cog.call_inputs import latent_shape_for  # noqa: E402
 from diffsynth_cog.configs import dit_preset  # noqa: E402
-from diffsynth_cog.models.dit import TokenLayout  # noqa: E402
+from diffsynth_cog.models.tokens import TokenLayout  # noqa: E402
 from diffsynth_cog.parallel.comm import all_gather  # noqa: E402
 from diffsynth_cog.parallel.launch import init_distributed, shutdown_distributed  # noqa: E402
+from diffsynth_cog.pipeline.checks import latent_shape_for  # noqa: E402
 
 logger = logging.getLogger("bench_comm")
 NCCL_PREFIX = "NCCL_"

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import dit_flops, environment, peak_gib, rel_err, reset_peak, timed, write_json  # noqa: E402
 
 from diffsynth_cog.configs import DiTConfig, dit_preset  # noqa: E402
-from diffsynth_cog.denoiser import Denoiser  # noqa: E402
+from diffsynth_cog.denoise.denoiser import Denoiser  # noqa: E402
 from diffsynth_cog.loading.convert import convert_state_dict  # noqa: E402
 from diffsynth_cog.loading.dit_loader import dit_rename  # noqa: E402
 from diffsynth_cog.models import attention as attn  # noqa: E402

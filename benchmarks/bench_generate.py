@@ -31,7 +31,7 @@ from diffsynth_cog.loading.vae_loader import vae_rename  # noqa: E402
 from diffsynth_cog.models.dit import CogDiT  # noqa: E402
 from diffsynth_cog.models.text_encoder import CogTextEncoder  # noqa: E402
 from diffsynth_cog.models.vae import CogVAE  # noqa: E402
-from diffsynth_cog.pipeline import CogVideoPipeline  # noqa: E402
+from diffsynth_cog.pipeline.cog_video import CogVideoPipeline  # noqa: E402
 
 logger = logging.getLogger("bench_generate")
 PROMPT = "an astronaut riding a horse on Mars."

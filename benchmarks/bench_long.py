@@ -43,12 +43,13 @@ from bench_dit import build_pair, reference_rope  # noqa: E402
 from common import rel_err, write_json  # noqa: E402
 
 from diffsynth_cog.configs import DiTConfig, VAEConfig, dit_preset, vae_preset  # noqa: E402
-from diffsynth_cog.denoiser import Denoiser  # noqa: E402
-from diffsynth_cog.models.dit import CogDiT, TokenLayout  # noqa: E402
-from diffsynth_cog.pipeline import CogVideoPipeline  # noqa: E402
-from diffsynth_cog.sparse_attention import parse_attention  # noqa: E402
-from diffsynth_cog.teacache import TeaCache  # noqa: E402
-from diffsynth_cog.windows import WindowSpec  # noqa: E402
+from diffsynth_cog.denoise.denoiser import Denoiser  # noqa: E402
+from diffsynth_cog.denoise.masks import parse_attention  # noqa: E402
+from diffsynth_cog.denoise.teacache import TeaCache  # noqa: E402
+from diffsynth_cog.denoise.windows import WindowSpec  # noqa: E402
+from diffsynth_cog.models.dit import CogDiT  # noqa: E402
+from diffsynth_cog.models.tokens import TokenLayout  # noqa: E402
+from diffsynth_cog.pipeline.cog_video import CogVideoPipeline  # noqa: E402
 
 logger = logging.getLogger("bench_long")
 NOTE = (

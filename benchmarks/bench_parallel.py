@@ -59,7 +59,7 @@ from diffsynth_cog.models.dit import CogDiT  # noqa: E402
 from diffsynth_cog.models.text_encoder import CogTextEncoder  # noqa: E402
 from diffsynth_cog.models.vae import CogVAE  # noqa: E402
 from diffsynth_cog.parallel.launch import init_distributed  # noqa: E402
-from diffsynth_cog.pipeline import CogVideoPipeline  # noqa: E402
+from diffsynth_cog.pipeline.cog_video import CogVideoPipeline  # noqa: E402
 
 logger = logging.getLogger("bench_parallel")
 DEGREE = re.compile(r"^(cfg|ulysses|ring)(\d+)$")
@@ -153,7 +153,9 @@ def time_text(pipe: CogVideoPipeline) -> tuple[float, dict[str, torch.Tensor]]:
     """Seconds to encode the prompt and the negative one (each once across a generation), and the embeddings."""
     start = synced()
     if pipe.parallel is not None:
-        emb, neg = pipe.parallel.encode_text(pipe, PROMPT, "", guided=True, prompt_emb=None, negative_prompt_emb=None)
+        emb, neg = pipe.parallel.encode_text(
+            pipe.encode_prompt, pipe.torch_dtype, PROMPT, "", guided=True, prompt_emb=None, negative_prompt_emb=None
+        )
     else:
         emb, neg = pipe.encode_prompt(PROMPT), pipe.encode_prompt("")
     return synced() - start, {"prompt_emb": emb, "negative_prompt_emb": neg}

@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, peak_gib, rel_err, reset_peak, write_json  # noqa: E402
 
 from diffsynth_cog.configs import dit_preset  # noqa: E402
+from diffsynth_cog.denoise.step_cache import StepCache  # noqa: E402
 from diffsynth_cog.models.dit import CogDiT  # noqa: E402
-from diffsynth_cog.pipeline import CogVideoPipeline  # noqa: E402
-from diffsynth_cog.step_cache import StepCache  # noqa: E402
+from diffsynth_cog.pipeline.cog_video import CogVideoPipeline  # noqa: E402
 
 logger = logging.getLogger("bench_step_cache")
 

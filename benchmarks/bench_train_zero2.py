@@ -24,8 +24,8 @@ from lightning.pytorch.callbacks import Callback
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
 
-from diffsynth_cog.atomic import save_safetensors_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 from diffsynth_cog.configs import dit_preset  # noqa: E402
+from diffsynth_cog.io.atomic import save_safetensors_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 from diffsynth_cog.models.dit import CogDiT  # noqa: E402
 from diffsynth_cog.training.cache import CacheInfo, CacheRecord, manifest_name, record_name  # noqa: E402
 from diffsynth_cog.training.config import TrainConfig  # noqa: E402

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from diffsynth_cog.atomic import write_json_atomic
+from diffsynth_cog.io.atomic import write_json_atomic
 
 
 def timed(fn: Callable[[], Any], warmup: int = 1, repeat: int = 3) -> dict[str, float]:

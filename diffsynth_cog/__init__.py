@@ -5,14 +5,14 @@ Public API (DiffSynth-Studio's names)::
     from diffsynth_cog import ModelManager, CogVideoPipeline, save_video, load_video, download_models
 """
 
-from diffsynth_cog.downloads import download_models
-from diffsynth_cog.model_manager import ModelManager
-from diffsynth_cog.pipeline import CogVideoPipeline
+from diffsynth_cog.denoise.step_cache import StepCache
+from diffsynth_cog.denoise.teacache import TeaCache
+from diffsynth_cog.denoise.windows import WindowSpec
+from diffsynth_cog.hub.downloads import download_models
+from diffsynth_cog.io.video import load_video, save_video
+from diffsynth_cog.pipeline.cog_video import CogVideoPipeline
+from diffsynth_cog.pipeline.model_manager import ModelManager
 from diffsynth_cog.quantization import quantize_dit
-from diffsynth_cog.step_cache import StepCache
-from diffsynth_cog.teacache import TeaCache
-from diffsynth_cog.video_io import load_video, save_video
-from diffsynth_cog.windows import WindowSpec
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,7 @@ from torch import nn
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.lora import inject_lora, load_lora_state_dict, merge_lora, restore_base_weights
 from diffsynth_cog.models.dit import CogDiT
-from diffsynth_cog.offload import ModelOffloader
+from diffsynth_cog.pipeline.offload import ModelOffloader
 from diffsynth_cog.quantization import quantize_dit
 
 # The I2V preset has a learned position table on the DiT's root: the one tensor that sequential

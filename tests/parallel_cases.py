@@ -16,10 +16,10 @@ from PIL import Image
 from tiny_models import randomize_
 
 from diffsynth_cog.configs import DiTConfig, VAEConfig
+from diffsynth_cog.denoise.step_cache import StepCache
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.vae import CogVAE
-from diffsynth_cog.pipeline import CogVideoPipeline
-from diffsynth_cog.step_cache import StepCache
+from diffsynth_cog.pipeline.cog_video import CogVideoPipeline
 
 HEIGHT, WIDTH, FRAMES = 32, 48, 17  # 4 x 6 latents, 5 latent frames: 7 text + 30 video = 37 tokens (prime)
 TEXT_TOKENS = 7
@@ -258,8 +258,8 @@ def bad_layouts(rank: int, world: int) -> dict[str, str]:
 
 def compositions(rank: int, world: int) -> dict[str, Any]:
     """The split composes with the other parts and modes: DiT tiles, int8 weights, compiled blocks."""
+    from diffsynth_cog.models.tiling import TileSpec
     from diffsynth_cog.quantization import quantize_dit
-    from diffsynth_cog.tiling import TileSpec
 
     out = {}
     pipe = tiny_pipeline("5b", seed=1)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffsynth_cog import atomic
-from diffsynth_cog.atomic import (
+from diffsynth_cog.io import atomic
+from diffsynth_cog.io.atomic import (
     atomic_path,
     save_safetensors_atomic,
     torch_save_atomic,
@@ -123,14 +123,14 @@ def _write_record(path: Path) -> None:
 
 
 def _write_video(path: Path) -> None:
-    from diffsynth_cog.video_io import save_video
+    from diffsynth_cog.io.video import save_video
 
     save_video(np.zeros((5, 16, 16, 3), dtype=np.uint8), path, fps=4)
 
 
 def _write_download_manifest(path: Path) -> None:
-    from diffsynth_cog.downloads import _RemoteFile, _write_manifest
-    from diffsynth_cog.presets import ModelPreset
+    from diffsynth_cog.hub.downloads import _RemoteFile, _write_manifest
+    from diffsynth_cog.hub.presets import ModelPreset
 
     root = path.parent.parent
     preset = ModelPreset(name=path.stem, model_id="a/b", subfolder="m", files=("w.bin",))
@@ -158,7 +158,7 @@ WRITERS = {
 def test_every_project_writer_goes_through_the_atomic_writer(name: str, tmp_path: Path, monkeypatch) -> None:
     """Each writer stages its file through atomic.py, and a failing rename leaves the old file and no temporary."""
     file_name, write = WRITERS[name]
-    from diffsynth_cog.downloads import MANIFEST_FOLDER
+    from diffsynth_cog.hub.downloads import MANIFEST_FOLDER
 
     folder = tmp_path / (MANIFEST_FOLDER if name == "download manifest" else "out")
     folder.mkdir()

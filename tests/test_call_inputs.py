@@ -1,4 +1,4 @@
-"""A pipeline call's checks and what they derive, without any model (``diffsynth_cog.call_inputs``)."""
+"""A pipeline call's checks and what they derive, without any model (``diffsynth_cog.pipeline.checks``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from diffsynth_cog.call_inputs import DEFAULT_DIT_TILES, check_call
 from diffsynth_cog.configs import dit_preset
-from diffsynth_cog.windows import WindowSpec
+from diffsynth_cog.denoise.windows import WindowSpec
+from diffsynth_cog.pipeline.checks import DEFAULT_DIT_TILES, check_call
 
 T2V = dit_preset("cogvideox-5b")
 I2V = dataclasses.replace(T2V, in_channels=2 * T2V.out_channels)

@@ -12,8 +12,8 @@ import torch
 from tiny_models import save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager, StepCache, quantize_dit
-from diffsynth_cog.cli import main
-from diffsynth_cog.video_io import load_video, save_video
+from diffsynth_cog.cli.main import main
+from diffsynth_cog.io.video import load_video, save_video
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_generate_rejects_bad_frame_counts_with_a_suggestion(folder, tmp_path, c
 @pytest.mark.parametrize("given", ["", "transformer", "transformer/diffusion_pytorch_model.safetensors"])
 def test_local_model_may_be_the_folder_or_its_transformer(folder, given):
     """The CLI loads the whole model folder around a transformer folder or file it is given."""
-    from diffsynth_cog.cli_checks import LoRAChoice, choose_model, fetch_models
+    from diffsynth_cog.cli.checks import LoRAChoice, choose_model, fetch_models
 
     model = choose_model(str(folder / given))
     assert fetch_models(model, LoRAChoice(), models_dir="unused", download=False, progress=False)[0] == folder
@@ -160,7 +160,7 @@ def test_int8_and_step_cache_together(folder, tmp_path, plain_video):
 
 
 def test_cli_attention_choices_match_the_library():
-    from diffsynth_cog.cli_checks import ATTENTION_BACKENDS
+    from diffsynth_cog.cli.checks import ATTENTION_BACKENDS
     from diffsynth_cog.models.attention import BACKENDS
 
     assert ATTENTION_BACKENDS == BACKENDS

@@ -8,11 +8,11 @@ import pytest
 import torch
 from tiny_models import save_tiny_model_folder
 
-from diffsynth_cog.cli import build_parser, main
-from diffsynth_cog.cli_generate import _long_video_options
-from diffsynth_cog.sparse_attention import RadialAttention, TemporalWindowAttention
-from diffsynth_cog.video_io import load_video, save_video, tensor_to_frames
-from diffsynth_cog.windows import WindowSpec
+from diffsynth_cog.cli.generate import _long_video_options
+from diffsynth_cog.cli.main import build_parser, main
+from diffsynth_cog.denoise.masks import RadialAttention, TemporalWindowAttention
+from diffsynth_cog.denoise.windows import WindowSpec
+from diffsynth_cog.io.video import load_video, save_video, tensor_to_frames
 
 BASE = ["generate", "--prompt", "a river", "--output", "x.mp4"]
 

@@ -10,10 +10,10 @@ import torch
 from tiny_models import save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
-from diffsynth_cog.continuation import KeptFrames, kept_latent_frames
-from diffsynth_cog.pipeline import seeded_generator
+from diffsynth_cog.io.video import tensor_to_frames
+from diffsynth_cog.pipeline.cog_video import seeded_generator
+from diffsynth_cog.pipeline.continuation import KeptFrames, kept_latent_frames
 from diffsynth_cog.schedulers import add_noise, make_sampler, scheduler_preset
-from diffsynth_cog.video_io import tensor_to_frames
 
 HEIGHT, WIDTH = 32, 48
 

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from tiny_models import make_diffusers_dit, save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
-from diffsynth_cog.denoiser import Denoiser
+from diffsynth_cog.denoise.denoiser import Denoiser
 from diffsynth_cog.loading.dit_loader import load_dit
 from diffsynth_cog.models import attention as attn
-from diffsynth_cog.models.dit import TokenLayout
-from diffsynth_cog.sampling import Conditions, denoise, draw_noise, guidance_scale
+from diffsynth_cog.models.tiling import TileGrid, TileSpec, map_tiles
+from diffsynth_cog.models.tokens import TokenLayout
+from diffsynth_cog.pipeline.sampling import Conditions, denoise, draw_noise, guidance_scale
 from diffsynth_cog.schedulers import make_sampler, scheduler_preset
-from diffsynth_cog.tiling import TileGrid, TileSpec, map_tiles
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from modelscope_emulator import ModelScopeEmulator, closed_port_endpoint, emulated_modelscope, isolate_modelscope
 
-from diffsynth_cog.downloads import MANIFEST_FOLDER, DownloadError, download_models
-from diffsynth_cog.presets import PRESETS, ModelPreset, UnknownPresetError, get_preset
+from diffsynth_cog.hub.downloads import MANIFEST_FOLDER, DownloadError, download_models
+from diffsynth_cog.hub.presets import PRESETS, ModelPreset, UnknownPresetError, get_preset
 
 COG_2B = "ZhipuAI/CogVideoX-2b"
 LORA_REPO = "ECNU-CILab/ExVideo-CogVideoX-LoRA-129f-v1"

@@ -23,11 +23,11 @@ from test_user_path import generate_args
 from test_user_path_training import prepare_argv, write_dataset
 from tiny_models import TINY_DIT, save_tiny_model_folder
 
-from diffsynth_cog.cli import main
+from diffsynth_cog.cli.main import main
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.errors import WriteError
+from diffsynth_cog.io.video import load_video, save_video
 from diffsynth_cog.training.cache import LatentCacheDataset
-from diffsynth_cog.video_io import load_video, save_video
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

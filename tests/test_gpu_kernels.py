@@ -109,7 +109,7 @@ def test_compiled_blocks_run_fa3_and_match_eager(backend):
     assert rel(compiled, eager) < 2e-2
     # The denoiser hands the blocks the same shared attention object: no recompilation, call after call,
     # whether through the DiT or the denoiser, with the kernel chosen per process, per model or per call.
-    from diffsynth_cog.denoiser import Denoiser
+    from diffsynth_cog.denoise.denoiser import Denoiser
     from diffsynth_cog.models.attention import attention_backend
 
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):

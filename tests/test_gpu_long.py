@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from diffsynth_cog.configs import dit_preset
-from diffsynth_cog.denoiser import Denoiser
-from diffsynth_cog.models.dit import CogDiT, TokenLayout
-from diffsynth_cog.sparse_attention import RadialAttention, TemporalWindowAttention, block_mask_from_mask_mod
-from diffsynth_cog.teacache import TeaCache
-from diffsynth_cog.windows import WindowSpec
+from diffsynth_cog.denoise.denoiser import Denoiser
+from diffsynth_cog.denoise.masks import RadialAttention, TemporalWindowAttention, block_mask_from_mask_mod
+from diffsynth_cog.denoise.teacache import TeaCache
+from diffsynth_cog.denoise.windows import WindowSpec
+from diffsynth_cog.models.dit import CogDiT
+from diffsynth_cog.models.tokens import TokenLayout
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

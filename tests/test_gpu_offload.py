@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffsynth_cog.lora import inject_lora, load_lora_state_dict
-from diffsynth_cog.offload import ModelOffloader
+from diffsynth_cog.pipeline.offload import ModelOffloader
 from diffsynth_cog.quantization import FP8_MIN_CAPABILITY, quantize_dit
 
 DEVICE = torch.device("cuda")
@@ -236,7 +236,7 @@ def test_pipeline_orders_give_the_bits_of_no_offload_and_weights_live_where_expe
 
 @cuda
 def test_to_host_copies_a_cuda_tensor_into_pinned_memory_exactly() -> None:
-    from diffsynth_cog.offload import to_host
+    from diffsynth_cog.pipeline.offload import to_host
 
     t = torch.randn(3, 5, 7, device="cuda").to(torch.bfloat16)
     host = to_host(t)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from modelscope_emulator import emulated_modelscope
 
-from diffsynth_cog.cli import main
-from diffsynth_cog.downloads import download_models
+from diffsynth_cog.cli.main import main
+from diffsynth_cog.hub.downloads import download_models
+from diffsynth_cog.hub.presets import get_preset
 from diffsynth_cog.models.attention import fa3_available
-from diffsynth_cog.presets import get_preset
 
 LORA = "ExVideo-CogVideoX-LoRA-129f-v1"
 LORA_REPO = "ECNU-CILab/ExVideo-CogVideoX-LoRA-129f-v1"

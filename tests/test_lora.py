@@ -21,8 +21,8 @@ from tiny_models import PRESET_FLAGS, TINY_DIT, make_diffusers_dit, randomize_
 
 import diffsynth_cog.lora as lora_mod
 import diffsynth_cog.lora.merge as lora_merge
-from diffsynth_cog import atomic
 from diffsynth_cog.configs import DiTConfig
+from diffsynth_cog.io import atomic
 from diffsynth_cog.loading.dit_loader import dit_rename, load_dit
 from diffsynth_cog.loading.state_dict import load_state_dict, safetensors_metadata
 from diffsynth_cog.lora import (

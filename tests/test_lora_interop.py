@@ -377,7 +377,7 @@ def test_export_refuses_an_unknown_format_and_writes_nothing(tmp_path):
 
 
 def test_export_lora_command_offers_both_formats():
-    from diffsynth_cog.training import cli
+    from diffsynth_cog.cli import training as cli
 
     assert cli._LORA_FORMATS == LORA_EXPORT_FORMATS
 

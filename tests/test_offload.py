@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from diffsynth_cog import offload
 from diffsynth_cog.lora import LoRALinear, merge_lora
-from diffsynth_cog.offload import ModelOffloader
+from diffsynth_cog.pipeline import offload
+from diffsynth_cog.pipeline.offload import ModelOffloader
 from diffsynth_cog.quantization import Int8WeightLinear, quantize_dit
 
 CPU = torch.device("cpu")
@@ -66,7 +66,7 @@ class ReusedIds:
 
 @pytest.fixture
 def reused_ids(monkeypatch):
-    """Every ``id()`` call in diffsynth_cog.offload reuses the ids of dead tensors."""
+    """Every ``id()`` call in diffsynth_cog.pipeline.offload reuses the ids of dead tensors."""
     monkeypatch.setattr(offload, "id", ReusedIds(), raising=False)
 
 

@@ -22,11 +22,11 @@ import torch
 from parallel_cases import FOUR_RANK_CASES, TWO_RANK_CASES
 from parallel_harness import ok, run_ranks
 
+from diffsynth_cog.models.tiling import TileGrid, map_tiles, tiles_run_by
 from diffsynth_cog.parallel import ParallelError, ParallelLayout, shard_bounds
 from diffsynth_cog.parallel.call_check import fingerprint
 from diffsynth_cog.parallel.prompts import read_prompt_file
 from diffsynth_cog.parallel.vae import assign_tiles
-from diffsynth_cog.tiling import TileGrid, map_tiles, tiles_run_by
 
 RTOL = 1e-5
 
@@ -182,8 +182,8 @@ def test_a_bad_ulysses_head_grouping_is_refused_before_anything_starts():
 
 
 def test_cli_defaults_use_every_rank_cfg_halves_first():
-    from diffsynth_cog.cli import build_parser
-    from diffsynth_cog.cli_generate import _parallel_degrees
+    from diffsynth_cog.cli.generate import _parallel_degrees
+    from diffsynth_cog.cli.main import build_parser
 
     def degrees(*argv: str, world: int, batch: bool = False):
         args = build_parser().parse_args(["generate", "--prompt", "x", *argv])
@@ -221,14 +221,16 @@ def split_for(layout: ParallelLayout):  # noqa: ANN201 - a split of rank 0 witho
 def test_the_split_refuses_what_it_cannot_share_when_the_denoiser_is_built(monkeypatch):
     from parallel_cases import tiny_pipeline
 
-    from diffsynth_cog.denoiser import Denoiser
+    from diffsynth_cog.denoise.denoiser import Denoiser
 
     dit = tiny_pipeline("5b").dit  # 4 heads
     with pytest.raises(
         ParallelError, match="attention part 'text-mask' cannot combine with the split 'parallel:ring2'"
     ):
         Denoiser(dit, attention=MaskPart(), split=split_for(ParallelLayout(ring=2)))
-    monkeypatch.setattr("diffsynth_cog.denoiser.check_backend", lambda name: name)  # as if sageattention were here
+    monkeypatch.setattr(
+        "diffsynth_cog.denoise.denoiser.check_backend", lambda name: name
+    )  # as if sageattention were here
     with pytest.raises(ParallelError, match="'sage' cannot combine with the split 'parallel:ulysses2xring2'"):
         Denoiser(dit, attention="sage", split=split_for(ParallelLayout(ring=2, ulysses=2)))
     with pytest.raises(ParallelError, match="ulysses degree 3 does not divide the DiT's 4 attention heads"):
@@ -397,7 +399,7 @@ def test_cli_spreads_a_prompt_file_over_rank_groups_and_resumes(tmp_path):
 
 
 def test_cli_refuses_a_bad_prompt_file_before_loading_anything(tmp_path):
-    from diffsynth_cog.cli import main
+    from diffsynth_cog.cli.main import main
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('{"prompt": "a", "frames": 48}\n')

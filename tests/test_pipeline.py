@@ -14,7 +14,7 @@ from tiny_models import TINY_DIT, save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
 from diffsynth_cog.configs import check_num_frames
-from diffsynth_cog.tiling import TileSpec
+from diffsynth_cog.models.tiling import TileSpec
 
 RTOL = 1e-5
 HEIGHT, WIDTH = 32, 48  # latents 4 x 6 = the tiny DiT's base grid

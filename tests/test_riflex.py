@@ -10,10 +10,10 @@ import torch
 from tiny_models import make_diffusers_dit
 
 from diffsynth_cog.configs import dit_preset
-from diffsynth_cog.denoiser import Denoiser
+from diffsynth_cog.denoise.denoiser import Denoiser
+from diffsynth_cog.denoise.riflex import identify_k, intrinsic_periods, resolve_riflex
 from diffsynth_cog.loading.dit_loader import load_dit
-from diffsynth_cog.models.dit import rope_table
-from diffsynth_cog.riflex import identify_k, intrinsic_periods, resolve_riflex
+from diffsynth_cog.models.positions import rope_table
 
 FIVE_B = dit_preset("cogvideox-5b")
 

@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from tiny_models import make_diffusers_dit
 from torch.nn.attention.flex_attention import create_block_mask
 
-from diffsynth_cog.denoiser import Denoiser
-from diffsynth_cog.loading.dit_loader import load_dit
-from diffsynth_cog.models.dit import TokenLayout
-from diffsynth_cog.sparse_attention import (
+from diffsynth_cog.denoise.denoiser import Denoiser
+from diffsynth_cog.denoise.masks import (
     RadialAttention,
     TemporalWindowAttention,
     block_mask_from_mask_mod,
     parse_attention,
 )
+from diffsynth_cog.loading.dit_loader import load_dit
+from diffsynth_cog.models.tokens import TokenLayout
 
 LAYOUT = TokenLayout(n_text=5, grid=(9, 4, 6))  # 9 latent frames of 24 tokens: 221 tokens
 ALIGNED = TokenLayout(n_text=8, grid=(9, 4, 6))  # 224 tokens: 14 whole blocks of 16

@@ -13,9 +13,9 @@ import torch
 from tiny_models import make_diffusers_dit, save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
-from diffsynth_cog.denoiser import Denoiser
-from diffsynth_cog.step_cache import StepCache, relative_l1
-from diffsynth_cog.tiling import TileSpec
+from diffsynth_cog.denoise.denoiser import Denoiser
+from diffsynth_cog.denoise.step_cache import StepCache, relative_l1
+from diffsynth_cog.models.tiling import TileSpec
 
 HEIGHT, WIDTH, FRAMES = 32, 48, 17  # latents [1, 4, 5, 4, 6]
 NUM_LAYERS = 3

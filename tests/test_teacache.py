@@ -14,10 +14,10 @@ from tiny_models import make_diffusers_dit, save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
 from diffsynth_cog.configs import TEACACHE_COEFFICIENTS, dit_preset
-from diffsynth_cog.denoiser import Denoiser, WholeCall
-from diffsynth_cog.step_cache import StepCache
-from diffsynth_cog.teacache import TeaCache, make_step_skipper, polynomial_peak
-from diffsynth_cog.tiling import TileSpec
+from diffsynth_cog.denoise.denoiser import Denoiser, WholeCall
+from diffsynth_cog.denoise.step_cache import StepCache
+from diffsynth_cog.denoise.teacache import TeaCache, make_step_skipper, polynomial_peak
+from diffsynth_cog.models.tiling import TileSpec
 
 IDENTITY = (1.0, 0.0)
 

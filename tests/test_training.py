@@ -20,15 +20,15 @@ from lightning.pytorch.callbacks import Callback
 from safetensors import safe_open
 from tiny_models import save_tiny_model_folder
 
-from diffsynth_cog.cli import build_parser, main
+from diffsynth_cog.cli.main import build_parser, main
 from diffsynth_cog.errors import StateDictMismatchError
+from diffsynth_cog.io.video import load_video, save_video
 from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS, ema_lora_state_dicts, lora_layers
 from diffsynth_cog.training.cache import LatentCacheDataset
 from diffsynth_cog.training.checkpoints import export_lora_from_checkpoints
 from diffsynth_cog.training.config import TrainConfig, TrainConfigError
 from diffsynth_cog.training.datamodule import StreamSampler
 from diffsynth_cog.training.trainer import build_trainer, run_training
-from diffsynth_cog.video_io import load_video, save_video
 
 NUM_FRAMES, HEIGHT, WIDTH = 9, 32, 48
 PROMPTS = ["a cat", "a dog", "a river"]  # short: the tiny DiT reads 7 tokens

@@ -19,6 +19,7 @@ from tiny_models import randomize_
 from tiny_text import make_tiny_text_folder
 
 from diffsynth_cog.configs import DiTConfig
+from diffsynth_cog.io.video import load_video, save_video, video_to_tensor
 from diffsynth_cog.training.cache import (
     CacheError,
     CacheInfo,
@@ -35,7 +36,6 @@ from diffsynth_cog.training.data import (
     load_dataset_index,
 )
 from diffsynth_cog.training.prepare import Encoders, load_encoders, posterior_generator, prepare_cache
-from diffsynth_cog.video_io import load_video, save_video, video_to_tensor
 
 NUM_FRAMES, HEIGHT, WIDTH = 9, 32, 48
 TEXT_LENGTH = 20  # max_text_seq_length of the tiny model folder's transformer config
@@ -350,7 +350,7 @@ def test_prepare_refuses_a_cache_made_with_other_settings(
 # --------------------------------------------------------------------------------------------- cache
 def write_fake_cache(cache: Path, shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]]) -> CacheInfo:
     """A cache written by hand: cache_info for [4, 3, 4, 6] / [20, 32] fp32, records with the given shapes."""
-    from diffsynth_cog.atomic import write_json_atomic
+    from diffsynth_cog.io.atomic import write_json_atomic
     from diffsynth_cog.training.cache import CacheRecord
     from diffsynth_cog.training.prepare import write_record
 

@@ -22,7 +22,7 @@ from test_training import (
 )
 from tiny_models import save_tiny_model_folder
 
-from diffsynth_cog.cli import main
+from diffsynth_cog.cli.main import main
 from diffsynth_cog.training.cache import CacheError, CacheInfo, LatentCacheDataset
 from diffsynth_cog.training.config import TrainConfig, TrainConfigError
 from diffsynth_cog.training.data import VideoClipDataset, load_dataset_index

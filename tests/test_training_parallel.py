@@ -27,7 +27,7 @@ from training_parallel_cases import (
     two_rank_session,
 )
 
-from diffsynth_cog.cli_generate import _hint_trained_attention
+from diffsynth_cog.cli.generate import _hint_trained_attention
 from diffsynth_cog.lora import TRAINED_ATTENTION_KEY, trained_attention
 from diffsynth_cog.training.config import TrainConfig, TrainConfigError
 from diffsynth_cog.training.trainer import run_training
@@ -105,9 +105,9 @@ def test_training_under_a_mask_exports_a_lora_that_records_it_and_generate_hints
     assert metadata[TRAINED_ATTENTION_KEY] == "window:0"
     assert json.loads(metadata["diffsynth_cog_train_config"])["attention"] == "window:0"
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="diffsynth_cog.cli"):
+    with caplog.at_level(logging.WARNING, logger="diffsynth_cog.cli.main"):
         _hint_trained_attention(result.lora_path, "window:0")  # run as trained: nothing to say
-        assert not [r for r in caplog.records if r.name == "diffsynth_cog.cli"]
+        assert not [r for r in caplog.records if r.name == "diffsynth_cog.cli.main"]
         _hint_trained_attention(result.lora_path, None)
     assert "add --sparse-attention window:0" in caplog.text and "dense attention" in caplog.text
 

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from modelscope_emulator import ModelScopeEmulator, closed_port_endpoint, emulated_modelscope, isolate_modelscope
 
-from diffsynth_cog.downloads import download_models
-from diffsynth_cog.presets import ModelPreset
-from diffsynth_cog.uploads import UploadError, upload_lora
+from diffsynth_cog.hub.downloads import download_models
+from diffsynth_cog.hub.presets import ModelPreset
+from diffsynth_cog.hub.uploads import UploadError, upload_lora
 
 
 def _blob(seed: int, size: int) -> bytes:

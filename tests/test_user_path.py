@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 from tiny_models import save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
-from diffsynth_cog.cli import build_parser, main
+from diffsynth_cog.cli.main import build_parser, main
 from diffsynth_cog.errors import LoRAError
-from diffsynth_cog.video_io import VideoWriteError, load_video, save_video
+from diffsynth_cog.io.video import VideoWriteError, load_video, save_video
 
 LORA_NAME = "ExVideo-CogVideoX-LoRA-129f-v1.safetensors"
 
@@ -368,7 +368,7 @@ def test_training_commands_without_the_training_extras_give_the_install_command(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in [m for m in sys.modules if m == "lightning" or m.startswith(("lightning.", "diffsynth_cog.training."))]:
-        if name != "diffsynth_cog.training.cli":
+        if name != "diffsynth_cog.cli.training":
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "lightning", None)  # "import lightning" now fails as if not installed
     job = tmp_path / "job.json"
@@ -400,7 +400,7 @@ def test_upload_lora_offline_prints_one_message(
 def test_download_refuses_a_models_dir_that_is_a_file_before_any_request(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import diffsynth_cog.downloads as downloads
+    import diffsynth_cog.hub.downloads as downloads
 
     monkeypatch.setattr(downloads, "_download_one", lambda *a, **k: pytest.fail("a download was started"))
     (tmp_path / "models").write_text("not a folder")
@@ -425,7 +425,7 @@ def test_webui_refuses_bad_setup_before_serving(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import diffsynth_cog.webui as webui
+    import diffsynth_cog.cli.webui as webui
 
     monkeypatch.setattr(webui, "launch", lambda *a, **k: pytest.fail("the page was served"))
     (tmp_path / "plain.txt").write_text("x")

@@ -18,10 +18,10 @@ import torch
 from test_training_data import CountingEncoder, model_dir, run_prepare, synthetic_clip  # noqa: F401 (fixture)
 from tiny_models import save_tiny_model_folder
 
-from diffsynth_cog.cli import main
+from diffsynth_cog.cli.main import main
+from diffsynth_cog.io.video import save_video
 from diffsynth_cog.training.cache import LatentCacheDataset, read_manifests
 from diffsynth_cog.training.prepare import Encoders, load_encoders
-from diffsynth_cog.video_io import save_video
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a cat playing piano", "a dog in the garden", "the sunset over a river"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffsynth_cog.video_io import (
+from diffsynth_cog.io.video import (
     ImageReadError,
     VideoReadError,
     VideoTooShortError,

@@ -23,8 +23,8 @@ import torch
 from tiny_models import save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
-from diffsynth_cog.video_io import load_video
-from diffsynth_cog.webui import ModelSetup, UIOptions, build_ui, launch, run_job
+from diffsynth_cog.cli.webui import ModelSetup, UIOptions, build_ui, launch, run_job
+from diffsynth_cog.io.video import load_video
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 FRAMES, FPS, STEPS = 9, 8, 6
@@ -238,9 +238,9 @@ def test_cli_factory_swaps_lora_and_memory_mode_on_one_loaded_model(tmp_path: Pa
 
     from safetensors.torch import save_file
 
-    from diffsynth_cog.cli import build_parser
+    from diffsynth_cog.cli.main import build_parser
+    from diffsynth_cog.cli.webui import ModelPipelines, cmd_webui
     from diffsynth_cog.models.attention import get_attention_backend, set_attention_backend
-    from diffsynth_cog.webui import ModelPipelines, cmd_webui
 
     folder = save_tiny_model_folder(tmp_path / "model", "cogvideox-5b", seed=3)
     g = torch.Generator().manual_seed(0)

@@ -9,13 +9,13 @@ import torch
 from tiny_models import make_diffusers_dit, save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
-from diffsynth_cog.denoiser import Denoiser
+from diffsynth_cog.denoise.denoiser import Denoiser
+from diffsynth_cog.denoise.step_cache import StepCache
+from diffsynth_cog.denoise.windows import WindowPlan, WindowSpec, map_windows, reschedule_noise
 from diffsynth_cog.loading.dit_loader import load_dit
-from diffsynth_cog.sampling import draw_noise
+from diffsynth_cog.models.tiling import TileSpec
+from diffsynth_cog.pipeline.sampling import draw_noise
 from diffsynth_cog.schedulers import make_sampler
-from diffsynth_cog.step_cache import StepCache
-from diffsynth_cog.tiling import TileSpec
-from diffsynth_cog.windows import WindowPlan, WindowSpec, map_windows, reschedule_noise
 
 
 def test_windows_have_one_size_and_the_last_ends_at_the_last_frame():

@@ -18,7 +18,8 @@ from tiny_models import PRESET_FLAGS, TINY_DIT, randomize_
 
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.lora import lora_parameters
-from diffsynth_cog.models.dit import CogDiT, TokenLayout
+from diffsynth_cog.models.dit import CogDiT
+from diffsynth_cog.models.tokens import TokenLayout
 from diffsynth_cog.schedulers import scheduler_preset
 from diffsynth_cog.training.config import TrainConfig
 from diffsynth_cog.training.module import CogLoRAModule
@@ -129,7 +130,7 @@ def sequence_parallel_grads(rank: int, world: int, degree: int, attentions: list
 
 def ring_refused(rank: int, world: int) -> str:
     """A ring split asked for gradients: the ParallelError's message."""
-    from diffsynth_cog.denoiser import Denoiser
+    from diffsynth_cog.denoise.denoiser import Denoiser
     from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout
     from diffsynth_cog.parallel.mesh import build_mesh
     from diffsynth_cog.parallel.split import ParallelSplit

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffsynth_cog.atomic import save_safetensors_atomic
 from diffsynth_cog.errors import LoRAError
+from diffsynth_cog.io.atomic import save_safetensors_atomic
 from diffsynth_cog.loading.dit_loader import dit_name_in
 from diffsynth_cog.lora.files import _DIFFUSERS_PREFIXES, _HEADER_CONFIG_KEY, _MAX_LISTED, DIFFSYNTH, DIFFUSERS
 from diffsynth_cog.lora.layers import LoRALinear, lora_layers
@@ -136,7 +136,7 @@ def export_lora(
             ones (e.g. ``ema_lora_state_dicts(...)``); scales still come from the model's layers.
         dtype: of the written tensors (the fold is done in float32 first).
 
-    The file is written atomically (:mod:`diffsynth_cog.atomic`): a failed write leaves no partial
+    The file is written atomically (:mod:`diffsynth_cog.io.atomic`): a failed write leaves no partial
     file and any older file intact.
     """
     if format not in LORA_EXPORT_FORMATS:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -29,99 +27,8 @@ from torch import nn
 
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.models.attention import Attend, check_backend, choose_backend, dense_attention
-from diffsynth_cog.riflex import riflex_frequencies
-
-# ----------------------------------------------------------------------------------------------
-# Position tables (pure functions of the shape and the config; cached per shape)
-
-
-def resize_crop_region(grid_hw: tuple[int, int], base_hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Where a grid of ``grid_hw`` patches sits when fitted (aspect kept) into the base grid.
-
-    The RoPE coordinates of a frame span this region of the base grid, so a video of another
-    size sees positions on the scale the model was trained on. Returns ((top, left), (bottom, right)).
-    """
-    (h, w), (base_h, base_w) = grid_hw, base_hw
-    if h / w > base_h / base_w:
-        rh, rw = base_h, int(round(base_h / h * w))
-    else:
-        rw, rh = base_w, int(round(base_w / w * h))
-    top, left = int(round((base_h - rh) / 2.0)), int(round((base_w - rw) / 2.0))
-    return (top, left), (top + rh, left + rw)
-
-
-def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
-    """The dim/2 rotation frequencies of one RoPE axis, ``theta^(-2j/dim)`` for j = 0..dim/2-1 (float32)."""
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-
-
-def _rope_axis(frequencies: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of one axis, each [len(positions), 2 * len(frequencies)], every frequency repeated for its
-    (re, im) pair."""
-    angles = torch.outer(positions, frequencies)  # [N, dim/2]
-    return angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1)
-
-
-@lru_cache(maxsize=16)
-def rope_table(
-    config: DiTConfig, t: int, h: int, w: int, riflex: tuple[int, int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """3D RoPE cos/sin for a ``t x h x w`` grid of patches: two float32 tensors [t*h*w, head_dim].
-
-    Spatial coordinates cover the crop region of the base grid in ``n`` even steps from its start
-    to ``end * (n - 1) / n`` (the reference's exact spacing); time is simply 0..t-1, so longer videos
-    extend the positions without interpolation (ExVideo's choice). ``riflex`` = (k, N_k) lowers the k-th
-    temporal frequency when t > N_k (``diffsynth_cog.riflex``); part of the cache key.
-    """
-    p = config.patch_size
-    (top, left), (bottom, right) = resize_crop_region((h, w), (config.sample_height // p, config.sample_width // p))
-    pos_h = torch.linspace(top, bottom * (h - 1) / h, h, dtype=torch.float32)
-    pos_w = torch.linspace(left, right * (w - 1) / w, w, dtype=torch.float32)
-    pos_t = torch.linspace(0, t * (t - 1) / t, t, dtype=torch.float32)
-    d = config.attention_head_dim
-    dim_t, dim_hw = d // 4, d // 8 * 3
-    freq_t = rope_frequencies(dim_t, config.rope_theta)
-    if riflex is not None:
-        freq_t = riflex_frequencies(freq_t, t, *riflex)
-    freq_hw = rope_frequencies(dim_hw, config.rope_theta)
-    parts = [_rope_axis(freq_t, pos_t), _rope_axis(freq_hw, pos_h), _rope_axis(freq_hw, pos_w)]
-    out = []
-    for k in range(2):  # cos, then sin
-        ct, ch, cw = (part[k] for part in parts)
-        grid = torch.cat(
-            [
-                ct[:, None, None, :].expand(t, h, w, dim_t),
-                ch[None, :, None, :].expand(t, h, w, dim_hw),
-                cw[None, None, :, :].expand(t, h, w, dim_hw),
-            ],
-            dim=-1,
-        )  # [t, h, w, head_dim]
-        out.append(grid.reshape(t * h * w, d))
-    return out[0], out[1]
-
-
-def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """[N, dim] = [sin(pos * w_i), cos(pos * w_i)], w_i = 10000^(-i / (dim/2)); computed in float64."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
-    angles = positions.to(torch.float64)[:, None] * omega[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-
-@lru_cache(maxsize=16)
-def sincos_table(config: DiTConfig, t: int, h: int, w: int) -> torch.Tensor:
-    """Fixed 3D sin-cos position table [t*h*w, inner_dim] (float64), token order (t, h, w).
-
-    A quarter of the channels encode time, the rest space; of the spatial half-and-half, the
-    first half encodes the column and the second the row (the reference's layout).
-    """
-    dim = config.inner_dim
-    s, ts = config.spatial_interpolation_scale, config.temporal_interpolation_scale
-    cols = (torch.arange(w, dtype=torch.float32) / s).repeat(h)  # [h*w], column index of each patch
-    rows = (torch.arange(h, dtype=torch.float32) / s).repeat_interleave(w)  # [h*w]
-    spatial = torch.cat([_sincos_1d(dim * 3 // 8, cols), _sincos_1d(dim * 3 // 8, rows)], dim=1)  # [h*w, 3D/4]
-    temporal = _sincos_1d(dim // 4, torch.arange(t, dtype=torch.float32) / ts)  # [t, D/4]
-    table = torch.cat([temporal[:, None, :].expand(t, h * w, -1), spatial[None].expand(t, -1, -1)], dim=-1)
-    return table.reshape(t * h * w, dim)
+from diffsynth_cog.models.positions import rope_table, sincos_table
+from diffsynth_cog.models.tokens import DiTState, TokenLayout
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, shift: float) -> torch.Tensor:
@@ -239,47 +146,6 @@ class CogDiTBlock(nn.Module):
         video = video + gate * out[:, n_text:]
         text = text + t_gate * out[:, :n_text]
         return video, text
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where the tokens of one DiT call sit: ``n_text`` text tokens, then the video tokens of a
-    ``grid`` = (latent frames, patch rows, patch columns), flattened frame by frame, row by row."""
-
-    n_text: int
-    grid: tuple[int, int, int]
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return self.grid[1] * self.grid[2]
-
-    @property
-    def n_video(self) -> int:
-        return self.grid[0] * self.tokens_per_frame
-
-    @property
-    def n_tokens(self) -> int:
-        return self.n_text + self.n_video
-
-
-@dataclass(frozen=True)
-class DiTState:
-    """What flows between the DiT's stages: the two token streams, the shared conditioning, and how
-    the blocks attend.
-
-    video [B, Lv, D], text [B, Lt, D], cond [B, time_embed_dim], rope: cos/sin [Lt + Lv, head_dim] or None;
-    shape: (B, T, H, W) of the latents; layout: the full token sequence; attend: the attention part.
-    Parts of the denoiser may hand the blocks a share of the tokens (a sequence split): then video, text
-    and rope hold that share, while shape and layout still describe the whole call.
-    """
-
-    video: torch.Tensor
-    text: torch.Tensor
-    cond: torch.Tensor
-    rope: tuple[torch.Tensor, torch.Tensor] | None
-    shape: tuple[int, int, int, int]
-    layout: TokenLayout
-    attend: Attend
 
 
 class CogDiT(nn.Module):
@@ -400,7 +266,7 @@ class CogDiT(nn.Module):
 
         ``attend``: the attention part of this call (default: dense attention with the kernel chosen
         per call, per model or per process, see ``models.attention``). ``riflex``: (k, N_k) of RIFLEx for
-        the temporal RoPE (``diffsynth_cog.riflex``; RoPE models only), None = the trained positions."""
+        the temporal RoPE (``diffsynth_cog.denoise.riflex``; RoPE models only), None = the trained positions."""
         c = self.config
         timestep = torch.as_tensor(timestep, device=latents.device)
         self._check_inputs(latents, timestep, prompt_emb)
@@ -420,7 +286,9 @@ class CogDiT(nn.Module):
         n_text = text.shape[1]
 
         if riflex is not None and not c.use_rotary_positional_embeddings:
-            raise ValueError("riflex applies to RoPE transformers only (CogVideoX-5B), see diffsynth_cog.riflex")
+            raise ValueError(
+                "riflex applies to RoPE transformers only (CogVideoX-5B), see diffsynth_cog.denoise.riflex"
+            )
         additive, rope = self._positions(t, gh, gw, n_text, latents.device, dtype, riflex)
         if additive is not None:
             text = text + additive[:, :n_text]

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffsynth_cog.configs import VAE_LATENT_FRAMES_PER_CHUNK, VAEConfig
+from diffsynth_cog.models.tiling import DEFAULT_TILE_OVERLAP, TileGrid, TileSpec, map_tiles, pair
 from diffsynth_cog.models.vae_blocks import (
     FIXED_NORM_EPS,
     CacheIO,
@@ -47,7 +48,6 @@ from diffsynth_cog.models.vae_blocks import (
     name_causal_convs,
     temporal_resampling_levels,
 )
-from diffsynth_cog.tiling import DEFAULT_TILE_OVERLAP, TileGrid, TileSpec, map_tiles, pair
 
 logger = logging.getLogger(__name__)
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from diffsynth_cog.models.tiling import tiles_run_by
 from diffsynth_cog.parallel.call_check import check_same_call
 from diffsynth_cog.parallel.comm import broadcast, broadcast_object
 from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout
@@ -33,10 +34,6 @@ from diffsynth_cog.parallel.peer import TRANSPORTS, PeerExchange, group_timeout,
 from diffsynth_cog.parallel.ring import require_yunchang
 from diffsynth_cog.parallel.split import ParallelSplit
 from diffsynth_cog.parallel.vae import SpreadTiles, TileTimes
-from diffsynth_cog.tiling import tiles_run_by
-
-if TYPE_CHECKING:
-    from diffsynth_cog.pipeline import CogVideoPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +169,8 @@ class ParallelContext:
 
     def encode_text(
         self,
-        pipe: CogVideoPipeline,
+        encode: Callable[[Any], torch.Tensor],
+        dtype: torch.dtype,
         prompt: Any,
         negative_prompt: Any,
         *,
@@ -181,7 +179,7 @@ class ParallelContext:
         negative_prompt_emb: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The call's prompt embeddings (and the negative ones with guidance) on every rank, each text
-        encoded by one rank of the generation (T5 runs once per text)."""
+        encoded by one rank of the generation (T5 runs once per text): ``encode(text)`` -> [B, L, D] in ``dtype``."""
         if self._group is None:
             return prompt_emb, negative_prompt_emb
         todo = []  # (slot, text) of the embeddings to compute
@@ -194,7 +192,7 @@ class ParallelContext:
         owners = [ranks[(j * len(ranks)) // len(todo)] for j in range(len(todo))]
         for (slot, text), owner in zip(todo, owners, strict=True):
             if owner == self.mesh.rank:
-                out[slot] = pipe.encode_prompt(text).contiguous()
+                out[slot] = encode(text).contiguous()
         for (slot, _), owner in zip(todo, owners, strict=True):
             emb = out[slot]
             shape = torch.zeros(3, dtype=torch.int64, device=self.device)
@@ -202,7 +200,7 @@ class ParallelContext:
                 shape.copy_(torch.tensor(emb.shape))
             broadcast(shape, owner, self._group, f"sharing the {slot} embeddings (shape)")
             if emb is None:
-                emb = torch.empty(shape.tolist(), dtype=pipe.torch_dtype, device=self.device)
+                emb = torch.empty(shape.tolist(), dtype=dtype, device=self.device)
             out[slot] = broadcast(emb, owner, self._group, f"sharing the {slot} embeddings")
         return out["prompt"], out["negative"]
 

@@ -1,4 +1,4 @@
-"""The denoiser's distributed :class:`~diffsynth_cog.denoiser.TokenSplit`: CFG halves x token shards.
+"""The denoiser's distributed :class:`~diffsynth_cog.denoise.denoiser.TokenSplit`: CFG halves x token shards.
 
 ``scatter`` hands this rank its share of an embedded DiT call: the batch rows of its CFG half (the
 unconditional or conditional row; every row when the batch is smaller than the CFG degree, e.g.
@@ -16,9 +16,9 @@ import dataclasses
 
 import torch
 
-from diffsynth_cog.denoiser import AttentionPart
+from diffsynth_cog.denoise.denoiser import AttentionPart
 from diffsynth_cog.models.attention import Attend
-from diffsynth_cog.models.dit import DiTState, TokenLayout
+from diffsynth_cog.models.tokens import DiTState, TokenLayout
 from diffsynth_cog.parallel.comm import all_gather, all_reduce
 from diffsynth_cog.parallel.layout import ParallelError, shard_bounds
 from diffsynth_cog.parallel.mesh import ProcessMesh

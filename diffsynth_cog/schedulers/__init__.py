@@ -7,7 +7,7 @@
 * :mod:`.samplers`: ``make_sampler`` and the DDIM, DPM-Solver++(2M) and DiffSynth-Studio DDIM samplers
   whose steps return the new latents and the state the next step needs; ``diffsynth_noise``.
 
-The pipeline's denoising loop that drives a sampler is :mod:`diffsynth_cog.sampling`; the training
+The pipeline's denoising loop that drives a sampler is :mod:`diffsynth_cog.pipeline.sampling`; the training
 loss on this schedule is :mod:`diffsynth_cog.training.loss`.
 """
 

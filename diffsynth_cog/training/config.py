@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from diffsynth_cog.configs import check_num_frames, check_side
+from diffsynth_cog.denoise.masks import parse_attention
 from diffsynth_cog.errors import DiffSynthCogError
 from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS
-from diffsynth_cog.sparse_attention import parse_attention
 
 STRATEGIES = ("auto", "deepspeed_stage_2")
 PRECISIONS = ("auto", "bf16", "fp32")

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from diffsynth_cog.configs import check_num_frames
 from diffsynth_cog.errors import DiffSynthCogError
-from diffsynth_cog.video_io import VideoReadError, VideoTooShortError, load_video, video_to_tensor
+from diffsynth_cog.io.video import VideoReadError, VideoTooShortError, load_video, video_to_tensor
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ itself; Lightning runs in "32-true" mode (no autocast, no casting of the module)
 DeepSpeed from casting the fp32 LoRA parameters to bf16. Memory switches (``base_quantization``,
 ``activation_offload``, ``optimizer``): see :mod:`diffsynth_cog.training.memory`.
 
-The DiT is called the way the sampler calls it, through a :class:`~diffsynth_cog.denoiser.Denoiser`
+The DiT is called the way the sampler calls it, through a :class:`~diffsynth_cog.denoise.denoiser.Denoiser`
 (embed -> attention part -> token split -> blocks -> project -> gather -> unpatchify), so an
 attention part (e.g. a sparse mask) or a token split (sequence parallelism) given to the module
 trains exactly what inference runs.
@@ -49,15 +49,15 @@ import lightning.pytorch as pl
 import torch
 
 from diffsynth_cog.configs import DiTConfig, dit_family
-from diffsynth_cog.denoiser import AttentionPart, Denoiser, TokenSplit
+from diffsynth_cog.denoise.denoiser import AttentionPart, Denoiser, TokenSplit
+from diffsynth_cog.denoise.masks import parse_attention
 from diffsynth_cog.errors import StateDictMismatchError
 from diffsynth_cog.loading.dit_loader import load_dit
 from diffsynth_cog.loading.model_folder import ModelFolder, resolve_model_folder
 from diffsynth_cog.lora import inject_lora, lora_layers, lora_state_dict
 from diffsynth_cog.models.dit import CogDiT
-from diffsynth_cog.sampling import image_condition
+from diffsynth_cog.pipeline.sampling import image_condition
 from diffsynth_cog.schedulers import SchedulerConfig, add_noise, alphas_cumprod, scheduler_preset
-from diffsynth_cog.sparse_attention import parse_attention
 from diffsynth_cog.training.config import TrainConfig
 from diffsynth_cog.training.loss import v_prediction_loss
 from diffsynth_cog.training.memory import activation_offload, build_optimizer
@@ -123,7 +123,7 @@ class CogLoRAModule(pl.LightningModule):
     strategy's device, so optimizers and DeepSpeed only ever see the LoRA parameters as trainable.
     ``dit`` may be passed in instead (tests, notebooks, benchmarks); it must not carry LoRA layers yet.
     ``attention`` / ``split``: the attention part and token split of every training DiT call (see
-    :class:`~diffsynth_cog.denoiser.Denoiser`); by default the config's: ``attention`` (a sparse mask,
+    :class:`~diffsynth_cog.denoise.denoiser.Denoiser`); by default the config's: ``attention`` (a sparse mask,
     else dense) and ``sequence_parallel`` (the Ulysses split of ``training.sequence``, built in
     :meth:`configure_model` once the process group exists; else whole calls).
     ``scheduler_config``: instead of the model folder's (needed when ``config.model`` is not a folder).

@@ -30,9 +30,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from diffsynth_cog.atomic import save_safetensors_atomic, write_json_atomic
 from diffsynth_cog.configs import check_num_frames, frame_multiple
 from diffsynth_cog.errors import shorten
+from diffsynth_cog.io.atomic import save_safetensors_atomic, write_json_atomic
 from diffsynth_cog.loading.model_folder import resolve_model_folder
 from diffsynth_cog.loading.text_encoder_loader import load_text_encoder
 from diffsynth_cog.loading.vae_loader import load_vae_encoder
@@ -168,7 +168,7 @@ def distributed_rank() -> tuple[int, int, int]:
 
 # --------------------------------------------------------------------------------------------- writing
 def write_record(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> int:
-    """Writes a safetensors record atomically (see :mod:`diffsynth_cog.atomic`); returns its size in bytes.
+    """Writes a safetensors record atomically (see :mod:`diffsynth_cog.io.atomic`); returns its size in bytes.
 
     The folder is fsynced after the rename, so the record's name is on disk before the manifest
     line that vouches for it is appended (and fsynced) by the caller.
@@ -250,7 +250,7 @@ def _write_or_check_info(cache_dir: Path, info: CacheInfo) -> None:
 def check_cache_dir(cache_dir: str | os.PathLike[str]) -> Path:
     """The cache folder, if it can be one: a folder (new, or an earlier cache) that can be written; else a
     CacheError that says what is in the way. Nothing is created here."""
-    from diffsynth_cog.atomic import check_output_path
+    from diffsynth_cog.io.atomic import check_output_path
 
     out = Path(cache_dir).expanduser()
     if out.exists() and not out.is_dir():

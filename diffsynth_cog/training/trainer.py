@@ -29,8 +29,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 
-from diffsynth_cog.atomic import torch_save_atomic
 from diffsynth_cog.configs import DiTConfig
+from diffsynth_cog.io.atomic import torch_save_atomic
 from diffsynth_cog.lora import (
     export_lora,
 )
@@ -116,7 +116,7 @@ def build_strategy(config: TrainConfig, accelerator: str) -> str | pl.strategies
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's ``.ckpt`` writer, through :mod:`diffsynth_cog.atomic`: a crash mid-save leaves the
+    """Lightning's ``.ckpt`` writer, through :mod:`diffsynth_cog.io.atomic`: a crash mid-save leaves the
     previous checkpoint (``last.ckpt`` included) intact. Lightning's own writer stages the file in the
     system temp folder, which is not atomic across file systems and never fsyncs.
 

@@ -181,9 +181,9 @@ class ValidationVideoCallback(Callback):
 
     def generate(self, dit: CogDiT, step: int) -> tuple[list[Path], list[list[Image.Image]]]:
         """Samples every prompt with ``dit``, then decodes and writes the videos; returns paths and frames."""
-        from diffsynth_cog.pipeline import CogVideoPipeline
+        from diffsynth_cog.io.video import save_video
+        from diffsynth_cog.pipeline.cog_video import CogVideoPipeline
         from diffsynth_cog.schedulers import SchedulerConfig
-        from diffsynth_cog.video_io import save_video
 
         scheduler = self.folder.scheduler_config
         config = SchedulerConfig.from_file(scheduler) if scheduler is not None else None

@@ -39,9 +39,10 @@ import numpy as np
 import torch
 
 from diffsynth_cog.configs import teacache_coefficients
-from diffsynth_cog.denoiser import StepSkipper, TokenSplit
-from diffsynth_cog.models.dit import CogDiT, DiTState
-from diffsynth_cog.step_cache import StepBook, StepCache, l1_change
+from diffsynth_cog.denoise.denoiser import StepSkipper, TokenSplit
+from diffsynth_cog.denoise.step_cache import StepBook, StepCache, l1_change
+from diffsynth_cog.models.dit import CogDiT
+from diffsynth_cog.models.tokens import DiTState
 
 logger = logging.getLogger(__name__)
 

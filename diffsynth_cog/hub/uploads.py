@@ -15,9 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .downloads import _describe_endpoint, _effective_endpoint, _is_network_error
-from .errors import DiffSynthCogError
-from .presets import REPO_ID
+from diffsynth_cog.errors import DiffSynthCogError
+from diffsynth_cog.hub.downloads import _describe_endpoint, _effective_endpoint, _is_network_error
+from diffsynth_cog.hub.presets import REPO_ID
 
 logger = logging.getLogger(__name__)
 

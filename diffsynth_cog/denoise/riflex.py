@@ -20,36 +20,17 @@ before the q/k projections, so attention logits do not depend on a position diff
 projections mix the table's channels, so lowering one of its frequencies has no analysis behind it.
 The pipeline refuses ``riflex`` for such models instead of guessing (:func:`resolve_riflex`).
 
-In this package the rule lives in the RoPE table (``models.dit.rope_table(..., riflex=(k, N_k))``,
+In this package the rule lives in the RoPE table (``models.positions.rope_table(..., riflex=(k, N_k))``,
 cached per setting) and the setting is an input of a DiT call (``CogDiT.embed(..., riflex=...)``), so
 compiled blocks see new tables as tensor values, never as new code. L is the length of the call: with
-temporal windows (``diffsynth_cog.windows``) each window is a call of the window's length.
+temporal windows (``diffsynth_cog.denoise.windows``) each window is a call of the window's length.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
-
 from diffsynth_cog.configs import DiTConfig, published_riflex
-
-RIFLEX_MARGIN = 0.9  # the lowered frequency's period is L / 0.9: the target length is 90 % of one period
-
-
-def riflex_frequencies(frequencies: torch.Tensor, num_frames: int, k: int, n_k: int) -> torch.Tensor:
-    """The temporal RoPE frequencies [d/2] for a call of ``num_frames`` latent frames under RIFLEx (k, N_k).
-
-    Unchanged (the same tensor) when ``num_frames <= n_k``; otherwise a copy whose k-th (1-based) entry
-    is ``0.9 * 2 pi / num_frames``.
-    """
-    if not 1 <= k <= frequencies.numel():
-        raise ValueError(f"RIFLEx k={k} must be in 1..{frequencies.numel()} (the temporal RoPE frequencies)")
-    if num_frames <= n_k:
-        return frequencies
-    lowered = frequencies.clone()
-    lowered[k - 1] = RIFLEX_MARGIN * 2 * math.pi / num_frames
-    return lowered
 
 
 def intrinsic_periods(dim: int, theta: float) -> list[int]:
@@ -89,7 +70,7 @@ def resolve_riflex(config: DiTConfig, riflex: bool | tuple[int, int] | None) -> 
         if setting is None:
             raise ValueError(
                 "no published RIFLEx setting for this transformer (only CogVideoX-5B has one: k=2, N_k=20); pass "
-                "riflex=(k, N_k) (CLI: --riflex K N_K); diffsynth_cog.riflex.identify_k(repeat_frame, "
+                "riflex=(k, N_k) (CLI: --riflex K N_K); diffsynth_cog.denoise.riflex.identify_k(repeat_frame, "
                 f"dim={config.attention_head_dim // 4}, theta={config.rope_theta}) finds them from the latent frame at "
                 "which the model's long videos start repeating"
             )

@@ -1,6 +1,6 @@
 """Temporal windows: denoise a video of any length with DiT calls of a bounded length.
 
-The temporal counterpart of spatial tiles (``diffsynth_cog.tiling``), FreeNoise-style: at every step
+The temporal counterpart of spatial tiles (``diffsynth_cog.models.tiling``), FreeNoise-style: at every step
 the latents are cut into overlapping windows of at most ``size`` latent frames (the length the model
 was trained on, so memory and the model's positional range stay those of one trained clip), each
 window is one DiT call with its own positions 0..size-1, and the windows' v-predictions are fused

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from diffsynth_cog.configs import DiTConfig, check_generation_numbers, check_num_frames, check_size, frame_multiple
-from diffsynth_cog.continuation import kept_latent_frames
-from diffsynth_cog.tiling import TileSpec
-from diffsynth_cog.video_io import load_image, video_to_tensor
-from diffsynth_cog.windows import WindowSpec
+from diffsynth_cog.denoise.windows import WindowSpec
+from diffsynth_cog.io.video import load_image, video_to_tensor
+from diffsynth_cog.models.tiling import TileSpec
+from diffsynth_cog.pipeline.continuation import kept_latent_frames
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 DEFAULT_DIT_TILES = TileSpec((480, 720), (0.5, 0.5))  # dit_tiled=True: base-size tiles overlapping by half

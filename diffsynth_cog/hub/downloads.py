@@ -32,9 +32,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .atomic import write_json_atomic
-from .errors import DiffSynthCogError
-from .presets import ModelPreset, get_preset
+from diffsynth_cog.errors import DiffSynthCogError
+from diffsynth_cog.hub.presets import ModelPreset, get_preset
+from diffsynth_cog.io.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

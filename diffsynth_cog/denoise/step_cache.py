@@ -31,7 +31,7 @@ since the last computed step is *strictly* below ``threshold``. ``threshold = 0`
 skips and gives bitwise the same result as no cache; larger values skip more (0.05 - 0.2 is the
 usual range for trained models; the right value depends on the model and the step count).
 
-Within the denoiser (``diffsynth_cog.denoiser``) this is the step-skipping part: it runs a DiT
+Within the denoiser (``diffsynth_cog.denoise.denoiser``) this is the step-skipping part: it runs a DiT
 call's blocks. With spatial tiles, every tile keeps its own residual, sum and decision.
 """
 
@@ -44,8 +44,9 @@ from collections.abc import Hashable
 
 import torch
 
-from diffsynth_cog.denoiser import TokenSplit
-from diffsynth_cog.models.dit import CogDiT, DiTState
+from diffsynth_cog.denoise.denoiser import TokenSplit
+from diffsynth_cog.models.dit import CogDiT
+from diffsynth_cog.models.tokens import DiTState
 
 logger = logging.getLogger(__name__)
 

@@ -189,8 +189,8 @@ def check_model_folder(folder: ModelFolder, parts: tuple[str, ...] = GENERATE_PA
 def choose_model(model: str, parts: tuple[str, ...] = GENERATE_PARTS) -> ModelChoice:
     """``--model``: a local model folder (or its transformer folder / file: the folder around it), checked for
     ``parts``; else a download preset. A path that does not exist is reported as such, not as a preset."""
+    from diffsynth_cog.hub.presets import PRESETS, get_preset
     from diffsynth_cog.loading.model_folder import resolve_model_folder
-    from diffsynth_cog.presets import PRESETS, get_preset
 
     models = [name for name, preset in PRESETS.items() if preset.family is not None]
     local = Path(model).expanduser()
@@ -219,8 +219,8 @@ def choose_lora(lora: str, model: ModelChoice, num_frames: int, models_dir: str 
     """``--lora``: ``none``; ``auto`` (the family's long-video LoRA beyond its trained clip length: from
     ``models_dir`` when it is there, else a download); a LoRA file (its header is read and checked); or a
     preset. Says what ``auto`` decided."""
-    from diffsynth_cog.downloads import local_status
-    from diffsynth_cog.presets import get_preset, preset_names
+    from diffsynth_cog.hub.downloads import local_status
+    from diffsynth_cog.hub.presets import get_preset, preset_names
 
     if lora == "none":
         return LoRAChoice()
@@ -270,7 +270,7 @@ def fetch_models(
     """The model folder and the LoRA file on disk: presets are downloaded together (offline, one message lists
     every missing file of both) or, without ``download``, checked locally; a downloaded model folder is
     checked for every part."""
-    from diffsynth_cog.downloads import DownloadError, check_local, download_models
+    from diffsynth_cog.hub.downloads import DownloadError, check_local, download_models
 
     names = [name for name in (model.preset, lora.preset) if name is not None]
     paths: dict[str, Path] = {}
@@ -315,8 +315,8 @@ def check_generate_args(args: argparse.Namespace) -> GeneratePlan:
     ``args.device`` is replaced by the device picked (``auto``). Raises OptionError (or the checks' own
     errors) with a message; nothing is written.
     """
-    from diffsynth_cog.atomic import check_output_path
-    from diffsynth_cog.video_io import check_video_path, load_image, load_video
+    from diffsynth_cog.io.atomic import check_output_path
+    from diffsynth_cog.io.video import check_video_path, load_image, load_video
 
     check_options(args, GENERATE_CHECKS)
     check_size(args.height, args.width)

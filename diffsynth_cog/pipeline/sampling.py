@@ -1,6 +1,6 @@
 """Pure sampling functions: initial noise, guidance and the denoising loop.
 
-Nothing here loads or moves a model: the loop takes a denoiser (``diffsynth_cog.denoiser``), a
+Nothing here loads or moves a model: the loop takes a denoiser (``diffsynth_cog.denoise.denoiser``), a
 sampler (``diffsynth_cog.schedulers``) and tensors, so it can be tested and reused alone.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from diffsynth_cog.denoiser import Denoiser
+from diffsynth_cog.denoise.denoiser import Denoiser
 from diffsynth_cog.schedulers import Sampler, diffsynth_noise
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, latents [B, C, T, H, W])

@@ -6,7 +6,7 @@ by the pipeline's step callback), then the video, playable in the page and downl
 run one at a time; later ones wait in Gradio's queue.
 
 The UI is built by :func:`build_ui` from a *pipeline factory*: a callable that turns a :class:`ModelSetup`
-into a ready :class:`~diffsynth_cog.pipeline.CogVideoPipeline`. The command line passes
+into a ready :class:`~diffsynth_cog.pipeline.cog_video.CogVideoPipeline`. The command line passes
 :class:`ModelPipelines` (loads the model once, swaps LoRAs and memory modes between jobs); tests pass a
 tiny CPU model.
 
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import gradio as gr
 
-    from diffsynth_cog.pipeline import CogVideoPipeline
+    from diffsynth_cog.pipeline.cog_video import CogVideoPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def run_job(
 
     Raises ValueError (or a DiffSynthCogError) with a message for the user on bad input."""
     from diffsynth_cog.configs import check_generation_numbers, check_num_frames
-    from diffsynth_cog.video_io import save_video
+    from diffsynth_cog.io.video import save_video
 
     if not prompt or not prompt.strip():
         raise ValueError("write a prompt first")
@@ -294,7 +294,7 @@ class ModelPipelines:
         import torch
 
         from diffsynth_cog import CogVideoPipeline, ModelManager
-        from diffsynth_cog.cli_checks import DTYPES, LoRAChoice, choose_lora, choose_model, fetch_models, resolve_device
+        from diffsynth_cog.cli.checks import DTYPES, LoRAChoice, choose_lora, choose_model, fetch_models, resolve_device
         from diffsynth_cog.models.attention import set_attention_backend
 
         if setup.memory not in MEMORY_MODES:
@@ -329,8 +329,8 @@ class ModelPipelines:
 
 def local_loras(models_dir: str | Path) -> list[str]:
     """LoRA choices: "auto", "none", the ExVideo preset, and the .safetensors files under ``models_dir/lora``."""
-    from diffsynth_cog.cli_checks import DEFAULT_LORA
-    from diffsynth_cog.presets import get_preset
+    from diffsynth_cog.cli.checks import DEFAULT_LORA
+    from diffsynth_cog.hub.presets import get_preset
 
     preset_file = get_preset(DEFAULT_LORA).result_path(models_dir)
     found = sorted(str(p) for p in (Path(models_dir) / "lora").glob("*.safetensors") if p != preset_file)
@@ -338,9 +338,9 @@ def local_loras(models_dir: str | Path) -> list[str]:
 
 
 def cmd_webui(args: argparse.Namespace) -> int:
-    from diffsynth_cog.atomic import check_output_path
-    from diffsynth_cog.cli_checks import ATTENTION_BACKENDS, choose_model, resolve_device
+    from diffsynth_cog.cli.checks import ATTENTION_BACKENDS, choose_model, resolve_device
     from diffsynth_cog.configs import check_size
+    from diffsynth_cog.io.atomic import check_output_path
 
     # Before serving: a typo in --model, a size or a device, or an output folder that cannot be written fails
     # now, not at the first job.
@@ -365,7 +365,7 @@ def cmd_webui(args: argparse.Namespace) -> int:
 
 
 def add_webui_command(sub: argparse._SubParsersAction) -> None:
-    from diffsynth_cog.cli_checks import DEFAULT_MODEL, DTYPES
+    from diffsynth_cog.cli.checks import DEFAULT_MODEL, DTYPES
 
     p = sub.add_parser(
         "webui",

@@ -19,24 +19,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-logger = logging.getLogger("diffsynth_cog.cli")
+from diffsynth_cog.cli.console import setup_logging
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["build_parser", "main"]
 # Optional packages -> the extra that installs them (setup.py extras_require).
 EXTRAS = {"lightning": "train", "deepspeed": "train", "gradio": "webui"}
-
-
-def setup_logging(verbose: bool = False) -> None:
-    """Handlers live in entry points only, and only on rank 0 of a distributed run."""
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-    level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(
-        level=level if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if not verbose:  # the ModelScope client's retries log a warning each; our error says what failed
-        logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -58,21 +47,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def adopt_library_loggers(names: Sequence[str] = ("lightning", "lightning.pytorch", "lightning.fabric")) -> None:
-    """After importing a library that gives its loggers a console handler of its own (Lightning does, at
-    import), its lines go through our handler only: else each prints twice. Entry points only."""
-    if not logging.getLogger().handlers:
-        return
-    for name in names:
-        library = logging.getLogger(name)
-        for handler in list(library.handlers):
-            if isinstance(handler, logging.StreamHandler):
-                library.removeHandler(handler)
-        library.propagate = True
-
-
 def _add_download(sub: argparse._SubParsersAction) -> None:
-    from diffsynth_cog.presets import preset_names
+    from diffsynth_cog.hub.presets import preset_names
 
     p = sub.add_parser(
         "download",
@@ -107,7 +83,7 @@ def _add_upload(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    from diffsynth_cog.uploads import upload_lora
+    from diffsynth_cog.hub.uploads import upload_lora
 
     token = args.token or os.environ.get("MODELSCOPE_API_TOKEN")
     url = upload_lora(args.path, args.repo_id, token=token, endpoint=args.endpoint, visibility=args.visibility)
@@ -116,9 +92,9 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from diffsynth_cog.atomic import check_output_path
-    from diffsynth_cog.downloads import MANIFEST_FOLDER, download_models
-    from diffsynth_cog.presets import get_preset
+    from diffsynth_cog.hub.downloads import MANIFEST_FOLDER, download_models
+    from diffsynth_cog.hub.presets import get_preset
+    from diffsynth_cog.io.atomic import check_output_path
 
     for name in args.names:  # a typo fails before any download
         get_preset(name)
@@ -139,18 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="diffsynth-cog", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages, and tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    from diffsynth_cog.cli_generate import add_generate_command
+    from diffsynth_cog.cli.generate import add_generate_command
 
     add_generate_command(sub)
     _add_download(sub)
     _add_upload(sub)
-    from diffsynth_cog.info import add_info_command
-    from diffsynth_cog.webui import add_webui_command
+    from diffsynth_cog.cli.info import add_info_command
+    from diffsynth_cog.cli.webui import add_webui_command
 
     add_info_command(sub)
     add_webui_command(sub)
     try:
-        from diffsynth_cog.training.cli import add_training_commands
+        from diffsynth_cog.cli.training import add_training_commands
     except ImportError:  # training extras (lightning) not installed
         add_training_commands = None
     if add_training_commands is not None:

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
-from diffsynth_cog.cli_checks import ATTENTION_BACKENDS, DEFAULT_MODEL, DTYPES
+from diffsynth_cog.cli.checks import ATTENTION_BACKENDS, DEFAULT_MODEL, DTYPES
 from diffsynth_cog.parallel.peer import TRANSPORTS
 
-logger = logging.getLogger("diffsynth_cog.cli")
+logger = logging.getLogger("diffsynth_cog.cli.main")
 
 
 def add_generate_command(sub: argparse._SubParsersAction) -> None:
@@ -172,8 +172,8 @@ def _add_long_video(p: argparse.ArgumentParser) -> None:
 
 def _long_video_options(args: argparse.Namespace) -> dict:
     """The pipeline keywords of the "longer videos" options, checked before any model is loaded."""
-    from diffsynth_cog.sparse_attention import parse_attention
-    from diffsynth_cog.windows import WindowSpec
+    from diffsynth_cog.denoise.masks import parse_attention
+    from diffsynth_cog.denoise.windows import WindowSpec
 
     options: dict = {}
     if args.riflex is not None:
@@ -249,7 +249,7 @@ def _parallel_degrees(args: argparse.Namespace, world: int, batch: bool) -> dict
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from diffsynth_cog.cli_checks import check_generate_args
+    from diffsynth_cog.cli.checks import check_generate_args
     from diffsynth_cog.models.attention import set_attention_backend
     from diffsynth_cog.parallel.launch import init_distributed, shutdown_distributed
     from diffsynth_cog.parallel.prompts import read_prompt_file
@@ -274,7 +274,7 @@ def _generate(args: argparse.Namespace, launch, plan, options: dict, jobs: list 
     import torch
 
     from diffsynth_cog import CogVideoPipeline, ModelManager
-    from diffsynth_cog.cli_checks import fetch_models
+    from diffsynth_cog.cli.checks import fetch_models
     from diffsynth_cog.parallel.launch import main_rank_first
 
     args.device = launch.device  # cuda:LOCAL_RANK under torchrun
@@ -405,7 +405,7 @@ def save_or_rescue(frames: Sequence, output: str | os.PathLike[str], **options) 
     import tempfile
 
     from diffsynth_cog.errors import WriteError
-    from diffsynth_cog.video_io import VideoWriteError, save_video
+    from diffsynth_cog.io.video import VideoWriteError, save_video
 
     try:
         return save_video(frames, output, **options)

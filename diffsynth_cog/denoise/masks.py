@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from diffsynth_cog.models.attention import BACKENDS
-from diffsynth_cog.models.dit import TokenLayout
+from diffsynth_cog.models.tokens import TokenLayout
 
 logger = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ independent parts, each with a default that is the plain, exact computation:
     a slice of the token sequence) and joins the results; the default :class:`WholeCall` keeps all;
   * **step skipping** - a :class:`StepSkipper` that runs the blocks, or reuses earlier work when
     the step barely changes (``step_cache.StepCache``); default: run every block;
-  * **tiles** - a :class:`~diffsynth_cog.tiling.TileSpec`: the DiT runs on overlapping spatial tiles
+  * **tiles** - a :class:`~diffsynth_cog.models.tiling.TileSpec`: the DiT runs on overlapping spatial tiles
     stitched by the shared tile blender; each tile keeps its own step-skipping state;
-  * **windows** - a :class:`~diffsynth_cog.windows.WindowSpec`: the same in time, overlapping windows
-    of latent frames (each with its own positions), fused with weights (``diffsynth_cog.windows``);
+  * **windows** - a :class:`~diffsynth_cog.denoise.windows.WindowSpec`: the same in time, overlapping windows
+    of latent frames (each with its own positions), fused with weights (``diffsynth_cog.denoise.windows``);
   * **positions** - ``riflex`` = (k, N_k): RIFLEx's lowered temporal RoPE frequency
-    (``diffsynth_cog.riflex``); default: the trained positions.
+    (``diffsynth_cog.denoise.riflex``); default: the trained positions.
 
 One DiT call is ``embed -> [attention part] -> split.scatter -> blocks (skipper) -> project ->
 split.gather -> unpatchify``, run per window and tile. Every part sees only its own inputs, so parts combine
@@ -30,11 +30,12 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from diffsynth_cog.denoise.riflex import resolve_riflex
+from diffsynth_cog.denoise.windows import WindowSpec, map_windows
 from diffsynth_cog.models.attention import Attend, check_backend, choose_backend, dense_attention
-from diffsynth_cog.models.dit import CogDiT, DiTState, TokenLayout
-from diffsynth_cog.riflex import resolve_riflex
-from diffsynth_cog.tiling import TileSpec, map_tiles
-from diffsynth_cog.windows import WindowSpec, map_windows
+from diffsynth_cog.models.dit import CogDiT
+from diffsynth_cog.models.tiling import TileSpec, map_tiles
+from diffsynth_cog.models.tokens import DiTState, TokenLayout
 
 
 @runtime_checkable

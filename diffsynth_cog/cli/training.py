@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from diffsynth_cog.cli_checks import DTYPES
+from diffsynth_cog.cli.checks import DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     import torch
 
-    from diffsynth_cog.cli_checks import check_model_folder, check_options, number, resolve_device
+    from diffsynth_cog.cli.checks import check_model_folder, check_options, number, resolve_device
     from diffsynth_cog.configs import check_num_frames, check_size
     from diffsynth_cog.loading.model_folder import resolve_model_folder
     from diffsynth_cog.training.data import load_dataset_index
@@ -204,8 +204,8 @@ def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from diffsynth_cog.atomic import check_output_path
-    from diffsynth_cog.cli import adopt_library_loggers
+    from diffsynth_cog.cli.console import adopt_library_loggers
+    from diffsynth_cog.io.atomic import check_output_path
     from diffsynth_cog.training.trainer import run_training
 
     adopt_library_loggers()
@@ -262,8 +262,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def cmd_export_lora(args: argparse.Namespace) -> int:
     import torch
 
-    from diffsynth_cog.atomic import check_output_path
-    from diffsynth_cog.cli import adopt_library_loggers
+    from diffsynth_cog.cli.console import adopt_library_loggers
+    from diffsynth_cog.io.atomic import check_output_path
 
     if Path(args.output).suffix != ".safetensors":
         raise ValueError(f"--output {args.output}: a LoRA is written as a .safetensors file")

@@ -32,17 +32,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffsynth_cog.call_inputs import check_call, check_output_type
 from diffsynth_cog.configs import dit_family
-from diffsynth_cog.continuation import KeptFrames, check_extension
-from diffsynth_cog.denoiser import AttentionPart, Denoiser, StepSkipper
-from diffsynth_cog.model_manager import ModelManager
+from diffsynth_cog.denoise.denoiser import AttentionPart, Denoiser, StepSkipper
+from diffsynth_cog.denoise.masks import parse_attention
+from diffsynth_cog.denoise.teacache import make_step_skipper
+from diffsynth_cog.denoise.windows import WindowSpec, reschedule_noise
+from diffsynth_cog.io.video import load_image, tensor_to_frames, video_to_tensor
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.text_encoder import CogTextEncoder
+from diffsynth_cog.models.tiling import TileSpec
 from diffsynth_cog.models.vae import CogVAEDecoder, CogVAEEncoder
-from diffsynth_cog.offload import ModelOffloader, to_host
 from diffsynth_cog.parallel.context import ParallelContext
-from diffsynth_cog.sampling import (
+from diffsynth_cog.pipeline.checks import check_call, check_output_type
+from diffsynth_cog.pipeline.continuation import KeptFrames, check_extension
+from diffsynth_cog.pipeline.model_manager import ModelManager
+from diffsynth_cog.pipeline.offload import ModelOffloader, to_host
+from diffsynth_cog.pipeline.sampling import (
     DIFFUSERS,
     Conditions,
     Conventions,
@@ -52,11 +57,6 @@ from diffsynth_cog.sampling import (
     image_condition,
 )
 from diffsynth_cog.schedulers import Sampler, SchedulerConfig, make_sampler, scheduler_preset
-from diffsynth_cog.sparse_attention import parse_attention
-from diffsynth_cog.teacache import make_step_skipper
-from diffsynth_cog.tiling import TileSpec
-from diffsynth_cog.video_io import load_image, tensor_to_frames, video_to_tensor
-from diffsynth_cog.windows import WindowSpec, reschedule_noise
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class CogVideoPipeline:
         windows: WindowSpec | None = None,
         riflex: bool | tuple[int, int] | None = None,
     ) -> Denoiser:
-        """The denoiser of one generation, from the call's options (see :class:`~diffsynth_cog.denoiser.Denoiser`).
+        """The denoiser of one generation, from the call's options (see :class:`~diffsynth_cog.denoise.denoiser.Denoiser`).
 
         ``attention``: a kernel name, ``"window:W"`` / ``"radial"`` (``sparse_attention.parse_attention``) or a
         part; ``step_cache``: a threshold (TeaCache where the model has a calibration, else the first-block
@@ -390,7 +390,7 @@ class CogVideoPipeline:
                 overlapping by half; or a ``tiling.TileSpec``).
             attention: this call's attention kernel (one of ``models.attention.BACKENDS``), a block-sparse mask
                 (``"window:W"``: +-W latent frames; ``"radial"``; ``":token"`` appended for the token-exact mask;
-                see ``diffsynth_cog.sparse_attention``) or a part.
+                see ``diffsynth_cog.denoise.masks``) or a part.
             output_type: "pil" (list of frames), "np" (float array [F, H, W, 3] in [0, 1]) or "latent"
                 (the final latents [B, C, T, h, w]).
             callback: called after every step with (step index, timestep, latents).
@@ -443,7 +443,8 @@ class CogVideoPipeline:
             seed = self.parallel.shared_seed(seed) if generator is None else seed
             progress_bar = progress_bar and self.parallel.shows_progress
             prompt_emb, negative_prompt_emb = self.parallel.encode_text(
-                self,
+                self.encode_prompt,
+                self.torch_dtype,
                 prompt,
                 negative_prompt,
                 guided=guided,
@@ -516,7 +517,7 @@ class CogVideoPipeline:
         **kwargs,
     ) -> list[Image.Image] | np.ndarray | torch.Tensor:
         """Continues ``video`` by ``extend_by`` frames (a multiple of 8), conditioned on its last ``context_frames``
-        (8k+1) frames through the video-to-video path (see ``diffsynth_cog.continuation``).
+        (8k+1) frames through the video-to-video path (see ``diffsynth_cog.pipeline.continuation``).
 
         ``video``: PIL frames, or pixels [1, 3, F, H, W] in [-1, 1]; its size sets height and width. The clip
         generated is the context plus ``extend_by`` new frames (at most the model's trained length unless

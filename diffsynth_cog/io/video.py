@@ -25,9 +25,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path
-from .configs import check_number
-from .errors import DiffSynthCogError, WriteError
+from diffsynth_cog.configs import check_number
+from diffsynth_cog.errors import DiffSynthCogError, WriteError
+from diffsynth_cog.io.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 

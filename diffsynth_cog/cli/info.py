@@ -127,8 +127,8 @@ def attention_kernels() -> dict[str, Any]:
 
 def models_found(models_dir: str | Path) -> dict[str, Any]:
     """The download presets found under ``models_dir`` and their state, plus other weight files there."""
-    from diffsynth_cog.downloads import MANIFEST_FOLDER, local_status
-    from diffsynth_cog.presets import PRESETS
+    from diffsynth_cog.hub.downloads import MANIFEST_FOLDER, local_status
+    from diffsynth_cog.hub.presets import PRESETS
 
     root = Path(models_dir)
     statuses = [local_status(preset, root) for preset in PRESETS.values()]

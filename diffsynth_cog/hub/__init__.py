@@ -1,0 +1,1 @@
+"""Model repositories: the download presets (`presets`), fetching with manifests (`downloads`), LoRA uploads."""
