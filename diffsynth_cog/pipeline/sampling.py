@@ -11,9 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from diffsynth_cog.denoise.denoiser import Denoiser
+from diffsynth_cog.io.video import tensor_to_frames
 from diffsynth_cog.schedulers import Sampler, diffsynth_noise
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, latents [B, C, T, H, W])
@@ -62,7 +64,9 @@ class Conventions:
     loop, instead of float32; one_batch_guidance: both guidance halves go through the DiT as one batch,
     instead of two calls (positive, then negative); posterior_sample: video-to-video encodes a sample of the
     VAE posterior (drawn from the generator) rather than its mean; seedless_global_rng: without a seed or a
-    generator the noise comes from torch's global RNG (DiffSynth's example seeds it with torch.manual_seed).
+    generator the noise comes from torch's global RNG (DiffSynth's example seeds it with torch.manual_seed);
+    truncated_frames: decoded pixels become uint8 by truncating ``(x + 1) * 127.5`` (DiffSynth's
+    ``tensor2video``) instead of rounding it.
     """
 
     name: str
@@ -71,6 +75,7 @@ class Conventions:
     one_batch_guidance: bool = True
     posterior_sample: bool = True
     seedless_global_rng: bool = False
+    truncated_frames: bool = False
 
     def guided(self, cfg_scale: float) -> bool:
         return cfg_scale > 1.0 if self.guidance_above_one else cfg_scale != 1.0
@@ -90,6 +95,13 @@ class Conventions:
             )
         return draw_noise(shape, generator)
 
+    def frames(self, video: torch.Tensor) -> list[Image.Image]:
+        """Decoded pixels [3, F, H, W] in [-1, 1] -> RGB frames, converted as this reference converts them."""
+        if not self.truncated_frames:
+            return tensor_to_frames(video)
+        array = ((video.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)  # truncates toward zero
+        return [Image.fromarray(frame) for frame in array.permute(1, 2, 3, 0).cpu().numpy()]
+
 
 DIFFUSERS = Conventions("diffusers")
 DIFFSYNTH = Conventions(
@@ -99,12 +111,23 @@ DIFFSYNTH = Conventions(
     one_batch_guidance=False,
     posterior_sample=False,
     seedless_global_rng=True,
+    truncated_frames=True,
 )
+# conventions= names -> conventions (the registry the command line and the web UI offer)
+CONVENTIONS: dict[str, Conventions] = {c.name: c for c in (DIFFUSERS, DIFFSYNTH)}
 
 
-def conventions_for(sampler: str) -> Conventions:
-    """The released samplers ("ddim", "dpm") follow diffusers; "diffsynth" follows DiffSynth-Studio 1.1.x."""
-    return DIFFSYNTH if sampler == "diffsynth" else DIFFUSERS
+def conventions_for(sampler: str, conventions: str | Conventions | None = None) -> Conventions:
+    """A call's conventions: ``conventions`` (a name of :data:`CONVENTIONS` or a value), else the sampler's: the
+    released samplers ("ddim", "dpm") follow diffusers; "diffsynth" is the shorthand for DiffSynth-Studio 1.1.x's
+    DDIM *and* its conventions."""
+    if isinstance(conventions, Conventions):
+        return conventions
+    if conventions is None:
+        return DIFFSYNTH if sampler == "diffsynth" else DIFFUSERS
+    if conventions not in CONVENTIONS:
+        raise ValueError(f"conventions {conventions!r} is not known; valid: {', '.join(CONVENTIONS)} or a Conventions")
+    return CONVENTIONS[conventions]
 
 
 def guidance_scale(cfg_scale: float, timestep: int, num_inference_steps: int, dynamic: bool) -> float:
