@@ -291,8 +291,8 @@ class Sampling:
             "--denoising-strength",
             dest="denoising_strength",
             type=float,
-            default=0.7,
-            help="for --input-video, in (0, 1]; refused without --input-video",
+            help="for --input-video, in (0, 1]: how much of the schedule runs (default: 0.7 with --input-video; "
+            "refused without one)",
         ),
     )
 
