@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from tiny_models import save_tiny_model_folder
 
-from diffsynth_cog.cli.checks import check_generate_args
 from diffsynth_cog.cli.generate import generation_options
+from diffsynth_cog.cli.generate_checks import check_generate_args
 from diffsynth_cog.cli.main import build_parser, main
 from diffsynth_cog.io.video import save_video
 

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 -m diffsynth_cog.cli generate --prompt "..."    (one video on 2 GPUs)
     torchrun --nproc_per_node 8 -m diffsynth_cog.cli generate --prompts prompts.txt --output-dir videos
 
-Every input is checked (``cli_checks.check_generate_args``) before any download or model load. Imported when the
+Every input is checked (``cli.generate_checks.check_generate_args``) before any download or model load. Imported when the
 command line starts, so nothing heavy (torch, the models) is imported at the top.
 """
 
@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
-from diffsynth_cog.cli.checks import DEFAULT_MODEL, DTYPES, job_options, parallel_degrees
+from diffsynth_cog.cli.checks import DEFAULT_MODEL, DTYPES
+from diffsynth_cog.cli.generate_checks import job_options, parallel_degrees
 from diffsynth_cog.pipeline.options import ATTENTION_BACKENDS, Registry
 
 logger = logging.getLogger("diffsynth_cog.cli.main")
@@ -47,6 +48,30 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
             if flag.registry is not None:
                 kwargs.setdefault("metavar", "NAME")
             sections[group].add_argument(*flag.names, dest=flag.dest, help=flag.help, **kwargs)
+    _add_run_options(p, models)
+    memory = sections["memory"]
+    memory.add_argument(
+        "--offload",
+        choices=["none", "model", "sequential"],
+        default="none",
+        help="memory mode: model = each model on the GPU only while it runs, sequential = block by block",
+    )
+    memory.add_argument(
+        "--quantize",
+        choices=["none", "fp8", "int8"],
+        default="none",
+        help="DiT linear layers in fp8 (faster on Hopper/Ada, ~2%% error; needs a CUDA GPU) or int8 weights (half "
+        "the DiT memory)",
+    )
+    memory.add_argument("--compile", action="store_true", help="torch.compile each DiT block (faster after warm-up)")
+    _add_extension(sections["long_video"])
+    p.add_argument("--no-download", action="store_true", help="never download; fail if models are missing")
+    _add_parallel_options(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_run_options(p: argparse.ArgumentParser, models: str) -> None:
+    """The run's own options: the batch, the output, the model and LoRA, the device."""
     p.add_argument(
         "--prompts",
         metavar="FILE",
@@ -93,25 +118,6 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
         help="auto (the GPU when torch sees one, else the CPU, and says which), cpu, cuda or cuda:N",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights' dtype")
-    memory = sections["memory"]
-    memory.add_argument(
-        "--offload",
-        choices=["none", "model", "sequential"],
-        default="none",
-        help="memory mode: model = each model on the GPU only while it runs, sequential = block by block",
-    )
-    memory.add_argument(
-        "--quantize",
-        choices=["none", "fp8", "int8"],
-        default="none",
-        help="DiT linear layers in fp8 (faster on Hopper/Ada, ~2%% error; needs a CUDA GPU) or int8 weights (half "
-        "the DiT memory)",
-    )
-    memory.add_argument("--compile", action="store_true", help="torch.compile each DiT block (faster after warm-up)")
-    _add_extension(sections["long_video"])
-    p.add_argument("--no-download", action="store_true", help="never download; fail if models are missing")
-    _add_parallel_options(p)
-    p.set_defaults(func=cmd_generate)
 
 
 def _add_extension(g: argparse._ArgumentGroup) -> None:
@@ -224,7 +230,7 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from diffsynth_cog.cli.checks import check_generate_args
+    from diffsynth_cog.cli.generate_checks import check_generate_args
     from diffsynth_cog.models.attention import set_attention_backend
     from diffsynth_cog.parallel.launch import init_distributed, shutdown_distributed
 

@@ -245,6 +245,7 @@ class Sampling:
             "--num-inference-steps",
             dest="num_inference_steps",
             type=int,
+            metavar="N",
             default=50,
             help="denoising steps (DiffSynth's ExVideo example uses 100)",
         ),
@@ -423,7 +424,12 @@ class Output:
     progress_bar: bool = option(
         True,
         "tqdm progress bars (``callback(i, t, latents)`` runs after every step either way)",
-        flag("--no-progress", dest="progress_bar", action="store_false", help="no progress bars"),
+        flag(
+            "--no-progress",
+            dest="progress_bar",
+            action="store_false",
+            help="no progress bars (default: progress bars on)",
+        ),
     )
 
 
