@@ -138,6 +138,15 @@ def test_a_resized_or_cut_input_video_is_logged_once_with_what_was_done(folder, 
     assert plan.options.sampling.denoising_strength == 0.7
 
 
+def test_a_continued_video_starts_its_new_frames_from_noise_unless_a_strength_is_given(folder, tmp_path):
+    source = video_file(tmp_path / "in.mp4", 9)
+    argv = tiny(folder, tmp_path, "--input-video", str(source), "--extend-by", "8", "--context-frames", "9")
+    for extra, strength in (([], 1.0), (["--denoising-strength", "0.5"], 0.5)):
+        args = build_parser().parse_args([*argv, "--output", str(tmp_path / "o.mp4"), *extra])
+        plan = check_generate_args(args, generation_options(args))
+        assert plan.options.sampling.denoising_strength == strength and len(plan.input_video) == 9
+
+
 def test_denoising_strength_without_an_input_video_is_refused(folder, tmp_path, caplog):
     argv = tiny(folder, tmp_path, "--denoising-strength", "0.5", "--output", str(tmp_path / "o.mp4"))
     assert "--denoising-strength 0.5 sets how much of an --input-video is kept" in refused(argv, caplog)

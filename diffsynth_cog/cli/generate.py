@@ -160,6 +160,8 @@ def generation_options(args: argparse.Namespace, input_video: list | None = None
     if args.riflex is not None and len(args.riflex) not in (0, 2):
         raise ValueError(f"--riflex takes no value or two (K N_K); got {args.riflex}")
     strength = args.denoising_strength
+    # an edited video keeps some of itself by default; a continued one starts its new frames from noise
+    default_strength = DEFAULT_STRENGTH if args.input_video and not args.extend_by else 1.0
     return o.GenerationOptions(
         inputs=o.Inputs(
             prompt=args.prompt,
@@ -177,7 +179,7 @@ def generation_options(args: argparse.Namespace, input_video: list | None = None
             cfg_scale=args.cfg_scale,
             use_dynamic_cfg=args.use_dynamic_cfg,
             seed=args.seed,
-            denoising_strength=(DEFAULT_STRENGTH if strength is None else strength) if args.input_video else 1.0,
+            denoising_strength=strength if strength is not None else default_strength,
         ),
         memory=o.Memory(tiled=args.tiled, dit_tiled=args.dit_tiled),
         long_video=o.LongVideo(
@@ -190,7 +192,7 @@ def generation_options(args: argparse.Namespace, input_video: list | None = None
     )
 
 
-DEFAULT_STRENGTH = 0.7  # --denoising-strength with --input-video when not given
+DEFAULT_STRENGTH = 0.7  # --denoising-strength with --input-video (not --extend-by) when not given
 ULYSSES_TRANSPORTS = Registry("diffsynth_cog.parallel.peer", "TRANSPORTS", "Ulysses transport")
 
 

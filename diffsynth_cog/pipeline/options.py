@@ -292,8 +292,8 @@ class Sampling:
             "--denoising-strength",
             dest="denoising_strength",
             type=float,
-            help="for --input-video, in (0, 1]: how much of the schedule runs (default: 0.7 with --input-video; "
-            "refused without one)",
+            help="for --input-video, in (0, 1]: how much of the schedule runs (default: 0.7 with --input-video, 1.0 "
+            "with --extend-by; refused without a video)",
         ),
     )
 
