@@ -182,7 +182,7 @@ def test_a_bad_ulysses_head_grouping_is_refused_before_anything_starts():
 
 
 def test_cli_defaults_use_every_rank_cfg_halves_first():
-    from diffsynth_cog.cli.generate import _parallel_degrees
+    from diffsynth_cog.cli.generate_checks import parallel_degrees as _parallel_degrees
     from diffsynth_cog.cli.main import build_parser
 
     def degrees(*argv: str, world: int, batch: bool = False):

@@ -175,9 +175,9 @@ def check_parts(config: DiTConfig, parts: LongVideo) -> None:
         STEP_SKIPPERS.check(step_cache.method, "step cache method")
         if step_cache.method == "teacache" and teacache_coefficients(config) is None:
             raise ValueError(
-                f"step cache method 'teacache' needs a calibration, and this transformer ({dit_family(config)}, "
-                f"{config.num_layers} layers) has none (published for CogVideoX-5B only): use the method "
-                "'first-block' (CLI --step-cache-method first-block) or 'auto'"
+                f"step cache method 'teacache' needs a calibration: TeaCache has no calibrated polynomial for this "
+                f"transformer ({dit_family(config)}, {config.num_layers} layers; published for CogVideoX-5B only). "
+                "Use the method 'first-block' (CLI --step-cache-method first-block) or 'auto'"
             )
     if isinstance(parts.attention, str):
         check_backend(parts.attention)
