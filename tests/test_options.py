@@ -122,3 +122,26 @@ def test_seed_minus_one_draws_a_random_seed_and_logs_the_seed_used(caplog) -> No
     assert len(used) == 1
     again = pipe(seed=int(used[0].split(": ")[1]), output_type="latent", progress_bar=False, **call)
     assert torch.equal(first, again)
+
+
+def test_generate_help_reads_the_options_without_importing_torch() -> None:
+    """The options module and generate's parser import no torch (the registries are read when a value is checked);
+    the package's own __init__ is stubbed, as fast start-up makes it lazy."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import diffsynth_cog.cli
+
+    package = Path(diffsynth_cog.cli.__file__).parent.parent
+    code = (
+        "import sys, types\n"
+        f"m = types.ModuleType('diffsynth_cog'); m.__path__ = [{str(package)!r}]; sys.modules['diffsynth_cog'] = m\n"
+        "from diffsynth_cog.cli.generate import add_generate_command\n"
+        "import argparse\n"
+        "p = argparse.ArgumentParser(); add_generate_command(p.add_subparsers())\n"
+        "p._subparsers._group_actions[0].choices['generate'].format_help()\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
