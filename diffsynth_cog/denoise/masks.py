@@ -15,6 +15,10 @@ then only between tokens at most ``width[d]`` apart in the frame's row-major ord
 Both keep the text global (text queries see everything, every query sees the text) and, by default,
 frame 0 as an attention sink (every query sees the first latent frame).
 
+"Frames" here are the token grid's time steps (``TokenLayout.grid[0]``): latent frames on CogVideoX 1.0,
+whole temporal patches of 2 latent frames on CogVideoX 1.5, so a 1.5 mask never cuts a patch in two and
+``window:W`` keeps +-W temporal patches (+-2W latent frames) there.
+
 Granularity. A latent frame is rarely a whole number of 128-token tiles (480x720: 1350 tokens), so the
 token-level bands (``granularity="token"``) cut most of the tiles they touch; FlexAttention evaluates the
 mask element by element inside such *partial* tiles and skips that work only for *full* ones, and a
@@ -434,7 +438,7 @@ class RadialAttention(_BandedAttention):
 
 def parse_attention(spec: str) -> str | _BandedAttention:
     """A user's attention choice: a dense kernel name (``models.attention.BACKENDS``), ``window:W`` (+-W latent
-    frames), ``window:W:nosink``, ``radial`` or ``radial:DECAY``; the masks at block granularity, or with a
+    frames; on CogVideoX 1.5 +-W temporal patches of 2 latent frames, the token grid's time axis), ``window:W:nosink``, ``radial`` or ``radial:DECAY``; the masks at block granularity, or with a
     ``:token`` suffix at token granularity (e.g. ``window:2:token``, ``radial:0.5:token``)."""
     if spec in BACKENDS:
         return spec

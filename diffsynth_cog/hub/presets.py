@@ -15,6 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from diffsynth_cog.errors import DiffSynthCogError
+from diffsynth_cog.families import Family, get_family
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -45,7 +46,7 @@ class ModelPreset:
     allow_patterns: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
     description: str = ""
-    family: str | None = None  # a model's family (configs.FAMILIES), known before it is downloaded
+    family: str | None = None  # a model's family (families.FAMILIES), known before it is downloaded
 
     def __post_init__(self) -> None:
         if bool(self.files) == bool(self.allow_patterns):
@@ -71,6 +72,15 @@ class ModelPreset:
 
     def offline_requirements(self) -> tuple[str, ...]:
         return self.files or self.required
+
+    def model_family(self) -> Family | None:
+        """The family description (``families``) of a model preset; None for an add-on such as a LoRA."""
+        return get_family(self.family) if self.family is not None else None
+
+    def defaults(self) -> dict[str, int]:
+        """A model's generation defaults (height, width, num_frames, fps) from its family; {} for an add-on."""
+        family = self.model_family()
+        return family.defaults() if family is not None else {}
 
 
 # The diffusers layout of a CogVideoX repository (REFERENCE.md section 1). README, LICENSE and
@@ -116,6 +126,16 @@ PRESETS: Mapping[str, ModelPreset] = MappingProxyType(
             _cogvideox("CogVideoX-2B", "CogVideoX-2b", "CogVideoX 2B text-to-video (diffusers layout)"),
             _cogvideox("CogVideoX-5B", "CogVideoX-5b", "CogVideoX 5B text-to-video (diffusers layout)"),
             _cogvideox("CogVideoX-5B-I2V", "CogVideoX-5b-I2V", "CogVideoX 5B image-to-video (diffusers layout)"),
+            _cogvideox(
+                "CogVideoX1.5-5B",
+                "CogVideoX1.5-5B",
+                "CogVideoX 1.5 5B text-to-video, 1360x768, 81/161 frames at 16 fps",
+            ),
+            _cogvideox(
+                "CogVideoX1.5-5B-I2V",
+                "CogVideoX1.5-5B-I2V",
+                "CogVideoX 1.5 5B image-to-video, sides multiples of 16, 81/161 frames at 16 fps",
+            ),
             ModelPreset(
                 name="ExVideo-CogVideoX-LoRA-129f-v1",
                 model_id="ECNU-CILab/ExVideo-CogVideoX-LoRA-129f-v1",

@@ -8,6 +8,7 @@ so that a missing file fails now and not after the prompt is encoded).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,11 +16,12 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from diffsynth_cog.configs import DiTConfig, check_generation_numbers, check_num_frames, check_size, frame_multiple
+from diffsynth_cog.configs import DiTConfig, check_generation_numbers
 from diffsynth_cog.denoise.windows import WindowSpec
 from diffsynth_cog.io.video import load_image, video_to_tensor
 from diffsynth_cog.models.tiling import TileSpec
 from diffsynth_cog.pipeline.continuation import kept_latent_frames
+from diffsynth_cog.pipeline.sampling import latent_plan
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 DEFAULT_DIT_TILES = TileSpec((480, 720), (0.5, 0.5))  # dit_tiled=True: base-size tiles overlapping by half
@@ -28,21 +30,21 @@ DEFAULT_DIT_TILES = TileSpec((480, 720), (0.5, 0.5))  # dit_tiled=True: base-siz
 @dataclass(frozen=True)
 class CheckedCall:
     """What a call derives from its arguments: the latents' shape [1, C, T, H/8, W/8], the video to edit as pixels
-    [1, 3, F, H, W] (or None), the latent frames to keep (0: none), the temporal windows and the DiT's tiles."""
+    [1, 3, F, H, W] (or None), the latent frames to keep (0: none), the temporal windows and the DiT's tiles;
+    ``padding``: latent frames added at the front to make whole temporal patches (1.5), dropped before decoding."""
 
     latent_shape: tuple[int, int, int, int, int]
     video: torch.Tensor | None
     kept: int
     windows: WindowSpec | None
     tiles: TileSpec | None
+    padding: int = 0
 
 
 def latent_shape_for(config: DiTConfig, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
-    """The latents [1, C, T, H/8, W/8] of one video; checks the frame count and the size."""
-    check_num_frames(num_frames, frame_multiple(config.temporal_compression_ratio))
-    check_size(height, width)
-    frames = (num_frames - 1) // config.temporal_compression_ratio + 1
-    return (1, config.out_channels, frames, height // 8, width // 8)
+    """The latents [1, C, T, H/8, W/8] of one video (T padded to whole temporal patches on 1.5); checks the frame
+    count and the size (``sampling.latent_plan``)."""
+    return latent_plan(config, num_frames, height, width).shape
 
 
 def check_output_type(output_type: str) -> None:
@@ -71,7 +73,8 @@ def check_call(
     keep_frames: int,
 ) -> CheckedCall:
     """The checks of ``CogVideoPipeline.__call__`` (its docstring says what each argument means)."""
-    latent_shape = latent_shape_for(config, num_frames, height, width)
+    plan = latent_plan(config, num_frames, height, width)
+    latent_shape = plan.shape
     check_output_type(output_type)
     check_generation_numbers(
         cfg_scale=cfg_scale, num_inference_steps=num_inference_steps, denoising_strength=denoising_strength, seed=seed
@@ -103,10 +106,16 @@ def check_call(
     if windows is True:
         windows = WindowSpec(config.sample_frames)
     windows = windows or None
+    if windows is not None:  # windows of whole temporal patches (1.5)
+        windows = dataclasses.replace(windows, patch_t=config.temporal_patch)
     if windows is not None and is_i2v:
         raise ValueError(
             "windows need a text-to-video transformer: the I2V model conditions every call on its first frame, "
             "which only the first window holds"
         )
+    if dit_tiled is True and config.family.version != "1.0":  # the family's default size, overlapping by half
+        dit_tiled = dataclasses.replace(DEFAULT_DIT_TILES, size=config.family.default_size())
     tiles = (DEFAULT_DIT_TILES if dit_tiled is True else dit_tiled) or None
-    return CheckedCall(latent_shape=latent_shape, video=video, kept=kept, windows=windows, tiles=tiles)
+    return CheckedCall(
+        latent_shape=latent_shape, video=video, kept=kept, windows=windows, tiles=tiles, padding=plan.padding
+    )
