@@ -40,6 +40,9 @@ VAE_LATENT_FRAMES_PER_CHUNK = 2
 FRAME_MULTIPLE = TEMPORAL_COMPRESSION * VAE_LATENT_FRAMES_PER_CHUNK
 # Pixel sides: the VAE's 8x spatial compression times the DiT's 2x2 patches.
 SIZE_MULTIPLE = 16
+# How the Ulysses all-to-all moves q/k/v (parallel/peer.py): here, torch-free, so the command line's parser
+# offers them without importing torch.
+ULYSSES_TRANSPORTS = ("auto", "nccl", "p2p")
 
 
 def _is_int(value: object) -> bool:
