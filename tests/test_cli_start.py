@@ -25,11 +25,7 @@ def _python(code: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def _heavy_after(statement: str) -> list[str]:
-    code = (
-        "import sys, json\n"
-        f"{statement}\n"
-        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
-    )
+    code = f"import sys, json\n{statement}\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
     result = _python(code)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
