@@ -56,7 +56,8 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "download",
         help="download model presets from ModelScope",
-        description=f"Download presets into --models-dir (DiffSynth-Studio's layout). Presets: {preset_names()}",
+        description="Download presets into --models-dir (DiffSynth-Studio's layout). Presets (any case; the family "
+        f"names the logs print, such as cogvideox-5b, work too): {', '.join(preset_names())}",
     )
     p.add_argument("names", nargs="+", help="preset names")
     p.add_argument("--models-dir", default="models", help="where downloaded models live")
