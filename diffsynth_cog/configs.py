@@ -45,6 +45,9 @@ VAE_LATENT_FRAMES_PER_CHUNK = _V10.vae_latent_frames_per_chunk
 FRAME_MULTIPLE = _V10.frame_multiple
 # Pixel sides: the VAE's 8x spatial compression times the DiT's 2x2 patches.
 SIZE_MULTIPLE = _V10.size_multiple
+# How the Ulysses all-to-all moves q/k/v (parallel/peer.py): here, torch-free, so the command line's parser
+# offers them without importing torch.
+ULYSSES_TRANSPORTS = ("auto", "nccl", "p2p")
 
 
 def _is_int(value: object) -> bool:

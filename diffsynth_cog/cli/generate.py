@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from diffsynth_cog.cli.checks import ATTENTION_BACKENDS, DEFAULT_MODEL, DTYPES
-from diffsynth_cog.parallel.peer import TRANSPORTS
+from diffsynth_cog.configs import ULYSSES_TRANSPORTS as TRANSPORTS
 
 logger = logging.getLogger("diffsynth_cog.cli.main")
 

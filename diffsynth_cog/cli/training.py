@@ -138,6 +138,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         image_latents=image_latents,
     )
+    if summary.nothing_usable and world_size == 1:  # a rank of several cannot tell: the others' clips may be fine
+        from diffsynth_cog.training.prepare import NoUsableClipsError
+
+        raise NoUsableClipsError(
+            summary.unusable_message(args.dataset, (args.num_frames - 1) * args.frame_interval + 1)
+        )
     logger.info("prepare rank %d/%d -> %s: %s", rank, world_size, args.cache, summary.describe())
     return 0
 
@@ -256,6 +262,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         default=_LORA_FORMATS[0],
         help="key layout: diffsynth (DiffSynth-Studio, ExVideo) or diffusers (CogVideoXPipeline.load_lora_weights)",
     )
+    p.add_argument(
+        "--include-paths",
+        action="store_true",
+        help="record the training's full local paths (model, cache_dir, output_dir) in the file's header "
+        "(default: their names only, so a published LoRA does not show your folders)",
+    )
     p.set_defaults(func=cmd_export_lora)
 
 
@@ -274,7 +286,12 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 
     adopt_library_loggers()
     path = export_lora_from_checkpoints(
-        args.checkpoint, args.output, ema_gamma=args.ema, dtype=getattr(torch, DTYPES[args.dtype]), format=args.format
+        args.checkpoint,
+        args.output,
+        ema_gamma=args.ema,
+        dtype=getattr(torch, DTYPES[args.dtype]),
+        format=args.format,
+        include_paths=args.include_paths,
     )
     logger.info("wrote %s", path)
     return 0

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -251,14 +252,34 @@ _compiled_flex: Callable[..., torch.Tensor] | None = None
 # may have (seen on an H200: 240 KiB asked, 227 KiB allowed); used from the first such failure on.
 SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2, "num_warps": 4}
 _kernel_options: dict[str, int] | None = None
+_eager_noted = False
+
+
+def _eager_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """FlexAttention's eager implementation (the CPU's), which PyTorch greets with an 8-line warning on each
+    process's first call: said once here, in one line, and PyTorch's is silenced."""
+    global _eager_noted
+    if _eager_noted:
+        return flex_attention(q, k, v, block_mask=block_mask, kernel_options=_kernel_options)
+    logger.info(
+        "masked attention runs FlexAttention uncompiled on the %s (an unfused kernel: compiling it there needs a "
+        "C++ toolchain and costs more time than CPU-sized runs save)",
+        q.device.type,
+    )
+    _eager_noted = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block_mask, kernel_options=_kernel_options)
 
 
 def flex_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
     """FlexAttention on [B, H, L, D] tensors with a block mask: traced in place inside compiled code, compiled
     once (``dynamic=False``) for eager calls on GPUs, the eager reference implementation on the CPU."""
     global _compiled_flex, _kernel_options
-    if q.device.type != "cuda" or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return flex_attention(q, k, v, block_mask=block_mask, kernel_options=_kernel_options)
+    if q.device.type != "cuda":
+        return _eager_flex(q, k, v, block_mask)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     try:

@@ -93,8 +93,9 @@ _COGVIDEOX_PATTERNS = (
     "transformer/*",
     "vae/*",
 )
+# model_index.json is downloaded (a diffusers pipeline reads the folder with it) but not required: our loader reads
+# each part's own config, so a copy without it is complete.
 _COGVIDEOX_REQUIRED = (
-    "model_index.json",
     "scheduler/scheduler_config.json",
     "text_encoder/config.json",
     "text_encoder/*.safetensors",
@@ -152,12 +153,25 @@ def preset_names(presets: Mapping[str, ModelPreset] | None = None) -> list[str]:
     return sorted(PRESETS if presets is None else presets)
 
 
+def _spellings(preset: ModelPreset) -> tuple[str, ...]:
+    """The names a preset answers to, compared case-insensitively: its name (``CogVideoX-5B``; in lower case
+    also the family name the logs print, ``cogvideox-5b``), its repository (``ZhipuAI/CogVideoX-5b``) and the
+    repository's own name (``CogVideoX-5b``, the folder it is downloaded to)."""
+    return (preset.name, preset.model_id, preset.model_id.split("/")[-1])
+
+
 def get_preset(name: str, presets: Mapping[str, ModelPreset] | None = None) -> ModelPreset:
-    """Look a preset up by name; an unknown name raises `UnknownPresetError` listing the valid ones."""
+    """Look a preset up by name, case-insensitively (``cogvideox-5b``, ``CogVideoX-5B`` and
+    ``ZhipuAI/CogVideoX-5b`` are one preset); an unknown name raises `UnknownPresetError` listing the valid ones."""
     registry = PRESETS if presets is None else presets
-    try:
+    if name in registry:
         return registry[name]
-    except KeyError:
-        raise UnknownPresetError(
-            f"unknown model preset {name!r}; valid names: {', '.join(preset_names(registry))}"
-        ) from None
+    wanted = name.strip().casefold()
+    found = {p.name: p for p in registry.values() if wanted in (s.casefold() for s in _spellings(p))}
+    if len(found) == 1:
+        return next(iter(found.values()))
+    if len(found) > 1:
+        raise UnknownPresetError(f"model preset {name!r} is ambiguous: it names {', '.join(sorted(found))}")
+    raise UnknownPresetError(
+        f"unknown model preset {name!r}; valid names (any case): {', '.join(preset_names(registry))}"
+    )

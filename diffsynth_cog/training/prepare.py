@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffsynth_cog.configs import check_num_frames, frame_multiple
-from diffsynth_cog.errors import shorten
+from diffsynth_cog.errors import DiffSynthCogError, shorten
 from diffsynth_cog.io.atomic import save_safetensors_atomic, write_json_atomic
 from diffsynth_cog.loading.model_folder import resolve_model_folder
 from diffsynth_cog.loading.text_encoder_loader import load_text_encoder
@@ -66,6 +66,12 @@ from diffsynth_cog.training.data import (
 
 logger = logging.getLogger(__name__)
 
+_LISTED = 5  # skipped clips a failure message names one by one
+
+
+class NoUsableClipsError(DiffSynthCogError):
+    """Every clip of the dataset was skipped: the cache holds nothing to train on (the message lists why)."""
+
 
 @dataclass
 class PrepareSummary:
@@ -94,6 +100,25 @@ class PrepareSummary:
         stale = f"{self.stale} stale dropped, " if self.stale else ""
         return (
             f"{self.written} written, {self.skipped_existing} already done, {stale}{describe_skips(self.skipped_bad)}"
+        )
+
+    @property
+    def nothing_usable(self) -> bool:
+        """Every clip there was to encode was skipped, and none was done before: nothing to train on."""
+        return bool(self.skipped_bad) and self.written == 0 and self.skipped_existing == 0
+
+    def unusable_message(self, dataset: str | os.PathLike[str], needed_frames: int) -> str:
+        """Why nothing was written and what to do: the skips by reason, the first ones by record."""
+        listed = "; ".join(
+            f"{s.where or f'clip {s.index}'} ({s.path.name}): {s.reason.replace('_', ' ')}"
+            for s in self.skipped_bad[:_LISTED]
+        )
+        more = f"; and {len(self.skipped_bad) - _LISTED} more" if len(self.skipped_bad) > _LISTED else ""
+        return (
+            f"none of the {len(self.skipped_bad)} clips of {dataset} could be used ({describe_skips(self.skipped_bad)}), "
+            f"so the cache {self.cache_dir} holds nothing to train on: {listed}{more}. Fix or remove those records "
+            f"(each video needs at least {needed_frames} frames at these --num-frames / --frame-interval; the lines "
+            "above give each reader's error) and run prepare again"
         )
 
 
@@ -426,13 +451,18 @@ def prepare_cache(
             bar.update(1)
             if isinstance(item, SkippedSample):
                 summary.skipped_bad.append(item)
-                logger.info("skipped clip %d (%s): %s", item.index, item.reason.replace("_", " "), item.message)
+                logger.info(
+                    "skipped %s (%s): %s",
+                    item.where or f"clip {item.index}",
+                    item.reason.replace("_", " "),
+                    item.message,
+                )
                 bar.set_postfix(skipped=len(summary.skipped_bad))
                 continue
             index, prompt = int(item["index"]), str(item["prompt"])
             sample = by_index[index]
             with torch.inference_mode():
-                prompt_emb = text_encoder.encode(prompt, device=compute_device)[0]  # [L, d]
+                prompt_emb = text_encoder.encode(prompt, device=compute_device, names=[sample.label])[0]  # [L, d]
                 video = item["video"].unsqueeze(0).to(device=compute_device, dtype=vae_dtype)  # [1, 3, F, H, W]
                 generator = posterior_generator(seed, index) if sample_posterior else None
                 latents = vae_encoder.encode(video, tiled=tiled, sample=sample_posterior, generator=generator)[0]
