@@ -123,3 +123,28 @@ def test_15_padding_repeats_the_first_latent_frame_in_front_and_leaves_1_0_alone
     # The released sizes: 81 frames -> 21 latent frames -> 22; 161 -> 41 -> 42 (REFERENCE.md section 9).
     family = dit_preset(T2V).family
     assert [family.padded_latent_frames(family.latent_frames(n)) for n in (81, 161)] == [22, 42]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "job,frames,degree", [("cogvideox15_81f_24gb.json", 81, 1), ("cogvideox15_161f_multi_gpu.json", 161, 2)]
+)
+def test_15_job_files_parse_and_fit_the_released_15_model(job, frames, degree) -> None:
+    from diffsynth_cog.pipeline.sampling import latent_plan
+    from diffsynth_cog.training.sequence import check_degree
+
+    config = TrainConfig.from_json(REPO / "train" / job)
+    released = dit_preset(T2V)
+    size = (config.validation_num_frames, config.validation_height, config.validation_width)
+    assert size == (frames, 768, 1360) and config.validation_fps == released.family.fps
+    plan = latent_plan(released, *size)  # the family's frame, size and position-grid rules
+    tokens = plan.shape[2] // released.temporal_patch * (768 // 16) * (1360 // 16)
+    assert tokens == {81: 44_880, 161: 85_680}[frames]  # REFERENCE.md section 9
+    assert config.sequence_parallel == degree
+    check_degree(degree, released.num_attention_heads, config.devices * config.num_nodes)
+    if degree == 1:  # one GPU, 24 GiB: the switches of the 1.0 24 GiB job
+        low_memory = TrainConfig.from_json(REPO / "train" / "exvideo_129f_24gb.json")
+        for name in ("base_quantization", "activation_offload", "optimizer", "strategy", "lora_targets", "lora_rank"):
+            assert getattr(config, name) == getattr(low_memory, name), name
