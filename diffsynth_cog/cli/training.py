@@ -86,7 +86,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from diffsynth_cog.configs import check_num_frames, check_size
     from diffsynth_cog.loading.model_folder import resolve_model_folder
     from diffsynth_cog.training.data import load_dataset_index
-    from diffsynth_cog.training.prepare import check_cache_dir, load_encoders, prepare_cache
+    from diffsynth_cog.training.prepare import check_cache_dir, check_clip, load_encoders, prepare_cache
 
     rank = args.rank if args.rank is not None else _env_int("RANK", 0)
     world_size = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE", 1)
@@ -108,11 +108,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     check_model_folder(resolve_model_folder(args.model), parts=("text_encoder", "tokenizer", "vae"))
     device = resolve_device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype])
+    dit_config = resolve_model_folder(args.model).dit_config  # the family's clip rules and image-latent scale
+    check_clip(dit_config, args.num_frames, args.height, args.width)
     image_latents = args.image_latents == "yes"
     if args.image_latents == "auto":
-        from diffsynth_cog.loading.model_folder import resolve_model_folder
-
-        dit_config = resolve_model_folder(args.model).dit_config
         image_latents = dit_config is not None and dit_config.in_channels == 2 * dit_config.out_channels
         if image_latents:
             logger.info("%s is an image-to-video model: storing first-frame image latents", args.model)
@@ -137,6 +136,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         model_paths=encoders.paths,
         progress=not args.no_progress,
         image_latents=image_latents,
+        dit_config=dit_config,
     )
     if summary.nothing_usable and world_size == 1:  # a rank of several cannot tell: the others' clips may be fine
         from diffsynth_cog.training.prepare import NoUsableClipsError

@@ -79,11 +79,11 @@ def drop_padding(latents: torch.Tensor, padding: int) -> torch.Tensor:
     return latents[:, :, padding:] if padding else latents
 
 
-def image_latent_scale(family: Family, scaling_factor: float, invert_scale_latents: bool = False) -> float:
+def image_latent_scale(family: Family | None, scaling_factor: float, invert_scale_latents: bool = False) -> float:
     """What the I2V image's raw VAE latents are multiplied by: the scaling factor, or its inverse where the VAE
     config (or the family, 1.5 I2V) says ``invert_scale_latents`` (the reference's rule: the 1.5 I2V model was
-    trained on image latents divided by the factor)."""
-    invert = invert_scale_latents or family.invert_scale_latents
+    trained on image latents divided by the factor). ``family`` None (no transformer known): the VAE config's flag."""
+    invert = invert_scale_latents or (family is not None and family.invert_scale_latents)
     return 1.0 / scaling_factor if invert else scaling_factor
 
 
