@@ -230,7 +230,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "export-lora",
         help="write the LoRA of training checkpoints as a DiffSynth- or diffusers-format safetensors file",
         description="Read Lightning .ckpt files or DeepSpeed checkpoint folders (or a run's checkpoints/ folder) "
-        "and write the LoRA. --format diffsynth (default): DiffSynth-Studio's module names, scale folded into B, "
+        "and write the LoRA in the model family's layout unless --format says otherwise (CogVideoX 1.0: diffsynth, "
+        "1.5: diffusers). --format diffsynth: DiffSynth-Studio's module names, scale folded into B, "
         "loadable with ModelManager.load_lora here or in DiffSynth-Studio. --format diffusers: diffusers' names "
         "and the PEFT LoraConfig in the header, loadable with CogVideoXPipeline.load_lora_weights (and here). "
         "Ranks, alphas and targets are recorded in the header. With --ema, average all given checkpoints "
@@ -259,8 +260,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--format",
         choices=_LORA_FORMATS,
-        default=_LORA_FORMATS[0],
-        help="key layout: diffsynth (DiffSynth-Studio, ExVideo) or diffusers (CogVideoXPipeline.load_lora_weights)",
+        default=None,
+        help="key layout: diffsynth (DiffSynth-Studio, ExVideo) or diffusers (CogVideoXPipeline.load_lora_weights); "
+        "default: the family's (diffsynth on CogVideoX 1.0, diffusers on 1.5, which DiffSynth-Studio does not have)",
     )
     p.add_argument(
         "--include-paths",

@@ -255,11 +255,12 @@ def export_lora_from_checkpoints(
     *,
     ema_gamma: float | None = None,
     dtype: torch.dtype = torch.float32,
-    format: str = "diffsynth",
+    format: str | None = None,
     include_paths: bool = False,
 ) -> Path:
     """Writes the LoRA of training checkpoints (``format``: "diffsynth" or "diffusers", see
-    ``export_lora``); returns the file written.
+    ``export_lora``; None = the family's layout: DiffSynth's on CogVideoX 1.0, diffusers' on 1.5); returns the
+    file written.
 
     ``checkpoints``: ``.ckpt`` files, DeepSpeed checkpoint folders, or ``<output_dir>/checkpoints``
     folders (expanded to their step checkpoints, ``last.ckpt`` left out). Without ``ema_gamma`` the
@@ -269,7 +270,7 @@ def export_lora_from_checkpoints(
     and targets (``export_lora``) plus the step(s) and the training config, whose paths are cut to their
     names unless ``include_paths`` (:func:`export_metadata`).
     """
-    if format not in LORA_EXPORT_FORMATS:
+    if format is not None and format not in LORA_EXPORT_FORMATS:
         raise ValueError(f"format must be one of {list(LORA_EXPORT_FORMATS)}, got {format!r}")
     paths = _ordered(expand_checkpoints(checkpoints))
     if ema_gamma is not None and not 0.0 <= ema_gamma <= 1.0:
