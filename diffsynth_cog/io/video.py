@@ -376,18 +376,22 @@ def _ffmpeg_reason(error: BaseException) -> str:
     return first if first == last else f"{first} ({last})"
 
 
-def _iter_decoded(path: Path) -> Iterator[tuple[int, int, bytes]]:
-    """Yield (width, height, rgb24 bytes) for each frame; ffmpeg failures become VideoReadError."""
+def _iter_decoded(path: Path, meta: dict | None = None) -> Iterator[tuple[int, int, bytes]]:
+    """Yield (width, height, rgb24 bytes) for each frame; ffmpeg failures become VideoReadError.
+
+    ``meta``, when given, receives ffmpeg's stream metadata (``fps``, ``size``, ...) before the first frame."""
     if not path.is_file():
         raise VideoReadError(f"video file not found: {path}")
     try:
         import imageio_ffmpeg
 
         reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-        meta = next(reader)
+        found = next(reader)
     except (OSError, RuntimeError, StopIteration) as error:
         raise VideoReadError(f"cannot read video {path}: {_ffmpeg_reason(error)}") from error
-    width, height = (int(v) for v in meta["size"])
+    if meta is not None:
+        meta.update(found)
+    width, height = (int(v) for v in found["size"])
     try:
         for raw in reader:
             yield width, height, raw
@@ -395,6 +399,20 @@ def _iter_decoded(path: Path) -> Iterator[tuple[int, int, bytes]]:
         raise VideoReadError(f"video {path} is corrupt or truncated: {_ffmpeg_reason(error)}") from error
     finally:
         reader.close()
+
+
+def load_video_array(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
+    """Every frame of a video as a uint8 array [F, H, W, 3] at the file's size, and its frame rate."""
+    source = Path(path).expanduser()
+    meta: dict = {}
+    frames = [
+        np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
+        for width, height, raw in _iter_decoded(source, meta)
+    ]
+    if not frames:
+        raise VideoTooShortError(f"video {source} holds no frames")
+    fps = float(meta.get("fps") or 0.0)
+    return np.stack(frames), fps if fps > 0 else 8.0
 
 
 def load_video(
