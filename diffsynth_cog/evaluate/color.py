@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from diffsynth_cog.evaluate.frames import check_video_array, from_lab, to_lab
@@ -27,8 +28,8 @@ from diffsynth_cog.evaluate.frames import check_video_array, from_lab, to_lab
 
 def lab_statistics(lab: np.ndarray) -> np.ndarray:
     """Per-frame Lab mean and standard deviation: [F, 6] = (mean L, a, b, std L, a, b)."""
-    flat = lab.reshape(lab.shape[0], -1, 3)
-    return np.concatenate([flat.mean(axis=1), flat.std(axis=1)], axis=1).astype(np.float64)
+    rows = [np.concatenate([m[:3, 0], d[:3, 0]]) for m, d in (cv2.meanStdDev(frame) for frame in lab)]
+    return np.array(rows, dtype=np.float64).reshape(len(lab), 6)
 
 
 def opening_count(fps: float, count: int, opening_seconds: float = 0.5) -> int:

@@ -5,8 +5,8 @@
   predecessor. A frame is an event when either curve there is ``JUMP_RATIO`` times both the median of the
   ``NEIGHBOURS`` frames either side (robust: fast motion elsewhere does not hide a jump, and a jump does not
   hide itself) and the larger of the values just before and after it (motion changes smoothly, a seam does
-  not), and ``JUMP_LEVELS`` grey levels above them. Two frames in a row that stand out together, with
-  Lightness shifts that cancel (brighter, then back), are one flickering frame. A jump where the flow
+  not), and ``JUMP_LEVELS`` grey levels above them. Two frames in a row that stand out together
+  (``FLICKER_RATIO``), with Lightness shifts that cancel (brighter, then back), are one flickering frame. A jump where the flow
   matches less than ``CUT_VALID`` of the pixels (the frames share no content) is a ``cut``, else a ``jump``;
 * **frozen** stretches: at least ``FROZEN_MIN`` consecutive frames that differ from the frame before by less
   than ``FROZEN_LEVEL`` grey levels on average (a stopped video, not a slow one);
@@ -25,6 +25,7 @@ import numpy as np
 
 NEIGHBOURS = 8
 JUMP_RATIO = 2.2
+FLICKER_RATIO = 1.8  # a pair that stands out together and whose Lightness shifts cancel: stronger evidence
 JUMP_LEVELS = 1.0
 FLOOR_LEVELS = 0.1
 CUT_VALID = 0.3
@@ -59,21 +60,30 @@ def local_medians(values: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarra
     return medians
 
 
-def spike_scores(values: np.ndarray, width: int = 1) -> np.ndarray:
+def spike_scores(values: np.ndarray, width: int = 1, still: np.ndarray | None = None) -> np.ndarray:
     """How far ``values[t : t + width]`` (all of them) stand above the video around them: the smaller of
     their minimum over the local median and over the larger of the values just before and just after (index
-    0 is unused: frame 0 has no predecessor). A smooth curve scores about 1; a lone spike its height ratio."""
-    count = len(values)
-    medians = local_medians(values)
-    scores = np.zeros(count)
+    0 is unused: frame 0 has no predecessor). A smooth curve scores about 1; a lone spike its height ratio.
+
+    Frames in ``still`` (bool [F]: a repeat of their predecessor) are left out of the comparison and score 0:
+    a frame next to a repeated one is not a spike for being compared with nothing."""
+    moving = np.ones(len(values), dtype=bool) if still is None else ~np.asarray(still, dtype=bool)
+    moving[0] = True  # keeps index 0 as the unused first entry
+    index = np.flatnonzero(moving)
+    packed = values[index]
+    count = len(packed)
+    medians = local_medians(packed)
+    packed_scores = np.zeros(count)
     for t in range(1, count - width + 1):
-        low = float(values[t : t + width].min())
-        before = values[t - 1] if t - 1 >= 1 else 0.0
-        after = values[t + width] if t + width < count else 0.0
+        low = float(packed[t : t + width].min())
+        before = packed[t - 1] if t - 1 >= 1 else 0.0
+        after = packed[t + width] if t + width < count else 0.0
         near = max(before, after, FLOOR_LEVELS)
-        scores[t] = min(low / max(float(medians[t]), FLOOR_LEVELS), low / near)
+        packed_scores[t] = min(low / max(float(medians[t]), FLOOR_LEVELS), low / near)
         if low - near < JUMP_LEVELS:  # a spike must also stand out in grey levels, not just in ratio
-            scores[t] = min(scores[t], 1.0)
+            packed_scores[t] = min(packed_scores[t], 1.0)
+    scores = np.zeros(len(values))
+    scores[index] = packed_scores
     return scores
 
 
@@ -86,14 +96,15 @@ def jump_events(
 
     A spike in either curve counts: the flow hides a seam that leaps along the motion, the plain difference
     one that fast motion drowns."""
-    single = np.maximum(spike_scores(error), spike_scores(difference))
-    double = np.maximum(spike_scores(error, 2), spike_scores(difference, 2))
+    still = difference < FROZEN_LEVEL
+    single = np.maximum(spike_scores(error, 1, still), spike_scores(difference, 1, still))
+    double = np.maximum(spike_scores(error, 2, still), spike_scores(difference, 2, still))
     found: list[Event] = []
     t = 1
     while t < len(error):
         shift = lightness_shift[t]
         after = lightness_shift[t + 1] if t + 1 < len(error) else 0.0
-        if double[t] >= JUMP_RATIO and shift * after < 0 and abs(shift + after) < 0.5 * abs(shift):
+        if double[t] >= FLICKER_RATIO and shift * after < 0 and abs(shift + after) < 0.5 * abs(shift):
             detail = f"frame {t} alone is {shift:+.1f} L off its neighbours"
             found.append(Event("flicker", t, 1, float(double[t]), detail))
             t += 2
@@ -163,7 +174,7 @@ def drift_events(cumulative: np.ndarray) -> list[Event]:
 
 def sharpness(gray_frames: np.ndarray) -> np.ndarray:
     """Variance of the Laplacian of each grey frame [F, H, W] (higher: sharper)."""
-    return np.array([float(cv2.Laplacian(frame, cv2.CV_32F).var()) for frame in gray_frames])
+    return np.array([float(cv2.meanStdDev(cv2.Laplacian(frame, cv2.CV_32F))[1][0, 0]) ** 2 for frame in gray_frames])
 
 
 def blur_events(values: np.ndarray, window: int, cuts: list[int]) -> list[Event]:
@@ -186,7 +197,8 @@ def blur_events(values: np.ndarray, window: int, cuts: list[int]) -> list[Event]
 def join_scores(error: np.ndarray, difference: np.ndarray, joins: list[int]) -> list[dict]:
     """Per join frame (inside the video): its warping error, its spike score (as for jumps), the ratio of
     its warping error to the median elsewhere, and the share of other frames whose spike score is lower."""
-    score = np.maximum(spike_scores(error), spike_scores(difference))
+    still = difference < FROZEN_LEVEL
+    score = np.maximum(spike_scores(error, 1, still), spike_scores(difference, 1, still))
     inside = [j for j in joins if 1 <= j < len(error)]
     others = np.delete(np.arange(1, len(error)), [j - 1 for j in inside])
     median = float(np.median(error[others])) if len(others) else 0.0

@@ -13,7 +13,8 @@ import numpy as np
 
 def frame_differences(frames: np.ndarray) -> np.ndarray:
     """Mean absolute difference of each consecutive pair of uint8 frames [F, H, W, C], in grey levels: [F - 1]."""
-    return np.array([float(cv2.absdiff(frames[t], frames[t + 1]).mean()) for t in range(len(frames) - 1)])
+    size = frames[0].size
+    return np.array([cv2.norm(frames[t], frames[t + 1], cv2.NORM_L1) / size for t in range(len(frames) - 1)])
 
 
 def temporal_flickering(frames: np.ndarray) -> tuple[float, np.ndarray]:

@@ -8,6 +8,7 @@ for a 129-frame 480x720 video on two CPU cores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import cv2
 import numpy as np
@@ -31,6 +32,11 @@ class Frames:
     @property
     def count(self) -> int:
         return int(self.full.shape[0])
+
+    @cached_property
+    def small_float(self) -> np.ndarray:
+        """``small`` as float32 (grey levels 0..255), converted once for the warping checks."""
+        return self.small.astype(np.float32)
 
 
 def check_video_array(frames: np.ndarray, what: str = "video") -> np.ndarray:

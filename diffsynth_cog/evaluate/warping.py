@@ -45,27 +45,37 @@ def _sample(image: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarr
     return cv2.remap(image, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
-def predict_pair(engine: cv2.DISOpticalFlow, frames: Frames, s: int, t: int, occlusion: bool = True) -> PairError:
+def _masked_mean(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per-channel mean of ``image`` [h, w, C] over the non-zero pixels of the uint8 ``mask`` (OpenCV: fast)."""
+    return np.array(cv2.mean(image, mask=mask)[: image.shape[2] if image.ndim == 3 else 1])
+
+
+def predict_pair(
+    engine: cv2.DISOpticalFlow, frames: Frames, s: int, t: int, occlusion: bool = True, grid: tuple | None = None
+) -> PairError:
     """Frame ``t`` predicted from frame ``s`` through the flow (see the module docstring); without
-    ``occlusion`` only pixels whose source is outside the frame are left out (one flow instead of two)."""
+    ``occlusion`` only pixels whose source is outside the frame are left out (one flow instead of two) and
+    the Lab shift is not measured. ``grid``: the pixel coordinates (x, y), float32 [h, w] each."""
     backward = engine.calc(frames.gray[t], frames.gray[s], None)  # t's pixel x came from x + backward(x)
     height, width = backward.shape[:2]
-    grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
-    map_x, map_y = grid_x + backward[..., 0], grid_y + backward[..., 1]
+    if grid is None:
+        grid = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+    map_x, map_y = grid[0] + backward[..., 0], grid[1] + backward[..., 1]
     keep = (map_x >= 0) & (map_x <= width - 1) & (map_y >= 0) & (map_y <= height - 1)
     if occlusion:
         forward_there = _sample(engine.calc(frames.gray[s], frames.gray[t], None), map_x, map_y)
-        round_trip = ((backward + forward_there) ** 2).sum(axis=2)
-        magnitude = (backward**2).sum(axis=2) + (forward_there**2).sum(axis=2)
-        keep &= round_trip < 0.01 * magnitude + 0.5
-    valid = float(keep.mean())
-    if valid < MIN_VALID:
-        keep = np.ones_like(keep)
-    predicted_rgb = _sample(frames.small[s].astype(np.float32), map_x, map_y)
-    error = np.abs(predicted_rgb - frames.small[t].astype(np.float32)).mean(axis=2)[keep].mean()
-    predicted_lab = _sample(frames.lab[s], map_x, map_y)
-    shift = (frames.lab[t] - predicted_lab)[keep].mean(axis=0)
-    return PairError(error=float(error), lab_shift=shift.astype(np.float64), valid=valid)
+        round_trip = cv2.magnitude(backward[..., 0] + forward_there[..., 0], backward[..., 1] + forward_there[..., 1])
+        magnitude = cv2.magnitude(backward[..., 0], backward[..., 1]) ** 2
+        magnitude += cv2.magnitude(forward_there[..., 0], forward_there[..., 1]) ** 2
+        keep &= round_trip**2 < 0.01 * magnitude + 0.5
+    valid = float(np.count_nonzero(keep)) / keep.size
+    mask = np.full(keep.shape, 255, np.uint8) if valid < MIN_VALID else keep.astype(np.uint8) * 255
+    predicted = _sample(frames.small_float[s], map_x, map_y)
+    error = float(_masked_mean(cv2.absdiff(predicted, frames.small_float[t]), mask).mean())
+    shift = np.zeros(3)
+    if occlusion:
+        shift = _masked_mean(frames.lab[t] - _sample(frames.lab[s], map_x, map_y), mask)
+    return PairError(error=error, lab_shift=shift, valid=valid)
 
 
 @dataclass
@@ -89,13 +99,15 @@ def warping_errors(frames: Frames, lag: int | None = None) -> WarpingErrors:
     """Short- and long-range warping errors of every frame (see :class:`WarpingErrors`)."""
     engine = _flow_engine()
     count = frames.count
+    height, width = frames.gray.shape[1:3]
+    grid = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
     lag = long_range_lag(frames.fps, count) if lag is None else lag
     short, valid = np.zeros(count), np.ones(count)
     shifts = np.zeros((count, 3))
     for t in range(1, count):
-        pair = predict_pair(engine, frames, t - 1, t)
+        pair = predict_pair(engine, frames, t - 1, t, grid=grid)
         short[t], shifts[t], valid[t] = pair.error, pair.lab_shift, pair.valid
     long = np.full(count, np.nan)
     for t in range(lag, count):
-        long[t] = predict_pair(engine, frames, t - lag, t, occlusion=False).error
+        long[t] = predict_pair(engine, frames, t - lag, t, occlusion=False, grid=grid).error
     return WarpingErrors(short=short, lab_shift=shifts, valid=valid, long=long, lag=lag)
