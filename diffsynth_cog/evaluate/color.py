@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from diffsynth_cog.evaluate.frames import check_video_array, from_lab, to_lab
+from diffsynth_cog.evaluate.frames import from_lab, to_lab
 
 
 def lab_statistics(lab: np.ndarray) -> np.ndarray:
@@ -94,15 +94,17 @@ def match_color(
     so that the transform is measured on the same content. ``strength`` in [0, 1] blends it in (0: unchanged).
     Returns uint8 frames of the same shape.
     """
-    frames = check_video_array(frames, "frames") if len(frames) >= 2 else np.asarray(frames)
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1]; got {strength}")
+    frames, reference = np.asarray(frames), np.asarray(reference)
     source = frames if source is None else np.asarray(source)
     for name, array in (("frames", frames), ("reference", reference), ("source", source)):
-        if np.asarray(array).dtype != np.uint8 or np.asarray(array).shape[-1] != 3 or np.asarray(array).ndim != 4:
-            raise ValueError(f"{name} must be uint8 [N, H, W, 3]; got shape {list(np.asarray(array).shape)}")
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3 or len(array) == 0:
+            raise ValueError(f"{name} must be uint8 [N, H, W, 3], N >= 1; got {array.dtype} {list(array.shape)}")
+    if strength == 0.0:
+        return frames.copy()
     src = lab_statistics(to_lab(source)).mean(axis=0)  # per-frame statistics averaged: frames of one size
-    ref = lab_statistics(to_lab(np.asarray(reference))).mean(axis=0)
+    ref = lab_statistics(to_lab(reference)).mean(axis=0)
     scale = ref[3:] / np.maximum(src[3:], 1e-3)
     scale = 1.0 + strength * (scale - 1.0)
     offset = strength * (ref[:3] - src[:3])
