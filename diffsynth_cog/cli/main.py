@@ -28,7 +28,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["build_parser", "main"]
 # Optional packages -> the extra that installs them (setup.py extras_require).
-EXTRAS = {"lightning": "train", "deepspeed": "train", "gradio": "webui"}
+EXTRAS = {
+    "lightning": "train",
+    "deepspeed": "train",
+    "gradio": "webui",
+    "cv2": "evaluate",
+    "skimage": "evaluate",
+    "matplotlib": "evaluate",
+}
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -133,11 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_command(sub)
     _add_download(sub)
     _add_upload(sub)
+    from diffsynth_cog.cli.evaluate import add_evaluate_command
     from diffsynth_cog.cli.info import add_info_command
     from diffsynth_cog.cli.webui import add_webui_command
 
     add_info_command(sub)
     add_webui_command(sub)
+    add_evaluate_command(sub)
     try:
         from diffsynth_cog.cli.training import add_training_commands
     except ImportError:  # training extras (lightning) not installed
