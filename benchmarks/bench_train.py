@@ -125,7 +125,7 @@ def build(dit_config: DiTConfig, variant: str, layout: str, device: torch.device
         seed=0,
         **{**variant_changes(variant), **changes},
     )
-    module = CogLoRAModule(config, dit=dit, scheduler_config=scheduler_preset("cogvideox-5b")).to(device)
+    module = CogLoRAModule(config, dit=dit, scheduler_config=scheduler_preset(dit_config.family.scheduler)).to(device)
     del dit
     module.setup("fit")
     module.configure_model()

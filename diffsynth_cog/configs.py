@@ -21,25 +21,33 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-# -- family constants ---------------------------------------------------------------------------------
+from diffsynth_cog.families import FAMILIES as FAMILY_TABLE
+from diffsynth_cog.families import FAMILY_NAMES, Family, family_of
 
-FAMILIES = ("cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v")
-# T5 tokens per prompt: DiTConfig.max_text_seq_length of every CogVideoX 1.0 model.
-DEFAULT_MAX_LENGTH = 226
+# -- family constants ---------------------------------------------------------------------------------
+# The numbers themselves live in ``families`` (one description per family); these names are views of them.
+
+FAMILIES = FAMILY_NAMES
+_V10 = FAMILY_TABLE["cogvideox-5b"]
+# T5 tokens per prompt: DiTConfig.max_text_seq_length of every CogVideoX model.
+DEFAULT_MAX_LENGTH = _V10.text_length
 # The latent scale is a statistic of the training latents, not a weight: it cannot be read from
 # VAE weights, only from a config.json or from the family of the transformer it belongs to.
-VAE_SCALING_FACTORS: dict[str, float] = {"cogvideox-2b": 1.15258426, "cogvideox-5b": 0.7, "cogvideox-5b-i2v": 0.7}
+VAE_SCALING_FACTORS: dict[str, float] = {name: f.vae_scaling_factor for name, f in FAMILY_TABLE.items()}
 DEFAULT_VAE_SCALING_FACTOR = VAE_SCALING_FACTORS["cogvideox-5b"]
 # Pixel frames per latent frame of the causal VAE (after the first frame, which is encoded alone).
-TEMPORAL_COMPRESSION = 4
+TEMPORAL_COMPRESSION = _V10.vae_temporal
 # Latent frames the VAE decodes per temporal chunk: the released checkpoints were trained on two-latent-frame
 # windows (models/vae.py). After the first latent frame they decode in pairs, so only an even number of latent
 # frames after the first decodes to exactly the frames encoded.
-VAE_LATENT_FRAMES_PER_CHUNK = 2
+VAE_LATENT_FRAMES_PER_CHUNK = _V10.vae_latent_frames_per_chunk
 # Valid frame counts are FRAME_MULTIPLE * k + 1 (49, 57, ..., 129).
-FRAME_MULTIPLE = TEMPORAL_COMPRESSION * VAE_LATENT_FRAMES_PER_CHUNK
+FRAME_MULTIPLE = _V10.frame_multiple
 # Pixel sides: the VAE's 8x spatial compression times the DiT's 2x2 patches.
-SIZE_MULTIPLE = 16
+SIZE_MULTIPLE = _V10.size_multiple
+# How the Ulysses all-to-all moves q/k/v (parallel/peer.py): here, torch-free, so the command line's parser
+# offers them without importing torch.
+ULYSSES_TRANSPORTS = ("auto", "nccl", "p2p")
 
 
 def _is_int(value: object) -> bool:
@@ -118,10 +126,13 @@ def _from_dict(cls: type, values: dict[str, Any], *, source: str, ignored: froze
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """CogVideoX transformer (CogVideoX 1.0 family: 2B, 5B, 5B-I2V).
+    """CogVideoX transformer (CogVideoX 1.0: 2B, 5B, 5B-I2V; CogVideoX 1.5: 5B, 5B-I2V).
 
     Field names follow diffusers' ``CogVideoXTransformer3DModel`` config.json so a config file
-    maps onto this class one to one.
+    maps onto this class one to one. CogVideoX 1.5 sets ``patch_size_t`` (latent frames per temporal
+    patch; its patch embedding is then a Linear over (t, h, w) patches, with a bias whatever ``patch_bias``
+    says, as in the reference) and, for I2V, ``ofs_embed_dim`` (an ``ofs`` embedding added to the time
+    embedding).
     """
 
     num_attention_heads: int = 48
@@ -132,6 +143,9 @@ class DiTConfig:
     text_embed_dim: int = 4096
     num_layers: int = 42
     patch_size: int = 2
+    patch_size_t: int | None = None  # CogVideoX 1.5: 2; None: every latent frame is patchified alone
+    patch_bias: bool = True
+    ofs_embed_dim: int | None = None  # CogVideoX 1.5 I2V: 512
     # Pixel-space frame count of the training clips (49 -> 13 latent frames). diffusers keeps
     # this in pixel space for backwards compatibility; we do the same so config.json loads as is.
     sample_frames: int = 49
@@ -165,6 +179,21 @@ class DiTConfig:
             (self.sample_frames - 1) % self.temporal_compression_ratio == 0,
             f"sample_frames {self.sample_frames} must be k*{self.temporal_compression_ratio}+1",
         )
+        if self.patch_size_t is not None:
+            _check(self.patch_size_t >= 1, f"patch_size_t must be positive (or null), got {self.patch_size_t}")
+            _check(
+                self.use_rotary_positional_embeddings and not self.use_learned_positional_embeddings,
+                "patch_size_t (CogVideoX 1.5) needs RoPE positions without a learned table "
+                "(use_rotary_positional_embeddings=true, use_learned_positional_embeddings=false)",
+            )
+        else:
+            _check(self.patch_bias, "patch_bias=False is only supported with patch_size_t (CogVideoX 1.5)")
+        if self.ofs_embed_dim:
+            _check(
+                self.ofs_embed_dim == self.time_embed_dim,
+                f"ofs_embed_dim {self.ofs_embed_dim} must equal time_embed_dim {self.time_embed_dim} "
+                "(the ofs embedding is added to the time embedding)",
+            )
         _check(self.activation_fn == "gelu-approximate", f"activation_fn {self.activation_fn!r} is not supported")
         _check(
             self.timestep_activation_fn == "silu", f"timestep_activation_fn {self.timestep_activation_fn!r} unsupported"
@@ -193,8 +222,23 @@ class DiTConfig:
         return (self.sample_frames - 1) // self.temporal_compression_ratio + 1
 
     @property
+    def temporal_patch(self) -> int:
+        """Latent frames per temporal patch (1 for CogVideoX 1.0)."""
+        return self.patch_size_t or 1
+
+    @property
+    def patch_in_dim(self) -> int:
+        """Input features of one patch: in_channels x temporal_patch x patch_size^2."""
+        return self.in_channels * self.temporal_patch * self.patch_size * self.patch_size
+
+    @property
     def patch_out_dim(self) -> int:
-        return self.patch_size * self.patch_size * self.out_channels
+        return self.temporal_patch * self.patch_size * self.patch_size * self.out_channels
+
+    @property
+    def family(self) -> Family:
+        """The released family this transformer belongs to (``families.family_of``)."""
+        return family_of(self)
 
     @property
     def uses_sincos_positions(self) -> bool:
@@ -203,21 +247,12 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> DiTConfig:
-        _check(
-            values.get("patch_size_t") is None,
-            f"{source}: patch_size_t={values.get('patch_size_t')} is CogVideoX 1.5, which is not supported",
-        )
-        _check(
-            not values.get("ofs_embed_dim"),
-            f"{source}: ofs_embed_dim is CogVideoX 1.5 I2V, which is not supported",
-        )
-        _check(values.get("patch_bias", True), f"{source}: patch_bias=False is not supported")
-        return _from_dict(
-            cls,
-            values,
-            source=source,
-            ignored=frozenset({"dropout", "patch_size_t", "ofs_embed_dim", "patch_bias"}),
-        )
+        try:
+            return _from_dict(cls, values, source=source, ignored=frozenset({"dropout"}))
+        except ValueError as e:
+            if str(e).startswith(source):
+                raise
+            raise ValueError(f"{source}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -279,6 +314,13 @@ class VAEConfig:
         return dataclasses.asdict(self)
 
 
+_DIT_15 = dict(
+    patch_size_t=2,
+    patch_bias=False,
+    sample_frames=81,
+    sample_height=300,
+    sample_width=300,
+)
 DIT_PRESETS: dict[str, DiTConfig] = {
     "cogvideox-2b": DiTConfig(
         num_attention_heads=30,
@@ -287,9 +329,15 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     ),
     "cogvideox-5b": DiTConfig(),
     "cogvideox-5b-i2v": DiTConfig(in_channels=32, use_learned_positional_embeddings=True),
+    # REFERENCE.md section 9: the released transformer configs of CogVideoX 1.5.
+    "cogvideox1.5-5b": DiTConfig(**_DIT_15),
+    "cogvideox1.5-5b-i2v": DiTConfig(in_channels=32, ofs_embed_dim=512, **_DIT_15),
 }
 
-VAE_PRESETS: dict[str, VAEConfig] = {name: VAEConfig(scaling_factor=VAE_SCALING_FACTORS[name]) for name in FAMILIES}
+VAE_PRESETS: dict[str, VAEConfig] = {
+    name: VAEConfig(scaling_factor=f.vae_scaling_factor, invert_scale_latents=f.invert_scale_latents)
+    for name, f in FAMILY_TABLE.items()
+}
 
 
 def _named(table: dict[str, Any], name: str, what: str) -> Any:
@@ -308,16 +356,12 @@ def dit_preset_name(config: DiTConfig) -> str | None:
     return next((name for name, preset in DIT_PRESETS.items() if preset == config), None)
 
 
-# Settings published for one model (weights) of the family; keyed by DiT preset. Other transformers have
-# none: callers ask for explicit values instead of borrowing another model's calibration.
-PUBLISHED_RIFLEX: dict[str, tuple[int, int]] = {
-    # RIFLEx (thu-ml/RIFLEx): intrinsic temporal frequency k (1-based) and its period N_k in latent frames.
-    "cogvideox-5b": (2, 20),
-}
+# Settings published for one model (weights) of a family apply to its released transformer only (the preset
+# of the family's name): other transformers have none, and callers ask for explicit values instead of
+# borrowing another model's calibration.
+PUBLISHED_RIFLEX: dict[str, tuple[int, int]] = {n: f.riflex for n, f in FAMILY_TABLE.items() if f.riflex}
 TEACACHE_COEFFICIENTS: dict[str, tuple[float, ...]] = {
-    # TeaCache (ali-vilab/TeaCache, TeaCache4CogVideoX): polynomial, highest power first, mapping the relative
-    # L1 change of block 0's modulated input to an estimate of the output's change.
-    "cogvideox-5b": (-1538.80, 843.20, -134.36, 7.971, -0.0523),
+    n: f.teacache.coefficients for n, f in FAMILY_TABLE.items() if f.teacache is not None
 }
 
 
@@ -339,19 +383,14 @@ def vae_preset(name: str) -> VAEConfig:
 
 
 def dit_family(config: DiTConfig) -> str:
-    """The family of a transformer config: ``cogvideox-2b``, ``cogvideox-5b`` or ``cogvideox-5b-i2v``.
-
-    The one rule for telling them apart: no RoPE means 2B (it adds 3D sin-cos positions instead),
-    and an I2V model takes image latents beside the noise (``in_channels != out_channels``). The
-    family decides what the weights cannot tell: the scheduler's SNR shift and the VAE's latent scale.
-    """
-    if not config.use_rotary_positional_embeddings:
-        return "cogvideox-2b"
-    return "cogvideox-5b-i2v" if config.in_channels != config.out_channels else "cogvideox-5b"
+    """The family name of a transformer config (``families.family_of``): ``cogvideox-2b``, ``cogvideox-5b``,
+    ``cogvideox-5b-i2v``, ``cogvideox1.5-5b`` or ``cogvideox1.5-5b-i2v``. The family decides what the weights
+    cannot tell: the scheduler's SNR shift, the VAE's latent scale, the defaults of a generation."""
+    return family_of(config).name
 
 
 def vae_scaling_factor(family: str) -> float:
-    """The latent scaling factor the VAE of ``family`` was trained with (2B: 1.15258426, 5B / 5B-I2V: 0.7)."""
+    """The latent scaling factor the VAE of ``family`` was trained with (2B: 1.15258426, 5B and 1.5: 0.7)."""
     return _named(VAE_SCALING_FACTORS, family, "model family")
 
 

@@ -177,11 +177,23 @@ def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
         load_dit(tmp_path / "t")
 
 
-def test_unsupported_config_fields_are_rejected(tmp_path):
+def test_a_10_checkpoint_under_a_15_config_fails_on_the_patch_shapes(tmp_path):
     ref = make_diffusers_dit("cogvideox-5b", seed=5)
     ref.save_pretrained(tmp_path / "t")
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
     cfg["patch_size_t"] = 2
     (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="CogVideoX 1.5"):
+    with pytest.raises(
+        StateDictMismatchError, match=r"patch_embed.proj.weight: expected \[32, 32\], found \[32, 4, 2, 2\]"
+    ):
+        load_dit(tmp_path / "t")
+
+
+def test_unsupported_config_fields_are_rejected(tmp_path):
+    ref = make_diffusers_dit("cogvideox-5b", seed=5)
+    ref.save_pretrained(tmp_path / "t")
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    cfg["frame_skip"] = 2
+    (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"unsupported config field\(s\) \['frame_skip'\]"):
         load_dit(tmp_path / "t")

@@ -30,6 +30,11 @@ def folder_2b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model_folder(tmp_path_factory.mktemp("tiny-2b"), "cogvideox-2b", seed=2)
 
 
+@pytest.fixture(scope="module")
+def folder_15(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model_folder(tmp_path_factory.mktemp("tiny-15"), "cogvideox1.5-5b", seed=2)
+
+
 def tiny(folder: Path, tmp_path: Path, *extra: str, prompt: bool = True) -> list[str]:
     argv = ["generate", "--model", str(folder), "--lora", "none", "--device", "cpu", "--dtype", "fp32"]
     argv += ["--num-frames", "9", "--height", "32", "--width", "48", "--steps", "1", "--no-download", "--no-progress"]
@@ -162,6 +167,23 @@ def test_option_pairs_that_cannot_work_with_the_model_are_refused_before_loading
         (tiny(folder, tmp_path, "--step-cache", "0.2", "--step-cache-method", "tea", *out), "'tea' is not a known"),
         (tiny(folder, tmp_path, "--sampler", "euler", *out), "--sampler 'euler' is not a known sampler"),
         (tiny(folder, tmp_path, "--seed", "-5", *out), "--seed must be an integer >= -1 and <= 18446744073709551615"),
+    ]
+    for argv, message in cases:
+        caplog.clear()
+        assert message in refused(argv, caplog)
+
+
+def test_what_cogvideox_15_cannot_run_is_refused_before_loading(folder_15, tmp_path, caplog):
+    out = ["--output", str(tmp_path / "o.mp4")]
+    source = str(video_file(tmp_path / "in.mp4", 9))
+    cases = [
+        (tiny(folder_15, tmp_path, "--sampler", "diffsynth", *out), "sampler='diffsynth' follows DiffSynth-Studio"),
+        (tiny(folder_15, tmp_path, "--conventions", "diffsynth", *out), "conventions='diffsynth' follow DiffSynth"),
+        (tiny(folder_15, tmp_path, "--input-video", source, *out), "input_video (video-to-video, continuation) is"),
+        (
+            tiny(folder_15, tmp_path, "--input-video", source, "--extend-by", "8", "--context-frames", "9", *out),
+            "not supported on CogVideoX1.5-5B",
+        ),
     ]
     for argv, message in cases:
         caplog.clear()

@@ -22,7 +22,6 @@ from tiny_models import PRESET_FLAGS, TINY_DIT, make_diffusers_dit, randomize_
 import diffsynth_cog.lora as lora_mod
 import diffsynth_cog.lora.merge as lora_merge
 from diffsynth_cog.configs import DiTConfig
-from diffsynth_cog.io import atomic
 from diffsynth_cog.loading.dit_loader import dit_rename, load_dit
 from diffsynth_cog.loading.state_dict import load_state_dict, safetensors_metadata
 from diffsynth_cog.lora import (
@@ -684,7 +683,9 @@ def test_export_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"half a header")  # bytes on disk, then the disk fills up
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(atomic, "save_file", failing_save)
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)  # the atomic writer imports it when it writes
     with pytest.raises(OSError, match="No space left"):
         export_lora(trained, target)
     assert target.read_bytes() == b"previous good file"

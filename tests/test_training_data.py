@@ -181,8 +181,8 @@ def test_index_errors_name_the_files_and_counts(tmp_path: Path) -> None:
     (bad / "metadata.csv").write_text("clip,caption\na.mp4,x\n")
     with pytest.raises(DatasetIndexError, match=r"metadata\.csv: no video path column .*columns found: clip, caption"):
         load_dataset_index(bad)
-    (bad / "metadata.json").write_text(json.dumps([{"file_name": "a.mp4"}]))
-    with pytest.raises(DatasetIndexError, match=r"metadata\.json: record 0: no prompt"):
+    (bad / "metadata.json").write_text(json.dumps([{"file_name": "a.mp4"}]))  # its first record: "record 1"
+    with pytest.raises(DatasetIndexError, match=r"metadata\.json: record 1: no prompt"):
         load_dataset_index(bad)
 
     (tmp_path / "empty").mkdir()

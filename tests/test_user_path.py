@@ -7,6 +7,7 @@ trained on 49, so ``--lora auto`` wants the long-video LoRA beyond 9 frames here
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import shutil
@@ -355,7 +356,7 @@ def test_every_option_says_what_it_does_and_its_default(name: str) -> None:
         if action.dest in ("help", "command"):
             continue
         assert action.help, f"{name} {action.option_strings or action.dest}: no help text"
-        flag = action.default in (False, None) and action.nargs == 0
+        flag = action.default in (False, None, argparse.SUPPRESS) and action.nargs == 0  # a flag, --version
         if action.option_strings and not flag and not action.required:
             shown = action.help if action.default is None else str(action.default)
             assert "default" in action.help.lower() or f"(default: {shown})" in text, (

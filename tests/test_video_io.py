@@ -176,3 +176,90 @@ def test_load_image_resizes_and_crops(tmp_path: Path) -> None:
     (tmp_path / "broken.png").write_bytes(b"nope")
     with pytest.raises(ImageReadError, match="broken.png"):
         load_image(tmp_path / "broken.png", 30, 30)
+
+
+# --------------------------------------------------------------------------------------------- layouts
+def _levels(frames: list[Image.Image]) -> np.ndarray:
+    return np.array([float(np.asarray(f).mean()) for f in frames])
+
+
+def test_channels_last_tensors_and_arrays_are_frames_height_width(tmp_path: Path) -> None:
+    # 4 frames of 32x48 (HxW) whose gray level names the frame: 0.2, 0.4, 0.6, 0.8 of full scale.
+    levels = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    video = levels[:, None, None, None].expand(4, 32, 48, 3).contiguous()
+    expected = [round(v * 255) for v in levels.tolist()]
+    for name, frames in {
+        "float_tensor": video,
+        "uint8_tensor": (video * 255).round().to(torch.uint8),
+        "batched_array": video.numpy()[None],
+    }.items():
+        decoded = load_video(save_video(frames, tmp_path / f"{name}.mp4", quality=10))
+        assert [f.size for f in decoded] == [(48, 32)] * 4, name
+        np.testing.assert_allclose(_levels(decoded), expected, atol=1.01, err_msg=name)  # yuv420p rounding
+    # The VAE layout [3, F, H, W] in [-1, 1] still reads as before: level (x + 1) * 127.5.
+    vae = (levels * 2 - 1)[None, :, None, None].expand(3, 4, 32, 48)
+    np.testing.assert_allclose(
+        _levels(load_video(save_video(vae, tmp_path / "vae.mp4", quality=10))), expected, atol=1.01
+    )
+
+
+def test_a_tensor_with_three_first_and_last_is_refused_unless_the_layout_is_named(tmp_path: Path) -> None:
+    video = torch.rand(3, 32, 48, 3)  # 3 frames of 32x48, or 32 frames of 48x3: the shape cannot say
+    with pytest.raises(ValueError, match=r"layout='FHWC' or layout='CFHW'") as info:
+        save_video(video, tmp_path / "ambiguous.mp4")
+    assert "3 frames of 48x32" in str(info.value) and "32 frames of 3x48" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+    decoded = load_video(save_video(video, tmp_path / "named.mp4", layout="FHWC"))
+    assert len(decoded) == 3 and decoded[0].size == (48, 32)
+    with pytest.raises(ValueError, match="needs 3 channels"):
+        save_video(torch.rand(5, 8, 8, 3), tmp_path / "wrong.mp4", layout="CFHW")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        save_video(torch.rand(5, 8, 8, 3) * 2 - 1, tmp_path / "range.mp4")  # [-1, 1] floats channels-last
+
+
+# --------------------------------------------------------------------------------------------- settings
+SETTINGS = {
+    "model": "CogVideoX-5B",
+    "lora": [{"file": "ExVideo-CogVideoX-LoRA-129f-v1.safetensors", "sha256": "ab" * 32, "alpha": 1.0}],
+    "prompt": 'an astronaut = "riding"; a horse # on Mars \\ façade\nsecond line',
+    "negative_prompt": "",
+    "seed": 6,
+    "height": 48,
+    "width": 64,
+    "num_frames": 17,
+    "fps": 8,
+    "steps": 50,
+    "sampler": "ddim",
+    "cfg_scale": 7.0,
+    "windows": {"size": 49, "overlap": 16},
+    "joins": [9, 13],
+    "riflex": None,
+    "version": "0.1.0",
+}
+
+
+def test_settings_round_trip_through_the_container_and_the_sidecar(tmp_path: Path) -> None:
+    from diffsynth_cog.io.settings import joins_of, read_settings, sidecar_path
+
+    path = save_video(moving_square_video(), tmp_path / "with.mp4", settings=SETTINGS)
+    assert read_settings(path) == SETTINGS
+    assert not sidecar_path(path).exists()
+    assert joins_of(read_settings(path)) == [9, 13]
+    # The sidecar alone also gives them back (e.g. after a tool rewrote the mp4 without its tags).
+    other = save_video(moving_square_video(num_frames=3), tmp_path / "side.mkv", settings=SETTINGS, sidecar=True)
+    assert sidecar_path(other) == tmp_path / "side.json"
+    assert read_settings(tmp_path / "side.json") == SETTINGS == read_settings(other)
+    (tmp_path / "side.json").unlink()
+    assert read_settings(other) == SETTINGS  # from the mkv's own tag
+    assert read_settings(save_video(moving_square_video(num_frames=2), tmp_path / "none.mp4")) is None
+
+
+def test_settings_that_json_cannot_hold_are_refused_before_encoding(tmp_path: Path) -> None:
+    from diffsynth_cog.io.settings import SettingsError
+
+    for bad, named in [({"seed": torch.tensor(3)}, "seed"), ({"windows": {"size": float("nan")}}, "windows.size")]:
+        with pytest.raises(SettingsError, match=named):
+            save_video(moving_square_video(num_frames=2), tmp_path / "bad.mp4", settings=bad)
+    with pytest.raises(SettingsError, match="joins"):
+        save_video(moving_square_video(num_frames=2), tmp_path / "bad.mp4", settings={"joins": [0.5]})
+    assert list(tmp_path.iterdir()) == []

@@ -31,6 +31,27 @@ PRESET_FLAGS = {
     "cogvideox-5b-i2v": dict(
         in_channels=8, out_channels=4, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True
     ),
+    # CogVideoX 1.5: temporal patches of 2 latent frames, RoPE sliced from the max grid (sample_height/width of
+    # the released configs are large: 300x300 latents), no patch bias flag; I2V adds the ofs embedding.
+    "cogvideox1.5-5b": dict(
+        in_channels=4,
+        out_channels=4,
+        use_rotary_positional_embeddings=True,
+        patch_size_t=2,
+        patch_bias=False,
+        sample_height=12,
+        sample_width=14,
+    ),
+    "cogvideox1.5-5b-i2v": dict(
+        in_channels=8,
+        out_channels=4,
+        use_rotary_positional_embeddings=True,
+        patch_size_t=2,
+        patch_bias=False,
+        sample_height=12,
+        sample_width=14,
+        ofs_embed_dim=16,  # = time_embed_dim, as in the release (512 = 512)
+    ),
 }
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from diffsynth_cog.cli.checks import DEFAULT_MODEL, DTYPES
 from diffsynth_cog.cli.generate_checks import job_options, parallel_degrees
-from diffsynth_cog.pipeline.options import ATTENTION_BACKENDS, Registry
+from diffsynth_cog.configs import ULYSSES_TRANSPORTS as TRANSPORTS
+from diffsynth_cog.pipeline.options import ATTENTION_BACKENDS
 
 logger = logging.getLogger("diffsynth_cog.cli.main")
 
@@ -193,7 +194,6 @@ def generation_options(args: argparse.Namespace, input_video: list | None = None
 
 
 DEFAULT_STRENGTH = 0.7  # --denoising-strength with --input-video (not --extend-by) when not given
-ULYSSES_TRANSPORTS = Registry("diffsynth_cog.parallel.peer", "TRANSPORTS", "Ulysses transport")
 
 
 def _add_parallel_options(p: argparse.ArgumentParser) -> None:
@@ -212,10 +212,10 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ring", type=int, default=1, help="ring-attention degree (default 1)")
     g.add_argument(
         "--ulysses-transport",
-        metavar="NAME",
+        choices=TRANSPORTS,
         default="auto",
-        help="how Ulysses moves heads (parallel.peer.TRANSPORTS): p2p (copy engines into the other GPUs' memory; "
-        "one host), nccl (all-to-all; any link), auto (p2p where it works, default)",
+        help="how Ulysses moves heads: p2p (copy engines into the other GPUs' memory; one host), nccl (all-to-all; "
+        "any link), auto (p2p where it works, default)",
     )
     g.add_argument(
         "--group-size",
@@ -241,7 +241,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         if args.attention in ATTENTION_BACKENDS.names():
             set_attention_backend(args.attention)
-        ULYSSES_TRANSPORTS.check(args.ulysses_transport, "--ulysses-transport")
         plan = check_generate_args(args, generation_options(args))
     except ValueError:
         if os.environ.get("RANK", "0") != "0":  # every rank finds the same problem; rank 0 says it

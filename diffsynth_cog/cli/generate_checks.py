@@ -212,11 +212,13 @@ def _check_with_model(args: argparse.Namespace, plan: GeneratePlan) -> None:
     """The pipeline's own call checks against the transformer's config (RIFLEx on 2B, TeaCache without a
     calibration, windows on I2V, ...), for the video or for every line of a batch."""
     from diffsynth_cog.pipeline.checks import check_call, check_parts
+    from diffsynth_cog.pipeline.sampling import check_family_call
 
     config = plan.model.config
     if config is None:
         return
     if args.extend_by:
+        check_family_call(config.family, plan.options)  # continuation: video-to-video, refused on 1.5
         check_parts(config, plan.options.long_video)
         return
     if plan.jobs is None:

@@ -1,4 +1,4 @@
-"""The ``diffsynth-cog`` command line.
+"""Generate long videos with CogVideoX, download its models, and post-train long-video LoRAs.
 
     diffsynth-cog download CogVideoX-5B ExVideo-CogVideoX-LoRA-129f-v1
     diffsynth-cog generate --prompt "an astronaut riding a horse on Mars." --num-frames 129 --output video.mp4
@@ -8,6 +8,9 @@
 
 Defaults aim at the ExVideo use case: CogVideoX-5B with ExVideo-CogVideoX-LoRA-129f-v1, 129 frames at
 480x720, cfg 7.0, fps 8. Missing models are downloaded from ModelScope into ``--models-dir`` first.
+
+Building the parser imports no torch, transformers, gradio or Lightning (each ``add_*_command`` keeps them inside
+its command functions), so ``--help`` and ``--version`` answer at once; ``tests/test_cli_start.py`` checks it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["build_parser", "main"]
 # Optional packages -> the extra that installs them (setup.py extras_require).
-EXTRAS = {"lightning": "train", "deepspeed": "train", "gradio": "webui"}
+EXTRAS = {
+    "lightning": "train",
+    "deepspeed": "train",
+    "gradio": "webui",
+    "cv2": "evaluate",
+    "skimage": "evaluate",
+    "matplotlib": "evaluate",
+}
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -53,7 +63,8 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "download",
         help="download model presets from ModelScope",
-        description=f"Download presets into --models-dir (DiffSynth-Studio's layout). Presets: {preset_names()}",
+        description="Download presets into --models-dir (DiffSynth-Studio's layout). Presets (any case; the family "
+        f"names the logs print, such as cogvideox-5b, work too): {', '.join(preset_names())}",
     )
     p.add_argument("names", nargs="+", help="preset names")
     p.add_argument("--models-dir", default="models", help="where downloaded models live")
@@ -111,20 +122,31 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = (
+    "Generate long videos with CogVideoX (and ExVideo's long-video LoRA), download its models from ModelScope, "
+    "and post-train and export long-video LoRAs. Run 'diffsynth-cog COMMAND --help' for a command's options."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="diffsynth-cog", description=__doc__.split("\n\n")[0])
+    from diffsynth_cog import __version__
+
+    parser = Parser(prog="diffsynth-cog", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages, and tracebacks of errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     from diffsynth_cog.cli.generate import add_generate_command
 
     add_generate_command(sub)
     _add_download(sub)
     _add_upload(sub)
+    from diffsynth_cog.cli.evaluate import add_evaluate_command
     from diffsynth_cog.cli.info import add_info_command
     from diffsynth_cog.cli.webui import add_webui_command
 
     add_info_command(sub)
     add_webui_command(sub)
+    add_evaluate_command(sub)
     try:
         from diffsynth_cog.cli.training import add_training_commands
     except ImportError:  # training extras (lightning) not installed
@@ -135,6 +157,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status. Output cut short by the reader (``diffsynth-cog info | head``) ends
+    quietly with 141, the status of a shell command stopped by SIGPIPE."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # a pipe of ours (ffmpeg's, a worker's) broke: a real error
+        # Later writes, and the interpreter's final flush, go nowhere instead of raising again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13  # SIGPIPE
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows), or stdout is not a file
+        return False
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -144,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("interrupted; no file was left half-written (each is replaced only once complete)")
         return 130
     except Exception as e:
+        if isinstance(e, BrokenPipeError) and _stdout_closed():
+            raise  # the reader of our output has gone: main() ends quietly
         message = error_message(e, args.command)
         if message is None or args.verbose:
             raise

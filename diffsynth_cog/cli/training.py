@@ -86,7 +86,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from diffsynth_cog.configs import check_num_frames, check_size
     from diffsynth_cog.loading.model_folder import resolve_model_folder
     from diffsynth_cog.training.data import load_dataset_index
-    from diffsynth_cog.training.prepare import check_cache_dir, load_encoders, prepare_cache
+    from diffsynth_cog.training.prepare import check_cache_dir, check_clip, load_encoders, prepare_cache
 
     rank = args.rank if args.rank is not None else _env_int("RANK", 0)
     world_size = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE", 1)
@@ -108,11 +108,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     check_model_folder(resolve_model_folder(args.model), parts=("text_encoder", "tokenizer", "vae"))
     device = resolve_device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype])
+    dit_config = resolve_model_folder(args.model).dit_config  # the family's clip rules and image-latent scale
+    check_clip(dit_config, args.num_frames, args.height, args.width)
     image_latents = args.image_latents == "yes"
     if args.image_latents == "auto":
-        from diffsynth_cog.loading.model_folder import resolve_model_folder
-
-        dit_config = resolve_model_folder(args.model).dit_config
         image_latents = dit_config is not None and dit_config.in_channels == 2 * dit_config.out_channels
         if image_latents:
             logger.info("%s is an image-to-video model: storing first-frame image latents", args.model)
@@ -137,7 +136,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         model_paths=encoders.paths,
         progress=not args.no_progress,
         image_latents=image_latents,
+        dit_config=dit_config,
     )
+    if summary.nothing_usable and world_size == 1:  # a rank of several cannot tell: the others' clips may be fine
+        from diffsynth_cog.training.prepare import NoUsableClipsError
+
+        raise NoUsableClipsError(
+            summary.unusable_message(args.dataset, (args.num_frames - 1) * args.frame_interval + 1)
+        )
     logger.info("prepare rank %d/%d -> %s: %s", rank, world_size, args.cache, summary.describe())
     return 0
 
@@ -224,7 +230,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "export-lora",
         help="write the LoRA of training checkpoints as a DiffSynth- or diffusers-format safetensors file",
         description="Read Lightning .ckpt files or DeepSpeed checkpoint folders (or a run's checkpoints/ folder) "
-        "and write the LoRA. --format diffsynth (default): DiffSynth-Studio's module names, scale folded into B, "
+        "and write the LoRA in the model family's layout unless --format says otherwise (CogVideoX 1.0: diffsynth, "
+        "1.5: diffusers). --format diffsynth: DiffSynth-Studio's module names, scale folded into B, "
         "loadable with ModelManager.load_lora here or in DiffSynth-Studio. --format diffusers: diffusers' names "
         "and the PEFT LoraConfig in the header, loadable with CogVideoXPipeline.load_lora_weights (and here). "
         "Ranks, alphas and targets are recorded in the header. With --ema, average all given checkpoints "
@@ -253,8 +260,15 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--format",
         choices=_LORA_FORMATS,
-        default=_LORA_FORMATS[0],
-        help="key layout: diffsynth (DiffSynth-Studio, ExVideo) or diffusers (CogVideoXPipeline.load_lora_weights)",
+        default=None,
+        help="key layout: diffsynth (DiffSynth-Studio, ExVideo) or diffusers (CogVideoXPipeline.load_lora_weights); "
+        "default: the family's (diffsynth on CogVideoX 1.0, diffusers on 1.5, which DiffSynth-Studio does not have)",
+    )
+    p.add_argument(
+        "--include-paths",
+        action="store_true",
+        help="record the training's full local paths (model, cache_dir, output_dir) in the file's header "
+        "(default: their names only, so a published LoRA does not show your folders)",
     )
     p.set_defaults(func=cmd_export_lora)
 
@@ -274,7 +288,12 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 
     adopt_library_loggers()
     path = export_lora_from_checkpoints(
-        args.checkpoint, args.output, ema_gamma=args.ema, dtype=getattr(torch, DTYPES[args.dtype]), format=args.format
+        args.checkpoint,
+        args.output,
+        ema_gamma=args.ema,
+        dtype=getattr(torch, DTYPES[args.dtype]),
+        format=args.format,
+        include_paths=args.include_paths,
     )
     logger.info("wrote %s", path)
     return 0

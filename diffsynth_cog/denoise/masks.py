@@ -15,6 +15,10 @@ then only between tokens at most ``width[d]`` apart in the frame's row-major ord
 Both keep the text global (text queries see everything, every query sees the text) and, by default,
 frame 0 as an attention sink (every query sees the first latent frame).
 
+"Frames" here are the token grid's time steps (``TokenLayout.grid[0]``): latent frames on CogVideoX 1.0,
+whole temporal patches of 2 latent frames on CogVideoX 1.5, so a 1.5 mask never cuts a patch in two and
+``window:W`` keeps +-W temporal patches (+-2W latent frames) there.
+
 Granularity. A latent frame is rarely a whole number of 128-token tiles (480x720: 1350 tokens), so the
 token-level bands (``granularity="token"``) cut most of the tiles they touch; FlexAttention evaluates the
 mask element by element inside such *partial* tiles and skips that work only for *full* ones, and a
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -247,14 +252,34 @@ _compiled_flex: Callable[..., torch.Tensor] | None = None
 # may have (seen on an H200: 240 KiB asked, 227 KiB allowed); used from the first such failure on.
 SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2, "num_warps": 4}
 _kernel_options: dict[str, int] | None = None
+_eager_noted = False
+
+
+def _eager_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """FlexAttention's eager implementation (the CPU's), which PyTorch greets with an 8-line warning on each
+    process's first call: said once here, in one line, and PyTorch's is silenced."""
+    global _eager_noted
+    if _eager_noted:
+        return flex_attention(q, k, v, block_mask=block_mask, kernel_options=_kernel_options)
+    logger.info(
+        "masked attention runs FlexAttention uncompiled on the %s (an unfused kernel: compiling it there needs a "
+        "C++ toolchain and costs more time than CPU-sized runs save)",
+        q.device.type,
+    )
+    _eager_noted = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block_mask, kernel_options=_kernel_options)
 
 
 def flex_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
     """FlexAttention on [B, H, L, D] tensors with a block mask: traced in place inside compiled code, compiled
     once (``dynamic=False``) for eager calls on GPUs, the eager reference implementation on the CPU."""
     global _compiled_flex, _kernel_options
-    if q.device.type != "cuda" or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return flex_attention(q, k, v, block_mask=block_mask, kernel_options=_kernel_options)
+    if q.device.type != "cuda":
+        return _eager_flex(q, k, v, block_mask)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     try:
@@ -434,7 +459,7 @@ class RadialAttention(_BandedAttention):
 
 def parse_attention(spec: str) -> str | _BandedAttention:
     """A user's attention choice: a dense kernel name (``models.attention.BACKENDS``), ``window:W`` (+-W latent
-    frames), ``window:W:nosink``, ``radial`` or ``radial:DECAY``; the masks at block granularity, or with a
+    frames; on CogVideoX 1.5 +-W temporal patches of 2 latent frames, the token grid's time axis), ``window:W:nosink``, ``radial`` or ``radial:DECAY``; the masks at block granularity, or with a
     ``:token`` suffix at token granularity (e.g. ``window:2:token``, ``radial:0.5:token``)."""
     if spec in BACKENDS:
         return spec

@@ -14,6 +14,12 @@ Published for CogVideoX-5B: k = 2, N_k = 20 (head dim 64, so the temporal axis h
 8 frequencies with periods 6, 20, 63, ...). :func:`identify_k` finds k for another RoPE model from the
 latent frame at which its over-long videos start to repeat.
 
+CogVideoX 1.5: the rule carries over unchanged (the same 3D RoPE, head dim 64, the same 8 temporal
+frequencies), but its temporal positions count *temporal patches* of 2 latent frames (8 pixel frames),
+so k, N_k and L are in temporal patches there, and no setting is published for 1.5:
+``riflex=True`` is refused on it (pass ``(k, N_k)`` found with :func:`identify_k` from the temporal patch at
+which its over-long videos repeat); borrowing 5B's (2, 20) would be a guess for another model.
+
 Not for CogVideoX-2B: it has no RoPE. Its positions are a fixed sin-cos table *added* to the tokens
 before the q/k projections, so attention logits do not depend on a position difference through
 ``cos((m - n) theta_j)``; no single frequency's phase wrap explains the repetition, and the learned
@@ -68,11 +74,17 @@ def resolve_riflex(config: DiTConfig, riflex: bool | tuple[int, int] | None) -> 
     if riflex is True:
         setting = published_riflex(config)
         if setting is None:
+            unit = (
+                "latent frame"
+                if config.temporal_patch == 1
+                else f"temporal patch ({config.temporal_patch} latent frames)"
+            )
             raise ValueError(
-                "no published RIFLEx setting for this transformer (only CogVideoX-5B has one: k=2, N_k=20); pass "
-                "riflex=(k, N_k) (CLI: --riflex K N_K); diffsynth_cog.denoise.riflex.identify_k(repeat_frame, "
-                f"dim={config.attention_head_dim // 4}, theta={config.rope_theta}) finds them from the latent frame at "
-                "which the model's long videos start repeating"
+                f"no published RIFLEx setting for this transformer ({config.family.label}; only CogVideoX-5B has one: "
+                "k=2, N_k=20); pass riflex=(k, N_k) (CLI: --riflex K N_K), with N_k in RoPE temporal positions (one per "
+                f"{unit}); diffsynth_cog.denoise.riflex.identify_k(repeat_frame, dim={config.attention_head_dim // 4}, "
+                f"theta={config.rope_theta}) finds them from the {unit} at which the model's long videos start "
+                "repeating"
             )
         return setting
     try:

@@ -11,11 +11,14 @@ below ``threshold`` the step skips *every* block and adds the residual of the wh
 otherwise all blocks run, the residual is stored and the sum resets. The first ``warmup`` steps and the
 last step are always computed.
 
-The polynomial for CogVideoX-5B (TeaCache4CogVideoX; ``configs.TEACACHE_COEFFICIENTS``) is used for
-that model. Outside the range it was fitted on, a polynomial says nothing: where it turns negative
+The polynomials are published per family (``families.Family.teacache``) and used for the released
+transformer of that family: CogVideoX-5B (TeaCache4CogVideoX, fitted on block 0's modulated input) and
+CogVideoX1.5-5B / 1.5-5B-I2V (TeaCache4CogVideoX1.5, fitted on a different signal: the relative L1 change of
+the timestep embedding, plus the ofs embedding on I2V, which is what its reference measures; ``signal``
+"embedding"). Outside the range it was fitted on, a polynomial says nothing: where it turns negative
 (small x) its estimate counts as 0, and beyond its maximum on [0, 4] (x ~ 0.26 for CogVideoX-5B, where
 it starts to fall) the step is computed. Both only make this version compute where TeaCache's might
-skip. A transformer without a published polynomial (2B, I2V, a fine-tune) has no calibration:
+skip. A transformer without a published polynomial (2B, 5B-I2V, a fine-tune) has no calibration:
 ``pipe(step_cache=<number>)`` then uses the first-block residual cache (``step_cache.StepCache``) and
 says so in the log; ``TeaCache(threshold, coefficients=...)`` takes a polynomial of your own.
 
@@ -59,7 +62,7 @@ class _Track:
     """What one DiT call site (the whole call, a tile, a window) remembers between steps."""
 
     accumulated: float = 0.0
-    previous: torch.Tensor | None = None  # block 0's modulated video input [B, Lv, D], last step
+    previous: torch.Tensor | None = None  # the signal at the last step: block 0's modulated video input, or cond
     residual: tuple[torch.Tensor, torch.Tensor] | None = None  # all blocks on (video, text), model dtype
 
 
@@ -71,14 +74,26 @@ class TeaCache(StepBook):
         coefficients: the rescaling polynomial, highest power first; None = the model's published one (the
             denoiser checks that there is one when it is built).
         warmup: first steps always computed (>= 1: the first step has nothing to compare with).
+        signal: what the polynomial was fitted on, with ``coefficients``: ``"modulated"`` (block 0's modulated
+            video input) or ``"embedding"`` (the timestep embedding); with the published polynomial, its own.
     """
 
     name = "teacache"
     min_warmup = 1  # the first step has nothing to compare with
+    SIGNALS = ("modulated", "embedding")
 
-    def __init__(self, threshold: float, coefficients: Sequence[float] | None = None, warmup: int = 1) -> None:
+    def __init__(
+        self,
+        threshold: float,
+        coefficients: Sequence[float] | None = None,
+        warmup: int = 1,
+        signal: str = "modulated",
+    ) -> None:
         super().__init__(threshold, warmup)
+        if signal not in self.SIGNALS:
+            raise ValueError(f"TeaCache signal must be one of {self.SIGNALS}; got {signal!r}")
         self.coefficients: tuple[float, ...] | None = None
+        self.signal = signal
         if coefficients is not None:
             self._set_coefficients(coefficients)
 
@@ -97,11 +112,13 @@ class TeaCache(StepBook):
         published = teacache_coefficients(dit.config)
         if published is None:
             raise ValueError(
-                "TeaCache has no calibrated polynomial for this transformer (published for CogVideoX-5B only): pass "
+                "TeaCache has no calibrated polynomial for this transformer (published for the released CogVideoX-5B, "
+                "CogVideoX1.5-5B and CogVideoX1.5-5B-I2V only): pass "
                 "TeaCache(threshold, coefficients=[...]) fitted for it, or use the uncalibrated first-block cache "
                 "(step_cache.StepCache, CLI --step-cache-method first-block)"
             )
         self._set_coefficients(published)
+        self.signal = dit.config.family.teacache.signal
 
     def rescale(self, change: float) -> float:
         """The polynomial's estimate of the output's change for a relative input change ``change``."""
@@ -124,15 +141,18 @@ class TeaCache(StepBook):
     def run(self, dit: CogDiT, state: DiTState, key: Hashable, reduce: TokenSplit) -> DiTState:
         """All blocks of one DiT call of the current step, or the stored residual when the estimate allows."""
         track = self._track(key)
-        modulated = dit.blocks[0].norm1(state.video, state.text, state.cond)[0]  # [B, Lv, D]
+        if self.signal == "embedding":  # [B, time_embed_dim], the same on every process of a split
+            signal = state.cond
+        else:
+            signal = dit.blocks[0].norm1(state.video, state.text, state.cond)[0]  # [B, Lv, D]
         change = estimate = None
         if track.previous is not None:
-            diff, scale = reduce.all_reduce(l1_change(modulated, track.previous)).tolist()
+            diff, scale = reduce.all_reduce(l1_change(signal, track.previous)).tolist()
             change = math.inf if scale == 0.0 else diff / scale
             estimate = self.rescale(change)
         self.changes.append(change)
         self.estimates.append(estimate)
-        track.previous = modulated
+        track.previous = signal
 
         compute = self._always_computed() or track.residual is None
         if not compute:

@@ -20,7 +20,9 @@ not tied together. Every window starts at position 0, which the model trained as
 frame (a single image frame in the causal VAE), so window starts can show a slight "first frame" look.
 
 All windows have the same length (the last one is moved back to end at the last frame), so compiled
-blocks see one shape.
+blocks see one shape. With temporal patches (CogVideoX 1.5: ``patch_t`` = 2 latent frames a patch) windows are
+planned in whole temporal patches: sizes, starts and strides are multiples of ``patch_t`` latent frames, so every
+window is a whole number of the DiT's token rows in time.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class WindowSpec:
     frames: int
     overlap: float = 0.25
     compression: int = 4  # pixel frames per latent frame (after the first)
+    patch_t: int = 1  # latent frames per temporal patch of the DiT (the pipeline sets it from the model)
 
     def __post_init__(self) -> None:
         if isinstance(self.frames, bool) or not isinstance(self.frames, int) or self.frames < 1:
@@ -50,17 +53,27 @@ class WindowSpec:
             )
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"window overlap must be a fraction in [0, 1); got {self.overlap}")
+        if isinstance(self.patch_t, bool) or not isinstance(self.patch_t, int) or self.patch_t < 1:
+            raise ValueError(f"window patch_t must be a positive integer; got {self.patch_t!r}")
 
     @property
     def latent_frames(self) -> int:
-        return (self.frames - 1) // self.compression + 1
+        """Latent frames of one window, rounded up to whole temporal patches (81 frames on 1.5: 21 -> 22)."""
+        frames = (self.frames - 1) // self.compression + 1
+        return -(-frames // self.patch_t) * self.patch_t
 
     def plan(self, latent_frames: int) -> WindowPlan:
-        """The windows over ``latent_frames`` latent frames."""
+        """The windows over ``latent_frames`` latent frames (a whole number of temporal patches)."""
+        pt = self.patch_t
+        if latent_frames % pt:
+            raise ValueError(
+                f"windows of temporal patches of {pt} latent frames need a whole number of patches; got "
+                f"{latent_frames} latent frames"
+            )
         size = self.latent_frames
         if latent_frames <= size:
             return WindowPlan(latent_frames, latent_frames, (0,), latent_frames)
-        stride = max(1, int(size * (1 - self.overlap)))
+        stride = max(1, int(size // pt * (1 - self.overlap))) * pt
         starts = list(range(0, latent_frames - size + 1, stride))
         if starts[-1] + size < latent_frames:
             starts.append(latent_frames - size)  # the last window ends at the last frame

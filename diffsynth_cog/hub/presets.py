@@ -15,6 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from diffsynth_cog.errors import DiffSynthCogError
+from diffsynth_cog.families import Family, get_family
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -45,7 +46,7 @@ class ModelPreset:
     allow_patterns: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
     description: str = ""
-    family: str | None = None  # a model's family (configs.FAMILIES), known before it is downloaded
+    family: str | None = None  # a model's family (families.FAMILIES), known before it is downloaded
 
     def __post_init__(self) -> None:
         if bool(self.files) == bool(self.allow_patterns):
@@ -72,6 +73,15 @@ class ModelPreset:
     def offline_requirements(self) -> tuple[str, ...]:
         return self.files or self.required
 
+    def model_family(self) -> Family | None:
+        """The family description (``families``) of a model preset; None for an add-on such as a LoRA."""
+        return get_family(self.family) if self.family is not None else None
+
+    def defaults(self) -> dict[str, int]:
+        """A model's generation defaults (height, width, num_frames, fps) from its family; {} for an add-on."""
+        family = self.model_family()
+        return family.defaults() if family is not None else {}
+
 
 # The diffusers layout of a CogVideoX repository (REFERENCE.md section 1). README, LICENSE and
 # configuration.json are left out: nothing loads them.
@@ -83,8 +93,9 @@ _COGVIDEOX_PATTERNS = (
     "transformer/*",
     "vae/*",
 )
+# model_index.json is downloaded (a diffusers pipeline reads the folder with it) but not required: our loader reads
+# each part's own config, so a copy without it is complete.
 _COGVIDEOX_REQUIRED = (
-    "model_index.json",
     "scheduler/scheduler_config.json",
     "text_encoder/config.json",
     "text_encoder/*.safetensors",
@@ -116,6 +127,16 @@ PRESETS: Mapping[str, ModelPreset] = MappingProxyType(
             _cogvideox("CogVideoX-2B", "CogVideoX-2b", "CogVideoX 2B text-to-video (diffusers layout)"),
             _cogvideox("CogVideoX-5B", "CogVideoX-5b", "CogVideoX 5B text-to-video (diffusers layout)"),
             _cogvideox("CogVideoX-5B-I2V", "CogVideoX-5b-I2V", "CogVideoX 5B image-to-video (diffusers layout)"),
+            _cogvideox(
+                "CogVideoX1.5-5B",
+                "CogVideoX1.5-5B",
+                "CogVideoX 1.5 5B text-to-video, 1360x768, 81/161 frames at 16 fps",
+            ),
+            _cogvideox(
+                "CogVideoX1.5-5B-I2V",
+                "CogVideoX1.5-5B-I2V",
+                "CogVideoX 1.5 5B image-to-video, sides multiples of 16, 81/161 frames at 16 fps",
+            ),
             ModelPreset(
                 name="ExVideo-CogVideoX-LoRA-129f-v1",
                 model_id="ECNU-CILab/ExVideo-CogVideoX-LoRA-129f-v1",
@@ -132,12 +153,25 @@ def preset_names(presets: Mapping[str, ModelPreset] | None = None) -> list[str]:
     return sorted(PRESETS if presets is None else presets)
 
 
+def _spellings(preset: ModelPreset) -> tuple[str, ...]:
+    """The names a preset answers to, compared case-insensitively: its name (``CogVideoX-5B``; in lower case
+    also the family name the logs print, ``cogvideox-5b``), its repository (``ZhipuAI/CogVideoX-5b``) and the
+    repository's own name (``CogVideoX-5b``, the folder it is downloaded to)."""
+    return (preset.name, preset.model_id, preset.model_id.split("/")[-1])
+
+
 def get_preset(name: str, presets: Mapping[str, ModelPreset] | None = None) -> ModelPreset:
-    """Look a preset up by name; an unknown name raises `UnknownPresetError` listing the valid ones."""
+    """Look a preset up by name, case-insensitively (``cogvideox-5b``, ``CogVideoX-5B`` and
+    ``ZhipuAI/CogVideoX-5b`` are one preset); an unknown name raises `UnknownPresetError` listing the valid ones."""
     registry = PRESETS if presets is None else presets
-    try:
+    if name in registry:
         return registry[name]
-    except KeyError:
-        raise UnknownPresetError(
-            f"unknown model preset {name!r}; valid names: {', '.join(preset_names(registry))}"
-        ) from None
+    wanted = name.strip().casefold()
+    found = {p.name: p for p in registry.values() if wanted in (s.casefold() for s in _spellings(p))}
+    if len(found) == 1:
+        return next(iter(found.values()))
+    if len(found) > 1:
+        raise UnknownPresetError(f"model preset {name!r} is ambiguous: it names {', '.join(sorted(found))}")
+    raise UnknownPresetError(
+        f"unknown model preset {name!r}; valid names (any case): {', '.join(preset_names(registry))}"
+    )

@@ -10,6 +10,10 @@ removed and the target is untouched. Readers see the old file or the new one, ne
 The temporary name is hidden, unique per process and call (several ranks may write the same file at
 once; the last rename wins) and keeps the target's suffix (ffmpeg picks the container from it):
 ``.video.mp4.<pid>.<random>.partial.mp4``.
+
+Every file gets the permissions of a plain ``open(path, "w")``: a new file ``0o666`` less the umask (0644
+under the usual umask 022), a replaced file keeps its mode, whatever the writer chose (safetensors creates
+its files 0600, which would hide a LoRA from the other users of a shared machine).
 """
 
 from __future__ import annotations
@@ -18,17 +22,19 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from diffsynth_cog.errors import OutputPathError, WriteError
+
+if TYPE_CHECKING:  # imported where used: checking an output path needs no torch
+    import torch
 
 
 def temporary_name(target: Path) -> Path:
@@ -52,6 +58,32 @@ def _fsync(path: Path, *, directory: bool = False) -> None:
             raise
     finally:
         os.close(fd)
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc on Linux; elsewhere set and restored at once, under a lock)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode(target: Path) -> int:
+    """The permission bits ``target`` gets: an existing file's own, else ``0o666`` less the umask."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
 
 
 # OS errors of a write that the user fixes outside this program: a message, not a traceback.
@@ -154,8 +186,11 @@ def atomic_path(path: str | os.PathLike[str], *, fsync_dir: bool = True) -> Iter
     except OSError as error:
         raise _write_error(target, error, existed) from None
     partial = temporary_name(target)
+    mode = file_mode(target)
     try:
         yield partial
+        if partial.exists() and stat.S_IMODE(partial.stat().st_mode) != mode:
+            os.chmod(partial, mode)
         _fsync(partial)  # the data reaches the disk before the name points at it
         os.replace(partial, target)
     except BaseException as error:
@@ -196,6 +231,8 @@ def save_safetensors_atomic(
     path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Writes ``tensors`` (made contiguous) as a safetensors file atomically; returns the path."""
+    from safetensors.torch import save_file
+
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
     with atomic_path(path) as partial:
         save_file(contiguous, str(partial), metadata=dict(metadata) if metadata is not None else None)
@@ -204,6 +241,8 @@ def save_safetensors_atomic(
 
 def torch_save_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (training checkpoints); returns the path."""
+    import torch
+
     with atomic_path(path) as partial:
         torch.save(obj, partial)
     return Path(path)

@@ -17,8 +17,9 @@ import logging
 import numbers
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from diffsynth_cog.configs import check_number
 from diffsynth_cog.errors import DiffSynthCogError, WriteError
 from diffsynth_cog.io.atomic import atomic_path
+from diffsynth_cog.io.settings import metadata_arguments, write_settings
 
 logger = logging.getLogger(__name__)
 
@@ -114,26 +116,78 @@ def _frames_to_uint8(frames: Sequence[Image.Image] | Sequence[np.ndarray]) -> np
     return np.stack(arrays)
 
 
-def _video_to_uint8(frames: VideoLike) -> np.ndarray:
+LAYOUTS = ("FHWC", "CFHW")
+_LAYOUT_HELP = (
+    "save_video takes a list of PIL images or [H, W, 3] uint8 arrays; an array or tensor [F, H, W, 3] "
+    "(layout 'FHWC': uint8 0..255 or float 0..1, optionally with a leading batch of 1); or a float tensor "
+    "[3, F, H, W] in [-1, 1] (layout 'CFHW', the VAE's output, optionally [1, 3, F, H, W])"
+)
+
+
+def _layout_of(shape: tuple[int, ...], layout: str | None, is_tensor: bool) -> str:
+    """'FHWC' or 'CFHW' for a 4-D video shape: ``layout`` when given, else read from where the 3 channels are."""
+    if layout is not None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+        if shape[3 if layout == "FHWC" else 0] != 3:
+            raise ValueError(f"layout={layout!r} needs 3 channels there; got shape {list(shape)}. {_LAYOUT_HELP}")
+        return layout
+    channels_last, channels_first = shape[3] == 3, shape[0] == 3 and is_tensor
+    if channels_last and channels_first:
+        raise ValueError(
+            f"cannot tell the layout of a video of shape {list(shape)}: it reads as [F, H, W, 3] ({shape[0]} frames "
+            f"of {shape[2]}x{shape[1]}, WxH) or as [3, F, H, W] ({shape[1]} frames of {shape[3]}x{shape[2]}). "
+            "Pass layout='FHWC' or layout='CFHW' to save_video"
+        )
+    if channels_last:
+        return "FHWC"
+    if channels_first:
+        return "CFHW"
+    hint = " (a numpy array is read as [F, H, W, 3]; pass a torch tensor for [3, F, H, W])" if not is_tensor else ""
+    raise ValueError(f"cannot read a video of shape {list(shape)}{hint}. {_LAYOUT_HELP}")
+
+
+def _channels_last_to_uint8(video: np.ndarray) -> np.ndarray:
+    """[F, H, W, 3] uint8 (kept) or float in [0, 1] (scaled, rounded) -> uint8 [F, H, W, 3]."""
+    if video.dtype == np.uint8:
+        return np.ascontiguousarray(video)
+    if not np.issubdtype(video.dtype, np.floating):
+        raise ValueError(f"a video [F, H, W, 3] must be uint8 (0..255) or float (0..1); got dtype {video.dtype}")
+    low, high = float(video.min()), float(video.max())
+    # A small tolerance: float pipelines land a hair outside [0, 1]; anything larger is a range mix-up
+    # (e.g. [-1, 1] or [0, 255] floats) that would silently produce a wrong video.
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise ValueError(
+            f"a float video [F, H, W, 3] must hold values in [0, 1]; found [{low:.4g}, {high:.4g}]. "
+            "Pass uint8 for 0..255, or a torch tensor [3, F, H, W] for [-1, 1]."
+        )
+    return (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def _array_to_uint8(video: np.ndarray | torch.Tensor, layout: str | None) -> np.ndarray:
+    """A 4-D (or batch-of-1 5-D) array or tensor in either layout -> uint8 [F, H, W, 3]."""
+    is_tensor = isinstance(video, torch.Tensor)
+    shape = tuple(video.shape)
+    if len(shape) == 5:
+        if shape[0] != 1:
+            raise ValueError(f"a 5-D video must have a batch of 1; got shape {list(shape)}. {_LAYOUT_HELP}")
+        video, shape = video[0], shape[1:]
+    if len(shape) != 4:
+        raise ValueError(f"cannot read a video of shape {list(shape)}. {_LAYOUT_HELP}")
+    if _layout_of(shape, layout, is_tensor) == "CFHW":
+        return _tensor_to_uint8(video if is_tensor else torch.from_numpy(np.asarray(video)))
+    if is_tensor:
+        video = video.detach().cpu()
+        video = video.numpy() if video.dtype == torch.uint8 else video.float().numpy()
+    return _channels_last_to_uint8(np.asarray(video))
+
+
+def _video_to_uint8(frames: VideoLike, layout: str | None = None) -> np.ndarray:
     """Any supported video input -> uint8 array [F, H, W, 3] (see `save_video` for the accepted forms)."""
-    if isinstance(frames, torch.Tensor):
-        return _tensor_to_uint8(frames)
-    if isinstance(frames, np.ndarray):
-        if frames.ndim != 4 or frames.shape[3] != 3:
-            raise ValueError(f"expected a numpy video [F, H, W, 3]; got shape {frames.shape}")
-        if frames.dtype == np.uint8:
-            return np.ascontiguousarray(frames)
-        if not np.issubdtype(frames.dtype, np.floating):
-            raise ValueError(f"a numpy video must be uint8 (0..255) or float (0..1); got dtype {frames.dtype}")
-        low, high = float(frames.min()), float(frames.max())
-        # A small tolerance: float pipelines land a hair outside [0, 1]; anything larger is a range mix-up
-        # (e.g. [-1, 1] or [0, 255] floats) that would silently produce a wrong video.
-        if low < -1e-3 or high > 1 + 1e-3:
-            raise ValueError(
-                f"a float numpy video must hold values in [0, 1]; found [{low:.4g}, {high:.4g}]. "
-                "Pass uint8 for 0..255, or a torch tensor [3, F, H, W] for [-1, 1]."
-            )
-        return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if isinstance(frames, (torch.Tensor, np.ndarray)):
+        return _array_to_uint8(frames, layout)
+    if layout is not None:
+        raise ValueError("layout= is for an array or a tensor; a frame list holds [H, W, 3] frames")
     if len(frames) == 0:
         raise ValueError("save_video got an empty frame list")
     return _frames_to_uint8(frames)
@@ -163,20 +217,31 @@ def save_video(
     fps: float = 8,
     quality: float = 5,
     progress: bool = False,
+    *,
+    layout: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+    sidecar: bool = False,
 ) -> Path:
     """Write a video as H.264 (libx264, yuv420p) and return its path.
 
     Args:
         frames: one of
             - a list of PIL images (converted to RGB) or of uint8 arrays `[H, W, 3]`;
-            - a numpy array `[F, H, W, 3]`: uint8 in 0..255, or float in [0, 1];
+            - a numpy array or torch tensor `[F, H, W, 3]` (or `[1, F, H, W, 3]`): uint8 in 0..255, or float
+              in [0, 1];
             - a float tensor `[3, F, H, W]` or `[1, 3, F, H, W]` in [-1, 1] (the VAE's output range;
               values outside are clipped).
+            The layout is read from where the 3 channels are; a tensor with 3 both first and last (e.g.
+            `[3, 32, 48, 3]`) is refused unless `layout` says which it is.
         path: output file; the container follows the suffix (use `.mp4`).
         fps: frames per second (CogVideoX models are trained at 8).
         quality: 1 (smallest file) .. 10 (near lossless), imageio-ffmpeg's scale: it maps to x264
             `crf = int((1 - quality / 10) * 51)`, so 5 -> crf 25 and 10 -> crf 0.
         progress: show a tqdm bar over frames.
+        layout: "FHWC" or "CFHW", for a tensor whose layout the shape does not tell.
+        settings: the settings the video was made with (JSON values, see `diffsynth_cog.io.settings`),
+            stored in the container's metadata; `read_settings(path)` gives them back.
+        sidecar: also write the settings to `<stem>.json` beside the video.
 
     The video is encoded into a temporary file in the same folder and renamed into place only when
     ffmpeg finished, so an interrupted or failed write never leaves a half-written file at `path`.
@@ -190,7 +255,10 @@ def save_video(
         raise ValueError(f"quality must be a number in [{_MIN_QUALITY}, {_MAX_QUALITY}]; got {quality!r}")
     check_number(fps, name="fps", low=0, low_open=True)
     target = check_video_path(path)
-    video = _pad_to_even(_video_to_uint8(frames))  # [F, H, W, 3] uint8
+    if sidecar and settings is None:
+        raise ValueError("sidecar=True writes the settings beside the video; pass settings= as well")
+    extra_arguments = metadata_arguments(settings) if settings is not None else []  # checked before encoding
+    video = _pad_to_even(_video_to_uint8(frames, layout))  # [F, H, W, 3] uint8
     num_frames, height, width = video.shape[:3]
 
     import imageio_ffmpeg  # imported on use: the library must import on machines without ffmpeg
@@ -208,6 +276,7 @@ def save_video(
             codec="libx264",
             macro_block_size=2,  # sizes are already even; 2 stops imageio-ffmpeg from rescaling to multiples of 16
             ffmpeg_log_level="error",
+            output_params=extra_arguments,
         )
         try:
             writer.send(None)  # start ffmpeg
@@ -222,6 +291,8 @@ def save_video(
         # ffmpeg may exit 0 with a truncated or empty file (e.g. "Error writing trailer" on a full disk): the
         # file replaces the target only once it reads back whole.
         _verify_written(partial, target, num_frames)
+    if sidecar and settings is not None:
+        logger.info("settings written to %s", write_settings(target, settings))
     logger.info(
         "saved %d frames (%dx%d, %s fps) to %s%s",
         num_frames,
@@ -305,18 +376,22 @@ def _ffmpeg_reason(error: BaseException) -> str:
     return first if first == last else f"{first} ({last})"
 
 
-def _iter_decoded(path: Path) -> Iterator[tuple[int, int, bytes]]:
-    """Yield (width, height, rgb24 bytes) for each frame; ffmpeg failures become VideoReadError."""
+def _iter_decoded(path: Path, meta: dict | None = None) -> Iterator[tuple[int, int, bytes]]:
+    """Yield (width, height, rgb24 bytes) for each frame; ffmpeg failures become VideoReadError.
+
+    ``meta``, when given, receives ffmpeg's stream metadata (``fps``, ``size``, ...) before the first frame."""
     if not path.is_file():
         raise VideoReadError(f"video file not found: {path}")
     try:
         import imageio_ffmpeg
 
         reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-        meta = next(reader)
+        found = next(reader)
     except (OSError, RuntimeError, StopIteration) as error:
         raise VideoReadError(f"cannot read video {path}: {_ffmpeg_reason(error)}") from error
-    width, height = (int(v) for v in meta["size"])
+    if meta is not None:
+        meta.update(found)
+    width, height = (int(v) for v in found["size"])
     try:
         for raw in reader:
             yield width, height, raw
@@ -324,6 +399,20 @@ def _iter_decoded(path: Path) -> Iterator[tuple[int, int, bytes]]:
         raise VideoReadError(f"video {path} is corrupt or truncated: {_ffmpeg_reason(error)}") from error
     finally:
         reader.close()
+
+
+def load_video_array(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
+    """Every frame of a video as a uint8 array [F, H, W, 3] at the file's size, and its frame rate."""
+    source = Path(path).expanduser()
+    meta: dict = {}
+    frames = [
+        np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
+        for width, height, raw in _iter_decoded(source, meta)
+    ]
+    if not frames:
+        raise VideoTooShortError(f"video {source} holds no frames")
+    fps = float(meta.get("fps") or 0.0)
+    return np.stack(frames), fps if fps > 0 else 8.0
 
 
 def load_video(

@@ -27,6 +27,8 @@ _TOP_LEVEL = {
     "patch_embed.text_proj.": "text_proj.",
     "time_embedding.linear_1.": "time_embed.0.",
     "time_embedding.linear_2.": "time_embed.2.",
+    "ofs_embedding.linear_1.": "ofs_embed.0.",  # CogVideoX 1.5 I2V
+    "ofs_embedding.linear_2.": "ofs_embed.2.",
     "norm_final.": "norm_final.",
     "norm_out.linear.": "norm_out.linear.",
     "norm_out.norm.": "norm_out.norm.",
@@ -59,7 +61,7 @@ _DIFFSYNTH_TOP_LEVEL = {
 _DIFFSYNTH_IN_BLOCK = {"norm_q.": "attn1.norm_q.", "norm_k.": "attn1.norm_k."}
 _OUR_BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
 _OUR_KEY = re.compile(
-    r"^(patch_embed|text_proj|pos_embedding|time_embed\.[02]|norm_final|norm_out\.(linear|norm)|proj_out"
+    r"^(patch_embed|text_proj|pos_embedding|(time|ofs)_embed\.[02]|norm_final|norm_out\.(linear|norm)|proj_out"
     r"|blocks\.\d+\.(norm[12]\.(linear|norm)|attn1\.(to_[qkv]|to_out|norm_[qk])|ff\.[02]))(\.(weight|bias))?$"
 )
 
@@ -143,6 +145,8 @@ def infer_dit_config(shapes: dict[str, tuple[int, ...]], source: str = "weights"
     the presets by its sizes, and an unknown size asks for a config.json.
     """
     ours = {dit_rename(k): v for k, v in shapes.items()}
+    if len(ours.get("patch_embed.weight", ())) == 2:
+        return _infer_temporal_patch_config(ours, source)
     try:
         dim, in_ch, p, _ = ours["patch_embed.weight"]
         _, text_dim = ours["text_proj.weight"]
@@ -175,6 +179,23 @@ def infer_dit_config(shapes: dict[str, tuple[int, ...]], source: str = "weights"
             return preset
     raise ModelDetectionError(
         f"{source}: a CogVideoX transformer of unknown size ({sizes}); put its config.json beside the weights"
+    )
+
+
+def _infer_temporal_patch_config(ours: dict[str | None, tuple[int, ...]], source: str) -> DiTConfig:
+    """A Linear patch embedding (CogVideoX 1.5): its patch sizes cannot be told from one flattened shape, so the
+    weights must match a 1.5 preset tensor for tensor (its ofs embedding tells I2V from T2V)."""
+    for name, preset in DIT_PRESETS.items():
+        if preset.patch_size_t is None:
+            continue
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in CogDiT(preset).state_dict().items()}
+        if expected == {k: tuple(v) for k, v in ours.items()}:
+            logger.info("%s: no config.json; inferred preset %s from tensor shapes", source, name)
+            return preset
+    raise ModelDetectionError(
+        f"{source}: a CogVideoX 1.5-style transformer (Linear patch embedding) that matches no 1.5 preset; put its "
+        "config.json beside the weights"
     )
 
 

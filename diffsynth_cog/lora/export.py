@@ -118,7 +118,7 @@ def export_lora(
     *,
     lora_weights: Mapping[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
-    format: str = DIFFSYNTH,
+    format: str | None = None,
 ) -> Path:
     """Writes the model's LoRA as a safetensors file, atomically; returns the path.
 
@@ -129,7 +129,9 @@ def export_lora(
             ``W += 1.0 * B @ A`` and our ``merge_lora(..., alpha=1.0)`` both give the trained model.
             "diffusers": keys ``transformer.<diffusers module>.lora_A.weight`` / ``lora_B.weight``
             (B as trained) and the LoraConfig in the ``lora_adapter_metadata`` header entry, so
-            diffusers' scale lora_alpha / r gives the trained model.
+            diffusers' scale lora_alpha / r gives the trained model. None: the first layout of the DiT's
+            family (``families``: "diffsynth" on CogVideoX 1.0, "diffusers" on 1.5). A layout the family has
+            no files in is refused: DiffSynth-Studio has no CogVideoX 1.5.
         metadata: extra header entries (str -> str). The header also records the per-layer ranks,
             alphas and targets (JSON, under the file's module names).
         lora_weights: ``lora_state_dict``-style values to write instead of the model's current
@@ -139,8 +141,7 @@ def export_lora(
     The file is written atomically (:mod:`diffsynth_cog.io.atomic`): a failed write leaves no partial
     file and any older file intact.
     """
-    if format not in LORA_EXPORT_FORMATS:
-        raise LoRAError(f"export_lora: format must be one of {list(LORA_EXPORT_FORMATS)}, got {format!r}")
+    format = _check_family_format(model, format)
     layers = lora_layers(model)
     if not layers:
         raise LoRAError(f"export_lora: {type(model).__name__} has no LoRA layers (call inject_lora first)")
@@ -183,6 +184,22 @@ def export_lora(
     target = save_safetensors_atomic(path, tensors, header)
     logger.info("exported LoRA of %d layers to %s (%s layout)", len(layers), target, format)
     return target
+
+
+def _check_family_format(model: nn.Module, format: str | None) -> str:
+    """The layout to write (``format``, or the family's first), refused where the model's family has no such files."""
+    family = getattr(getattr(model, "config", None), "family", None)  # a DiT's family (families.Family)
+    if format is None:
+        format = family.lora_layouts[0] if family is not None else DIFFSYNTH
+    if format not in LORA_EXPORT_FORMATS:
+        raise LoRAError(f"export_lora: format must be one of {list(LORA_EXPORT_FORMATS)}, got {format!r}")
+    if family is not None and format not in family.lora_layouts:
+        raise LoRAError(
+            f"export_lora: format {format!r} is refused on {family.label}: DiffSynth-Studio has no CogVideoX 1.5, so "
+            f"no tool reads a DiffSynth-layout LoRA of it (ours refuses one on load); use format "
+            f"{family.lora_layouts[0]!r} (diffusers / PEFT names, which diffusers and ModelManager.load_lora read)"
+        )
+    return format
 
 
 def _file_names(layers: Mapping[str, LoRALinear], format: str) -> dict[str, str]:

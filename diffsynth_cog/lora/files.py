@@ -416,8 +416,17 @@ def plan_merge(
     alphas, alpha_source = _alpha_config(tensors, naming, lora_config, has_alpha_keys)
     if ignored_alphas:
         alpha_source += f"; {ignored_alphas} '.alpha' keys ignored, as DiffSynth does"
+    family = getattr(getattr(model, "config", None), "family", None)  # a DiT's family (families.Family)
+    if naming is None and family is not None and family.lora_layouts == (DIFFUSERS,):
+        naming = DIFFUSERS  # names common to both layouts, on a family with one layout
     if naming is None:  # names common to both layouts: the scaling information decides
         naming = DIFFUSERS if alphas is not None or has_alpha_keys else DIFFSYNTH
+    if family is not None and naming not in family.lora_layouts:
+        raise LoRAError(
+            f"{src}: a DiffSynth-layout LoRA (DiffSynth-Studio's module names) cannot be merged into {family.label}: "
+            "DiffSynth-Studio has no CogVideoX 1.5, so such files were trained on CogVideoX 1.0 (their shapes may fit, "
+            f"their weights do not); use a diffusers / PEFT LoRA trained on {family.label}"
+        )
 
     modules = dict(model.named_modules())
     pairs: list[LoRAPair] = []

@@ -1,4 +1,4 @@
-"""The CogVideoX diffusion transformer (CogVideoX 1.0: 2B, 5B, 5B-I2V) in one file.
+"""The CogVideoX diffusion transformer (CogVideoX 1.0: 2B, 5B, 5B-I2V; CogVideoX 1.5: 5B, 5B-I2V) in one file.
 
 Text tokens and video tokens run through every block side by side and meet in one full 3D
 attention over ``[text, video]``. Each block modulates the two streams separately (adaptive
@@ -8,8 +8,11 @@ Positions:
   * 2B: a fixed 3D sin-cos table added to the video tokens after patchifying.
   * 5B: 3D RoPE on the video tokens' queries and keys (head dim split t:h:w = 1/4 : 3/8 : 3/8).
   * 5B-I2V: RoPE plus a learned table over ``[text, video]`` at the training shape.
+  * 1.5: RoPE on integer coordinates sliced from the max grid; patches span 2 latent frames (a Linear
+    over (t, h, w) patches); the I2V model adds an ``ofs`` embedding to the time embedding.
 Both tables and RoPE are built from the latent shape of each call, against the config's base
-grid, so any number of latent frames works (33 for 129 pixel frames).
+grid, so any number of latent frames works (33 for 129 pixel frames; a whole number of temporal
+patches on 1.5).
 
 Module names follow DiffSynth-Studio's (``blocks.N.attn1.to_q``, ``blocks.N.ff.0``, ...), so
 ExVideo LoRA files address our layers directly.
@@ -26,6 +29,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from diffsynth_cog.configs import DiTConfig
+from diffsynth_cog.families import Family
 from diffsynth_cog.models.attention import Attend, check_backend, choose_backend, dense_attention
 from diffsynth_cog.models.positions import rope_table, sincos_table
 from diffsynth_cog.models.tokens import DiTState, TokenLayout
@@ -162,7 +166,10 @@ class CogDiT(nn.Module):
         super().__init__()
         self.config = config
         dim, p = config.inner_dim, config.patch_size
-        self.patch_embed = nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
+        if config.patch_size_t is None:
+            self.patch_embed: nn.Module = nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
+        else:  # 1.5: (C, t, h, w) patches flattened through a Linear (with a bias, as the reference builds it)
+            self.patch_embed = nn.Linear(config.patch_in_dim, dim)
         self.text_proj = nn.Linear(config.text_embed_dim, dim)
         if config.use_learned_positional_embeddings:
             # Learned table over [text, video] tokens at the training shape.
@@ -173,12 +180,20 @@ class CogDiT(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(dim, config.time_embed_dim), nn.SiLU(), nn.Linear(config.time_embed_dim, config.time_embed_dim)
         )
+        if config.ofs_embed_dim:  # 1.5 I2V: a second timestep-style embedding of the ``ofs`` value
+            d = config.ofs_embed_dim
+            self.ofs_embed = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList([CogDiTBlock(config) for _ in range(config.num_layers)])
         self.norm_final = nn.LayerNorm(dim, eps=config.norm_eps)
         self.norm_out = AdaLayerNormOut(config.time_embed_dim, dim, config.norm_eps)
         self.proj_out = nn.Linear(dim, config.patch_out_dim)
         self.gradient_checkpointing = False
         self.attention_backend: str | None = None  # None: the process default
+
+    @property
+    def family(self) -> Family:
+        """The released family of this transformer (``families``): factors, rules and defaults."""
+        return self.config.family
 
     def set_attention_backend(self, name: str | None) -> None:
         """This model's attention kernel (one of ``models.attention.BACKENDS``; None = the process default).
@@ -203,9 +218,15 @@ class CogDiT(nn.Module):
         c = self.config
         if latents.ndim != 5:
             raise ValueError(f"latents must be [B, C, T, H, W], got shape {list(latents.shape)}")
-        b, ch, _, h, w = latents.shape
+        b, ch, t, h, w = latents.shape
         if ch != c.in_channels:
             raise ValueError(f"latents have {ch} channels, this DiT expects in_channels={c.in_channels}")
+        if t % c.temporal_patch:
+            raise ValueError(
+                f"latents have {t} frames; this DiT ({self.family.label}) takes whole temporal patches of "
+                f"{c.temporal_patch} latent frames: pad the latents (the pipeline pads to "
+                f"{self.family.padded_latent_frames(t)})"
+            )
         if h % c.patch_size or w % c.patch_size:
             raise ValueError(f"latent height/width {h}x{w} must be multiples of patch_size {c.patch_size}")
         if prompt_emb.ndim != 3 or prompt_emb.shape[0] != b or prompt_emb.shape[2] != c.text_embed_dim:
@@ -216,7 +237,8 @@ class CogDiT(nn.Module):
             if (h, w) != (c.sample_height, c.sample_width):
                 raise ValueError(
                     f"this DiT has learned position embeddings for {c.sample_height}x{c.sample_width} latents "
-                    f"({c.sample_height * 8}x{c.sample_width * 8} px); got {h}x{w}"
+                    f"({c.sample_height * self.family.vae_spatial}x{c.sample_width * self.family.vae_spatial} px); "
+                    f"got {h}x{w}"
                 )
             if prompt_emb.shape[1] != c.max_text_seq_length:
                 raise ValueError(
@@ -253,6 +275,35 @@ class CogDiT(nn.Module):
             rope = (cos, sin)
         return additive, rope
 
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, T, H, W] -> video tokens [B, (T/pt)*gh*gw, D], temporal patch by temporal patch,
+        row by row; a 1.5 patch's features are ordered (C, t, row, col), as the reference flattens them."""
+        b, ch, t, h, w = latents.shape
+        p, pt = self.config.patch_size, self.config.temporal_patch
+        if self.config.patch_size_t is None:
+            video = self.patch_embed(latents.transpose(1, 2).flatten(0, 1))  # [B*T, D, gh, gw]
+            return video.unflatten(0, (b, t)).flatten(3).transpose(2, 3).flatten(1, 2)
+        patches = latents.reshape(b, ch, t // pt, pt, h // p, p, w // p, p)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4)  # [B, T/pt, gh, gw, C*pt*p*p]
+        return self.patch_embed(patches.flatten(1, 3))
+
+    def conditioning(self, timestep: torch.Tensor, batch: int, ofs: float | torch.Tensor | None) -> torch.Tensor:
+        """The timestep embedding [B, time_embed_dim] (plus the ``ofs`` embedding on 1.5 I2V; ``ofs`` None: the
+        family's value, 2.0)."""
+        c = self.config
+        dtype = self.proj_out.weight.dtype
+        cond = timestep_embedding(timestep.reshape(-1).expand(batch), c.inner_dim, c.flip_sin_to_cos, c.freq_shift)
+        cond = self.time_embed(cond.to(dtype))  # [B, time_embed_dim]
+        if c.ofs_embed_dim:
+            if ofs is None:
+                ofs = self.family.image.ofs if self.family.image is not None else None
+            if ofs is None:
+                raise ValueError(f"this DiT has an ofs embedding (ofs_embed_dim={c.ofs_embed_dim}): pass ofs")
+            ofs = torch.as_tensor(ofs, dtype=torch.float32, device=timestep.device).reshape(-1)
+            emb = timestep_embedding(ofs, c.ofs_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+            cond = cond + self.ofs_embed(emb.to(dtype))
+        return cond
+
     def embed(
         self,
         latents: torch.Tensor,
@@ -261,27 +312,25 @@ class CogDiT(nn.Module):
         attend: Attend | None = None,
         *,
         riflex: tuple[int, int] | None = None,
+        ofs: float | torch.Tensor | None = None,
     ) -> DiTState:
         """Inputs -> token streams, timestep conditioning and positions (everything the blocks need).
 
         ``attend``: the attention part of this call (default: dense attention with the kernel chosen
         per call, per model or per process, see ``models.attention``). ``riflex``: (k, N_k) of RIFLEx for
-        the temporal RoPE (``diffsynth_cog.denoise.riflex``; RoPE models only), None = the trained positions."""
+        the temporal RoPE (``diffsynth_cog.denoise.riflex``; RoPE models only), None = the trained positions.
+        ``ofs``: the 1.5 I2V model's ``ofs`` value (None: the family's, 2.0; ignored by other models)."""
         c = self.config
         timestep = torch.as_tensor(timestep, device=latents.device)
         self._check_inputs(latents, timestep, prompt_emb)
         b, _, t, h, w = latents.shape
-        p = c.patch_size
-        gh, gw = h // p, w // p
+        p, pt = c.patch_size, c.temporal_patch
+        gt, gh, gw = t // pt, h // p, w // p
         dtype = self.proj_out.weight.dtype
         latents, prompt_emb = latents.to(dtype), prompt_emb.to(dtype)
 
-        cond = timestep_embedding(timestep.reshape(-1).expand(b), c.inner_dim, c.flip_sin_to_cos, c.freq_shift)
-        cond = self.time_embed(cond.to(dtype))  # [B, time_embed_dim]
-
-        frames = latents.transpose(1, 2).flatten(0, 1)  # [B*T, C, H, W]
-        video = self.patch_embed(frames)  # [B*T, D, gh, gw]
-        video = video.unflatten(0, (b, t)).flatten(3).transpose(2, 3).flatten(1, 2)  # [B, T*gh*gw, D]
+        cond = self.conditioning(timestep, b, ofs)
+        video = self.patchify(latents)  # [B, gt*gh*gw, D]
         text = self.text_proj(prompt_emb)  # [B, Lt, D]
         n_text = text.shape[1]
 
@@ -289,13 +338,13 @@ class CogDiT(nn.Module):
             raise ValueError(
                 "riflex applies to RoPE transformers only (CogVideoX-5B), see diffsynth_cog.denoise.riflex"
             )
-        additive, rope = self._positions(t, gh, gw, n_text, latents.device, dtype, riflex)
+        additive, rope = self._positions(gt, gh, gw, n_text, latents.device, dtype, riflex)
         if additive is not None:
             text = text + additive[:, :n_text]
             video = video + additive[:, n_text:]
         if attend is None:
             attend = dense_attention(choose_backend(self.attention_backend))
-        layout = TokenLayout(n_text=n_text, grid=(t, gh, gw))
+        layout = TokenLayout(n_text=n_text, grid=(gt, gh, gw), patch_t=pt)
         return DiTState(video=video, text=text, cond=cond, rope=rope, shape=(b, t, h, w), layout=layout, attend=attend)
 
     def run_blocks(self, state: DiTState, start: int = 0, stop: int | None = None) -> DiTState:
@@ -311,20 +360,32 @@ class CogDiT(nn.Module):
         return dataclasses.replace(state, video=video, text=text)
 
     def project(self, state: DiTState) -> torch.Tensor:
-        """Video tokens -> output patches [B, Lv, C_out*p*p], channels ordered (C_out, p_row, p_col)."""
+        """Video tokens -> output patches [B, Lv, C_out*pt*p*p], channels ordered (C_out, p_row, p_col) on 1.0,
+        (C_out, t, p_row, p_col) on 1.5 (the reference's orders)."""
         return self.proj_out(self.norm_out(self.norm_final(state.video), state.cond))
 
     def unpatchify(self, patches: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
-        """Output patches [B, T*gh*gw, C_out*p*p] of latents of ``shape`` (B, T, H, W) -> [B, C_out, T, H, W]."""
+        """Output patches [B, (T/pt)*gh*gw, C_out*pt*p*p] of latents of ``shape`` (B, T, H, W) -> [B, C_out, T, H, W]."""
         c, p = self.config, self.config.patch_size
         b, t, h, w = shape
-        video = patches.reshape(b, t, h // p, w // p, c.out_channels, p, p)
-        video = video.permute(0, 4, 1, 2, 5, 3, 6)  # [B, C_out, T, gh, p, gw, p]
+        if c.patch_size_t is None:
+            video = patches.reshape(b, t, h // p, w // p, c.out_channels, p, p)
+            video = video.permute(0, 4, 1, 2, 5, 3, 6)  # [B, C_out, T, gh, p, gw, p]
+            return video.reshape(b, c.out_channels, t, h, w)
+        pt = c.patch_size_t
+        video = patches.reshape(b, t // pt, h // p, w // p, c.out_channels, pt, p, p)
+        video = video.permute(0, 4, 1, 5, 2, 6, 3, 7)  # [B, C_out, T/pt, pt, gh, p, gw, p]
         return video.reshape(b, c.out_channels, t, h, w)
 
     def head(self, state: DiTState) -> torch.Tensor:
         """Video tokens -> v-prediction [B, C_out, T, H, W]."""
         return self.unpatchify(self.project(state), state.shape)
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_emb: torch.Tensor) -> torch.Tensor:
-        return self.head(self.run_blocks(self.embed(latents, timestep, prompt_emb)))
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_emb: torch.Tensor,
+        ofs: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.head(self.run_blocks(self.embed(latents, timestep, prompt_emb, ofs=ofs)))

@@ -1,7 +1,8 @@
 """Position tables of the DiT: pure functions of the call's patch grid and the config, cached per shape.
 
 RoPE (5B, 5B-I2V): cos/sin per token over (time, rows, columns), spatial coordinates fitted into the
-config's base grid; RIFLEx lowers one temporal frequency (``diffsynth_cog.denoise.riflex`` decides the
+config's base grid; CogVideoX 1.5: integer coordinates 0..n-1 on every axis, sliced from its max grid
+(``families.ROPE_SLICE``; time counts temporal patches); RIFLEx lowers one temporal frequency (``diffsynth_cog.denoise.riflex`` decides the
 setting, the rule is here). Sin-cos (2B): a fixed table added to the video tokens.
 """
 
@@ -13,6 +14,7 @@ from functools import lru_cache
 import torch
 
 from diffsynth_cog.configs import DiTConfig
+from diffsynth_cog.families import ROPE_SLICE
 
 RIFLEX_MARGIN = 0.9  # the lowered frequency's period is L / 0.9: the target length is 90 % of one period
 
@@ -67,14 +69,11 @@ def rope_table(
 
     Spatial coordinates cover the crop region of the base grid in ``n`` even steps from its start
     to ``end * (n - 1) / n`` (the reference's exact spacing); time is simply 0..t-1, so longer videos
-    extend the positions without interpolation (ExVideo's choice). ``riflex`` = (k, N_k) lowers the k-th
+    extend the positions without interpolation (ExVideo's choice). Under the slice rule (CogVideoX 1.5)
+    every axis is 0..n-1 (``t`` temporal patches), the first rows / columns of the max grid. ``riflex`` = (k, N_k) lowers the k-th
     temporal frequency when t > N_k (``diffsynth_cog.denoise.riflex``); part of the cache key.
     """
-    p = config.patch_size
-    (top, left), (bottom, right) = resize_crop_region((h, w), (config.sample_height // p, config.sample_width // p))
-    pos_h = torch.linspace(top, bottom * (h - 1) / h, h, dtype=torch.float32)
-    pos_w = torch.linspace(left, right * (w - 1) / w, w, dtype=torch.float32)
-    pos_t = torch.linspace(0, t * (t - 1) / t, t, dtype=torch.float32)
+    pos_t, pos_h, pos_w = rope_coordinates(config, t, h, w)
     d = config.attention_head_dim
     dim_t, dim_hw = d // 4, d // 8 * 3
     freq_t = rope_frequencies(dim_t, config.rope_theta)
@@ -95,6 +94,25 @@ def rope_table(
         )  # [t, h, w, head_dim]
         out.append(grid.reshape(t * h * w, d))
     return out[0], out[1]
+
+
+def rope_coordinates(config: DiTConfig, t: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The RoPE coordinates (time, rows, columns) of a ``t x h x w`` patch grid under the family's rule."""
+    p = config.patch_size
+    base_h, base_w = config.sample_height // p, config.sample_width // p
+    if config.family.positions == ROPE_SLICE:
+        if h > base_h or w > base_w:
+            raise ValueError(
+                f"a {h}x{w} patch grid exceeds this transformer's RoPE grid of {base_h}x{base_w} patches "
+                f"(sample_height/sample_width {config.sample_height}x{config.sample_width} latents): use a smaller "
+                "size or DiT tiles"
+            )
+        return tuple(torch.arange(n, dtype=torch.float32) for n in (t, h, w))
+    (top, left), (bottom, right) = resize_crop_region((h, w), (base_h, base_w))
+    pos_h = torch.linspace(top, bottom * (h - 1) / h, h, dtype=torch.float32)
+    pos_w = torch.linspace(left, right * (w - 1) / w, w, dtype=torch.float32)
+    pos_t = torch.linspace(0, t * (t - 1) / t, t, dtype=torch.float32)
+    return pos_t, pos_h, pos_w
 
 
 def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:

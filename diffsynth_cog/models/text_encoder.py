@@ -44,11 +44,11 @@ class CogTextEncoder(nn.Module):
     def d_model(self) -> int:
         return int(self.model.config.d_model)
 
-    def tokenize(self, prompts: str | Sequence[str]) -> torch.Tensor:
+    def tokenize(self, prompts: str | Sequence[str], names: Sequence[str] | None = None) -> torch.Tensor:
         """Token ids [B, max_length] (LongTensor, CPU): right-padded with <pad>, truncated to fit.
 
         A prompt longer than ``max_length`` tokens loses its end (the final </s> is kept); a warning
-        names the text that was cut.
+        names the prompt (``names[i]``, e.g. "metadata.json record 3"; default "prompt i") and the text that was cut.
         """
         batch = _as_batch(prompts)
         ids = self.tokenizer(
@@ -65,8 +65,8 @@ class CogTextEncoder(nn.Module):
                 # Truncation keeps max_length - 1 tokens and the closing </s> (the last id of seq).
                 removed = self.tokenizer.decode(seq[self.max_length - 1 : -1])
                 logger.warning(
-                    "prompt %d is %d tokens long, more than max_length %d; this part was cut off: %r",
-                    i,
+                    "%s is %d tokens long, more than max_length %d; this part was cut off: %r",
+                    names[i] if names is not None else f"prompt {i}",
                     len(seq),
                     self.max_length,
                     shorten(removed),
@@ -83,16 +83,17 @@ class CogTextEncoder(nn.Module):
         prompts: str | Sequence[str],
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        names: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """Embeddings [B, max_length, d_model] of one prompt or a list of them.
 
         ``device``: where the token ids are placed and the result returned (default: the device of
         the weights; with layer-wise offloading pass the compute device). ``dtype``: the result's
-        dtype (default: the encoder's output dtype).
+        dtype (default: the encoder's output dtype). ``names``: how a too-long prompt's warning names each.
         """
         if device is None:
             device = self.model.shared.weight.device
-        ids = self.tokenize(prompts).to(device)  # [B, L]
+        ids = self.tokenize(prompts, names).to(device)  # [B, L]
         emb = self(ids)  # [B, L, d_model]
         return emb.to(device=device, dtype=dtype or emb.dtype)
 

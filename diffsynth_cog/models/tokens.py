@@ -13,13 +13,23 @@ from diffsynth_cog.models.attention import Attend
 @dataclass(frozen=True)
 class TokenLayout:
     """Where the tokens of one DiT call sit: ``n_text`` text tokens, then the video tokens of a
-    ``grid`` = (latent frames, patch rows, patch columns), flattened frame by frame, row by row."""
+    ``grid`` = (temporal patches, patch rows, patch columns), flattened temporal patch by temporal patch,
+    row by row. A temporal patch holds ``patch_t`` latent frames (1 for CogVideoX 1.0, where the first axis
+    is simply the latent frames; 2 for CogVideoX 1.5). Parts that reason in time (masks, windows) count
+    in whole temporal patches: a "frame" of the token grid is one temporal patch."""
 
     n_text: int
     grid: tuple[int, int, int]
+    patch_t: int = 1
+
+    @property
+    def latent_frames(self) -> int:
+        """Latent frames the video tokens cover (temporal patches x ``patch_t``)."""
+        return self.grid[0] * self.patch_t
 
     @property
     def tokens_per_frame(self) -> int:
+        """Tokens of one temporal patch (one latent frame for CogVideoX 1.0)."""
         return self.grid[1] * self.grid[2]
 
     @property

@@ -25,12 +25,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from diffsynth_cog.configs import ULYSSES_TRANSPORTS as TRANSPORTS
 from diffsynth_cog.models.tiling import tiles_run_by
 from diffsynth_cog.parallel.call_check import check_same_call
 from diffsynth_cog.parallel.comm import broadcast, broadcast_object
 from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout
 from diffsynth_cog.parallel.mesh import ProcessMesh, build_mesh
-from diffsynth_cog.parallel.peer import TRANSPORTS, PeerExchange, group_timeout, peer_transport_available
+from diffsynth_cog.parallel.peer import PeerExchange, group_timeout, peer_transport_available
 from diffsynth_cog.parallel.ring import require_yunchang
 from diffsynth_cog.parallel.split import ParallelSplit
 from diffsynth_cog.parallel.vae import SpreadTiles, TileTimes

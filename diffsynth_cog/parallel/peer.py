@@ -46,7 +46,6 @@ from diffsynth_cog.parallel.layout import ParallelError
 
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("auto", "nccl", "p2p")
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 
 

@@ -1,13 +1,16 @@
 """The inputs of one pipeline call, checked before anything is encoded or drawn.
 
 :func:`check_call` takes a call's :class:`~diffsynth_cog.pipeline.options.GenerationOptions` (sizes, numbers, the
-inputs to edit or keep, sampler and conventions, windows, DiT tiles, the long-video parts) and returns a :class:`CheckedCall` with what the pipeline derives from
-them, or raises ValueError saying what to change. Pure: no model runs, nothing is drawn (an image path is opened,
-so that a missing file fails now and not after the prompt is encoded).
+inputs to edit or keep, sampler and conventions, windows, DiT tiles, the long-video parts) and returns a
+:class:`CheckedCall` with what the pipeline derives from them (for CogVideoX 1.5 by the family's rules:
+``sampling.latent_plan``'s padded latents, ``sampling.check_family_call``'s refusals, windows in whole temporal
+patches, the family's DiT tile size), or raises ValueError saying what to change. Pure: no model runs, nothing is
+drawn (an image path is opened, so that a missing file fails now and not after the prompt is encoded).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -18,11 +21,8 @@ import torch
 from diffsynth_cog.configs import (
     DiTConfig,
     check_generation_numbers,
-    check_num_frames,
     check_number,
-    check_size,
     dit_family,
-    frame_multiple,
     teacache_coefficients,
 )
 from diffsynth_cog.denoise.riflex import resolve_riflex
@@ -39,7 +39,7 @@ from diffsynth_cog.pipeline.options import (
     LongVideo,
     StepCacheSpec,
 )
-from diffsynth_cog.pipeline.sampling import DIFFUSERS, Conventions, conventions_for
+from diffsynth_cog.pipeline.sampling import DIFFUSERS, Conventions, check_family_call, conventions_for, latent_plan
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,9 @@ DEFAULT_DIT_TILES = TileSpec((480, 720), (0.5, 0.5))  # dit_tiled=True: base-siz
 @dataclass(frozen=True)
 class CheckedCall:
     """What a call derives from its arguments: the latents' shape [1, C, T, H/8, W/8], the video to edit as pixels
-    [1, 3, F, H, W] (or None), the latent frames to keep (0: none), the temporal windows, the DiT's tiles and the
-    sampling conventions."""
+    [1, 3, F, H, W] (or None), the latent frames to keep (0: none), the temporal windows, the DiT's tiles, the
+    sampling conventions; ``padding``: latent frames added at the front to make whole temporal patches (1.5),
+    dropped before decoding."""
 
     latent_shape: tuple[int, int, int, int, int]
     video: torch.Tensor | None
@@ -59,14 +60,13 @@ class CheckedCall:
     windows: WindowSpec | None
     tiles: TileSpec | None
     conventions: Conventions = DIFFUSERS
+    padding: int = 0
 
 
 def latent_shape_for(config: DiTConfig, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
-    """The latents [1, C, T, H/8, W/8] of one video; checks the frame count and the size."""
-    check_num_frames(num_frames, frame_multiple(config.temporal_compression_ratio))
-    check_size(height, width)
-    frames = (num_frames - 1) // config.temporal_compression_ratio + 1
-    return (1, config.out_channels, frames, height // 8, width // 8)
+    """The latents [1, C, T, H/8, W/8] of one video (T padded to whole temporal patches on 1.5); checks the frame
+    count and the size (``sampling.latent_plan``)."""
+    return latent_plan(config, num_frames, height, width).shape
 
 
 def check_output_type(output_type: str) -> None:
@@ -77,7 +77,8 @@ def check_output_type(output_type: str) -> None:
 def check_call(config: DiTConfig, options: GenerationOptions) -> CheckedCall:
     """The checks of one generation (``pipeline.options`` says what each option means), before anything runs."""
     inputs, sampling = options.inputs, options.sampling
-    latent_shape = latent_shape_for(config, inputs.num_frames, inputs.height, inputs.width)
+    plan = latent_plan(config, inputs.num_frames, inputs.height, inputs.width)
+    latent_shape = plan.shape
     check_output_type(options.output.output_type)
     check_generation_numbers(
         cfg_scale=sampling.cfg_scale,
@@ -87,6 +88,7 @@ def check_call(config: DiTConfig, options: GenerationOptions) -> CheckedCall:
     )
     SAMPLERS.check(sampling.sampler, "sampler")
     conventions = conventions_for(sampling.sampler, sampling.conventions)
+    check_family_call(config.family, options)
     _check_prompts(inputs.prompt, inputs.negative_prompt)
     _check_image(config, inputs.input_image)
     if inputs.latents is not None and tuple(inputs.latents.shape) != latent_shape:
@@ -95,19 +97,37 @@ def check_call(config: DiTConfig, options: GenerationOptions) -> CheckedCall:
         )
     video = _video(inputs, sampling.denoising_strength)
     kept = _kept(config, inputs, video)
-    windows = options.long_video.windows
+    windows = _windows(config, options.long_video.windows)
+    check_parts(config, options.long_video)
+    return CheckedCall(
+        latent_shape=latent_shape,
+        video=video,
+        kept=kept,
+        windows=windows,
+        tiles=_tiles(config, options.memory.dit_tiled),
+        conventions=conventions,
+        padding=plan.padding,
+    )
+
+
+def _windows(config: DiTConfig, windows: bool | WindowSpec | None) -> WindowSpec | None:
+    """The temporal windows of a call (True: the model's trained length), in whole temporal patches (1.5)."""
     windows = (WindowSpec(config.sample_frames) if windows is True else windows) or None
-    if windows is not None and config.in_channels != config.out_channels:
+    if windows is None:
+        return None
+    if config.in_channels != config.out_channels:
         raise ValueError(
             "windows need a text-to-video transformer: the I2V model conditions every call on its first frame, "
             "which only the first window holds"
         )
-    check_parts(config, options.long_video)
-    dit_tiled = options.memory.dit_tiled
-    tiles = (DEFAULT_DIT_TILES if dit_tiled is True else dit_tiled) or None
-    return CheckedCall(
-        latent_shape=latent_shape, video=video, kept=kept, windows=windows, tiles=tiles, conventions=conventions
-    )
+    return dataclasses.replace(windows, patch_t=config.temporal_patch)
+
+
+def _tiles(config: DiTConfig, dit_tiled: bool | TileSpec) -> TileSpec | None:
+    """The DiT's tiles of a call (True: the family's default size, overlapping by half)."""
+    if dit_tiled is True and config.family.version != "1.0":
+        return dataclasses.replace(DEFAULT_DIT_TILES, size=config.family.default_size())
+    return (DEFAULT_DIT_TILES if dit_tiled is True else dit_tiled) or None
 
 
 def _check_prompts(prompt: object, negative_prompt: object) -> None:
@@ -176,8 +196,9 @@ def check_parts(config: DiTConfig, parts: LongVideo) -> None:
         if step_cache.method == "teacache" and teacache_coefficients(config) is None:
             raise ValueError(
                 f"step cache method 'teacache' needs a calibration: TeaCache has no calibrated polynomial for this "
-                f"transformer ({dit_family(config)}, {config.num_layers} layers; published for CogVideoX-5B only). "
-                "Use the method 'first-block' (CLI --step-cache-method first-block) or 'auto'"
+                f"transformer ({dit_family(config)}, {config.num_layers} layers; published for the released "
+                "CogVideoX-5B, CogVideoX1.5-5B and CogVideoX1.5-5B-I2V only). Use the method 'first-block' (CLI "
+                "--step-cache-method first-block) or 'auto'"
             )
     if isinstance(parts.attention, str):
         check_backend(parts.attention)

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffsynth_cog.configs import dit_family
 from diffsynth_cog.denoise.denoiser import AttentionPart, Denoiser, StepSkipper
 from diffsynth_cog.denoise.teacache import make_step_skipper
 from diffsynth_cog.denoise.windows import WindowSpec, reschedule_noise
@@ -60,7 +59,9 @@ from diffsynth_cog.pipeline.sampling import (
     Conventions,
     StepCallback,
     denoise,
+    drop_padding,
     image_condition,
+    image_latent_scale,
 )
 from diffsynth_cog.schedulers import Sampler, SchedulerConfig, make_sampler, scheduler_preset
 
@@ -92,7 +93,7 @@ class CogVideoPipeline:
         self.vae_decoder = vae_decoder
         if scheduler_config is None:
             # 2B (sin-cos positions) was trained with a shifted SNR; 5B without.
-            preset = dit_family(dit.config)
+            preset = dit.family.scheduler
             scheduler_config = scheduler_preset(preset)
             logger.info("no scheduler_config.json found; using the %s scheduler preset", preset)
         self.scheduler_config = scheduler_config
@@ -209,17 +210,22 @@ class CogVideoPipeline:
         return emb.to(self.device, self.torch_dtype)
 
     def encode_video(
-        self, video: torch.Tensor, tiled: bool, generator: torch.Generator | None, sample: bool = True
+        self,
+        video: torch.Tensor,
+        tiled: bool,
+        generator: torch.Generator | None,
+        sample: bool = True,
+        scale: float | None = None,
     ) -> torch.Tensor:
         """Pixels [B, 3, F, H, W] in [-1, 1] -> scaled latents [B, C, T, h, w] (a posterior sample drawn from
-        ``generator``, or with ``sample=False`` the posterior mean)."""
+        ``generator``, or with ``sample=False`` the posterior mean); ``scale``: instead of the VAE's factor."""
         if self.vae_encoder is None:
             raise ValueError("input_video / input_image need the VAE encoder: load the VAE")
         with self.offloader.using("vae_encoder"), self._spread_tiles():
             latents = self.vae_encoder.encode(
                 video.to(self.device, self.torch_dtype), tiled=tiled, sample=sample, generator=generator
             )
-        return latents.float() * self.vae_encoder.config.scaling_factor
+        return latents.float() * (self.vae_encoder.config.scaling_factor if scale is None else scale)
 
     def decode_latents(self, latents: torch.Tensor, tiled: bool, progress: bool) -> torch.Tensor:
         """Scaled latents [B, C, T, h, w] -> pixels [B, 3, F, H, W] in [-1, 1] (float32, on the CPU)."""
@@ -284,8 +290,12 @@ class CogVideoPipeline:
         image_latents = None
         if input_image is not None:
             _, _, frames, h, w = latent_shape
-            image = video_to_tensor([load_image(input_image, h * 8, w * 8)])[None]  # [1, 3, 1, H, W]
-            image_latents = image_condition(self.encode_video(image, tiled, generator), frames)  # [1, C, T, h, w]
+            family, vae = self.dit.family, self.vae_encoder.config if self.vae_encoder is not None else None
+            size = (h * family.vae_spatial, w * family.vae_spatial)
+            image = video_to_tensor([load_image(input_image, *size)])[None]  # [1, 3, 1, H, W]
+            scale = image_latent_scale(family, vae.scaling_factor, vae.invert_scale_latents) if vae else None
+            latents = self.encode_video(image, tiled, generator, scale=scale)
+            image_latents = image_condition(latents, frames, family.patch_size_t)  # [1, C, T, h, w]
             if guided:
                 image_latents = torch.cat([image_latents] * 2)
         return Conditions(
@@ -462,6 +472,7 @@ class CogVideoPipeline:
                 progress=progress,
                 constraint=constraint,
             )
+        final = drop_padding(final, checked.padding)  # the frames added for whole temporal patches (1.5)
         result = self.decode(final, options.output.output_type, options.memory.tiled, progress, checked.conventions)
         return result if self.parallel is None or self.parallel.is_leader else None
 

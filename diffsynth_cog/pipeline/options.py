@@ -316,13 +316,14 @@ class Memory:
     )
     dit_tiled: bool | TileSpec = option(
         False,
-        "the DiT on overlapping spatial tiles (True: 480x720-pixel tiles overlapping by half; or a "
-        "``tiling.TileSpec``), for resolutions above the model's base grid",
+        "the DiT on overlapping spatial tiles (True: tiles of the family's default size, 480x720 on CogVideoX 1.0, "
+        "overlapping by half; or a ``tiling.TileSpec``), for resolutions above the model's base grid",
         flag(
             "--dit-tiled",
             dest="dit_tiled",
             action="store_true",
-            help="run the DiT on overlapping 480x720 tiles (resolutions above 480x720)",
+            help="run the DiT on overlapping tiles of the model's default size (480x720 on CogVideoX 1.0; for larger "
+            "resolutions)",
         ),
     )
 

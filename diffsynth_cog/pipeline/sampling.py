@@ -9,14 +9,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffsynth_cog.configs import DiTConfig, check_num_frames, check_size
 from diffsynth_cog.denoise.denoiser import Denoiser
+from diffsynth_cog.families import ROPE_SLICE, Family, get_family
 from diffsynth_cog.io.video import tensor_to_frames
 from diffsynth_cog.schedulers import Sampler, diffsynth_noise
+
+if TYPE_CHECKING:
+    from diffsynth_cog.pipeline.options import GenerationOptions
+
+DIFFSYNTH_FAMILY = get_family("cogvideox-5b")  # the factors of DiffSynth-Studio's noise (CogVideoX 1.0)
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, latents [B, C, T, H, W])
 # A loop-level part: (step index, latents after that step) -> the latents the next step starts from
@@ -40,11 +48,87 @@ class Conditions:
     one_batch: bool = True
 
 
-def image_condition(image_latents: torch.Tensor, frames: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class LatentPlan:
+    """The latents of one video: ``shape`` [1, C, T, h, w] as the DiT runs them (T padded to whole temporal
+    patches), ``padding`` the latent frames added at the front (dropped before decoding, as the reference does)."""
+
+    shape: tuple[int, int, int, int, int]
+    padding: int = 0
+
+
+def latent_plan(config: DiTConfig, num_frames: int, height: int, width: int) -> LatentPlan:
+    """The latents of a ``num_frames`` x ``height`` x ``width`` video for this transformer's family; checks the frame
+    count (``frame_multiple * k + 1``), the size (multiples of ``size_multiple``) and, for RoPE sliced from a max
+    grid (1.5), that the grid fits in it. Raises ValueError naming the value and the rule."""
+    family = config.family
+    check_num_frames(num_frames, family.frame_multiple)
+    check_size(height, width, family.size_multiple)
+    if family.positions == ROPE_SLICE:
+        limit_h = config.sample_height * family.vae_spatial
+        limit_w = config.sample_width * family.vae_spatial
+        if height > limit_h or width > limit_w:
+            raise ValueError(
+                f"{height}x{width} exceeds {family.label}'s position grid of {limit_h}x{limit_w} pixels "
+                f"(sample_height/sample_width {config.sample_height}x{config.sample_width} latents): use a smaller "
+                "size, or DiT tiles (dit_tiled) of at most that size"
+            )
+    frames = family.latent_frames(num_frames)
+    padded = family.padded_latent_frames(frames)
+    h, w = height // family.vae_spatial, width // family.vae_spatial
+    return LatentPlan((1, config.out_channels, padded, h, w), padded - frames)
+
+
+def drop_padding(latents: torch.Tensor, padding: int) -> torch.Tensor:
+    """Final latents [B, C, T, h, w] without the ``padding`` frames added at the front (the reference drops the
+    first ones: ``latents[:, additional_frames:]``)."""
+    return latents[:, :, padding:] if padding else latents
+
+
+def image_latent_scale(family: Family | None, scaling_factor: float, invert_scale_latents: bool = False) -> float:
+    """What the I2V image's raw VAE latents are multiplied by: the scaling factor, or its inverse where the VAE
+    config (or the family, 1.5 I2V) says ``invert_scale_latents`` (the reference's rule: the 1.5 I2V model was
+    trained on image latents divided by the factor). ``family`` None (no transformer known): the VAE config's flag."""
+    invert = invert_scale_latents or (family is not None and family.invert_scale_latents)
+    return 1.0 / scaling_factor if invert else scaling_factor
+
+
+def image_condition(image_latents: torch.Tensor, frames: int, patch_t: int = 1) -> torch.Tensor:
     """The I2V conditioning channels: the image's latent frame(s) [B, C, t, h, w] zero-padded in time to ``frames``
-    (the reference pipelines' and trainers' layout; concatenated after the noisy latents on the channels)."""
+    (the reference pipelines' and trainers' layout; concatenated after the noisy latents on the channels).
+
+    With temporal patches (1.5) the reference then prepends ``frames % patch_t`` copies of the first frame so that
+    the conditioning is whole patches; at the padded lengths the pipeline runs (:func:`latent_plan`) that is none."""
     b, c, t, h, w = image_latents.shape
-    return torch.cat([image_latents, image_latents.new_zeros(b, c, frames - t, h, w)], dim=2)
+    padded = torch.cat([image_latents, image_latents.new_zeros(b, c, frames - t, h, w)], dim=2)
+    extra = frames % patch_t
+    return torch.cat([padded[:, :, :extra], padded], dim=2) if extra else padded
+
+
+def check_family_call(family: Family, options: GenerationOptions) -> None:
+    """What a family refuses of a call's options before any work: CogVideoX 1.5 has no DiffSynth-Studio sampler or
+    conventions (DiffSynth-Studio has no 1.5), and no video-to-video (an 8k+1-frame video encodes to an odd number of
+    latent frames, not whole temporal patches; the reference's video-to-video pipeline refuses such videos, and no
+    reference pads them)."""
+    if family.patch_size_t == 1:
+        return
+    sampling = options.sampling
+    if sampling.sampler == "diffsynth":
+        raise ValueError(
+            f"sampler='diffsynth' follows DiffSynth-Studio 1.1.x, which has no {family.label}: use 'ddim' or 'dpm'"
+        )
+    if conventions_for(sampling.sampler, sampling.conventions).name == DIFFSYNTH.name:
+        raise ValueError(
+            f"conventions='diffsynth' follow DiffSynth-Studio 1.1.x, which has no {family.label}: use 'diffusers' "
+            "(the default)"
+        )
+    if options.inputs.input_video is not None:
+        raise ValueError(
+            f"input_video (video-to-video, continuation) is not supported on {family.label}: its "
+            f"{family.frame_multiple}k+1-frame videos encode to an odd number of latent frames, not whole temporal "
+            f"patches of {family.patch_size_t}, and the reference (diffusers' CogVideoXVideoToVideoPipeline) refuses "
+            "them; generate from text or an image instead"
+        )
 
 
 def draw_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -90,9 +174,9 @@ class Conventions:
         """The initial noise [B, C, T, H, W] this reference draws (float32 or ``dtype``, per the conventions)."""
         if self.model_dtype_latents:  # DiffSynth draws [B, C, T, H, W] directly in the pipeline's dtype
             b, c, t, h, w = shape
-            return diffsynth_noise(
-                (t - 1) * 4 + 1, h * 8, w * 8, seed=seed, dtype=dtype, channels=c, generator=generator
-            )
+            f = DIFFSYNTH_FAMILY  # DiffSynth-Studio runs CogVideoX 1.0 only (check_family_call)
+            frames, height, width = (t - 1) * f.vae_temporal + 1, h * f.vae_spatial, w * f.vae_spatial
+            return diffsynth_noise(frames, height, width, seed=seed, dtype=dtype, channels=c, generator=generator)
         return draw_noise(shape, generator)
 
     def frames(self, video: torch.Tensor) -> list[Image.Image]:

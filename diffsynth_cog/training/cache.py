@@ -9,7 +9,9 @@ Layout of a cache folder::
                                       "prompt_emb" [L, d]        T5 hidden states of the prompt
                                       "image_latents" [C, 1, h, w] (image-to-video caches only) the
                                                                  clip's first frame encoded alone, as
-                                                                 an image, scaled like "latents"
+                                                                 an image, multiplied by
+                                                                 ``image_latent_scale`` (the scaling
+                                                                 factor; its inverse on 1.5 I2V)
                                       metadata: prompt, source, index, num_frames, height, width, ...
     manifest.jsonl                  one JSON line per finished record (single process), or
     manifest.rank00003.jsonl        one manifest per rank when several processes prepare the cache
@@ -44,6 +46,7 @@ from torch.utils.data import Dataset
 
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.errors import DiffSynthCogError
+from diffsynth_cog.pipeline.sampling import image_latent_scale, latent_plan
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +103,11 @@ class CacheInfo:
 
     latent_shape: [C, T, h, w] of ``latents`` (scaled by ``scaling_factor``). prompt_emb_shape:
     [L, d] of ``prompt_emb``. image_latent_shape: [C, 1, h, w] of ``image_latents`` (the first frame
-    alone, for image-to-video training), or None when the records hold none. dtype: storage dtype name ('bfloat16'). posterior: 'mean' or
-    'sample' (with ``seed``). num_frames, height, width, frame_interval: the pixel clips encoded.
+    alone, for image-to-video training), or None when the records hold none; image_latent_scale: what the image
+    latents were multiplied by (``sampling.image_latent_scale`` of the DiT's family: the scaling factor, or on
+    CogVideoX 1.5 I2V its inverse; caches without the entry used the factor). dtype: storage dtype name
+    ('bfloat16'). posterior: 'mean' or 'sample' (with ``seed``). num_frames, height, width, frame_interval: the
+    pixel clips encoded.
     """
 
     latent_shape: tuple[int, int, int, int]
@@ -119,6 +125,7 @@ class CacheInfo:
     tiled: bool = True
     model_paths: Mapping[str, str] = field(default_factory=dict)
     image_latent_shape: tuple[int, int, int, int] | None = None
+    image_latent_scale: float | None = None
     format: str = CACHE_FORMAT
     version: int = CACHE_VERSION
 
@@ -135,9 +142,17 @@ class CacheInfo:
         "posterior",
         "seed",
         "image_latent_shape",
+        "image_latent_scale",
         "format",
         "version",
     )
+
+    def __post_init__(self) -> None:
+        # Image latents without a recorded scale were multiplied by the factor (caches before CogVideoX 1.5).
+        scale = self.image_latent_scale if self.image_latent_shape is not None else None
+        if self.image_latent_shape is not None and scale is None:
+            scale = self.scaling_factor
+        object.__setattr__(self, "image_latent_scale", None if scale is None else float(scale))
 
     @property
     def latent_channels(self) -> int:
@@ -207,8 +222,12 @@ class CacheInfo:
         return cls.from_dict(values, source=str(path))
 
     def record_settings(self) -> dict[str, Any]:
-        """The settings every record is made with (part of each record's key, see :func:`record_key`)."""
-        return {name: getattr(self, name) for name in self.MUST_MATCH}
+        """The settings every record is made with (part of each record's key, see :func:`record_key`). The image
+        scale counts only where it is not the factor, so that the records of older caches keep their keys."""
+        settings = {name: getattr(self, name) for name in self.MUST_MATCH}
+        if settings["image_latent_scale"] in (None, self.scaling_factor):
+            del settings["image_latent_scale"]
+        return settings
 
     def differences(self, other: CacheInfo) -> list[str]:
         """'name: self vs other' for every :attr:`MUST_MATCH` field that differs."""
@@ -223,8 +242,9 @@ class CacheInfo:
 
         Checked: latent channels (DiT in/out channels; an image-to-video DiT, in = 2 x out, needs the
         first-frame image latents), text length and width (max_text_seq_length, text_embed_dim),
-        latent height/width divisible by the patch size. The clip length is free: long-video
-        training uses more latent frames than ``config.sample_frames`` on purpose.
+        the clip's frames and size by the family's rules (``sampling.latent_plan``: 8k+1 frames, sides multiples of
+        16, within 1.5's position grid), and the image latents' scale for the family. The clip length is free:
+        long-video training uses more latent frames than ``config.sample_frames`` on purpose.
         """
         problems = []
         channels = self.latent_channels
@@ -244,9 +264,18 @@ class CacheInfo:
             )
         if self.text_dim != config.text_embed_dim:
             problems.append(f"prompt_emb width {self.text_dim}, DiT text_embed_dim {config.text_embed_dim}")
-        _, _, h, w = self.latent_shape
-        if h % config.patch_size or w % config.patch_size:
-            problems.append(f"latent size {h}x{w} is not divisible by the DiT patch size {config.patch_size}")
+        try:
+            latent_plan(config, self.num_frames, self.height, self.width)
+        except ValueError as error:
+            problems.append(f"clips of {self.num_frames} frames at {self.height}x{self.width}: {error}")
+        family = config.family
+        expected = image_latent_scale(family, self.scaling_factor)
+        if image_to_video and self.image_latent_scale is not None and abs(self.image_latent_scale - expected) > 1e-6:
+            problems.append(
+                f"image latents multiplied by {self.image_latent_scale:g}, {family.label} takes them multiplied by "
+                f"{expected:g} (invert_scale_latents: {family.invert_scale_latents}): prepare the cache again with "
+                "this model's transformer in the model folder (into a new cache folder)"
+            )
         if config.temporal_compression_ratio != self.temporal_compression_ratio:
             problems.append(
                 f"temporal compression {self.temporal_compression_ratio}, DiT expects {config.temporal_compression_ratio}"

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from diffsynth_cog.configs import DiTConfig
+from diffsynth_cog.configs import DiTConfig, dit_family
 from diffsynth_cog.errors import DiffSynthCogError
 from diffsynth_cog.lora import (
     LORA_EXPORT_FORMATS,
@@ -77,16 +77,40 @@ def _deepspeed_model_file(folder: Path) -> Path:
     return found[0]
 
 
-def _torch_load(path: Path) -> dict[str, Any]:
+_WHAT_TO_PASS = (
+    "export-lora reads the step*.ckpt / last.ckpt files (or DeepSpeed checkpoint folders) that "
+    "'diffsynth-cog train' writes into <output_dir>/checkpoints: pass one of them, or that folder"
+)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts as a safetensors file does: an 8-byte header length, then a JSON object."""
     try:
-        values = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as error:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100 * 2**20
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    if _is_safetensors(path):
         raise CheckpointError(
-            f"{path}: cannot read the checkpoint with torch.load(weights_only=True) ({type(error).__name__}: "
-            f"{str(error)[:300]})"
+            f"{path} is a safetensors file (an exported LoRA or model weights), not a training checkpoint; "
+            + _WHAT_TO_PASS
+        )
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: our message says what matters
+            warnings.simplefilter("ignore")
+            values = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a file that is no checkpoint fails in any of pickle's ways (KeyError too)
+        logger.debug("torch.load(%s, weights_only=True) failed", path, exc_info=True)
+        raise CheckpointError(
+            f"{path} is not a training checkpoint: torch.load(weights_only=True) cannot read it "
+            f"({type(error).__name__}; -v shows the details); " + _WHAT_TO_PASS
         ) from error
     if not isinstance(values, dict):
-        raise CheckpointError(f"{path}: expected a checkpoint dict, found {type(values).__name__}")
+        raise CheckpointError(f"{path}: expected a checkpoint dict, found {type(values).__name__}; " + _WHAT_TO_PASS)
     return values
 
 
@@ -106,7 +130,8 @@ def read_lora_checkpoint(path: str | os.PathLike[str]) -> LoRACheckpoint:
     info = values.get(CHECKPOINT_KEY)
     if not isinstance(info, dict) or not isinstance(weights, Mapping):
         raise CheckpointError(
-            f"{p}: not a checkpoint of this trainer (no {CHECKPOINT_KEY!r} entry or no {where!r} weights)"
+            f"{p}: not a checkpoint of this trainer (no {CHECKPOINT_KEY!r} entry or no {where!r} weights); "
+            + _WHAT_TO_PASS
         )
     lora: dict[str, torch.Tensor] = {}
     for key, value in weights.items():
@@ -163,19 +188,57 @@ def lora_model_from_info(info: Mapping[str, Any], source: str = "checkpoint") ->
     return model
 
 
-def export_metadata(info: Mapping[str, Any], steps: Sequence[int], gamma: float | None) -> dict[str, str]:
-    train_config = info.get("train_config", {})
+# TrainConfig fields that name local files or folders: an exported LoRA keeps only their last part (the name), so
+# that a published file does not show its author's folder layout, unless paths are asked for.
+PATH_FIELDS = ("model", "cache_dir", "output_dir", "validation_images")
+
+
+def _name(path: Any) -> str:
+    return Path(str(path)).name or str(path)
+
+
+def shareable_train_config(train_config: Mapping[str, Any], include_paths: bool = False) -> dict[str, Any]:
+    """The training config as an exported LoRA records it: the path fields cut to their names."""
+    values = dict(train_config)
+    if include_paths:
+        return values
+    for key in PATH_FIELDS:
+        value = values.get(key)
+        if isinstance(value, (list, tuple)):
+            values[key] = [_name(v) for v in value]
+        elif value:
+            values[key] = _name(value)
+    return values
+
+
+def export_metadata(
+    info: Mapping[str, Any], steps: Sequence[int], gamma: float | None, *, include_paths: bool = False
+) -> dict[str, str]:
+    """The header entries of an exported LoRA: step(s), the training config (file and folder names only, unless
+    ``include_paths``), the base model's name and DiT family, the attention it was trained under."""
+    train_config = shareable_train_config(info.get("train_config", {}), include_paths)
     metadata = {
         "diffsynth_cog_global_step": str(steps[-1]),
         "diffsynth_cog_train_config": json.dumps(train_config, sort_keys=True),
         "base_model": str(train_config.get("model", "")),
     }
+    family = _family(info)
+    if family is not None:
+        metadata["base_model_family"] = family
     if train_config.get("attention"):  # the mask the LoRA learnt under: generate with the same
         metadata[TRAINED_ATTENTION_KEY] = str(train_config["attention"])
     if gamma is not None:
         metadata["diffsynth_cog_ema_gamma"] = repr(gamma)
         metadata["diffsynth_cog_ema_steps"] = json.dumps(list(steps))
     return metadata
+
+
+def _family(info: Mapping[str, Any]) -> str | None:
+    """The DiT family of the checkpoint (cogvideox-5b, ...), None when its dit_config does not say."""
+    try:
+        return dit_family(DiTConfig.from_dict(dict(info["dit_config"]), source="checkpoint"))
+    except (KeyError, TypeError, ValueError):  # an older or partial entry: the header goes without it
+        return None
 
 
 def _ordered(paths: Sequence[Path]) -> list[Path]:
@@ -192,19 +255,22 @@ def export_lora_from_checkpoints(
     *,
     ema_gamma: float | None = None,
     dtype: torch.dtype = torch.float32,
-    format: str = "diffsynth",
+    format: str | None = None,
+    include_paths: bool = False,
 ) -> Path:
     """Writes the LoRA of training checkpoints (``format``: "diffsynth" or "diffusers", see
-    ``export_lora``); returns the file written.
+    ``export_lora``; None = the family's layout: DiffSynth's on CogVideoX 1.0, diffusers' on 1.5); returns the
+    file written.
 
     ``checkpoints``: ``.ckpt`` files, DeepSpeed checkpoint folders, or ``<output_dir>/checkpoints``
     folders (expanded to their step checkpoints, ``last.ckpt`` left out). Without ``ema_gamma`` the
     newest checkpoint is exported; with it, all are averaged oldest first (by the step in their
     names, else in the order given), ``ema_k = gamma * ema_{k-1} + (1 - gamma) * lora_k`` (ExVideo's
     post-training EMA, gamma 0.9), reading one checkpoint at a time. The file records ranks, alphas
-    and targets (``export_lora``) plus the step(s) and the training config.
+    and targets (``export_lora``) plus the step(s) and the training config, whose paths are cut to their
+    names unless ``include_paths`` (:func:`export_metadata`).
     """
-    if format not in LORA_EXPORT_FORMATS:
+    if format is not None and format not in LORA_EXPORT_FORMATS:
         raise ValueError(f"format must be one of {list(LORA_EXPORT_FORMATS)}, got {format!r}")
     paths = _ordered(expand_checkpoints(checkpoints))
     if ema_gamma is not None and not 0.0 <= ema_gamma <= 1.0:
@@ -242,7 +308,7 @@ def export_lora_from_checkpoints(
         return export_lora(
             model,
             output,
-            metadata=export_metadata(info, steps, ema_gamma),
+            metadata=export_metadata(info, steps, ema_gamma, include_paths=include_paths),
             lora_weights=weights,
             dtype=dtype,
             format=format,

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,12 +56,19 @@ class VideoSample:
     """One video-caption pair of a dataset index.
 
     path: absolute (or as given) path of the video file. prompt: its caption. index: position of the
-    record in the index file (0-based), the record's stable identity.
+    record in the index file (0-based), the record's stable identity. where: the record's place as a person
+    finds it in the index file, for messages (``metadata.json record 3``, ``metadata.csv line 4``,
+    ``prompts.txt line 2``; 1-based).
     """
 
     path: Path
     prompt: str
     index: int
+    where: str = field(default="", compare=False)  # a label for messages, not part of the record's identity
+
+    @property
+    def label(self) -> str:
+        return self.where or f"record {self.index + 1}"
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class SkippedSample:
     path: Path
     reason: SkipReason
     message: str
+    where: str = field(default="", compare=False)  # VideoSample.where
 
 
 # --------------------------------------------------------------------------------------------- index files
@@ -97,10 +105,13 @@ def _pick(record: Mapping[str, Any], keys: Sequence[str], what: str, where: str)
     raise DatasetIndexError(f"{where}: no {what} (expected one of {', '.join(keys)}); keys found: {found}")
 
 
-def _make_samples(rows: Sequence[Mapping[str, Any]], base: Path, source: Path, row_label: str) -> list[VideoSample]:
+def _make_samples(
+    rows: Sequence[Mapping[str, Any]], base: Path, source: Path, places: Sequence[str]
+) -> list[VideoSample]:
+    """``places[i]``: where row i is in ``source`` ("record 3", "line 4"), as its messages name it."""
     samples = []
-    for i, row in enumerate(rows):
-        where = f"{source}: {row_label} {i}"
+    for i, (row, place) in enumerate(zip(rows, places, strict=True)):
+        where = f"{source}: {place}"
         if not isinstance(row, Mapping):
             raise DatasetIndexError(f"{where} is a {type(row).__name__}, expected an object with a video and a prompt")
         name = _pick(row, PATH_KEYS, "video path", where)
@@ -109,7 +120,8 @@ def _make_samples(rows: Sequence[Mapping[str, Any]], base: Path, source: Path, r
             raise DatasetIndexError(f"{where}: the video path must be a non-empty string, got {name!r}")
         if not isinstance(prompt, str):
             raise DatasetIndexError(f"{where}: the prompt must be a string, got {type(prompt).__name__} {prompt!r}")
-        samples.append(VideoSample(path=_resolve_video_path(base, name.strip()), prompt=prompt, index=i))
+        path = _resolve_video_path(base, name.strip())
+        samples.append(VideoSample(path=path, prompt=prompt, index=i, where=f"{source.name} {place}"))
     return samples
 
 
@@ -122,7 +134,7 @@ def _read_json_index(path: Path) -> list[VideoSample]:
         raise DatasetIndexError(
             f"{path}: expected a JSON list of {{'file_name': ..., 'text': ...}} objects, got a {type(rows).__name__}"
         )
-    return _make_samples(rows, path.parent, path, "record")
+    return _make_samples(rows, path.parent, path, [f"record {i + 1}" for i in range(len(rows))])
 
 
 def _read_csv_index(path: Path) -> list[VideoSample]:
@@ -139,8 +151,11 @@ def _read_csv_index(path: Path) -> list[VideoSample]:
                     f"{path}: no {what} column (expected one of {', '.join(keys)}); columns found: "
                     f"{', '.join(reader.fieldnames)}"
                 )
-        rows = list(reader)
-    return _make_samples(rows, path.parent, path, "data row")
+        rows, lines = [], []
+        for row in reader:
+            rows.append(row)
+            lines.append(f"line {reader.line_num}")  # where the row ends (a quoted field may span lines)
+    return _make_samples(rows, path.parent, path, lines)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -166,7 +181,12 @@ def _read_txt_pair(prompts_path: Path, videos_path: Path) -> list[VideoSample]:
         logger.warning("%s: %d empty prompt(s); those clips train unconditionally", prompts_path, empty)
     base = videos_path.parent
     return [
-        VideoSample(path=_resolve_video_path(base, v.strip()), prompt=p.strip(), index=i)
+        VideoSample(
+            path=_resolve_video_path(base, v.strip()),
+            prompt=p.strip(),
+            index=i,
+            where=f"{prompts_path.name} line {i + 1}",
+        )
         for i, (p, v) in enumerate(zip(prompts, videos, strict=True))
     ]
 
@@ -290,10 +310,10 @@ class VideoClipDataset(Dataset):
         try:
             return self.load(position)
         except VideoTooShortError as error:
-            return SkippedSample(sample.index, sample.path, "too_short", str(error))
+            return SkippedSample(sample.index, sample.path, "too_short", str(error), sample.label)
         except VideoReadError as error:
             reason: SkipReason = "unreadable" if sample.path.is_file() else "missing"
-            return SkippedSample(sample.index, sample.path, reason, str(error))
+            return SkippedSample(sample.index, sample.path, reason, str(error), sample.label)
 
 
 def first_item(batch: Sequence[Any]) -> Any:

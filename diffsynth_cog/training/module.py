@@ -31,6 +31,20 @@ augmentation (``image_noise``: sigma = exp(N(mean, std)) per sample, added in la
 VAE is not in the training process; CogVideoX's trainers add it to the pixels before encoding) and
 ``image_dropout``. The loss is on the video latents alone.
 
+CogVideoX 1.5 (temporal patches of ``patch_size_t`` = 2 latent frames): the DiT runs whole temporal patches, so
+the step builds its input as the 1.5 pipeline does (``pipeline.sampling.latent_plan``): the cached latents (21
+frames at 81 pixel frames) are padded at the FRONT to whole patches (22), the noise is drawn at the padded length,
+the I2V condition is the image latent zero-padded to that length (``sampling.image_condition``: the image lines up
+with latent frame 0), and the DiT adds the family's ``ofs`` embedding (2.0) on 1.5 I2V. The padded frame is a
+copy of the first latent frame (:func:`pad_to_temporal_patches`), as CogVideo's own 1.5 LoRA trainers make it
+(THUDM/CogVideo ``finetune/models/cogvideox_*/lora_trainer.py``: ``T % patch_size_t`` copies of the first frame
+prepended). The loss covers it like any other frame (as those trainers do; 1/22 of the loss at 81 frames): it
+shares the first temporal patch, hence the same tokens, with the first real frame, and the pipeline denoises it
+at every step and feeds it back as input before dropping it at the end, so its prediction is trained toward what
+the model sees there in training rather than left free. The 1.5 I2V image latents are scaled per the family
+(``sampling.image_latent_scale``: divided by the VAE factor, ``invert_scale_latents``), as the pipeline scales
+them at inference, by ``prepare``; CogVideo's trainer multiplies instead, which the released pipeline does not.
+
 Checkpoints hold the LoRA weights only (plus optimizer and loop state): :meth:`on_save_checkpoint`
 drops the frozen base from Lightning's ``state_dict``, and the DeepSpeed strategy is built with
 ``exclude_frozen_parameters=True`` (its engine writes the module itself). Resuming loads with
@@ -52,6 +66,7 @@ from diffsynth_cog.configs import DiTConfig, dit_family
 from diffsynth_cog.denoise.denoiser import AttentionPart, Denoiser, TokenSplit
 from diffsynth_cog.denoise.masks import parse_attention
 from diffsynth_cog.errors import StateDictMismatchError
+from diffsynth_cog.families import Family
 from diffsynth_cog.loading.dit_loader import load_dit
 from diffsynth_cog.loading.model_folder import ModelFolder, resolve_model_folder
 from diffsynth_cog.lora import inject_lora, lora_layers, lora_state_dict
@@ -108,6 +123,16 @@ def step_seed(seed: int, step: int, micro_batch: int = 0, rank: int = 0) -> int:
     """
     text = f"diffsynth_cog/{seed}/{step}/{micro_batch}/{rank}".encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def pad_to_temporal_patches(x0: torch.Tensor, family: Family) -> torch.Tensor:
+    """Clean latents [B, C, T, h, w] -> [B, C, T', h, w] with T' = ``family.padded_latent_frames(T)`` (whole temporal
+    patches; T itself on CogVideoX 1.0): the first latent frame repeated T' - T times at the front, where the
+    pipeline's padding frame sits (see the module docstring)."""
+    padding = family.padded_latent_frames(x0.shape[2]) - x0.shape[2]
+    if padding == 0:
+        return x0
+    return torch.cat([x0[:, :, :1].expand(-1, -1, padding, -1, -1), x0], dim=2)
 
 
 def lora_layout(dit: torch.nn.Module) -> dict[str, dict[str, float]]:
@@ -251,8 +276,9 @@ class CogLoRAModule(pl.LightningModule):
         return c.in_channels == 2 * c.out_channels
 
     def dit_input(self, x_t: torch.Tensor, image_latents: torch.Tensor | None) -> torch.Tensor:
-        """The DiT's input for noisy latents x_t [B, C, T, h, w]: x_t itself, or for an image-to-video DiT
-        ``[x_t, image]`` on the channels, the image latent [B, C, 1, h, w] zero-padded to T frames."""
+        """The DiT's input for noisy latents x_t [B, C, T, h, w] (T whole temporal patches): x_t itself, or for an
+        image-to-video DiT ``[x_t, image]`` on the channels, the image latent [B, C, 1, h, w] zero-padded to T frames
+        as the pipeline pads it (``sampling.image_condition``)."""
         if not self.image_to_video:
             return x_t
         if image_latents is None:
@@ -260,7 +286,9 @@ class CogLoRAModule(pl.LightningModule):
                 "the DiT is image-to-video (in_channels = 2 x out_channels): the batch needs 'image_latents' "
                 "(prepare the cache with --image-latents)"
             )
-        return torch.cat([x_t, image_condition(image_latents.to(x_t.dtype), x_t.shape[2])], dim=1)  # [B, 2C, T, h, w]
+        patch_t = self._require_dit().config.temporal_patch
+        image = image_condition(image_latents.to(x_t.dtype), x_t.shape[2], patch_t)
+        return torch.cat([x_t, image], dim=1)  # [B, 2C, T, h, w]
 
     def augment_image(self, image_latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Noise augmentation and dropout of the I2V condition [B, C, 1, h, w] (see the module docstring)."""
@@ -285,9 +313,16 @@ class CogLoRAModule(pl.LightningModule):
         image_latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The CogVideoX training loss for given x0 [B, C, T, h, w], prompt_emb [B, L, d], t [B], noise
-        (and for an image-to-video DiT the first frame's latent [B, C, 1, h, w])."""
-        self._require_dit()
-        x0 = x0.float()
+        (and for an image-to-video DiT the first frame's latent [B, C, 1, h, w]).
+
+        On CogVideoX 1.5, x0 may be the cache's latents (T = 21 at 81 frames) or already padded; it is padded to
+        whole temporal patches (:func:`pad_to_temporal_patches`) and ``noise`` must have the padded shape."""
+        x0 = pad_to_temporal_patches(x0.float(), self._require_dit().family)
+        if noise.shape != x0.shape:
+            raise ValueError(
+                f"noise has shape {list(noise.shape)}, the latents padded to whole temporal patches "
+                f"{list(x0.shape)}: draw the noise at the padded length (pad_to_temporal_patches)"
+            )
         x_t = add_noise(x0, noise.float(), t, self.alphas)  # [B, C, T, h, w] float32
         x_in = self.dit_input(x_t, image_latents)
         with activation_offload(self.train_config.activation_offload):
@@ -310,7 +345,9 @@ class CogLoRAModule(pl.LightningModule):
 
     def batch_loss(self, batch: dict[str, Any], micro_batch: int = 0, step: int | None = None) -> torch.Tensor:
         """The loss of one micro-batch, with its (t, noise) drawn from :meth:`step_generator`."""
-        x0 = batch["latents"].float()  # [B, C, T, h, w], already scaled by the VAE factor
+        # [B, C, T, h, w], already scaled by the VAE factor; padded to whole temporal patches (1.5) before the
+        # noise is drawn, so that the noise has the padded length, as the pipeline draws it.
+        x0 = pad_to_temporal_patches(batch["latents"].float(), self._require_dit().family)
         generator = self.step_generator(micro_batch, x0.device, step)
         t, noise = self.sample_noise(x0, generator)
         image = batch.get("image_latents")
@@ -324,8 +361,9 @@ class CogLoRAModule(pl.LightningModule):
         loss = self.batch_loss(batch, batch_idx % accumulate)
 
         b, _, frames, h, w = x0.shape
-        p = self._require_dit().config.patch_size
-        self._tokens_per_sample = frames * (h // p) * (w // p) + prompt_emb.shape[1]
+        config = self._require_dit().config
+        p, patches_t = config.patch_size, config.family.padded_latent_frames(frames) // config.temporal_patch
+        self._tokens_per_sample = patches_t * (h // p) * (w // p) + prompt_emb.shape[1]
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=b)
         if self._trainer is not None and self.trainer.optimizers:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]

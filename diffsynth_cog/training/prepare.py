@@ -30,14 +30,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from diffsynth_cog.configs import check_num_frames, frame_multiple
-from diffsynth_cog.errors import shorten
+from diffsynth_cog.configs import DiTConfig, check_num_frames, frame_multiple
+from diffsynth_cog.errors import DiffSynthCogError, shorten
 from diffsynth_cog.io.atomic import save_safetensors_atomic, write_json_atomic
 from diffsynth_cog.loading.model_folder import resolve_model_folder
 from diffsynth_cog.loading.text_encoder_loader import load_text_encoder
 from diffsynth_cog.loading.vae_loader import load_vae_encoder
 from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.vae import CogVAE, CogVAEEncoder
+from diffsynth_cog.pipeline.sampling import image_latent_scale, latent_plan
 from diffsynth_cog.training.cache import (
     CACHE_FORMAT,
     CACHE_INFO,
@@ -65,6 +66,12 @@ from diffsynth_cog.training.data import (
 )
 
 logger = logging.getLogger(__name__)
+
+_LISTED = 5  # skipped clips a failure message names one by one
+
+
+class NoUsableClipsError(DiffSynthCogError):
+    """Every clip of the dataset was skipped: the cache holds nothing to train on (the message lists why)."""
 
 
 @dataclass
@@ -96,14 +103,35 @@ class PrepareSummary:
             f"{self.written} written, {self.skipped_existing} already done, {stale}{describe_skips(self.skipped_bad)}"
         )
 
+    @property
+    def nothing_usable(self) -> bool:
+        """Every clip there was to encode was skipped, and none was done before: nothing to train on."""
+        return bool(self.skipped_bad) and self.written == 0 and self.skipped_existing == 0
+
+    def unusable_message(self, dataset: str | os.PathLike[str], needed_frames: int) -> str:
+        """Why nothing was written and what to do: the skips by reason, the first ones by record."""
+        listed = "; ".join(
+            f"{s.where or f'clip {s.index}'} ({s.path.name}): {s.reason.replace('_', ' ')}"
+            for s in self.skipped_bad[:_LISTED]
+        )
+        more = f"; and {len(self.skipped_bad) - _LISTED} more" if len(self.skipped_bad) > _LISTED else ""
+        return (
+            f"none of the {len(self.skipped_bad)} clips of {dataset} could be used ({describe_skips(self.skipped_bad)}), "
+            f"so the cache {self.cache_dir} holds nothing to train on: {listed}{more}. Fix or remove those records "
+            f"(each video needs at least {needed_frames} frames at these --num-frames / --frame-interval; the lines "
+            "above give each reader's error) and run prepare again"
+        )
+
 
 @dataclass(frozen=True)
 class Encoders:
-    """The two frozen encoders of the prepare step and the paths they were loaded from."""
+    """The two frozen encoders of the prepare step, the paths they were loaded from and the transformer config of
+    the model folder (None without one): the family the cache is for (``prepare_cache(dit_config=...)``)."""
 
     text_encoder: CogTextEncoder
     vae_encoder: CogVAEEncoder
     paths: dict[str, str]
+    dit_config: DiTConfig | None = None
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -147,7 +175,7 @@ def load_encoders(
     ).eval()
     vae_encoder.requires_grad_(False)
     paths = {"text_encoder": str(text_path), "vae": str(vae_folder), "tokenizer": str(folder.require("tokenizer"))}
-    return Encoders(text_encoder=text_encoder, vae_encoder=vae_encoder, paths=paths)
+    return Encoders(text_encoder=text_encoder, vae_encoder=vae_encoder, paths=paths, dit_config=folder.dit_config)
 
 
 def distributed_rank() -> tuple[int, int, int]:
@@ -177,6 +205,15 @@ def write_record(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapp
     return path.stat().st_size
 
 
+def check_clip(dit_config: DiTConfig | None, num_frames: int, height: int, width: int) -> None:
+    """Checks the clip geometry against the family of the transformer the cache is for, before anything loads:
+    ``frame_multiple`` k+1 frames, sides multiples of ``size_multiple`` (16) and, on CogVideoX 1.5, within the
+    DiT's position grid (``sampling.latent_plan``, the pipeline's rule); ValueError naming the value and the rule.
+    ``dit_config`` None: nothing to check here (the VAE's factors are checked when the encoders are loaded)."""
+    if dit_config is not None:
+        latent_plan(dit_config, num_frames, height, width)
+
+
 def _cache_info(
     text_encoder: CogTextEncoder,
     vae_encoder: CogVAEEncoder | CogVAE,
@@ -191,8 +228,10 @@ def _cache_info(
     tiled: bool,
     model_paths: Mapping[str, str | os.PathLike[str]] | None,
     image_latents: bool = False,
+    dit_config: DiTConfig | None = None,
 ) -> CacheInfo:
     """The shapes every record will have, computed from the configs (no encoding needed)."""
+    check_clip(dit_config, num_frames, height, width)
     config = vae_encoder.config
     r, s = config.temporal_compression_ratio, config.spatial_compression
     check_num_frames(num_frames, frame_multiple(r))
@@ -215,7 +254,16 @@ def _cache_info(
         tiled=tiled,
         model_paths={k: str(v) for k, v in (model_paths or {}).items()},
         image_latent_shape=(config.latent_channels, 1, height // s, width // s) if image_latents else None,
+        image_latent_scale=_image_scale(config, dit_config) if image_latents else None,
     )
+
+
+def _image_scale(vae_config: object, dit_config: DiTConfig | None) -> float:
+    """What the image latents are multiplied by: as the I2V pipeline scales its input image's latents for this
+    family (``sampling.image_latent_scale``; 1.5 I2V: divided by the factor)."""
+    family = dit_config.family if dit_config is not None else None
+    invert = bool(getattr(vae_config, "invert_scale_latents", False))
+    return image_latent_scale(family, float(vae_config.scaling_factor), invert)
 
 
 def _write_or_check_info(cache_dir: Path, info: CacheInfo) -> None:
@@ -329,6 +377,7 @@ def prepare_cache(
     model_paths: Mapping[str, str | os.PathLike[str]] | None = None,
     progress: bool = True,
     image_latents: bool = False,
+    dit_config: DiTConfig | None = None,
 ) -> PrepareSummary:
     """Encodes every clip of a dataset (this rank's share) into ``cache_dir``; returns what was done.
 
@@ -340,7 +389,7 @@ def prepare_cache(
         text_encoder, vae_encoder: frozen encoders (see :func:`load_encoders`); a whole
             :class:`CogVAE` works as well as its encoder.
         num_frames, height, width, frame_interval: the clip read from each video (``num_frames`` =
-            8k+1, sides multiples of 8); videos shorter than ``(num_frames - 1) * frame_interval + 1``
+            8k+1, sides multiples of the VAE's factor, of 16 with ``dit_config``); videos shorter than ``(num_frames - 1) * frame_interval + 1``
             frames are skipped.
         tiled: spatial tiling in the VAE (bounds memory at 480x720 and above).
         sample_posterior, seed: store one seeded posterior draw instead of the mean (module docstring).
@@ -353,7 +402,11 @@ def prepare_cache(
         image_latents: also store each clip's first frame encoded alone, as an image (the condition of
             image-to-video training, encoded as the I2V pipeline encodes its input image), as
             ``image_latents`` [C, 1, h, w]: the posterior mean, or with ``sample_posterior`` a draw
-            from the record's generator after the clip's.
+            from the record's generator after the clip's; multiplied as the I2V pipeline multiplies its image's
+            latents for ``dit_config``'s family (the scaling factor; its inverse on CogVideoX 1.5 I2V).
+        dit_config: the transformer the cache is for (``Encoders.dit_config``): its family's frame, size and
+            position-grid rules are checked before any encoding (:func:`check_clip`) and it sets the image
+            latents' scale. None: the VAE's factors and its config's ``invert_scale_latents`` alone.
 
     Unreadable (corrupt, missing) and too-short videos are skipped, never retried within the run and
     never fatal; each is logged at INFO and the summary counts them by reason. Any other error
@@ -380,6 +433,7 @@ def prepare_cache(
         tiled=tiled,
         model_paths=model_paths,
         image_latents=image_latents,
+        dit_config=dit_config,
     )
     out.mkdir(parents=True, exist_ok=True)
     _write_or_check_info(out, info)
@@ -426,13 +480,18 @@ def prepare_cache(
             bar.update(1)
             if isinstance(item, SkippedSample):
                 summary.skipped_bad.append(item)
-                logger.info("skipped clip %d (%s): %s", item.index, item.reason.replace("_", " "), item.message)
+                logger.info(
+                    "skipped %s (%s): %s",
+                    item.where or f"clip {item.index}",
+                    item.reason.replace("_", " "),
+                    item.message,
+                )
                 bar.set_postfix(skipped=len(summary.skipped_bad))
                 continue
             index, prompt = int(item["index"]), str(item["prompt"])
             sample = by_index[index]
             with torch.inference_mode():
-                prompt_emb = text_encoder.encode(prompt, device=compute_device)[0]  # [L, d]
+                prompt_emb = text_encoder.encode(prompt, device=compute_device, names=[sample.label])[0]  # [L, d]
                 video = item["video"].unsqueeze(0).to(device=compute_device, dtype=vae_dtype)  # [1, 3, F, H, W]
                 generator = posterior_generator(seed, index) if sample_posterior else None
                 latents = vae_encoder.encode(video, tiled=tiled, sample=sample_posterior, generator=generator)[0]
@@ -444,7 +503,8 @@ def prepare_cache(
                     first = vae_encoder.encode(
                         video[:, :, :1], tiled=tiled, sample=sample_posterior, generator=generator
                     )
-                    record[IMAGE_LATENTS_KEY] = (first[0].float() * scale).to(dtype).cpu()  # [C, 1, h, w]
+                    image_scale = info.image_latent_scale
+                    record[IMAGE_LATENTS_KEY] = (first[0].float() * image_scale).to(dtype).cpu()  # [C, 1, h, w]
             shapes = {LATENTS_KEY: info.latent_shape, PROMPT_EMB_KEY: info.prompt_emb_shape}
             shapes[IMAGE_LATENTS_KEY] = info.image_latent_shape
             for key, tensor in record.items():
