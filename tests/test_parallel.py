@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -52,12 +53,16 @@ def test_layout_takes_the_ranks_that_are_left_and_numbers_ulysses_innermost():
         (4, dict(cfg_parallel=True, ulysses_degree=4), "cfg 2 x ulysses 4 x ring 1 = 8 ranks, but a group has 4"),
         (3, dict(cfg_parallel=True), "cfg 2 x ring 1 does not divide the 3 ranks"),
         (4, dict(cfg_parallel=False, num_heads=30), "ulysses degree 4 does not divide the DiT's 30 attention heads"),
-        (8, dict(cfg_parallel=False, group_size=3), "group size 3 must be a positive divisor of the world size 8"),
+        (
+            8,
+            dict(cfg_parallel=False, group_size=3),
+            "group size must be a positive divisor of the world size 8 (valid: [1, 2, 4, 8]); got 3",
+        ),
         (2, dict(cfg_parallel=False, ring_degree=0), "ring_degree must be an integer >= 1"),
     ],
 )
 def test_layouts_that_cannot_work_are_refused_with_the_numbers(world, kwargs, message):
-    with pytest.raises(ParallelError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ParallelError, match=re.escape(message)):
         ParallelLayout.resolve(world, **kwargs)
 
 
@@ -182,23 +187,25 @@ def test_a_bad_ulysses_head_grouping_is_refused_before_anything_starts():
 
 
 def test_cli_defaults_use_every_rank_cfg_halves_first():
-    from diffsynth_cog.cli.generate import _parallel_degrees
+    from diffsynth_cog.cli.generate import _parallel_layout
     from diffsynth_cog.cli.main import build_parser
 
-    def degrees(*argv: str, world: int, batch: bool = False):
+    def layout(*argv: str, world: int, batch: bool = False) -> ParallelLayout:
         args = build_parser().parse_args(["generate", "--prompt", "x", *argv])
-        return _parallel_degrees(args, world, batch)
+        return _parallel_layout(args, world, batch)
 
-    assert degrees(world=2) == dict(
-        cfg_parallel=True, ulysses_degree=None, ring_degree=1, group_size=2, ulysses_transport="auto"
+    assert layout(world=2) == ParallelLayout(cfg=2)
+    assert layout(world=8) == ParallelLayout(cfg=2, ulysses=4)
+    assert layout("--cfg-scale", "1", world=2) == ParallelLayout(ulysses=2)  # no second half to share
+    assert layout(world=3) == ParallelLayout(ulysses=3)
+    assert layout("--ulysses", "2", world=2) == ParallelLayout(ulysses=2)
+    assert layout("--ring", "2", world=8) == ParallelLayout(cfg=2, ring=2, ulysses=2)
+    assert layout(world=8, batch=True) == ParallelLayout(groups=8)  # a batch: one GPU per video by default
+    assert layout("--cfg-parallel", "on", "--ulysses", "2", world=8, batch=True) == ParallelLayout(
+        cfg=2, ulysses=2, groups=2
     )
-    assert degrees("--ulysses-transport", "nccl", world=2)["ulysses_transport"] == "nccl"
-    assert degrees(world=8)["cfg_parallel"] and degrees(world=8)["group_size"] == 8  # cfg 2 x ulysses 4
-    assert not degrees("--cfg-scale", "1", world=2)["cfg_parallel"]  # no second half to share
-    assert not degrees(world=3)["cfg_parallel"]
-    assert not degrees("--ulysses", "2", world=2)["cfg_parallel"]
-    assert degrees(world=8, batch=True)["group_size"] == 1  # a batch: one GPU per video by default
-    assert degrees("--cfg-parallel", "on", "--ulysses", "2", world=8, batch=True)["group_size"] == 4
+    with pytest.raises(ParallelError, match=r"cfg 2 x ulysses 3 x ring 1 = 6 ranks, but a group has 4"):
+        layout("--cfg-parallel", "on", "--ulysses", "3", world=4)
 
 
 class MaskPart:
