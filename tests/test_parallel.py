@@ -216,6 +216,9 @@ class MaskPart:
     def build(self, layout, device):  # noqa: ANN001, ANN201
         return lambda q, k, v: v
 
+    def check_compatible(self, parts):  # noqa: ANN001, ANN201
+        """Goes with every part; the split is what refuses a mask inside a ring."""
+
 
 def split_for(layout: ParallelLayout):  # noqa: ANN201 - a split of rank 0 without process groups
     from diffsynth_cog.parallel.mesh import ProcessMesh

@@ -342,6 +342,9 @@ class _BandedAttention:
     def bands(self, layout: TokenLayout) -> FrameBands:
         raise NotImplementedError
 
+    def check_compatible(self, parts: object) -> None:
+        """A mask goes with every transformer and part (a split with ring attention refuses it, naming both)."""
+
     def build(self, layout: TokenLayout, device: torch.device) -> MaskedAttention:
         """The attention of calls with this layout; one shared object per (layout, device)."""
         key = (layout, torch.device(device))

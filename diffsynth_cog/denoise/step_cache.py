@@ -44,7 +44,7 @@ from collections.abc import Hashable
 
 import torch
 
-from diffsynth_cog.denoise.denoiser import TokenSplit
+from diffsynth_cog.denoise.denoiser import DenoiserParts, TokenSplit
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.tokens import DiTState
 
@@ -105,6 +105,9 @@ class StepBook:
 
     def _new_track(self) -> object:
         raise NotImplementedError
+
+    def check_compatible(self, parts: DenoiserParts) -> None:
+        """Step skipping goes with every transformer and part unless a subclass says otherwise."""
 
     def stats(self) -> dict[str, object]:
         """Counts of this generation: steps done, computed, skipped, which were skipped, and the part's records."""

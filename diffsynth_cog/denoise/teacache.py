@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from diffsynth_cog.configs import teacache_coefficients
-from diffsynth_cog.denoise.denoiser import StepSkipper, TokenSplit
+from diffsynth_cog.denoise.denoiser import DenoiserParts, StepSkipper, TokenSplit
 from diffsynth_cog.denoise.step_cache import StepBook, StepCache, l1_change
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.tokens import DiTState
@@ -89,12 +89,11 @@ class TeaCache(StepBook):
         self.coefficients = values
         self.peak = polynomial_peak(values)
 
-    def check_compatible(self, denoiser: object) -> None:
+    def check_compatible(self, parts: DenoiserParts) -> None:
         """Called by the denoiser: takes the model's published polynomial when none was given, or refuses."""
         if self.coefficients is not None:
             return
-        dit = denoiser.dit  # type: ignore[attr-defined]
-        published = teacache_coefficients(dit.config)
+        published = teacache_coefficients(parts.config)
         if published is None:
             raise ValueError(
                 "TeaCache has no calibrated polynomial for this transformer (published for CogVideoX-5B only): pass "
