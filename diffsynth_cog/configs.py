@@ -16,10 +16,12 @@ of each family) and of the input checks every entry point shares (:func:`check_n
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from diffsynth_cog.validators import is_int as _is_int
+from diffsynth_cog.validators import is_number as _is_number
 
 # -- family constants ---------------------------------------------------------------------------------
 
@@ -40,15 +42,6 @@ VAE_LATENT_FRAMES_PER_CHUNK = 2
 FRAME_MULTIPLE = TEMPORAL_COMPRESSION * VAE_LATENT_FRAMES_PER_CHUNK
 # Pixel sides: the VAE's 8x spatial compression times the DiT's 2x2 patches.
 SIZE_MULTIPLE = 16
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    """A finite int or float (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(cond: bool, message: str) -> None:

@@ -28,9 +28,14 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_real(value: object) -> bool:
+    """An ``int`` or ``float`` that is not a ``bool`` (possibly infinite or NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def is_number(value: object) -> bool:
     """A finite ``int`` or ``float`` that is not a ``bool``."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_real(value) and math.isfinite(value)
 
 
 def divisors(n: int) -> list[int]:

@@ -58,6 +58,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from diffsynth_cog.models.attention import BACKENDS
 from diffsynth_cog.models.tokens import TokenLayout
+from diffsynth_cog.validators import NON_NEGATIVE_INT, one_of
 
 logger = logging.getLogger(__name__)
 
@@ -280,8 +281,7 @@ class MaskedAttention:
     def __init__(
         self, layout: TokenLayout, bands: FrameBands, device: torch.device, block_size: int, granularity: str
     ) -> None:
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
+        one_of(GRANULARITIES).require("granularity", granularity)
         self.layout, self.bands, self.device, self.block_size = layout, bands, device, block_size
         self.mask_mod = frame_band_mask_mod(layout, bands, device)
         self.table: torch.Tensor | None = None
@@ -372,8 +372,7 @@ class TemporalWindowAttention(_BandedAttention):
     def __init__(
         self, window: int, sink: bool = True, block_size: int = BLOCK_SIZE, granularity: str = "block"
     ) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-            raise ValueError(f"window must be an integer >= 0 (latent frames each side); got {window!r}")
+        NON_NEGATIVE_INT.described("an integer >= 0 (latent frames each side)").require("window", window)
         super().__init__(sink, block_size, granularity)
         self.window = window
         self.name = f"window{window}" + ("" if sink else "-nosink") + ("-token" if granularity == "token" else "")

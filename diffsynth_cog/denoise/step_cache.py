@@ -47,8 +47,11 @@ import torch
 from diffsynth_cog.denoise.denoiser import DenoiserParts, TokenSplit
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.tokens import DiTState
+from diffsynth_cog.validators import integer, is_real, number
 
 logger = logging.getLogger(__name__)
+
+_THRESHOLD = number(0).described("a finite number >= 0 (0 = never skip)")
 
 
 def l1_change(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -75,12 +78,10 @@ class StepBook:
     min_warmup = 0
 
     def __init__(self, threshold: float, warmup: int) -> None:
-        if not (isinstance(threshold, int | float) and not isinstance(threshold, bool)):
+        if not is_real(threshold):
             raise TypeError(f"threshold must be a number; got {type(threshold).__name__}")
-        if not math.isfinite(threshold) or threshold < 0:
-            raise ValueError(f"threshold must be a finite number >= 0 (0 = never skip); got {threshold}")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < self.min_warmup:
-            raise ValueError(f"warmup must be an integer >= {self.min_warmup}; got {warmup!r}")
+        _THRESHOLD.require("threshold", threshold)
+        integer(self.min_warmup).require("warmup", warmup)
         self.threshold = float(threshold)
         self.warmup = warmup
         self.start(0)

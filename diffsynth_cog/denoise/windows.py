@@ -30,6 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
+from diffsynth_cog.validators import POSITIVE_INT, number
+
+_OVERLAP = number(0, 1, high_open=True).described("a fraction in [0, 1)")
+
 
 @dataclass(frozen=True)
 class WindowSpec:
@@ -42,14 +46,12 @@ class WindowSpec:
     compression: int = 4  # pixel frames per latent frame (after the first)
 
     def __post_init__(self) -> None:
-        if isinstance(self.frames, bool) or not isinstance(self.frames, int) or self.frames < 1:
-            raise ValueError(f"window frames must be a positive integer; got {self.frames!r}")
+        POSITIVE_INT.require("window frames", self.frames)
         if (self.frames - 1) % self.compression:
             raise ValueError(
                 f"window frames must be {self.compression}k+1 pixel frames (e.g. 49, 129); got {self.frames}"
             )
-        if not 0.0 <= self.overlap < 1.0:
-            raise ValueError(f"window overlap must be a fraction in [0, 1); got {self.overlap}")
+        _OVERLAP.require("window overlap", self.overlap)
 
     @property
     def latent_frames(self) -> int:
