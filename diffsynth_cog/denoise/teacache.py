@@ -40,7 +40,7 @@ import torch
 
 from diffsynth_cog.configs import teacache_coefficients
 from diffsynth_cog.denoise.denoiser import DenoiserParts, StepSkipper, TokenSplit
-from diffsynth_cog.denoise.step_cache import StepBook, StepCache, l1_change
+from diffsynth_cog.denoise.step_cache import STEP_SKIPPERS, StepBook, StepCache, l1_change, register_step_skipper
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.tokens import DiTState
 
@@ -63,6 +63,7 @@ class _Track:
     residual: tuple[torch.Tensor, torch.Tensor] | None = None  # all blocks on (video, text), model dtype
 
 
+@register_step_skipper("teacache")
 class TeaCache(StepBook):
     """TeaCache step skipping for ONE generation at a time (see the module docstring).
 
@@ -148,19 +149,15 @@ class TeaCache(StepBook):
         return dataclasses.replace(state, video=state.video + video_residual, text=state.text + text_residual)
 
 
-STEP_SKIPPERS = ("teacache", "first-block")
-
-
 def make_step_skipper(threshold: float, method: str = "auto", dit: CogDiT | None = None) -> StepSkipper:
-    """A step-skipping part from a threshold: ``"teacache"``, ``"first-block"`` (``step_cache.StepCache``) or
-    ``"auto"`` = TeaCache where the model has a published polynomial (``dit`` given), else first-block."""
+    """A step-skipping part from a threshold: a method of :data:`~diffsynth_cog.denoise.step_cache.STEP_SKIPPERS`
+    (``"teacache"``, ``"first-block"`` = ``step_cache.StepCache``) or ``"auto"`` = TeaCache where the model has a
+    published polynomial (``dit`` given), else first-block."""
     if method == "auto":
         if dit is not None and teacache_coefficients(dit.config) is not None:
             return TeaCache(threshold)
         logger.info("no TeaCache calibration for this transformer: using the first-block step cache")
         return StepCache(threshold)
-    if method == "teacache":
-        return TeaCache(threshold)
-    if method == "first-block":
-        return StepCache(threshold)
-    raise ValueError(f"unknown step cache method {method!r}; valid: 'auto', {', '.join(STEP_SKIPPERS)}")
+    if method not in STEP_SKIPPERS:
+        raise ValueError(f"unknown step cache method {method!r}; valid: 'auto', {', '.join(STEP_SKIPPERS)}")
+    return STEP_SKIPPERS[method](threshold)
