@@ -136,6 +136,13 @@ class DenoiserParts:
     step_skip: StepSkipper | None = None
 
 
+def _members(protocol: type) -> list[str]:
+    """The attributes a Protocol asks for (its annotations and methods), for refusals that name what is missing."""
+    names = set(getattr(protocol, "__annotations__", {}))
+    names |= {n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")}
+    return sorted(names)
+
+
 class Denoiser:
     """``denoiser(latents, timestep, context)`` -> v-prediction (float32), composed of parts.
 
@@ -169,10 +176,17 @@ class Denoiser:
         if isinstance(attention, str):
             attention = check_backend(attention)
         elif attention is not None and not isinstance(attention, AttentionPart):
-            raise TypeError(f"attention must be a backend name or an AttentionPart; got {type(attention).__name__}")
+            missing = [m for m in _members(AttentionPart) if not hasattr(attention, m)]
+            raise TypeError(
+                f"attention must be a backend name or an AttentionPart; {type(attention).__name__} lacks {missing}"
+            )
         self.attention = attention
         self.split = split if split is not None else WHOLE_CALL
         self.step_skip = step_skip
+        for role, part, protocol in (("split", self.split, TokenSplit), ("step_skip", step_skip, StepSkipper)):
+            if part is not None and not isinstance(part, protocol):
+                missing = [m for m in _members(protocol) if not hasattr(part, m)]
+                raise TypeError(f"{role} must be a {protocol.__name__}; {type(part).__name__} lacks {missing}")
         self.tiles = tiles
         self.windows = windows
         self.riflex = resolve_riflex(dit.config, riflex)
