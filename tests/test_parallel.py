@@ -47,6 +47,35 @@ def test_layout_takes_the_ranks_that_are_left_and_numbers_ulysses_innermost():
     assert groups.groups == 4 and groups.ranks(5, vary=("ulysses",)) == [4, 5]
 
 
+def test_ranks_are_numbered_like_digits_of_the_named_dimensions_and_groups_follow():
+    from diffsynth_cog.parallel.mesh import GROUP_KINDS
+
+    layout = ParallelLayout(cfg=2, ring=2, ulysses=3, groups=2)
+    assert layout.world == 24 and layout.group_size == 12 and layout.sequence == 6
+    for rank in range(24):
+        c = layout.coords(rank)
+        assert rank == ((c.group * 2 + c.half) * 2 + c.ring) * 3 + c.ulysses  # the module docstring's formula
+    assert layout.ranks(13, vary=GROUP_KINDS["generation"]) == list(range(12, 24))
+    assert layout.ranks(13, vary=GROUP_KINDS["sequence"]) == [12, 13, 14, 15, 16, 17]
+    assert layout.ranks(13, vary=GROUP_KINDS["ring"]) == [13, 16] and layout.ranks(13, vary=("half",)) == [13, 19]
+    assert layout.name() == "2 groups of cfg2xulysses3xring2"
+    with pytest.raises(ParallelError, match="parallel degree ring must be an integer >= 1; got True"):
+        ParallelLayout(ring=True)
+
+
+def test_enable_parallel_takes_a_layout_or_degrees_and_refuses_a_mix_or_a_misspelt_degree():
+    from parallel_cases import tiny_pipeline
+
+    pipe = tiny_pipeline("5b")
+    with pytest.raises(ParallelError, match=r"a ParallelLayout or the degrees \['ring_degree'\], not both"):
+        pipe.enable_parallel(ParallelLayout(cfg=2), ring_degree=2)
+    with pytest.raises(TypeError, match="ulysses"):
+        pipe.enable_parallel(ulysses=2)  # the keyword is ulysses_degree
+    with pytest.raises(ParallelError, match="launch every rank with torchrun"):
+        pipe.enable_parallel(ParallelLayout(cfg=2))
+    assert pipe.parallel is None
+
+
 @pytest.mark.parametrize(
     "world,kwargs,message",
     [
