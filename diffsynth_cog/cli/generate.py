@@ -16,9 +16,13 @@ import os
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffsynth_cog.cli.checks import ATTENTION_BACKENDS, DEFAULT_MODEL, DTYPES
 from diffsynth_cog.configs import ULYSSES_TRANSPORTS as TRANSPORTS
+
+if TYPE_CHECKING:
+    from diffsynth_cog.parallel.layout import ParallelLayout
 
 logger = logging.getLogger("diffsynth_cog.cli.main")
 
@@ -226,25 +230,18 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _parallel_degrees(args: argparse.Namespace, world: int, batch: bool) -> dict[str, object]:
-    """enable_parallel's arguments from the options (see _add_parallel_options)."""
-    if args.group_size is not None:
-        size = args.group_size
-    elif batch:
-        size = (2 if args.cfg_parallel == "on" else 1) * (args.ulysses or 1) * args.ring
-    else:
-        size = world
-    if args.cfg_parallel == "auto":
-        rest, odd = divmod(size, 2 * args.ring)
-        cfg = not odd and rest >= 1 and args.cfg_scale > 1 and args.ulysses in (None, rest)
-    else:
-        cfg = args.cfg_parallel == "on"
-    return dict(
-        cfg_parallel=cfg,
-        ulysses_degree=args.ulysses,
-        ring_degree=args.ring,
-        group_size=size,
-        ulysses_transport=args.ulysses_transport,
+def _parallel_layout(args: argparse.Namespace, world: int, batch: bool) -> ParallelLayout:
+    """enable_parallel's layout from the options (see _add_parallel_options)."""
+    from diffsynth_cog.parallel.layout import ParallelLayout
+
+    return ParallelLayout.from_options(
+        world,
+        cfg_parallel=args.cfg_parallel,
+        ulysses=args.ulysses,
+        ring=args.ring,
+        group_size=args.group_size,
+        batch=batch,
+        guided=args.cfg_scale > 1,
     )
 
 
@@ -304,7 +301,8 @@ def _generate(args: argparse.Namespace, launch, plan, options: dict, jobs: list 
         manager.fetch_model("cog_dit", require=True).compile_blocks()
     pipe = CogVideoPipeline.from_model_manager(manager, device=args.device, offload=args.offload)
     if launch.distributed:
-        pipe.enable_parallel(**_parallel_degrees(args, launch.world, batch=jobs is not None))
+        layout = _parallel_layout(args, launch.world, batch=jobs is not None)
+        pipe.enable_parallel(layout, ulysses_transport=args.ulysses_transport)
     if jobs is None:
         _generate_one(pipe, args, options, plan.input_video)
     else:
