@@ -16,13 +16,16 @@ of each family) and of the input checks every entry point shares (:func:`check_n
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from diffsynth_cog.families import FAMILIES as FAMILY_TABLE
 from diffsynth_cog.families import FAMILY_NAMES, Family, family_of
+from diffsynth_cog.validators import is_int as _is_int
+from diffsynth_cog.validators import is_number as _is_number
+
+# -- family constants ---------------------------------------------------------------------------------
 
 # -- family constants ---------------------------------------------------------------------------------
 # The numbers themselves live in ``families`` (one description per family); these names are views of them.
@@ -48,15 +51,6 @@ SIZE_MULTIPLE = _V10.size_multiple
 # How the Ulysses all-to-all moves q/k/v (parallel/peer.py): here, torch-free, so the command line's parser
 # offers them without importing torch.
 ULYSSES_TRANSPORTS = ("auto", "nccl", "p2p")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    """A finite int or float (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(cond: bool, message: str) -> None:

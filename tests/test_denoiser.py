@@ -92,6 +92,9 @@ class TextOnlyAttention:
 
         return attend
 
+    def check_compatible(self, parts):
+        """Goes with every part."""
+
 
 def test_an_attention_part_builds_the_attention_of_each_call_from_its_layout(dit):
     x, context = inputs()

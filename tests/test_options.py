@@ -67,7 +67,7 @@ def test_old_flags_still_set_the_renamed_options() -> None:
 @pytest.mark.parametrize(
     "registry,module,names",
     [
-        (SAMPLERS, "diffsynth_cog.schedulers", "SAMPLER_KINDS"),
+        (SAMPLERS, "diffsynth_cog.schedulers", "SAMPLERS"),
         (ATTENTION_BACKENDS, "diffsynth_cog.models.attention", "BACKENDS"),
     ],
 )
@@ -82,10 +82,11 @@ def test_choices_come_from_the_registry_that_defines_them(monkeypatch, registry,
 
 
 def test_a_new_step_skipping_method_is_offered_once_registered(monkeypatch) -> None:
-    from diffsynth_cog.denoise import teacache
+    from diffsynth_cog import denoise
+    from diffsynth_cog.denoise.step_cache import StepCache
 
-    monkeypatch.setattr(teacache, "STEP_SKIPPERS", (*teacache.STEP_SKIPPERS, "planted"))
-    assert STEP_SKIPPERS.names() == ("auto", "teacache", "first-block", "planted")
+    monkeypatch.setitem(denoise.STEP_SKIPPERS, "planted", StepCache)
+    assert STEP_SKIPPERS.names() == ("auto", "first-block", "teacache", "planted")
 
 
 def test_options_fingerprint_by_value_and_differ_when_any_field_differs() -> None:

@@ -75,6 +75,9 @@ class ReferenceWindowAttention:
         self.window = window
         self.name = f"reference-window{window}"
 
+    def check_compatible(self, parts: object) -> None:
+        """Goes with every part (a split with ring attention would refuse it)."""
+
     def allowed(self, layout: TokenLayout) -> torch.Tensor:
         """[L, L] booleans, True where query i sees key j."""
         n = layout.n_tokens

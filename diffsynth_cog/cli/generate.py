@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from diffsynth_cog.cli.checks import DEFAULT_MODEL, DTYPES
-from diffsynth_cog.cli.generate_checks import job_options, parallel_degrees
+from diffsynth_cog.cli.generate_checks import job_options, parallel_layout
 from diffsynth_cog.configs import ULYSSES_TRANSPORTS as TRANSPORTS
 from diffsynth_cog.pipeline.options import ATTENTION_BACKENDS
 
@@ -289,7 +289,8 @@ def _generate(args: argparse.Namespace, launch, plan) -> int:  # noqa: ANN001
         manager.fetch_model("cog_dit", require=True).compile_blocks()
     pipe = CogVideoPipeline.from_model_manager(manager, device=args.device, offload=args.offload)
     if launch.distributed:
-        pipe.enable_parallel(**parallel_degrees(args, launch.world, batch=plan.jobs is not None))
+        layout = parallel_layout(args, launch.world, batch=plan.jobs is not None)
+        pipe.enable_parallel(layout, ulysses_transport=args.ulysses_transport)
     if plan.jobs is None:
         _generate_one(pipe, args, plan.options, args.output)
     else:

@@ -31,6 +31,7 @@ from diffsynth_cog.configs import check_number, check_size
 from diffsynth_cog.errors import shorten
 
 if TYPE_CHECKING:
+    from diffsynth_cog.parallel.layout import ParallelLayout
     from diffsynth_cog.parallel.prompts import PromptJob
     from diffsynth_cog.pipeline.options import GenerationOptions
 
@@ -196,12 +197,8 @@ def _check_layout(args: argparse.Namespace, model: ModelChoice, batch: bool) -> 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or model.config is None:
         return
-    from diffsynth_cog.parallel.layout import ParallelLayout
-
-    degrees = parallel_degrees(args, world, batch=batch)
-    degrees.pop("ulysses_transport")
     try:
-        ParallelLayout.resolve(world, num_heads=model.config.num_attention_heads, **degrees)
+        parallel_layout(args, world, batch=batch).check_heads(model.config.num_attention_heads)
     except ValueError as error:
         raise OptionError(
             f"{error} (--cfg-parallel / --ulysses / --ring / --group-size on {world} processes)"
@@ -236,25 +233,19 @@ def _check_with_model(args: argparse.Namespace, plan: GeneratePlan) -> None:
         )
 
 
-def parallel_degrees(args: argparse.Namespace, world: int, batch: bool) -> dict[str, object]:
-    """enable_parallel's arguments from the options (see _add_parallel_options)."""
-    if args.group_size is not None:
-        size = args.group_size
-    elif batch:
-        size = (2 if args.cfg_parallel == "on" else 1) * (args.ulysses or 1) * args.ring
-    else:
-        size = world
-    if args.cfg_parallel == "auto":
-        rest, odd = divmod(size, 2 * args.ring)
-        cfg = not odd and rest >= 1 and args.cfg_scale > 1 and args.ulysses in (None, rest)
-    else:
-        cfg = args.cfg_parallel == "on"
-    return dict(
-        cfg_parallel=cfg,
-        ulysses_degree=args.ulysses,
-        ring_degree=args.ring,
-        group_size=size,
-        ulysses_transport=args.ulysses_transport,
+def parallel_layout(args: argparse.Namespace, world: int, batch: bool) -> ParallelLayout:
+    """enable_parallel's layout from the options (``cli.generate._add_parallel_options``; a batch of prompts uses
+    just the ranks the degrees ask for per video)."""
+    from diffsynth_cog.parallel.layout import ParallelLayout
+
+    return ParallelLayout.from_options(
+        world,
+        cfg_parallel=args.cfg_parallel,
+        ulysses=args.ulysses,
+        ring=args.ring,
+        group_size=args.group_size,
+        batch=batch,
+        guided=args.cfg_scale > 1,
     )
 
 

@@ -19,20 +19,24 @@ independent parts, each with a default that is the plain, exact computation:
 
 One DiT call is ``embed -> [attention part] -> split.scatter -> blocks (skipper) -> project ->
 split.gather -> unpatchify``, run per window and tile. Every part sees only its own inputs, so parts combine
-freely; a combination that means nothing is refused when the denoiser is built, naming both parts.
+freely; a combination that means nothing is refused when the denoiser is built, naming both parts: every part
+declares ``check_compatible(parts)`` and sees the transformer's config and the other parts
+(:class:`DenoiserParts`), nothing else of the denoiser.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
+from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.denoise.riflex import resolve_riflex
 from diffsynth_cog.denoise.windows import WindowSpec, map_windows
-from diffsynth_cog.models.attention import Attend, check_backend, choose_backend, dense_attention
+from diffsynth_cog.models.attention import Attend, check_backend, dense_attention
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.tiling import TileSpec, map_tiles
 from diffsynth_cog.models.tokens import DiTState, TokenLayout
@@ -45,6 +49,11 @@ class AttentionPart(Protocol):
     name: str
 
     def build(self, layout: TokenLayout, device: torch.device) -> Attend: ...
+
+    def check_compatible(self, parts: DenoiserParts) -> None:
+        """Raises (naming both parts) when this part cannot work with the transformer or the other ``parts``;
+        called once when the denoiser is built."""
+        ...
 
 
 @runtime_checkable
@@ -63,6 +72,10 @@ class TokenSplit(Protocol):
 
     def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
         """Sums ``values`` over every process sharing the call, so that they all decide alike."""
+        ...
+
+    def check_compatible(self, parts: DenoiserParts) -> None:
+        """As :meth:`AttentionPart.check_compatible`."""
         ...
 
 
@@ -84,6 +97,10 @@ class StepSkipper(Protocol):
         """The current step's calls are done (called by the sampling loop once per step)."""
         ...
 
+    def check_compatible(self, parts: DenoiserParts) -> None:
+        """As :meth:`AttentionPart.check_compatible`."""
+        ...
+
 
 class WholeCall:
     """The default split: this process computes the whole call."""
@@ -99,8 +116,31 @@ class WholeCall:
     def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
+    def check_compatible(self, parts: DenoiserParts) -> None:
+        """The whole call goes with every part."""
+
 
 WHOLE_CALL = WholeCall()
+
+
+@dataclass(frozen=True)
+class DenoiserParts:
+    """What each part checks itself against when a denoiser is built: the transformer's config and the parts.
+
+    ``attention``: a kernel name, an :class:`AttentionPart`, or None (the kernel chosen per call, per model or per
+    process, ``CogDiT.attention_kernel``)."""
+
+    config: DiTConfig
+    attention: str | AttentionPart | None = None
+    split: TokenSplit = WHOLE_CALL
+    step_skip: StepSkipper | None = None
+
+
+def _members(protocol: type) -> list[str]:
+    """The attributes a Protocol asks for (its annotations and methods), for refusals that name what is missing."""
+    names = set(getattr(protocol, "__annotations__", {}))
+    names |= {n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")}
+    return sorted(names)
 
 
 class Denoiser:
@@ -136,23 +176,30 @@ class Denoiser:
         if isinstance(attention, str):
             attention = check_backend(attention)
         elif attention is not None and not isinstance(attention, AttentionPart):
-            raise TypeError(f"attention must be a backend name or an AttentionPart; got {type(attention).__name__}")
+            missing = [m for m in _members(AttentionPart) if not hasattr(attention, m)]
+            raise TypeError(
+                f"attention must be a backend name or an AttentionPart; {type(attention).__name__} lacks {missing}"
+            )
         self.attention = attention
         self.split = split if split is not None else WHOLE_CALL
         self.step_skip = step_skip
+        for role, part, protocol in (("split", self.split, TokenSplit), ("step_skip", step_skip, StepSkipper)):
+            if part is not None and not isinstance(part, protocol):
+                missing = [m for m in _members(protocol) if not hasattr(part, m)]
+                raise TypeError(f"{role} must be a {protocol.__name__}; {type(part).__name__} lacks {missing}")
         self.tiles = tiles
         self.windows = windows
         self.riflex = resolve_riflex(dit.config, riflex)
+        parts = DenoiserParts(dit.config, self.attention, self.split, step_skip)
         for part in (self.attention, self.split, step_skip):
-            check = getattr(part, "check_compatible", None)
-            if check is not None:
-                check(self)
+            if part is not None and not isinstance(part, str):
+                part.check_compatible(parts)
 
     def parts(self) -> dict[str, str]:
         """The parts in use, by name (for logs and benchmark records)."""
         attention = self.attention if isinstance(self.attention, str | None) else self.attention.name
         return {
-            "attention": attention or choose_backend(self.dit.attention_backend),
+            "attention": attention or self.dit.attention_kernel(),
             "split": self.split.name,
             "step_skip": self.step_skip.name if self.step_skip is not None else "none",
             "tiles": "none" if self.tiles is None else f"{self.tiles.size[0]}x{self.tiles.size[1]}px",
@@ -170,17 +217,13 @@ class Denoiser:
         if self.step_skip is not None:
             self.step_skip.end_step()
 
-    def _attend(self, layout: TokenLayout, device: torch.device) -> Attend:
-        if self.attention is None:
-            return dense_attention(choose_backend(self.dit.attention_backend))
-        if isinstance(self.attention, str):
-            return dense_attention(self.attention)
-        return self.attention.build(layout, device)
-
     def call_dit(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, key: Hashable = None):
-        """One DiT call on latents [B, C_in, T, H, W] -> v-prediction [B, C_out, T, H, W] (the DiT's dtype)."""
-        state = self.dit.embed(latents, timestep, context, riflex=self.riflex)
-        state = dataclasses.replace(state, attend=self._attend(state.layout, latents.device))
+        """One DiT call on latents [B, C_in, T, H, W] -> v-prediction [B, C_out, T, H, W] (the DiT's dtype).
+        Dense attention: the kernel named here, or (None) the one the DiT resolves; a part builds its own."""
+        kernel = dense_attention(self.attention) if isinstance(self.attention, str) else None
+        state = self.dit.embed(latents, timestep, context, kernel, riflex=self.riflex)
+        if isinstance(self.attention, AttentionPart):
+            state = dataclasses.replace(state, attend=self.attention.build(state.layout, latents.device))
         state = self.split.scatter(state)
         if self.step_skip is not None:
             state = self.step_skip.run(self.dit, state, key, self.split)
@@ -195,7 +238,7 @@ class Denoiser:
         if self.tiles is None:
             return self.call_dit(x, t, context, key=(key, (0, 0)))
         p = self.dit.config.patch_size
-        grid = self.tiles.grid(tuple(x.shape[-2:]), pixels_per_unit=8, multiple=p)
+        grid = self.tiles.grid(tuple(x.shape[-2:]), pixels_per_unit=self.dit.family.vae_spatial, multiple=p)
         run = lambda tile, start: self.call_dit(tile, t, context, key=(key, start)).float()  # noqa: E731
         return run(x, (0, 0)) if grid.single else map_tiles(x, grid, run)
 

@@ -63,6 +63,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from diffsynth_cog.models.attention import BACKENDS
 from diffsynth_cog.models.tokens import TokenLayout
+from diffsynth_cog.validators import NON_NEGATIVE_INT, one_of
 
 logger = logging.getLogger(__name__)
 
@@ -305,8 +306,7 @@ class MaskedAttention:
     def __init__(
         self, layout: TokenLayout, bands: FrameBands, device: torch.device, block_size: int, granularity: str
     ) -> None:
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
+        one_of(GRANULARITIES).require("granularity", granularity)
         self.layout, self.bands, self.device, self.block_size = layout, bands, device, block_size
         self.mask_mod = frame_band_mask_mod(layout, bands, device)
         self.table: torch.Tensor | None = None
@@ -367,6 +367,9 @@ class _BandedAttention:
     def bands(self, layout: TokenLayout) -> FrameBands:
         raise NotImplementedError
 
+    def check_compatible(self, parts: object) -> None:
+        """A mask goes with every transformer and part (a split with ring attention refuses it, naming both)."""
+
     def build(self, layout: TokenLayout, device: torch.device) -> MaskedAttention:
         """The attention of calls with this layout; one shared object per (layout, device)."""
         key = (layout, torch.device(device))
@@ -394,8 +397,7 @@ class TemporalWindowAttention(_BandedAttention):
     def __init__(
         self, window: int, sink: bool = True, block_size: int = BLOCK_SIZE, granularity: str = "block"
     ) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-            raise ValueError(f"window must be an integer >= 0 (latent frames each side); got {window!r}")
+        NON_NEGATIVE_INT.described("an integer >= 0 (latent frames each side)").require("window", window)
         super().__init__(sink, block_size, granularity)
         self.window = window
         self.name = f"window{window}" + ("" if sink else "-nosink") + ("-token" if granularity == "token" else "")
@@ -457,25 +459,67 @@ class RadialAttention(_BandedAttention):
         return FrameBands(keep=tuple(keep), width=tuple(width), sink=self.sink)
 
 
+# The masks users name in a spec ``NAME[:ARG...][:token]``: name -> (parser, usage). A parser takes the spec's
+# arguments and the granularity and returns the part, or None when the arguments do not fit; the usage words
+# the accepted specs for refusals and help. A new mask is a class and one ``@register_mask`` parser beside it.
+MaskParser = Callable[[list[str], str], "_BandedAttention | None"]
+
+
+@dataclass(frozen=True)
+class MaskEntry:
+    parse: MaskParser
+    usage: str
+
+
+MASKS: dict[str, MaskEntry] = {}
+
+
+def register_mask(name: str, usage: str) -> Callable[[MaskParser], MaskParser]:
+    """Registers the parser of the mask spec ``name[:args]`` (see :data:`MASKS`)."""
+
+    def register(parse: MaskParser) -> MaskParser:
+        if name in MASKS or name in BACKENDS:
+            raise ValueError(f"attention name {name!r} is taken")
+        MASKS[name] = MaskEntry(parse, usage)
+        return parse
+
+    return register
+
+
+@register_mask("window", "'window:W' (W latent frames each side), 'window:W:nosink'")
+def _window_spec(args: list[str], granularity: str) -> TemporalWindowAttention | None:
+    if 1 <= len(args) <= 2 and (len(args) == 1 or args[1] == "nosink"):
+        return TemporalWindowAttention(int(args[0]), sink=len(args) == 1, granularity=granularity)
+    return None
+
+
+@register_mask("radial", "'radial' or 'radial:DECAY'")
+def _radial_spec(args: list[str], granularity: str) -> RadialAttention | None:
+    if len(args) <= 1:
+        return RadialAttention(decay=float(args[0]) if args else 1.0, granularity=granularity)
+    return None
+
+
 def parse_attention(spec: str) -> str | _BandedAttention:
-    """A user's attention choice: a dense kernel name (``models.attention.BACKENDS``), ``window:W`` (+-W latent
-    frames; on CogVideoX 1.5 +-W temporal patches of 2 latent frames, the token grid's time axis), ``window:W:nosink``, ``radial`` or ``radial:DECAY``; the masks at block granularity, or with a
-    ``:token`` suffix at token granularity (e.g. ``window:2:token``, ``radial:0.5:token``)."""
+    """A user's attention choice: a dense kernel name (``models.attention.BACKENDS``) or a mask spec of
+    :data:`MASKS` (``window:W`` = +-W latent frames; on CogVideoX 1.5 +-W temporal patches of 2 latent frames, the
+    token grid's time axis; ``window:W:nosink``, ``radial`` or ``radial:DECAY``); the masks at block granularity, or
+    with a ``:token`` suffix at token granularity (e.g. ``window:2:token``)."""
     if spec in BACKENDS:
         return spec
     name, _, rest = spec.partition(":")
     args = [a for a in rest.split(":") if a] if rest else []
     granularity = "token" if args[-1:] == ["token"] else "block"
     args = args[:-1] if granularity == "token" else args
+    entry = MASKS.get(name)
     try:
-        if name == "window" and 1 <= len(args) <= 2 and (len(args) == 1 or args[1] == "nosink"):
-            return TemporalWindowAttention(int(args[0]), sink=len(args) == 1, granularity=granularity)
-        if name == "radial" and len(args) <= 1:
-            return RadialAttention(decay=float(args[0]) if args else 1.0, granularity=granularity)
+        part = entry.parse(args, granularity) if entry is not None else None
     except ValueError as e:
         raise ValueError(f"attention {spec!r}: {e}") from None
+    if part is not None:
+        return part
+    usages = ", ".join(e.usage for e in MASKS.values())
     raise ValueError(
-        f"unknown attention {spec!r}; valid: a kernel {BACKENDS}, 'window:W' (W latent frames each side), "
-        "'window:W:nosink', 'radial' or 'radial:DECAY', each at 128-token block granularity, or token-exact "
-        "with ':token' appended (e.g. 'window:2:token', 'radial:token')"
+        f"unknown attention {spec!r}; valid: a kernel {BACKENDS}, {usages}, each at 128-token block granularity, "
+        "or token-exact with ':token' appended (e.g. 'window:2:token', 'radial:token')"
     )

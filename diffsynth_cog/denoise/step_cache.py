@@ -40,15 +40,34 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 
-from diffsynth_cog.denoise.denoiser import TokenSplit
+from diffsynth_cog.denoise.denoiser import DenoiserParts, StepSkipper, TokenSplit
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.tokens import DiTState
+from diffsynth_cog.validators import integer, is_real, number
 
 logger = logging.getLogger(__name__)
+
+_THRESHOLD = number(0).described("a finite number >= 0 (0 = never skip)")
+
+# Every step-skipping method by name: a constructor taking the threshold (``pipe(step_cache="NAME:THRESHOLD")``,
+# the command line's methods). A new method is a :class:`StepBook` subclass with ``@register_step_skipper(name)``.
+STEP_SKIPPERS: dict[str, Callable[[float], StepSkipper]] = {}
+
+
+def register_step_skipper(name: str) -> Callable[[type[StepBook]], type[StepBook]]:
+    """Adds the class to :data:`STEP_SKIPPERS` under ``name`` ("auto" is the method choice, not a method)."""
+
+    def register(cls: type[StepBook]) -> type[StepBook]:
+        if name == "auto" or name in STEP_SKIPPERS:
+            raise ValueError(f"step-skipping method name {name!r} is taken")
+        STEP_SKIPPERS[name] = cls
+        return cls
+
+    return register
 
 
 def l1_change(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -75,12 +94,10 @@ class StepBook:
     min_warmup = 0
 
     def __init__(self, threshold: float, warmup: int) -> None:
-        if not (isinstance(threshold, int | float) and not isinstance(threshold, bool)):
+        if not is_real(threshold):
             raise TypeError(f"threshold must be a number; got {type(threshold).__name__}")
-        if not math.isfinite(threshold) or threshold < 0:
-            raise ValueError(f"threshold must be a finite number >= 0 (0 = never skip); got {threshold}")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < self.min_warmup:
-            raise ValueError(f"warmup must be an integer >= {self.min_warmup}; got {warmup!r}")
+        _THRESHOLD.require("threshold", threshold)
+        integer(self.min_warmup).require("warmup", warmup)
         self.threshold = float(threshold)
         self.warmup = warmup
         self.start(0)
@@ -105,6 +122,9 @@ class StepBook:
 
     def _new_track(self) -> object:
         raise NotImplementedError
+
+    def check_compatible(self, parts: DenoiserParts) -> None:
+        """Step skipping goes with every transformer and part unless a subclass says otherwise."""
 
     def stats(self) -> dict[str, object]:
         """Counts of this generation: steps done, computed, skipped, which were skipped, and the part's records."""
@@ -163,6 +183,7 @@ class _Track:
     residual: tuple[torch.Tensor, torch.Tensor] | None = None  # blocks 1.. on (video, text), float32
 
 
+@register_step_skipper("first-block")
 class StepCache(StepBook):
     """Step caching across the denoising steps of ONE generation: the denoiser's step-skipping part.
 

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from diffsynth_cog.configs import teacache_coefficients
-from diffsynth_cog.denoise.denoiser import StepSkipper, TokenSplit
-from diffsynth_cog.denoise.step_cache import StepBook, StepCache, l1_change
+from diffsynth_cog.denoise.denoiser import DenoiserParts, StepSkipper, TokenSplit
+from diffsynth_cog.denoise.step_cache import STEP_SKIPPERS, StepBook, StepCache, l1_change, register_step_skipper
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.tokens import DiTState
 
@@ -66,6 +66,7 @@ class _Track:
     residual: tuple[torch.Tensor, torch.Tensor] | None = None  # all blocks on (video, text), model dtype
 
 
+@register_step_skipper("teacache")
 class TeaCache(StepBook):
     """TeaCache step skipping for ONE generation at a time (see the module docstring).
 
@@ -104,12 +105,11 @@ class TeaCache(StepBook):
         self.coefficients = values
         self.peak = polynomial_peak(values)
 
-    def check_compatible(self, denoiser: object) -> None:
+    def check_compatible(self, parts: DenoiserParts) -> None:
         """Called by the denoiser: takes the model's published polynomial when none was given, or refuses."""
         if self.coefficients is not None:
             return
-        dit = denoiser.dit  # type: ignore[attr-defined]
-        published = teacache_coefficients(dit.config)
+        published = teacache_coefficients(parts.config)
         if published is None:
             raise ValueError(
                 "TeaCache has no calibrated polynomial for this transformer (published for the released CogVideoX-5B, "
@@ -118,7 +118,7 @@ class TeaCache(StepBook):
                 "(step_cache.StepCache, CLI --step-cache-method first-block)"
             )
         self._set_coefficients(published)
-        self.signal = dit.config.family.teacache.signal
+        self.signal = parts.config.family.teacache.signal
 
     def rescale(self, change: float) -> float:
         """The polynomial's estimate of the output's change for a relative input change ``change``."""
@@ -169,19 +169,15 @@ class TeaCache(StepBook):
         return dataclasses.replace(state, video=state.video + video_residual, text=state.text + text_residual)
 
 
-STEP_SKIPPERS = ("teacache", "first-block")
-
-
 def make_step_skipper(threshold: float, method: str = "auto", dit: CogDiT | None = None) -> StepSkipper:
-    """A step-skipping part from a threshold: ``"teacache"``, ``"first-block"`` (``step_cache.StepCache``) or
-    ``"auto"`` = TeaCache where the model has a published polynomial (``dit`` given), else first-block."""
+    """A step-skipping part from a threshold: a method of :data:`~diffsynth_cog.denoise.step_cache.STEP_SKIPPERS`
+    (``"teacache"``, ``"first-block"`` = ``step_cache.StepCache``) or ``"auto"`` = TeaCache where the model has a
+    published polynomial (``dit`` given), else first-block."""
     if method == "auto":
         if dit is not None and teacache_coefficients(dit.config) is not None:
             return TeaCache(threshold)
         logger.info("no TeaCache calibration for this transformer: using the first-block step cache")
         return StepCache(threshold)
-    if method == "teacache":
-        return TeaCache(threshold)
-    if method == "first-block":
-        return StepCache(threshold)
-    raise ValueError(f"unknown step cache method {method!r}; valid: 'auto', {', '.join(STEP_SKIPPERS)}")
+    if method not in STEP_SKIPPERS:
+        raise ValueError(f"unknown step cache method {method!r}; valid: 'auto', {', '.join(STEP_SKIPPERS)}")
+    return STEP_SKIPPERS[method](threshold)

@@ -32,6 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
+from diffsynth_cog.validators import POSITIVE_INT, number
+
+_OVERLAP = number(0, 1, high_open=True).described("a fraction in [0, 1)")
+
 
 @dataclass(frozen=True)
 class WindowSpec:
@@ -45,16 +49,13 @@ class WindowSpec:
     patch_t: int = 1  # latent frames per temporal patch of the DiT (the pipeline sets it from the model)
 
     def __post_init__(self) -> None:
-        if isinstance(self.frames, bool) or not isinstance(self.frames, int) or self.frames < 1:
-            raise ValueError(f"window frames must be a positive integer; got {self.frames!r}")
+        POSITIVE_INT.require("window frames", self.frames)
         if (self.frames - 1) % self.compression:
             raise ValueError(
                 f"window frames must be {self.compression}k+1 pixel frames (e.g. 49, 129); got {self.frames}"
             )
-        if not 0.0 <= self.overlap < 1.0:
-            raise ValueError(f"window overlap must be a fraction in [0, 1); got {self.overlap}")
-        if isinstance(self.patch_t, bool) or not isinstance(self.patch_t, int) or self.patch_t < 1:
-            raise ValueError(f"window patch_t must be a positive integer; got {self.patch_t!r}")
+        _OVERLAP.require("window overlap", self.overlap)
+        POSITIVE_INT.require("window patch_t", self.patch_t)
 
     @property
     def latent_frames(self) -> int:

@@ -14,7 +14,6 @@ their last row and/or column (the saved video is then one pixel taller/wider; no
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +29,7 @@ from diffsynth_cog.configs import check_number
 from diffsynth_cog.errors import DiffSynthCogError, WriteError
 from diffsynth_cog.io.atomic import atomic_path
 from diffsynth_cog.io.settings import metadata_arguments, write_settings
+from diffsynth_cog.validators import number
 
 logger = logging.getLogger(__name__)
 
@@ -247,12 +247,7 @@ def save_video(
     ffmpeg finished, so an interrupted or failed write never leaves a half-written file at `path`.
     Odd frame sizes are padded to even (see the module docstring).
     """
-    if (
-        isinstance(quality, bool)
-        or not isinstance(quality, numbers.Real)
-        or not _MIN_QUALITY <= quality <= _MAX_QUALITY
-    ):
-        raise ValueError(f"quality must be a number in [{_MIN_QUALITY}, {_MAX_QUALITY}]; got {quality!r}")
+    number(_MIN_QUALITY, _MAX_QUALITY).require("quality", quality)
     check_number(fps, name="fps", low=0, low_open=True)
     target = check_video_path(path)
     if sidecar and settings is None:

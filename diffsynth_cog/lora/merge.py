@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from diffsynth_cog.errors import LoRAError
 from diffsynth_cog.lora.files import LoRAMergeReport, LoRAPair, LoRATensors, open_lora, plan_merge
+from diffsynth_cog.validators import is_number
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def merge_lora(
     can undo any number of stacked merges bitwise. Raises ``LoRAError`` (model untouched) when
     anything in the LoRA does not fit.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if not is_number(alpha):
         raise LoRAError(f"alpha must be a finite number, got {alpha!r}")
     tensors = open_lora(lora)
     record = _record(model)

@@ -200,6 +200,11 @@ class CogDiT(nn.Module):
         A ``with attention_backend(...)`` block still overrides it for the calls inside."""
         self.attention_backend = None if name is None else check_backend(name)
 
+    def attention_kernel(self) -> str:
+        """The kernel a call made now uses: the per-call choice, else this model's, else the process default
+        (the one place a DiT call's dense kernel is resolved; the denoiser reads it from here)."""
+        return choose_backend(self.attention_backend)
+
     def compile_blocks(self, **compile_kwargs: object) -> None:
         """Regional ``torch.compile``: each block is compiled (they share one graph), the rest stays
         eager. Fuses the elementwise work around the matmuls and attention; same math.
@@ -343,7 +348,7 @@ class CogDiT(nn.Module):
             text = text + additive[:, :n_text]
             video = video + additive[:, n_text:]
         if attend is None:
-            attend = dense_attention(choose_backend(self.attention_backend))
+            attend = dense_attention(self.attention_kernel())
         layout = TokenLayout(n_text=n_text, grid=(gt, gh, gw), patch_t=pt)
         return DiTState(video=video, text=text, cond=cond, rope=rope, shape=(b, t, h, w), layout=layout, attend=attend)
 

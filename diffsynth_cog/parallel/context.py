@@ -35,6 +35,7 @@ from diffsynth_cog.parallel.peer import PeerExchange, group_timeout, peer_transp
 from diffsynth_cog.parallel.ring import require_yunchang
 from diffsynth_cog.parallel.split import ParallelSplit
 from diffsynth_cog.parallel.vae import SpreadTiles, TileTimes
+from diffsynth_cog.validators import POSITIVE_INT, one_of
 
 logger = logging.getLogger(__name__)
 
@@ -61,35 +62,29 @@ class ParallelContext:
         cls,
         num_heads: int,
         device: torch.device,
+        layout: ParallelLayout | Callable[[int], ParallelLayout],
         *,
-        cfg_parallel: bool = True,
-        ulysses_degree: int | None = None,
-        ring_degree: int = 1,
-        group_size: int | None = None,
         timeout: timedelta | None = None,
         ulysses_head_chunks: int | None = None,
         ulysses_transport: str = "auto",
     ) -> ParallelContext:
-        if ulysses_transport not in TRANSPORTS:
-            raise ParallelError(f"ulysses_transport must be one of {TRANSPORTS}; got {ulysses_transport!r}")
-        if ulysses_head_chunks is not None and (
-            isinstance(ulysses_head_chunks, bool) or not isinstance(ulysses_head_chunks, int) or ulysses_head_chunks < 1
-        ):
-            raise ParallelError(f"ulysses_head_chunks must be an integer >= 1; got {ulysses_head_chunks!r}")
+        """The context of this rank for ``layout``, or for the layout that ``layout(world_size)`` gives (e.g.
+        ``functools.partial(ParallelLayout.resolve, ring_degree=2)``). Collective: every rank calls it."""
+        one_of(TRANSPORTS).require("ulysses_transport", ulysses_transport, ParallelError)
+        if ulysses_head_chunks is not None:
+            POSITIVE_INT.require("ulysses_head_chunks", ulysses_head_chunks, ParallelError)
         if not dist.is_available() or not dist.is_initialized():
             raise ParallelError(
                 "enable_parallel needs an initialised torch.distributed process group: launch every rank with "
                 "torchrun (e.g. torchrun --nproc_per_node 2 script.py) and call "
                 "torch.distributed.init_process_group() first (backend 'nccl' for CUDA, 'gloo' for CPU)"
             )
-        layout = ParallelLayout.resolve(
-            dist.get_world_size(),
-            cfg_parallel=cfg_parallel,
-            ulysses_degree=ulysses_degree,
-            ring_degree=ring_degree,
-            group_size=group_size,
-            num_heads=num_heads,
-        )
+        world = dist.get_world_size()
+        if not isinstance(layout, ParallelLayout):
+            layout = layout(world)
+        if layout.world != world:
+            raise ParallelError(f"the layout {layout.name()} needs {layout.world} ranks; the process group has {world}")
+        layout.check_heads(num_heads)
         if layout.ring > 1:
             require_yunchang()  # before any process group or model work
         backend = dist.get_backend()

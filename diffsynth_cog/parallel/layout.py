@@ -12,14 +12,19 @@ videos, e.g. different prompts of a batch); inside a group the ranks share every
 Ranks are numbered group-major, then CFG half, then ring, then Ulysses (innermost), so the ranks of
 a Ulysses group, which exchange the most data, are neighbours (the same host, NVLink):
 ``rank = ((group * cfg + half) * ring + ring_rank) * ulysses + ulysses_rank``.
+
+The dimensions are named once, in :data:`AXES`; coordinates, ranks, a layout's name, its checks and the
+process groups (``parallel.mesh``) are derived from that table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from diffsynth_cog.errors import DiffSynthCogError
+from diffsynth_cog.validators import POSITIVE_INT, divisor_of, divisors
 
 
 class ParallelError(DiffSynthCogError, ValueError):
@@ -27,8 +32,34 @@ class ParallelError(DiffSynthCogError, ValueError):
 
 
 @dataclass(frozen=True)
+class Axis:
+    """One dimension of a layout: its degree (a :class:`ParallelLayout` field), the matching coordinate (a
+    :class:`RankCoords` field), the keyword of :meth:`ParallelLayout.resolve` that sets it and, for the
+    dimensions that share one generation, its place in a layout's name (None: not named)."""
+
+    degree: str
+    coord: str
+    keyword: str
+    name_order: int | None
+
+
+# The dimensions, outermost first: ranks are numbered along them like digits (the last one varies fastest),
+# ``rank = ((group * cfg + half) * ring + ring_rank) * ulysses + ulysses_rank``. A new dimension is one line
+# here, one degree field of ParallelLayout and one coordinate field of RankCoords.
+AXES: tuple[Axis, ...] = (
+    Axis("groups", "group", "group_size", None),
+    Axis("cfg", "half", "cfg_parallel", 0),
+    Axis("ring", "ring", "ring_degree", 2),
+    Axis("ulysses", "ulysses", "ulysses_degree", 1),
+)
+AXIS_BY_COORD = {axis.coord: axis for axis in AXES}
+SHARING_AXES = tuple(a for a in AXES if a.name_order is not None)  # the dimensions inside one generation
+SEQUENCE_COORDS = ("ring", "ulysses")  # the coordinates that cut the token sequence
+
+
+@dataclass(frozen=True)
 class RankCoords:
-    """Where one rank sits in a :class:`ParallelLayout`."""
+    """Where one rank sits in a :class:`ParallelLayout` (one field per :data:`AXES` coordinate)."""
 
     group: int
     half: int  # CFG half
@@ -46,58 +77,61 @@ class ParallelLayout:
     groups: int = 1
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ParallelError(f"parallel degree {field.name} must be an integer >= 1; got {value!r}")
+        for axis in AXES:
+            POSITIVE_INT.require(f"parallel degree {axis.degree}", getattr(self, axis.degree), ParallelError)
+
+    def degree(self, coord: str) -> int:
+        """The degree of the dimension whose coordinate is ``coord`` (e.g. ``"half"`` -> ``cfg``)."""
+        return getattr(self, AXIS_BY_COORD[coord].degree)
 
     @property
     def sequence(self) -> int:
         """Ranks sharing the token sequence of one call (ring x Ulysses)."""
-        return self.ring * self.ulysses
+        return math.prod(self.degree(c) for c in SEQUENCE_COORDS)
 
     @property
     def group_size(self) -> int:
         """Ranks sharing one generation."""
-        return self.cfg * self.sequence
+        return math.prod(getattr(self, a.degree) for a in SHARING_AXES)
 
     @property
     def world(self) -> int:
-        return self.groups * self.group_size
+        return math.prod(getattr(self, a.degree) for a in AXES)
 
     def name(self) -> str:
         """E.g. ``cfg2xulysses2``, ``ring2``, ``single``; with groups, ``2 groups of cfg2``."""
-        parts = [f"{k}{v}" for k, v in (("cfg", self.cfg), ("ulysses", self.ulysses), ("ring", self.ring)) if v > 1]
-        inner = "x".join(parts) or "single"
+        named = sorted(SHARING_AXES, key=lambda a: a.name_order)
+        inner = "x".join(f"{a.degree}{getattr(self, a.degree)}" for a in named if getattr(self, a.degree) > 1)
+        inner = inner or "single"
         return inner if self.groups == 1 else f"{self.groups} groups of {inner}"
 
     def coords(self, rank: int) -> RankCoords:
         if not 0 <= rank < self.world:
             raise ParallelError(f"rank {rank} is outside this layout's {self.world} ranks")
-        rank, ulysses = divmod(rank, self.ulysses)
-        rank, ring = divmod(rank, self.ring)
-        group, half = divmod(rank, self.cfg)
-        return RankCoords(group=group, half=half, ring=ring, ulysses=ulysses)
+        coords = {}
+        for axis in reversed(AXES):  # the innermost dimension is the last digit
+            rank, coords[axis.coord] = divmod(rank, getattr(self, axis.degree))
+        return RankCoords(**coords)
 
     def rank(self, coords: RankCoords) -> int:
-        return ((coords.group * self.cfg + coords.half) * self.ring + coords.ring) * self.ulysses + coords.ulysses
+        rank = 0
+        for axis in AXES:
+            rank = rank * getattr(self, axis.degree) + getattr(coords, axis.coord)
+        return rank
 
     def ranks(self, rank: int, *, vary: tuple[str, ...]) -> list[int]:
         """The ranks that differ from ``rank`` only in the coordinates named in ``vary`` (sorted)."""
-        here = self.coords(rank)
-        sizes = {"group": self.groups, "half": self.cfg, "ring": self.ring, "ulysses": self.ulysses}
-        out = [here]
-        for name in vary:
-            out = [dataclasses.replace(c, **{name: i}) for c in out for i in range(sizes[name])]
+        out = [self.coords(rank)]
+        for coord in vary:
+            out = [dataclasses.replace(c, **{coord: i}) for c in out for i in range(self.degree(coord))]
         return sorted(self.rank(c) for c in out)
 
     def check_heads(self, num_heads: int) -> None:
         """Ulysses gives each rank ``num_heads / ulysses`` whole heads."""
         if num_heads % self.ulysses:
-            valid = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
             raise ParallelError(
                 f"ulysses degree {self.ulysses} does not divide the DiT's {num_heads} attention heads; "
-                f"valid Ulysses degrees: {valid} (use ring attention for the rest, e.g. ulysses x ring)"
+                f"valid Ulysses degrees: {divisors(num_heads)} (use ring attention for the rest, e.g. ulysses x ring)"
             )
 
     @classmethod
@@ -115,33 +149,72 @@ class ParallelLayout:
         each with CFG 2 if ``cfg_parallel``, ``ring_degree`` and ``ulysses_degree`` (None: the ranks
         that are left). Checks that the degrees multiply to the group size and divide the heads."""
         group_size = world if group_size is None else group_size
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or world % group_size:
-            raise ParallelError(
-                f"group size {group_size!r} must be a positive divisor of the world size {world} "
-                f"(valid: {[d for d in range(1, world + 1) if world % d == 0]})"
-            )
-        cfg = 2 if cfg_parallel else 1
-        for name, value in (("ring_degree", ring_degree), ("ulysses_degree", ulysses_degree)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ParallelError(f"{name} must be an integer >= 1 or None; got {value!r}")
-        if ulysses_degree is None:
-            ulysses_degree, rest = divmod(group_size, cfg * ring_degree)
-            if rest or ulysses_degree < 1:
-                raise ParallelError(
-                    f"cfg {cfg} x ring {ring_degree} does not divide the {group_size} ranks of a group; "
-                    + ("turn cfg_parallel off or " if cfg > 1 else "")
-                    + "choose a ring degree that divides the group"
-                )
-        if cfg * ring_degree * ulysses_degree != group_size:
-            raise ParallelError(
-                f"cfg {cfg} x ulysses {ulysses_degree} x ring {ring_degree} = {cfg * ring_degree * ulysses_degree} "
-                f"ranks, but a group has {group_size} (world size {world}); the degrees must multiply to the "
-                "group size (ulysses_degree=None takes the ranks that are left)"
-            )
-        layout = cls(cfg=cfg, ring=ring_degree, ulysses=ulysses_degree, groups=world // group_size)
+        divisor_of(world, f"the world size {world}").require("group size", group_size, ParallelError)
+        asked = {"cfg": 2 if cfg_parallel else 1, "ring": ring_degree, "ulysses": ulysses_degree}
+        for axis in SHARING_AXES:
+            if asked[axis.degree] is not None:
+                POSITIVE_INT.or_none().require(axis.keyword, asked[axis.degree], ParallelError)
+        degrees = _fill_the_rest(asked, group_size, world)
+        layout = cls(**degrees, groups=world // group_size)
         if num_heads is not None:
             layout.check_heads(num_heads)
         return layout
+
+    @classmethod
+    def from_options(
+        cls,
+        world: int,
+        *,
+        cfg_parallel: bool | str = "auto",
+        ulysses: int | None = None,
+        ring: int = 1,
+        group_size: int | None = None,
+        batch: bool = False,
+        guided: bool = True,
+    ) -> ParallelLayout:
+        """The layout a command line asks for: ``cfg_parallel`` "on" / "off" / "auto" (CFG halves on separate
+        ranks when the group has an even share of ranks for them, the run is ``guided`` and the Ulysses degree
+        leaves room), ``ulysses`` (None: the ranks that are left), ``ring``, and ``group_size`` ranks per
+        video (None: all of them, or for a ``batch`` of prompts just the ranks the degrees ask for)."""
+        if isinstance(cfg_parallel, str):
+            if cfg_parallel not in ("auto", "on", "off"):
+                raise ParallelError(f"cfg_parallel must be 'auto', 'on' or 'off'; got {cfg_parallel!r}")
+            on = cfg_parallel == "on"
+        else:
+            on = bool(cfg_parallel)
+        if group_size is None:
+            group_size = (2 if on else 1) * (ulysses or 1) * ring if batch else world
+        if cfg_parallel == "auto":
+            rest, odd = divmod(group_size, 2 * ring)
+            on = not odd and rest >= 1 and guided and ulysses in (None, rest)
+        return cls.resolve(world, cfg_parallel=on, ulysses_degree=ulysses, ring_degree=ring, group_size=group_size)
+
+
+def _fill_the_rest(asked: dict[str, int | None], group_size: int, world: int) -> dict[str, int]:
+    """The degrees of one generation: those asked for, and the one left None taking the ranks that are left."""
+    spelled = " x ".join(f"{a.degree} {{{a.degree}}}" for a in sorted(SHARING_AXES, key=lambda a: a.name_order))
+    open_ = [name for name, value in asked.items() if value is None]
+    given = {name: value for name, value in asked.items() if value is not None}
+    if len(open_) > 1:
+        keywords = [a.keyword for a in SHARING_AXES if a.degree in open_]
+        raise ParallelError(f"only one degree can take the ranks that are left (be None); got None for {keywords}")
+    if open_:
+        share, rest = divmod(group_size, math.prod(given.values()))
+        if rest or share < 1:
+            product = " x ".join(f"{name} {value}" for name, value in given.items())
+            raise ParallelError(
+                f"{product} does not divide the {group_size} ranks of a group; "
+                + ("turn cfg_parallel off or " if given.get("cfg", 1) > 1 else "")
+                + "choose a ring degree that divides the group"
+            )
+        given[open_[0]] = share
+    total = math.prod(given.values())
+    if total != group_size:
+        raise ParallelError(
+            f"{spelled.format(**given)} = {total} ranks, but a group has {group_size} (world size {world}); the "
+            "degrees must multiply to the group size (ulysses_degree=None takes the ranks that are left)"
+        )
+    return given
 
 
 def shard_bounds(length: int, parts: int) -> list[tuple[int, int]]:

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout, RankCoords
+from diffsynth_cog.parallel.layout import SEQUENCE_COORDS, SHARING_AXES, ParallelError, ParallelLayout, RankCoords
+
+# The process groups a rank may belong to, by the coordinates their ranks differ in.
+GROUP_KINDS: dict[str, tuple[str, ...]] = {
+    "generation": tuple(axis.coord for axis in SHARING_AXES),
+    "sequence": SEQUENCE_COORDS,
+    "ulysses": ("ulysses",),
+    "ring": ("ring",),
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,14 +73,8 @@ def build_mesh(layout: ParallelLayout, timeout: object | None = None) -> Process
     world, rank = dist.get_world_size(), dist.get_rank()
     if world != layout.world:
         raise ParallelError(f"the layout {layout.name()} needs {layout.world} ranks; the process group has {world}")
-    kinds = {
-        "generation": ("half", "ring", "ulysses"),
-        "sequence": ("ring", "ulysses"),
-        "ulysses": ("ulysses",),
-        "ring": ("ring",),
-    }
     mine: dict[str, dist.ProcessGroup | None] = {}
-    for kind, vary in kinds.items():
+    for kind, vary in GROUP_KINDS.items():
         mine[kind] = None
         for ranks in _group_sets(layout, vary):
             if len(ranks) == 1:
@@ -85,6 +87,6 @@ def build_mesh(layout: ParallelLayout, timeout: object | None = None) -> Process
         layout=layout,
         rank=rank,
         coords=layout.coords(rank),
-        generation_ranks=tuple(layout.ranks(rank, vary=kinds["generation"])),
+        generation_ranks=tuple(layout.ranks(rank, vary=GROUP_KINDS["generation"])),
         **mine,
     )

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from diffsynth_cog.parallel.comm import broadcast_object
 from diffsynth_cog.parallel.layout import ParallelError
+from diffsynth_cog.validators import is_int
 
 _KEYS = {"prompt", "negative_prompt", "seed", "num_frames", "frames", "output"}
 
@@ -50,7 +51,7 @@ def _slug(text: str, words: int = 6) -> str:
 def _field(value: object, kind: type, name: str, where: str) -> object:
     if value is None:
         return None
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+    if kind is int and not is_int(value):
         raise ParallelError(f"{where}: {name} must be an integer; got {value!r}")
     if kind is str and not isinstance(value, str):
         raise ParallelError(f"{where}: {name} must be a string; got {value!r}")

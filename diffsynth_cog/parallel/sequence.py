@@ -57,6 +57,27 @@ DEFAULT_HEAD_CHUNKS = 1
 _IDS = itertools.count()
 
 
+def refuse_in_ring(attention: object, ring: int, split_name: str) -> None:
+    """Ring attention (``ring`` > 1) splits the keys into blocks and merges the blocks' softmaxes through their
+    log-sum-exp: only dense attention with a kernel that returns it can run inside. ``attention``: a kernel name,
+    None (the kernel chosen per call), a built :class:`DenseAttention`, or an attention part (a mask). The one home
+    of this refusal: the split calls it when the denoiser is built, the sequence-parallel attention when made."""
+    if ring <= 1:
+        return
+    kernel = attention.backend if isinstance(attention, DenseAttention) else attention
+    if kernel == "sage":
+        raise ParallelError(
+            f"the attention backend 'sage' cannot combine with the split {split_name!r}: ring attention needs "
+            "each block's log-sum-exp, which the sage kernel does not return here; use Ulysses alone"
+        )
+    if kernel is not None and not isinstance(kernel, str):
+        raise ParallelError(
+            f"the attention part {getattr(attention, 'name', attention)!r} cannot combine with the split "
+            f"{split_name!r}: ring attention splits the keys into blocks and merges per-block softmaxes, which "
+            "only dense attention allows; use Ulysses alone (ring_degree=1) with attention parts such as masks"
+        )
+
+
 @dataclass(eq=False)
 class SequenceParallelAttention:
     """The ``attend`` of a rank holding one token shard (see the module docstring)."""
@@ -71,18 +92,14 @@ class SequenceParallelAttention:
     ulysses_group: dist.ProcessGroup | None
     head_chunks: int = DEFAULT_HEAD_CHUNKS
     peer: PeerExchange | None = None  # Ulysses alone over symmetric memory (``parallel.peer``), else NCCL
+    split_name: str = "sequence split"  # the split this attention serves (named by refusals)
     plan: int = field(init=False)
     _kernels: dict[tuple[torch.device, torch.dtype], tuple[str, BlockKernel]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.shards) != self.ring * self.ulysses:
             raise ParallelError(f"{len(self.shards)} shards for ring {self.ring} x ulysses {self.ulysses}")
-        if self.ring > 1 and not isinstance(self.inner, DenseAttention):
-            raise ParallelError(
-                f"ring attention cannot run the attention part {getattr(self.inner, 'name', self.inner)!r}: it splits "
-                "the keys into blocks and merges per-block softmaxes, which only dense attention allows; "
-                "use Ulysses alone (ring_degree=1) with attention parts such as masks"
-            )
+        refuse_in_ring(self.inner, self.ring, self.split_name)
         self.plan = next(_IDS)
         _PLANS[self.plan] = self
 

@@ -16,14 +16,14 @@ import dataclasses
 
 import torch
 
-from diffsynth_cog.denoise.denoiser import AttentionPart
+from diffsynth_cog.denoise.denoiser import DenoiserParts
 from diffsynth_cog.models.attention import Attend
 from diffsynth_cog.models.tokens import DiTState, TokenLayout
 from diffsynth_cog.parallel.comm import all_gather, all_reduce
-from diffsynth_cog.parallel.layout import ParallelError, shard_bounds
+from diffsynth_cog.parallel.layout import shard_bounds
 from diffsynth_cog.parallel.mesh import ProcessMesh
 from diffsynth_cog.parallel.peer import PeerExchange
-from diffsynth_cog.parallel.sequence import DEFAULT_HEAD_CHUNKS, SequenceParallelAttention
+from diffsynth_cog.parallel.sequence import DEFAULT_HEAD_CHUNKS, SequenceParallelAttention, refuse_in_ring
 
 MAX_CACHED_ATTENDS = 32
 
@@ -78,6 +78,7 @@ class ParallelSplit:
                 ulysses_group=self.mesh.ulysses,
                 head_chunks=self.head_chunks,
                 peer=self.peer,
+                split_name=self.name,
             )
         return self._attends[key]
 
@@ -153,22 +154,10 @@ class ParallelSplit:
             return values
         return all_reduce(values, group, "summing the step-skipping signal")
 
-    def check_compatible(self, denoiser: object) -> None:
+    def check_compatible(self, parts: DenoiserParts) -> None:
         """Refuses what cannot be split: heads Ulysses cannot divide, attention parts inside a ring."""
-        dit = denoiser.dit  # type: ignore[attr-defined]
-        self.layout.check_heads(dit.config.num_attention_heads)
-        attention = denoiser.attention  # type: ignore[attr-defined]
-        if self.layout.ring > 1 and isinstance(attention, AttentionPart):
-            raise ParallelError(
-                f"the attention part {attention.name!r} cannot combine with the split {self.name!r}: ring attention "
-                "splits the keys into blocks and merges per-block softmaxes, which only dense attention allows; "
-                "use Ulysses alone (ring_degree=1) with attention parts"
-            )
-        if self.layout.ring > 1 and attention == "sage":
-            raise ParallelError(
-                f"the attention backend 'sage' cannot combine with the split {self.name!r}: ring attention needs "
-                "each block's log-sum-exp, which the sage kernel does not return here; use Ulysses alone"
-            )
+        self.layout.check_heads(parts.config.num_attention_heads)
+        refuse_in_ring(parts.attention, self.layout.ring, self.name)
 
 
 class _GatherPatches(torch.autograd.Function):

@@ -23,10 +23,13 @@ Several GPUs: ``enable_parallel`` (under torchrun) shares every generation betwe
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +44,7 @@ from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.tiling import TileSpec
 from diffsynth_cog.models.vae import CogVAEDecoder, CogVAEEncoder
 from diffsynth_cog.parallel.context import ParallelContext
+from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout
 from diffsynth_cog.pipeline.checks import CheckedCall, check_call, check_output_type
 from diffsynth_cog.pipeline.continuation import KeptFrames, check_extension
 from diffsynth_cog.pipeline.model_manager import ModelManager
@@ -146,14 +150,12 @@ class CogVideoPipeline:
 
     def enable_parallel(
         self,
-        cfg_parallel: bool = True,
-        ulysses_degree: int | None = None,
-        ring_degree: int = 1,
+        layout: ParallelLayout | None = None,
         *,
-        group_size: int | None = None,
         timeout: timedelta | None = None,
         ulysses_head_chunks: int | None = None,
         ulysses_transport: str = "auto",
+        **degrees: Any,
     ) -> None:
         """Share every generation between the ranks of the initialised ``torch.distributed`` process group.
 
@@ -163,12 +165,15 @@ class CogVideoPipeline:
         first rank (rank 0 without groups) returns the result, for every ``output_type``; the others return None.
 
         Args:
-            cfg_parallel: the unconditional and conditional halves on two rank groups.
-            ulysses_degree: ranks sharing the token sequence by all-to-all over heads (must divide the heads:
-                48 for 5B, 30 for 2B); None = the ranks that are left.
-            ring_degree: ranks sharing the token sequence by ring attention (any number; dense attention only).
-            group_size: ranks per generation (default: all); the world splits into groups that generate
-                different videos (e.g. the prompts of a batch), each with these degrees.
+            layout: a :class:`~diffsynth_cog.parallel.layout.ParallelLayout` (its degrees must multiply to the
+                world size), or None for the layout the keywords below ask for (``ParallelLayout.resolve``):
+                cfg_parallel: the unconditional and conditional halves on two rank groups (default True).
+                ulysses_degree: ranks sharing the token sequence by all-to-all over heads (must divide the
+                    heads: 48 for 5B, 30 for 2B); None (default) = the ranks that are left.
+                ring_degree: ranks sharing the token sequence by ring attention (any number; dense attention
+                    only; default 1).
+                group_size: ranks per generation (default: all); the world splits into groups that generate
+                    different videos (e.g. the prompts of a batch), each with these degrees.
             timeout: of the new process groups' collectives (default: the default group's).
             ulysses_head_chunks: with Ulysses alone, the groups of heads pipelined through the all-to-all so
                 that communication may overlap attention (default 1: all heads in one exchange, the fastest on
@@ -180,13 +185,15 @@ class CogVideoPipeline:
                 else ``"nccl"``. Both give the same result.
         See ``diffsynth_cog.parallel`` for what each part does.
         """
+        if layout is not None and degrees:
+            raise ParallelError(f"enable_parallel: pass a ParallelLayout or the degrees {sorted(degrees)}, not both")
+        if layout is None:
+            inspect.signature(ParallelLayout.resolve).bind(0, **degrees)  # a misspelt degree: TypeError, now
+            layout = functools.partial(ParallelLayout.resolve, **degrees)
         self.parallel = ParallelContext.create(
             self.dit.config.num_attention_heads,
             self.device,
-            cfg_parallel=cfg_parallel,
-            ulysses_degree=ulysses_degree,
-            ring_degree=ring_degree,
-            group_size=group_size,
+            layout,
             timeout=timeout,
             ulysses_head_chunks=ulysses_head_chunks,
             ulysses_transport=ulysses_transport,

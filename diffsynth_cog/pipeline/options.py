@@ -59,10 +59,11 @@ class Registry:
         return value
 
 
-SAMPLERS = Registry("diffsynth_cog.schedulers", "SAMPLER_KINDS", "sampler")
+SAMPLERS = Registry("diffsynth_cog.schedulers", "SAMPLERS", "sampler")  # @register_sampler fills it
 CONVENTION_NAMES = Registry("diffsynth_cog.pipeline.sampling", "CONVENTIONS", "set of sampling conventions")
 ATTENTION_BACKENDS = Registry("diffsynth_cog.models.attention", "BACKENDS", "attention backend")
-STEP_SKIPPERS = Registry("diffsynth_cog.denoise.teacache", "STEP_SKIPPERS", "step-skipping method", ("auto",))
+# importing diffsynth_cog.denoise fills its registry (@register_step_skipper)
+STEP_SKIPPERS = Registry("diffsynth_cog.denoise", "STEP_SKIPPERS", "step-skipping method", ("auto",))
 
 
 # --------------------------------------------------------------------------------------------- field metadata
@@ -374,7 +375,7 @@ class LongVideo:
             metavar="NAME",
             registry=STEP_SKIPPERS,
             help="auto (TeaCache where the model has a calibration, CogVideoX-5B), or a method of "
-            "denoise.teacache.STEP_SKIPPERS: teacache, first-block",
+            "denoise.STEP_SKIPPERS: teacache, first-block",
         ),
     )
     windows: bool | WindowSpec | None = option(

@@ -14,6 +14,7 @@ loss on this schedule is :mod:`diffsynth_cog.training.loss`.
 from diffsynth_cog.schedulers.samplers import (
     DIFFSYNTH_SCHEDULE,
     SAMPLER_KINDS,
+    SAMPLERS,
     DDIMSampler,
     DiffSynthSampler,
     DPMSampler,
@@ -22,6 +23,7 @@ from diffsynth_cog.schedulers.samplers import (
     SamplerState,
     diffsynth_noise,
     make_sampler,
+    register_sampler,
 )
 from diffsynth_cog.schedulers.schedule import (
     SUPPORTED_BETA_SCHEDULES,
@@ -39,6 +41,7 @@ from diffsynth_cog.schedulers.schedule import (
 __all__ = [
     "DIFFSYNTH_SCHEDULE",
     "SAMPLER_KINDS",
+    "SAMPLERS",
     "SUPPORTED_BETA_SCHEDULES",
     "SUPPORTED_PREDICTION_TYPES",
     "SUPPORTED_TIMESTEP_SPACINGS",
@@ -55,6 +58,7 @@ __all__ = [
     "diffsynth_noise",
     "img2img_timesteps",
     "make_sampler",
+    "register_sampler",
     "scheduler_preset",
     "timesteps",
 ]

@@ -19,7 +19,9 @@ from diffsynth_cog.schedulers.schedule import SchedulerConfig, add_noise, alphas
 
 logger = logging.getLogger(__name__)
 
-SAMPLER_KINDS = ("ddim", "dpm", "diffsynth")
+# Every sampler by its ``kind``: what ``make_sampler``, the command line and the web UI offer. A new sampler is a
+# :class:`Sampler` subclass with a ``kind`` and ``@register_sampler`` (``register_sampler(cls)`` elsewhere).
+SAMPLERS: dict[str, type[Sampler]] = {}
 
 # One generator, or one per batch item (as diffusers accepts); None: the global RNG.
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
@@ -121,6 +123,15 @@ class Sampler:
         return add_noise(clean, noise, int(self.timesteps[0]), self.alphas_cumprod.float())
 
 
+def register_sampler(cls: type[Sampler]) -> type[Sampler]:
+    """Adds ``cls`` to :data:`SAMPLERS` under its ``kind``."""
+    if not isinstance(getattr(cls, "kind", None), str) or cls.kind in SAMPLERS:
+        raise ValueError(f"sampler {cls.__name__} needs a kind of its own; taken: {sorted(SAMPLERS)}")
+    SAMPLERS[cls.kind] = cls
+    return cls
+
+
+@register_sampler
 class DDIMSampler(Sampler):
     """Deterministic DDIM (eta = 0): x_s = sqrt(a_s) x0 + sqrt(1-a_s) eps_hat, eps_hat taken from x_t."""
 
@@ -145,6 +156,7 @@ class DDIMSampler(Sampler):
         return keep * sample + from_x0 * x0, SamplerState(x0=x0, timestep=t)
 
 
+@register_sampler
 class DPMSampler(Sampler):
     """Stochastic DPM-Solver++(2M) (the SDE variant), as CogVideoX's DPM scheduler.
 
@@ -195,6 +207,7 @@ class DPMSampler(Sampler):
         return keep * sample + from_x0 * x0_extrapolated + noise_scale * noise, SamplerState(x0=x0, timestep=t)
 
 
+@register_sampler
 class DiffSynthSampler(Sampler):
     """DiffSynth-Studio 1.1.x's own DDIM for CogVideoX (its ``EnhancedDDIMScheduler``), to reproduce its videos.
 
@@ -302,15 +315,12 @@ def diffsynth_noise(
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
-def make_sampler(
-    kind: str, config: SchedulerConfig, num_inference_steps: int, *, strength: float = 1.0
-) -> DDIMSampler | DPMSampler | DiffSynthSampler:
-    """``kind``: "ddim", "dpm" or "diffsynth" (DiffSynth-Studio's own DDIM, :class:`DiffSynthSampler`).
-    ``strength`` < 1 keeps only the last steps (video-to-video)."""
-    if kind == "ddim":
-        return DDIMSampler(config, num_inference_steps, strength=strength)
-    if kind == "dpm":
-        return DPMSampler(config, num_inference_steps, strength=strength)
-    if kind == "diffsynth":
-        return DiffSynthSampler(config, num_inference_steps, strength=strength)
-    raise ValueError(f"unknown sampler {kind!r}; choose one of {SAMPLER_KINDS}")
+def make_sampler(kind: str, config: SchedulerConfig, num_inference_steps: int, *, strength: float = 1.0) -> Sampler:
+    """The sampler of :data:`SAMPLERS` named ``kind``: "ddim", "dpm" or "diffsynth" (DiffSynth-Studio's own DDIM,
+    :class:`DiffSynthSampler`). ``strength`` < 1 keeps only the last steps (video-to-video)."""
+    if kind not in SAMPLERS:
+        raise ValueError(f"unknown sampler {kind!r}; choose one of {tuple(SAMPLERS)}")
+    return SAMPLERS[kind](config, num_inference_steps, strength=strength)
+
+
+SAMPLER_KINDS = tuple(SAMPLERS)  # the built-in kinds (SAMPLERS is the live registry)

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,22 @@ from diffsynth_cog.configs import check_num_frames, check_side
 from diffsynth_cog.denoise.masks import parse_attention
 from diffsynth_cog.errors import DiffSynthCogError
 from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS
+from diffsynth_cog.validators import (
+    BOOLEAN,
+    NON_EMPTY_PATH,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    STRING,
+    Check,
+    divisors,
+    integer,
+    is_int,
+    number,
+    one_of,
+    pair,
+    sequence_of,
+    table_problems,
+)
 
 STRATEGIES = ("auto", "deepspeed_stage_2")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -148,141 +163,8 @@ class TrainConfig:
     attention: str | None = None
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
-
-        def bad(name: str, expected: str) -> None:
-            problems.append(f"{name}: expected {expected}, got {getattr(self, name)!r}")
-
-        def is_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def is_number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        for name in ("model", "cache_dir", "output_dir"):
-            value = getattr(self, name)
-            if not isinstance(value, (str, os.PathLike)) or not str(value):
-                bad(name, "a non-empty path")
-        for name, low in (
-            ("lora_rank", 1),
-            ("max_steps", 1),
-            ("batch_size", 1),
-            ("grad_accumulation", 1),
-            ("num_nodes", 1),
-            ("checkpoint_every_n_steps", 1),
-            ("log_every_n_steps", 1),
-            ("validation_num_inference_steps", 1),
-            ("validation_fps", 1),
-            ("warmup_steps", 0),
-            ("num_workers", 0),
-            ("validation_every_n_steps", 0),
-            ("seed", 0),
-        ):
-            value = getattr(self, name)
-            if not is_int(value) or value < low:
-                bad(name, f"an integer >= {low}")
-        if not is_number(self.learning_rate) or not 0 < self.learning_rate <= 1:
-            bad("learning_rate", "a number in (0, 1]")
-        if not is_number(self.weight_decay) or not 0 <= self.weight_decay < 1:
-            bad("weight_decay", "a number in [0, 1)")
-        if not is_number(self.grad_clip) or self.grad_clip < 0:
-            bad("grad_clip", "a number >= 0 (0 = no clipping)")
-        if self.lora_alpha is not None and (not is_number(self.lora_alpha) or self.lora_alpha <= 0):
-            bad("lora_alpha", "a positive number or null (= the rank)")
-        if not is_number(self.validation_cfg_scale) or self.validation_cfg_scale < 0:
-            bad("validation_cfg_scale", "a number >= 0")
-        t = self.timestep_range
-        if (
-            not isinstance(t, tuple)
-            or len(t) != 2
-            or not all(is_int(v) for v in t)
-            or not 0 <= t[0] <= t[1] < NUM_TRAIN_TIMESTEPS
-        ):
-            bad("timestep_range", f"[min, max] integers with 0 <= min <= max <= {NUM_TRAIN_TIMESTEPS - 1}")
-        for name, choices in (
-            ("precision", PRECISIONS),
-            ("strategy", STRATEGIES),
-            ("accelerator", ACCELERATORS),
-            ("export_dtype", EXPORT_DTYPES),
-            ("base_quantization", BASE_QUANTIZATIONS),
-            ("activation_offload", ACTIVATION_OFFLOADS),
-            ("optimizer", OPTIMIZERS),
-        ):
-            if getattr(self, name) not in choices:
-                bad(name, f"one of {list(choices)}")
-        if not ((is_int(self.devices) and self.devices >= 1) or self.devices == "auto"):
-            bad("devices", "an integer >= 1 or 'auto'")
-        for name in ("gradient_checkpointing", "offload_optimizer", "tensorboard"):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, "true or false")
-        if self.offload_optimizer and self.strategy != "deepspeed_stage_2":
-            problems.append("offload_optimizer: needs strategy 'deepspeed_stage_2' (ZeRO-Offload)")
-        if self.offload_optimizer and self.optimizer == "adamw8bit":
-            problems.append("optimizer: 'adamw8bit' cannot be combined with offload_optimizer (DeepSpeed's CPU Adam)")
-        if self.base_quantization in ("fp8", "int8") and self.strategy == "deepspeed_stage_2":
-            problems.append(
-                "base_quantization: not with strategy 'deepspeed_stage_2' (DeepSpeed's checkpoints would hold "
-                "every quantized base weight: it excludes frozen parameters, not buffers); use strategy 'auto'"
-            )
-        if self.base_quantization == "fp8" and self.accelerator == "cpu":
-            problems.append(
-                "base_quantization: 'fp8' runs on CUDA GPUs (compute capability >= 8.9); use 'int8' on a CPU"
-            )
-        if not is_int(self.sequence_parallel) or self.sequence_parallel < 1:
-            bad("sequence_parallel", "an integer >= 1 (the Ulysses degree; 1 = off)")
-        elif (
-            is_int(self.devices) and is_int(self.num_nodes) and (self.devices * self.num_nodes) % self.sequence_parallel
-        ):
-            ranks = self.devices * self.num_nodes
-            problems.append(
-                f"sequence_parallel: {self.sequence_parallel} does not divide the {ranks} ranks (devices x num_nodes); "
-                f"valid: {[d for d in range(1, ranks + 1) if ranks % d == 0]}"
-            )
-        if self.attention is not None:
-            if not isinstance(self.attention, str):
-                bad("attention", "a mask spec such as 'window:2' or 'radial', a kernel name, or null (dense)")
-            else:
-                try:
-                    parse_attention(self.attention)
-                except ValueError as error:
-                    problems.append(f"attention: {error}")
-        n = self.image_noise
-        if n is not None and not (isinstance(n, tuple) and len(n) == 2 and all(is_number(v) for v in n) and n[1] >= 0):
-            bad("image_noise", "[mean, std] of ln(sigma) with std >= 0 (e.g. [-3.0, 0.5]), or null")
-        if not is_number(self.image_dropout) or not 0 <= self.image_dropout < 1:
-            bad("image_dropout", "a number in [0, 1)")
-        if self.strategy == "deepspeed_stage_2" and self.accelerator == "cpu":
-            problems.append("strategy: 'deepspeed_stage_2' is only supported on CUDA GPUs, but accelerator is 'cpu'")
-        for name in ("validation_num_frames", "validation_height", "validation_width"):
-            value = getattr(self, name)
-            if value is not None and (not is_int(value) or value < 1):
-                bad(name, "a positive integer or null (= the cache's clip size)")
-        for name, check in (
-            ("validation_num_frames", check_num_frames),
-            ("validation_height", check_side),
-            ("validation_width", check_side),
-        ):
-            value = getattr(self, name)
-            if is_int(value) and value >= 1:
-                try:
-                    check(value, name=name)
-                except ValueError as error:
-                    problems.append(f"{name}: {error}")
-        if not isinstance(self.validation_prompts, tuple) or not all(
-            isinstance(p, str) for p in self.validation_prompts
-        ):
-            bad("validation_prompts", "a list of strings")
-        elif self.validation_every_n_steps > 0 and not self.validation_prompts:
-            problems.append("validation_prompts: validation_every_n_steps > 0 needs at least one prompt")
-        if not isinstance(self.validation_images, tuple) or not all(isinstance(p, str) for p in self.validation_images):
-            bad("validation_images", "a list of image paths (one per validation prompt, image-to-video models)")
-        elif self.validation_images and len(self.validation_images) != len(self.validation_prompts):
-            problems.append(
-                f"validation_images: {len(self.validation_images)} images for {len(self.validation_prompts)} "
-                "validation_prompts; give one per prompt"
-            )
-        if not isinstance(self.validation_negative_prompt, str):
-            bad("validation_negative_prompt", "a string")
+        problems = table_problems(self, FIELD_CHECKS)
+        problems += [message for rule in _RULES for message in rule(self)]
         problems += _target_problems(self.lora_targets)
         if problems:
             raise TrainConfigError("invalid training config: " + "; ".join(problems))
@@ -385,6 +267,157 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+_VALIDATION_SIZE = POSITIVE_INT.or_none().described("a positive integer or null (= the cache's clip size)")
+
+# Every field's own check (the expectation each refusal names); rules across fields follow below.
+FIELD_CHECKS: dict[str, Check] = {
+    "model": NON_EMPTY_PATH,
+    "cache_dir": NON_EMPTY_PATH,
+    "output_dir": NON_EMPTY_PATH,
+    "lora_rank": POSITIVE_INT,
+    "lora_alpha": number(0, low_open=True).or_none().described("a positive number or null (= the rank)"),
+    "learning_rate": number(0, 1, low_open=True),
+    "weight_decay": number(0, 1, high_open=True),
+    "warmup_steps": NON_NEGATIVE_INT,
+    "max_steps": POSITIVE_INT,
+    "grad_clip": number(0).described("a number >= 0 (0 = no clipping)"),
+    "batch_size": POSITIVE_INT,
+    "grad_accumulation": POSITIVE_INT,
+    "seed": NON_NEGATIVE_INT,
+    "timestep_range": pair(
+        integer(),
+        f"[min, max] integers with 0 <= min <= max <= {NUM_TRAIN_TIMESTEPS - 1}",
+        lambda t: 0 <= t[0] <= t[1] < NUM_TRAIN_TIMESTEPS,
+    ),
+    "precision": one_of(PRECISIONS),
+    "gradient_checkpointing": BOOLEAN,
+    "strategy": one_of(STRATEGIES),
+    "offload_optimizer": BOOLEAN,
+    "accelerator": one_of(ACCELERATORS),
+    "devices": Check("an integer >= 1 or 'auto'", lambda v: POSITIVE_INT(v) or v == "auto"),
+    "num_nodes": POSITIVE_INT,
+    "num_workers": NON_NEGATIVE_INT,
+    "checkpoint_every_n_steps": POSITIVE_INT,
+    "log_every_n_steps": POSITIVE_INT,
+    "validation_every_n_steps": NON_NEGATIVE_INT,
+    "validation_prompts": sequence_of(STRING, "a list of strings"),
+    "validation_negative_prompt": STRING,
+    "validation_num_frames": _VALIDATION_SIZE,
+    "validation_height": _VALIDATION_SIZE,
+    "validation_width": _VALIDATION_SIZE,
+    "validation_num_inference_steps": POSITIVE_INT,
+    "validation_cfg_scale": number(0),
+    "validation_fps": POSITIVE_INT,
+    "validation_images": sequence_of(
+        STRING, "a list of image paths (one per validation prompt, image-to-video models)"
+    ),
+    "export_dtype": one_of(EXPORT_DTYPES),
+    "base_quantization": one_of(BASE_QUANTIZATIONS),
+    "activation_offload": one_of(ACTIVATION_OFFLOADS),
+    "optimizer": one_of(OPTIMIZERS),
+    "image_noise": pair(number(), "[mean, std]", lambda n: n[1] >= 0)
+    .or_none()
+    .described("[mean, std] of ln(sigma) with std >= 0 (e.g. [-3.0, 0.5]), or null"),
+    "image_dropout": number(0, 1, high_open=True),
+    "tensorboard": BOOLEAN,
+    "sequence_parallel": POSITIVE_INT.described("an integer >= 1 (the Ulysses degree; 1 = off)"),
+    "attention": STRING.or_none().described(
+        "a mask spec such as 'window:2' or 'radial', a kernel name, or null (dense)"
+    ),
+}
+
+
+def _hardware_rules(c: TrainConfig) -> list[str]:
+    """Combinations of the hardware and memory switches that cannot run."""
+    rules = [
+        (
+            c.offload_optimizer and c.strategy != "deepspeed_stage_2",
+            "offload_optimizer: needs strategy 'deepspeed_stage_2' (ZeRO-Offload)",
+        ),
+        (
+            c.offload_optimizer and c.optimizer == "adamw8bit",
+            "optimizer: 'adamw8bit' cannot be combined with offload_optimizer (DeepSpeed's CPU Adam)",
+        ),
+        (
+            c.base_quantization in ("fp8", "int8") and c.strategy == "deepspeed_stage_2",
+            "base_quantization: not with strategy 'deepspeed_stage_2' (DeepSpeed's checkpoints would hold "
+            "every quantized base weight: it excludes frozen parameters, not buffers); use strategy 'auto'",
+        ),
+        (
+            c.base_quantization == "fp8" and c.accelerator == "cpu",
+            "base_quantization: 'fp8' runs on CUDA GPUs (compute capability >= 8.9); use 'int8' on a CPU",
+        ),
+        (
+            c.strategy == "deepspeed_stage_2" and c.accelerator == "cpu",
+            "strategy: 'deepspeed_stage_2' is only supported on CUDA GPUs, but accelerator is 'cpu'",
+        ),
+    ]
+    return [message for broken, message in rules if broken]
+
+
+def _sequence_parallel_rule(c: TrainConfig) -> list[str]:
+    """The Ulysses degree divides the ranks (devices x num_nodes) when both are known."""
+    if not (is_int(c.sequence_parallel) and c.sequence_parallel >= 1 and is_int(c.devices) and is_int(c.num_nodes)):
+        return []
+    ranks = c.devices * c.num_nodes
+    if ranks % c.sequence_parallel == 0:
+        return []
+    return [
+        f"sequence_parallel: {c.sequence_parallel} does not divide the {ranks} ranks (devices x num_nodes); "
+        f"valid: {divisors(ranks)}"
+    ]
+
+
+def _attention_rule(c: TrainConfig) -> list[str]:
+    """The mask spec parses (the message of the parser names the valid specs)."""
+    if not isinstance(c.attention, str):
+        return []
+    try:
+        parse_attention(c.attention)
+    except ValueError as error:
+        return [f"attention: {error}"]
+    return []
+
+
+def _validation_rules(c: TrainConfig) -> list[str]:
+    """Validation videos: sizes the model can generate, prompts when asked for videos, one image per prompt."""
+    problems = []
+    for name, check in (
+        ("validation_num_frames", check_num_frames),
+        ("validation_height", check_side),
+        ("validation_width", check_side),
+    ):
+        value = getattr(c, name)
+        if POSITIVE_INT(value):
+            try:
+                check(value, name=name)
+            except ValueError as error:
+                problems.append(f"{name}: {error}")
+    prompts_ok = FIELD_CHECKS["validation_prompts"](c.validation_prompts)
+    if (
+        prompts_ok
+        and is_int(c.validation_every_n_steps)
+        and c.validation_every_n_steps > 0
+        and not c.validation_prompts
+    ):
+        problems.append("validation_prompts: validation_every_n_steps > 0 needs at least one prompt")
+    images = c.validation_images
+    if FIELD_CHECKS["validation_images"](images) and images and prompts_ok and len(images) != len(c.validation_prompts):
+        problems.append(
+            f"validation_images: {len(images)} images for {len(c.validation_prompts)} validation_prompts; "
+            "give one per prompt"
+        )
+    return problems
+
+
+_RULES: tuple[Callable[[TrainConfig], list[str]], ...] = (
+    _hardware_rules,
+    _sequence_parallel_rule,
+    _attention_rule,
+    _validation_rules,
+)
+
+
 def _is_required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
@@ -408,13 +441,11 @@ def _target_problems(targets: Any) -> list[str]:
                 rank, alpha = setting
             else:
                 rank, alpha = setting, None
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            if not POSITIVE_INT(rank):
                 problems.append(
                     f"{where}: expected a rank >= 1, [rank, alpha] or {{'rank': r, 'alpha': a}}, got {setting!r}"
                 )
-            elif alpha is not None and (
-                not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0
-            ):
+            elif alpha is not None and not number(0, low_open=True)(alpha):
                 problems.append(f"{where}: alpha must be a positive number, got {alpha!r}")
         return problems
     if isinstance(targets, (tuple, list)):

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout
 from diffsynth_cog.parallel.mesh import build_mesh
 from diffsynth_cog.parallel.split import ParallelSplit
+from diffsynth_cog.validators import divisors
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,7 @@ def check_degree(degree: int, num_heads: int, world: int | None = None) -> None:
     ParallelLayout(ulysses=degree).check_heads(num_heads)
     if world is not None and world % degree:
         raise ParallelError(
-            f"sequence_parallel {degree} does not divide the {world} ranks of this run; "
-            f"valid: {[d for d in range(1, world + 1) if world % d == 0]}"
+            f"sequence_parallel {degree} does not divide the {world} ranks of this run; valid: {divisors(world)}"
         )
 
 
