@@ -201,3 +201,22 @@ def test_a_parallel_layout_that_cannot_work_is_refused_before_loading_by_rank_0_
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == messages and "loaded cog_" not in caplog.text
     assert all("on 2 processes" in e for e in errors)
+
+
+@pytest.mark.parametrize(
+    "model,expected",
+    [
+        ("CogVideoX1.5-5B", {"height": 768, "width": 1360, "num_frames": 81, "fps": 16}),
+        ("CogVideoX-5B", {"height": 480, "width": 720, "num_frames": 129, "fps": 8}),
+    ],
+)
+def test_generate_takes_the_chosen_models_defaults_for_size_frames_and_fps(model, expected):
+    from diffsynth_cog.cli.generate_checks import apply_model_defaults
+    from diffsynth_cog.cli.main import build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--model", model])
+    apply_model_defaults(args)
+    assert {k: getattr(args, k) for k in expected} == expected
+    given = build_parser().parse_args(["generate", "--prompt", "x", "--model", model, "--num-frames", "161"])
+    apply_model_defaults(given)
+    assert given.num_frames == 161  # what the user gives stays

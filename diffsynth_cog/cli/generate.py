@@ -111,7 +111,12 @@ def _add_run_options(p: argparse.ArgumentParser, models: str) -> None:
         "'none' = no LoRA",
     )
     p.add_argument("--lora-alpha", type=float, default=1.0, help="strength of the merged LoRA")
-    p.add_argument("--fps", type=int, default=8, help="frames per second of the written video")
+    p.add_argument(
+        "--fps",
+        type=int,
+        default=None,
+        help="frames per second of the written video (default: the model's: 8 on CogVideoX 1.0, 16 on 1.5)",
+    )
     p.add_argument("--quality", type=int, default=5, help="video quality 1-10 (10: near lossless)")
     p.add_argument(
         "--device",
@@ -232,7 +237,7 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from diffsynth_cog.cli.generate_checks import check_generate_args
+    from diffsynth_cog.cli.generate_checks import apply_model_defaults, check_generate_args
     from diffsynth_cog.models.attention import set_attention_backend
     from diffsynth_cog.parallel.launch import init_distributed, shutdown_distributed
 
@@ -241,6 +246,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         if args.attention in ATTENTION_BACKENDS.names():
             set_attention_backend(args.attention)
+        apply_model_defaults(args)
         plan = check_generate_args(args, generation_options(args))
     except ValueError:
         if os.environ.get("RANK", "0") != "0":  # every rank finds the same problem; rank 0 says it

@@ -29,6 +29,7 @@ from diffsynth_cog.cli.checks import (
 )
 from diffsynth_cog.configs import check_number, check_size
 from diffsynth_cog.errors import shorten
+from diffsynth_cog.families import get_family
 
 if TYPE_CHECKING:
     from diffsynth_cog.parallel.layout import ParallelLayout
@@ -54,6 +55,26 @@ class GeneratePlan:
         return self.options.inputs.input_video
 
 
+# The command's length on CogVideoX 1.0: the ExVideo use case (129 frames with the ExVideo LoRA, merged by
+# --lora auto); the 1.5 models make their own long videos (81 or 161 frames) and take the family's defaults.
+EXVIDEO_FRAMES = 129
+
+
+def apply_model_defaults(args: argparse.Namespace) -> None:
+    """Fills --height / --width / --num-frames / --fps left unset with the chosen model's defaults (its family's:
+    768x1360, 81 frames, 16 fps on CogVideoX 1.5; 480x720, 8 fps and the ExVideo length on 1.0)."""
+    try:
+        family = get_family(choose_model(args.model).family)
+    except ValueError:  # a bad --model is reported by check_generate_args, after the options' own checks
+        family = get_family("cogvideox-5b")
+    defaults = family.defaults()
+    if family.patch_size_t == 1:  # CogVideoX 1.0
+        defaults["num_frames"] = EXVIDEO_FRAMES
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
 def check_generate_args(args: argparse.Namespace, options: GenerationOptions) -> GeneratePlan:
     """Every check of ``diffsynth-cog generate`` that needs no download and no model weights (module docstring),
     on the options ``cli.generate.generation_options`` built from ``args``.
@@ -70,12 +91,14 @@ def check_generate_args(args: argparse.Namespace, options: GenerationOptions) ->
             "video, or drop the option (a video from text is denoised from pure noise)"
         )
     model = choose_model(args.model)
-    if model.family == "cogvideox-5b-i2v" and not args.input_image:
+    i2v = get_family(model.family).is_i2v
+    if i2v and not args.input_image:
         raise OptionError(f"--model {args.model} is an image-to-video model: pass --input-image")
     if args.input_image:
-        if model.family != "cogvideox-5b-i2v":
+        if not i2v:
             raise OptionError(
-                f"--input-image needs an image-to-video model (--model CogVideoX-5B-I2V); {args.model} is {model.family}"
+                "--input-image needs an image-to-video model (--model CogVideoX-5B-I2V or CogVideoX1.5-5B-I2V); "
+                f"{args.model} is {model.family}"
             )
         from diffsynth_cog.io.video import load_image
 

@@ -175,17 +175,35 @@ class Inputs:
     height: int = option(
         480,
         "pixels, a multiple of 16",
-        flag("--height", dest="height", type=int, default=480, help="pixels, a multiple of 16"),
+        flag(
+            "--height",
+            dest="height",
+            type=int,
+            default=None,
+            help="pixels, a multiple of 16 (default: the model's: 480 on CogVideoX 1.0, 768 on 1.5)",
+        ),
     )
     width: int = option(
         720,
         "pixels, a multiple of 16",
-        flag("--width", dest="width", type=int, default=720, help="pixels, a multiple of 16"),
+        flag(
+            "--width",
+            dest="width",
+            type=int,
+            default=None,
+            help="pixels, a multiple of 16 (default: the model's: 720 on CogVideoX 1.0, 1360 on 1.5)",
+        ),
     )
     num_frames: int = option(
         49,
         "8k+1 frames (49; 129 with the ExVideo LoRA)",
-        flag("--num-frames", dest="num_frames", type=int, default=129, help="8k+1 frames (49 base, 129 with ExVideo)"),
+        flag(
+            "--num-frames",
+            dest="num_frames",
+            type=int,
+            default=None,
+            help="8k+1 frames (default: 129 on CogVideoX 1.0, with the ExVideo LoRA; 81 on 1.5, which also makes 161)",
+        ),
     )
     keep_frames: int = option(
         0,
