@@ -284,7 +284,8 @@ def _generate(args: argparse.Namespace, launch, plan) -> int:  # noqa: ANN001
     manager.load_models([model_dir])
     if lora is not None:
         manager.load_lora(lora, lora_alpha=args.lora_alpha)
-        _hint_trained_attention(lora, plan.options.long_video.attention)
+        mask = args.sparse_attention or (None if args.attention in ATTENTION_BACKENDS.names() else args.attention)
+        _hint_trained_attention(lora, mask)
     if args.quantize != "none":
         from diffsynth_cog.quantization import quantize_dit
 
@@ -304,11 +305,11 @@ def _generate(args: argparse.Namespace, launch, plan) -> int:  # noqa: ANN001
     return 0
 
 
-def _hint_trained_attention(lora, attention) -> None:  # noqa: ANN001
-    """Logs a hint when the LoRA was trained under a sparse mask that this run does not use."""
+def _hint_trained_attention(lora, given: str | None) -> None:  # noqa: ANN001
+    """Logs a hint when the LoRA was trained under a sparse mask (its spec, as the training job gave it) that this
+    run's mask spec ``given`` (None: dense) is not."""
     from diffsynth_cog.lora import trained_attention
 
-    given = getattr(attention, "name", None)
     try:
         trained = trained_attention(lora)
     except Exception:  # noqa: BLE001 - a hint only; the LoRA itself loaded
