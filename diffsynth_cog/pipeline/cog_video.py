@@ -162,6 +162,9 @@ class CogVideoPipeline:
         Args:
             layout: a :class:`~diffsynth_cog.parallel.layout.ParallelLayout` (its degrees must multiply to the
                 world size), or None for the layout the keywords below ask for (``ParallelLayout.resolve``):
+                window_degree: window groups that each run a contiguous share of every step's temporal windows
+                    (default 1; the calls must pass ``windows``, with at least this many windows per step); each
+                    group holds the degrees below.
                 cfg_parallel: the unconditional and conditional halves on two rank groups (default True).
                 ulysses_degree: ranks sharing the token sequence by all-to-all over heads (must divide the
                     heads: 48 for 5B, 30 for 2B); None (default) = the ranks that are left.
@@ -169,6 +172,7 @@ class CogVideoPipeline:
                     only; default 1).
                 group_size: ranks per generation (default: all); the world splits into groups that generate
                     different videos (e.g. the prompts of a batch), each with these degrees.
+                E.g. on 4 ranks ``window_degree=2, cfg_parallel=True``: two window groups of a CFG pair each.
             timeout: of the new process groups' collectives (default: the default group's).
             ulysses_head_chunks: with Ulysses alone, the groups of heads pipelined through the all-to-all so
                 that communication may overlap attention (default 1: all heads in one exchange, the fastest on
@@ -267,6 +271,7 @@ class CogVideoPipeline:
         elif step_cache is not None and not isinstance(step_cache, StepSkipper):
             step_cache = make_step_skipper(step_cache, "auto", self.dit)
         split = self.parallel.split if self.parallel is not None else None
+        window_share = self.parallel.window_share if self.parallel is not None else None
         return Denoiser(
             self.dit,
             attention=attention,
@@ -275,6 +280,7 @@ class CogVideoPipeline:
             tiles=dit_tiles,
             windows=windows,
             riflex=riflex,
+            window_share=window_share,
         )
 
     def encode_conditions(
@@ -458,6 +464,7 @@ class CogVideoPipeline:
                 if k not in ("self", "callback", "progress_bar", "checked", "conventions")
             }
             self.parallel.check_call({**arguments, "text_encoder_loaded": self.text_encoder is not None})
+            self.parallel.check_windows(windows, latent_shape[2])
             self.parallel.note_guidance(guided)
             seed = self.parallel.shared_seed(seed) if generator is None else seed
             progress_bar = progress_bar and self.parallel.shows_progress
