@@ -210,6 +210,15 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (default: the ranks that are left)")
     g.add_argument("--ring", type=int, default=1, help="ring-attention degree (default 1)")
     g.add_argument(
+        "--window-parallel",
+        type=lambda v: v if v == "auto" else int(v),
+        default=1,
+        metavar="N|auto",
+        help="with --window-frames: N window groups each run a share of every step's windows, CFG / Ulysses inside "
+        "each; auto: window groups when the video has at least as many windows as groups and they are faster "
+        "(default 1)",
+    )
+    g.add_argument(
         "--ulysses-transport",
         choices=TRANSPORTS,
         default="auto",
@@ -230,8 +239,9 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _parallel_layout(args: argparse.Namespace, world: int, batch: bool) -> ParallelLayout:
-    """enable_parallel's layout from the options (see _add_parallel_options)."""
+def _parallel_layout(args: argparse.Namespace, world: int, batch: bool, windows_per_step: int = 1) -> ParallelLayout:
+    """enable_parallel's layout from the options (see _add_parallel_options); ``windows_per_step`` for
+    ``--window-parallel auto``."""
     from diffsynth_cog.parallel.layout import ParallelLayout
 
     return ParallelLayout.from_options(
@@ -242,6 +252,8 @@ def _parallel_layout(args: argparse.Namespace, world: int, batch: bool) -> Paral
         group_size=args.group_size,
         batch=batch,
         guided=args.cfg_scale > 1,
+        windows=args.window_parallel,
+        windows_per_step=windows_per_step,
     )
 
 
@@ -301,7 +313,11 @@ def _generate(args: argparse.Namespace, launch, plan, options: dict, jobs: list 
         manager.fetch_model("cog_dit", require=True).compile_blocks()
     pipe = CogVideoPipeline.from_model_manager(manager, device=args.device, offload=args.offload)
     if launch.distributed:
-        layout = _parallel_layout(args, launch.world, batch=jobs is not None)
+        from diffsynth_cog.parallel.windows import windows_per_step
+
+        frames = args.context_frames + args.extend_by if args.extend_by else args.num_frames
+        count = windows_per_step(pipe.dit.config, frames, args.window_frames, args.window_overlap)
+        layout = _parallel_layout(args, launch.world, batch=jobs is not None, windows_per_step=count)
         pipe.enable_parallel(layout, ulysses_transport=args.ulysses_transport)
     if jobs is None:
         _generate_one(pipe, args, options, plan.input_video)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.denoise.windows import WindowPlan, WindowSpec
 from diffsynth_cog.parallel.comm import all_reduce
 from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout, shard_bounds
@@ -55,6 +56,17 @@ def check_window_call(layout: ParallelLayout, windows: WindowSpec | None, latent
     if len(plan) < layout.windows:
         text = f"{latent_frames} latent frames in windows of {windows.frames} frames, overlap {windows.overlap:g}"
         raise _too_few(layout, len(plan), text)
+
+
+def windows_per_step(config: DiTConfig, num_frames: int, window_frames: int | None, overlap: float) -> int:
+    """The windows of one step of a ``num_frames`` video in windows of ``window_frames`` frames (None: no windows,
+    1) for this transformer (latent frames padded to whole temporal patches, as the pipeline runs them): what
+    ``ParallelLayout.from_options(windows="auto")`` needs."""
+    if not window_frames:
+        return 1
+    family = config.family
+    frames = family.padded_latent_frames(family.latent_frames(num_frames))
+    return len(WindowSpec(window_frames, overlap, patch_t=config.temporal_patch).plan(frames))
 
 
 class WindowGroups:
