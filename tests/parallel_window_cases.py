@@ -85,6 +85,7 @@ def _extension(pipe, layout: dict[str, Any], kwargs: dict[str, Any]) -> dict[str
     return {"rel": None if got is None else rel(got, expected), "returned": got is not None, "decisions": [None]}
 
 
+@torch.no_grad()
 def i2v_denoiser(rank: int, world: int, layout: dict[str, Any]) -> float:
     """An I2V-shaped transformer (8 channels in, 4 out, learned positions) through the windowed denoiser: the
     context's split and window share against the one-process windowed denoiser (the pipeline itself refuses

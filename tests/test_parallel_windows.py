@@ -297,7 +297,7 @@ def test_bench_parallel_times_a_windows_layout_against_one_rank(tmp_path):
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "bench_parallel.json").read_text())
-    assert result["windows"] == {"frames": 9, "overlap": 0.5, "per_step": 5}
+    assert result["windows"] == {"frames": 9, "overlap": 0.5, "per_step": {"25": 5}}
     entry = result["runs"]["25f/windows2"]
     assert entry["ranks_per_video"] == 2 and len(entry["peak_GiB_per_gpu"]) == 2
     assert entry["rel_diff_vs_single"] < 1e-5
