@@ -159,7 +159,7 @@ def window_rank_stops(rank: int, world: int, hang_s: float, timeout_s: float) ->
 
     start = time.monotonic()
     try:
-        pipe(**call_inputs(), **LONG, callback=stop)
+        pipe(**{**call_inputs(), **LONG}, callback=stop)
         error = None
     except Exception as e:  # noqa: BLE001
         error = f"{type(e).__name__}: {e}"
