@@ -305,3 +305,24 @@ def test_bench_parallel_times_a_windows_layout_against_one_rank(tmp_path):
         result["runs"]["25f/single"]["median_step_s"] / entry["median_step_s"], rel=0.05
     )
     assert entry["full_1_steps_s"] > 0
+
+
+def test_the_denoiser_refuses_a_window_share_it_cannot_use_naming_why():
+    from parallel_cases import tiny_pipeline
+
+    from diffsynth_cog.denoise.denoiser import Denoiser
+    from diffsynth_cog.parallel.split import ParallelSplit
+
+    dit = tiny_pipeline("5b").dit
+    with pytest.raises(TypeError, match=r"window_share must be a WindowShare; object lacks \['check_compatible'"):
+        Denoiser(dit, windows=WindowSpec(9), window_share=object())
+    mesh = mesh_of(ParallelLayout(windows=2, cfg=2), 0)
+    share = WindowGroups(mesh)
+    with pytest.raises(ParallelError, match="the layout windows2xcfg2 spreads temporal windows .* no windows"):
+        Denoiser(dit, split=ParallelSplit(mesh), window_share=share)
+    with pytest.raises(ParallelError, match="needs the split of the same parallel context .* got the split 'whole'"):
+        Denoiser(dit, windows=WindowSpec(9), window_share=share)
+    other = ParallelSplit(mesh_of(ParallelLayout(windows=2, cfg=2), 0))
+    with pytest.raises(ParallelError, match="got the split 'parallel:windows2xcfg2'"):
+        Denoiser(dit, windows=WindowSpec(9), split=other, window_share=share)
+    Denoiser(dit, windows=WindowSpec(9), split=ParallelSplit(mesh), window_share=share)  # the context's pair
