@@ -211,7 +211,7 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ring", type=int, default=1, help="ring-attention degree (default 1)")
     g.add_argument(
         "--window-parallel",
-        type=lambda v: v if v == "auto" else int(v),
+        type=_window_groups,
         default=1,
         metavar="N|auto",
         help="with --window-frames: N window groups each run a share of every step's windows, CFG / Ulysses inside "
@@ -237,6 +237,13 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
         default=600.0,
         help="seconds a rank waits for the others before the run stops with an error (default 600)",
     )
+
+
+def _window_groups(value: str) -> int | str:
+    """--window-parallel: a number of window groups, or "auto"."""
+    if value == "auto" or value.isdigit() and int(value) >= 1:
+        return value if value == "auto" else int(value)
+    raise argparse.ArgumentTypeError(f"a number of window groups >= 1 or 'auto'; got {value!r}")
 
 
 def _parallel_layout(args: argparse.Namespace, world: int, batch: bool, windows_per_step: int = 1) -> ParallelLayout:
