@@ -469,9 +469,9 @@ def check_number(
     kind = "an integer" if integer else "a number"
     parts = []
     if low is not None:
-        parts.append(f"{'>' if low_open else '>='} {low:g}")
+        parts.append(f"{'>' if low_open else '>='} {_bound(low)}")
     if high is not None:
-        parts.append(f"{'<' if high_open else '<='} {high:g}")
+        parts.append(f"{'<' if high_open else '<='} {_bound(high)}")
     wanted = kind + (" " + " and ".join(parts) if parts else "")
     ok = _is_int(value) if integer else _is_number(value)
     if ok:
@@ -480,6 +480,11 @@ def check_number(
         )
     if not ok:
         raise ValueError(f"{name} must be {wanted}; got {value!r}" + (f". {hint}" if hint else ""))
+
+
+def _bound(value: float) -> str:
+    """A range bound as people read it: integers in full (a seed's 18446744073709551615), others short."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def check_cfg_scale(cfg_scale: object, *, name: str = "cfg_scale") -> None:
@@ -509,4 +514,4 @@ def check_generation_numbers(
         hint="1.0 = from pure noise; smaller keeps more of the input video",
     )
     if seed is not None:
-        check_number(seed, name="seed", low=-(2**63), high=2**64 - 1, integer=True)
+        check_number(seed, name="seed", low=-1, high=2**64 - 1, integer=True, hint="-1 = a random seed")

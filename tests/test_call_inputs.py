@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch
 from diffsynth_cog.configs import dit_preset
 from diffsynth_cog.denoise.windows import WindowSpec
 from diffsynth_cog.pipeline.checks import DEFAULT_DIT_TILES, check_call
+from diffsynth_cog.pipeline.options import GenerationOptions, StepCacheSpec
+from diffsynth_cog.pipeline.sampling import DIFFSYNTH, DIFFUSERS
 
 T2V = dit_preset("cogvideox-5b")
 I2V = dataclasses.replace(T2V, in_channels=2 * T2V.out_channels)
@@ -34,7 +37,7 @@ def call(config=T2V, **overrides):  # noqa: ANN001, ANN201
         windows=None,
         keep_frames=0,
     )
-    return check_call(config, **{**arguments, **overrides})
+    return check_call(config, GenerationOptions.from_keywords(**{**arguments, **overrides}))
 
 
 def test_a_call_resolves_its_shape_windows_tiles_and_kept_frames():
@@ -59,8 +62,45 @@ def test_a_call_resolves_its_shape_windows_tiles_and_kept_frames():
         (T2V, {"input_video": torch.zeros(1, 3, 49, 480, 704)}, "input_video must have 49 frames of 480x720"),
         (T2V, {"keep_frames": 9}, "keep_frames needs input_video"),
         (I2V, {"input_image": torch.zeros(1), "windows": True}, "windows need a text-to-video transformer"),
+        (T2V, {"prompt": ["a cat", "a dog"]}, "prompt must be a string: one call makes one video, and a list of 2"),
+        (T2V, {"sampler": "euler"}, "sampler 'euler' is not a known sampler; valid: ddim, dpm, diffsynth"),
+        (T2V, {"conventions": "comfy"}, "conventions 'comfy' is not known; valid: diffusers, diffsynth"),
+        (T2V, {"step_cache": "tea:0.2"}, "step cache method 'tea' is not a known step-skipping method"),
+        (T2V, {"step_cache": "teacache:x"}, "must be 'METHOD:THRESHOLD'"),
+        (T2V, {"step_cache": -0.1}, "step_cache threshold must be a number >= 0"),
+        (dit_preset("cogvideox-2b"), {"step_cache": "teacache:0.2"}, "'teacache' needs a calibration"),
+        (dit_preset("cogvideox-2b"), {"riflex": True}, "riflex needs a RoPE model"),
+        (T2V, {"seed": -2}, "seed must be an integer >= -1 and <= 18446744073709551615; got -2"),
     ],
 )
 def test_a_call_that_cannot_run_is_refused_with_what_to_change(config, overrides, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message) if "[" not in message else message):
         call(config, **overrides)
+
+
+def test_strings_are_parsed_once_into_values():
+    options = GenerationOptions.from_keywords(step_cache="first-block:0.1", attention="window:2", windows=True)
+    assert options.long_video.step_cache == StepCacheSpec(0.1, "first-block")
+    assert options.long_video.attention.window == 2  # a mask part, not the string
+    assert GenerationOptions.from_keywords(step_cache=0.2).long_video.step_cache == StepCacheSpec(0.2, "auto")
+    assert GenerationOptions.from_keywords(attention="sdpa").long_video.attention == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "sampler,conventions,expected",
+    [("ddim", None, DIFFUSERS), ("diffsynth", None, DIFFSYNTH), ("ddim", "diffsynth", DIFFSYNTH),
+     ("diffsynth", "diffusers", DIFFUSERS), ("dpm", DIFFSYNTH, DIFFSYNTH)],
+)  # fmt: skip
+def test_sampler_diffsynth_is_the_shorthand_for_its_conventions(sampler, conventions, expected):
+    assert call(sampler=sampler, conventions=conventions).conventions == expected
+
+
+def test_denoising_strength_without_an_input_video_is_logged_once_with_what_is_done(caplog):
+    call(denoising_strength=0.5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "denoising_strength=0.5 applies to video-to-video only: there is no input_video, so this video is "
+        "generated from pure noise (strength 1.0)"
+    ]
+    caplog.clear()
+    call(denoising_strength=1.0)
+    assert not caplog.records

@@ -159,13 +159,6 @@ def test_int8_and_step_cache_together(folder, tmp_path, plain_video):
     assert cache.stats()["skipped"] > 0
 
 
-def test_cli_attention_choices_match_the_library():
-    from diffsynth_cog.cli.checks import ATTENTION_BACKENDS
-    from diffsynth_cog.models.attention import BACKENDS
-
-    assert ATTENTION_BACKENDS == BACKENDS
-
-
 def test_generate_with_a_missing_attention_kernel_fails_before_loading(folder, tmp_path, monkeypatch, caplog):
     from diffsynth_cog.models import attention
 

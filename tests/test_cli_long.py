@@ -8,30 +8,37 @@ import pytest
 import torch
 from tiny_models import save_tiny_model_folder
 
-from diffsynth_cog.cli.generate import _long_video_options
+from diffsynth_cog.cli.generate import generation_options
 from diffsynth_cog.cli.main import build_parser, main
 from diffsynth_cog.denoise.masks import RadialAttention, TemporalWindowAttention
 from diffsynth_cog.denoise.windows import WindowSpec
 from diffsynth_cog.io.video import load_video, save_video, tensor_to_frames
+from diffsynth_cog.pipeline.options import StepCacheSpec
 
 BASE = ["generate", "--prompt", "a river", "--output", "x.mp4"]
 
 
 def options(*extra: str) -> dict:
-    return _long_video_options(build_parser().parse_args(BASE + list(extra)))
+    """The long-video parts the options of ``extra`` give, by field name, without the unset ones."""
+    parts = generation_options(build_parser().parse_args(BASE + list(extra))).long_video
+    return {k: v for k, v in vars(parts).items() if v is not None}
 
 
-def test_long_video_options_become_pipeline_keywords():
+def test_long_video_options_become_values_of_the_generation_options():
     assert options() == {}
     assert options("--riflex") == {"riflex": True}
     assert options("--riflex", "2", "20") == {"riflex": (2, 20)}
     window = options("--sparse-attention", "window:2")["attention"]
     assert isinstance(window, TemporalWindowAttention) and window.window == 2 and window.granularity == "block"
     assert isinstance(options("--sparse-attention", "radial")["attention"], RadialAttention)
+    assert isinstance(options("--attention", "radial")["attention"], RadialAttention)  # --attention takes masks too
     assert options("--sparse-attention", "radial:token")["attention"].name == "radial-token"
     assert options("--window-frames", "49", "--window-overlap", "0.5") == {"windows": WindowSpec(49, 0.5)}
-    assert options("--step-cache", "0.2") == {"step_cache": "auto:0.2"}
-    assert options("--step-cache", "0.1", "--step-cache-method", "first-block") == {"step_cache": "first-block:0.1"}
+    assert options("--windows", "49") == {"windows": WindowSpec(49)}
+    assert options("--step-cache", "0.2") == {"step_cache": StepCacheSpec(0.2, "auto")}
+    assert options("--step-cache", "0.1", "--step-cache-method", "first-block") == {
+        "step_cache": StepCacheSpec(0.1, "first-block")
+    }
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,7 @@ def test_teacache_takes_the_published_15_polynomials_fitted_on_the_time_embeddin
     ):
         dit = SimpleNamespace(config=dit_preset(name))
         cache = TeaCache(0.2)
-        cache.check_compatible(SimpleNamespace(dit=dit))
+        cache.check_compatible(SimpleNamespace(config=dit.config))  # the DenoiserParts it reads
         assert cache.coefficients == pytest.approx(published, rel=1e-9)
         assert cache.signal == "embedding"
         assert isinstance(make_step_skipper(0.2, "auto", dit), TeaCache)

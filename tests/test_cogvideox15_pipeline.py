@@ -136,6 +136,8 @@ def test_15_rules_refuse_before_any_work(t2v):
         ours(prompt="x", num_frames=9, height=128, width=48, progress_bar=False)
     with pytest.raises(ValueError, match="DiffSynth-Studio 1.1.x, which has no CogVideoX1.5-5B"):
         ours(prompt="x", num_frames=9, height=32, width=48, sampler="diffsynth", progress_bar=False)
+    with pytest.raises(ValueError, match="conventions='diffsynth' follow DiffSynth-Studio 1.1.x, which has no"):
+        ours(prompt="x", num_frames=9, height=32, width=48, conventions="diffsynth", progress_bar=False)
     video = torch.zeros(1, 3, 9, 32, 48)
     with pytest.raises(ValueError, match="input_video .* not supported on CogVideoX1.5-5B"):
         ours(prompt="x", num_frames=9, height=32, width=48, input_video=video, progress_bar=False)

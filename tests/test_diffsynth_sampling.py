@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffsynth_reference import diffsynth_final_latents, load_reference, requires_diffsynth
@@ -256,3 +257,43 @@ def test_pipeline_reproduces_diffsynth_studio_bitwise(dit16_folder, dtype: torch
     )
     got = ours(pipe, posi, nega, steps=4, cfg=cfg, seed=6)
     assert got.dtype == dtype and torch.equal(got, expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Frames: DiffSynth converts decoded pixels to uint8 by truncating ((x + 1) * 127.5); diffusers' way rounds
+
+
+def decoded_pixels() -> torch.Tensor:
+    """Pixels [3, F, H, W] a little beyond [-1, 1] (as a VAE decoder overshoots), in bf16 steps."""
+    g = torch.Generator().manual_seed(11)
+    return (torch.rand(3, FRAMES, HEIGHT, WIDTH, generator=g) * 2.2 - 1.1).to(torch.bfloat16).float()
+
+
+@requires_diffsynth
+def test_diffsynth_conventions_convert_frames_as_diffsynth_studio_does() -> None:
+    from diffsynth_cog.pipeline.sampling import DIFFSYNTH, DIFFUSERS
+
+    video = decoded_pixels()
+    expected = [np.asarray(f) for f in load_reference().CogVideoPipeline.tensor2video(None, video)]
+    got = [np.asarray(f) for f in DIFFSYNTH.frames(video)]
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    rounded = np.stack([np.asarray(f) for f in DIFFUSERS.frames(video)])
+    assert (rounded != np.stack(expected)).mean() > 0.2  # rounding differs by one grey level in many values
+
+
+@requires_diffsynth
+@pytest.mark.parametrize("conventions", [None, "diffsynth"])
+def test_sampler_diffsynth_returns_diffsynth_studios_frames(
+    dit16_folder, monkeypatch: pytest.MonkeyPatch, conventions: str | None
+) -> None:
+    pipe = tiny_pipeline(dit16_folder, torch.float32)
+    video = decoded_pixels()
+    monkeypatch.setattr(pipe, "decode_latents", lambda latents, tiled, progress: video[None])
+    posi, nega = embeddings(torch.float32)
+    sampler = "diffsynth" if conventions is None else "ddim"
+    frames = pipe(
+        prompt_emb=posi, negative_prompt_emb=nega, num_frames=FRAMES, height=HEIGHT, width=WIDTH,
+        num_inference_steps=1, seed=6, sampler=sampler, conventions=conventions, progress_bar=False,
+    )  # fmt: skip
+    expected = load_reference().CogVideoPipeline.tensor2video(None, video)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(frames, expected, strict=True))

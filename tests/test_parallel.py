@@ -216,12 +216,12 @@ def test_a_bad_ulysses_head_grouping_is_refused_before_anything_starts():
 
 
 def test_cli_defaults_use_every_rank_cfg_halves_first():
-    from diffsynth_cog.cli.generate import _parallel_layout
+    from diffsynth_cog.cli.generate_checks import parallel_layout
     from diffsynth_cog.cli.main import build_parser
 
     def layout(*argv: str, world: int, batch: bool = False) -> ParallelLayout:
         args = build_parser().parse_args(["generate", "--prompt", "x", *argv])
-        return _parallel_layout(args, world, batch)
+        return parallel_layout(args, world, batch)
 
     assert layout(world=2) == ParallelLayout(cfg=2)
     assert layout(world=8) == ParallelLayout(cfg=2, ulysses=4)

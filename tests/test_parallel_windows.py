@@ -167,17 +167,26 @@ def test_from_options_resolves_auto_windows_and_fits_cfg_inside_a_window_group()
         ParallelLayout.from_options(4, windows="many")
 
 
-def test_cli_window_parallel_flag_reaches_the_layout():
-    from diffsynth_cog.cli.generate import _parallel_layout
+def test_cli_window_parallel_flag_reaches_the_layout_and_is_checked_against_the_windows():
+    from diffsynth_cog.cli.generate_checks import parallel_layout
     from diffsynth_cog.cli.main import build_parser
+    from diffsynth_cog.configs import dit_preset
 
-    def layout(*argv: str, world: int, windows_per_step: int = 1) -> ParallelLayout:
+    config = dit_preset("cogvideox-5b")
+
+    def layout(*argv: str, world: int) -> ParallelLayout:
         args = build_parser().parse_args(["generate", "--prompt", "x", *argv])
-        return _parallel_layout(args, world, False, windows_per_step=windows_per_step)
+        return parallel_layout(args, world, False, config=config)
 
-    assert layout("--window-parallel", "2", world=4) == ParallelLayout(windows=2, cfg=2)
-    assert layout("--window-parallel", "auto", world=8, windows_per_step=11) == ParallelLayout(windows=4, cfg=2)
+    long = ("--num-frames", "1025", "--window-frames", "129")  # 11 windows a step
+    assert layout("--window-parallel", "2", *long, world=4) == ParallelLayout(windows=2, cfg=2)
+    assert layout("--window-parallel", "auto", *long, world=8) == ParallelLayout(windows=4, cfg=2)
+    assert layout("--window-parallel", "auto", world=8) == ParallelLayout(cfg=2, ulysses=4)  # no windows: none
     assert layout(world=4) == ParallelLayout(cfg=2, ulysses=2)  # default: no window groups
+    with pytest.raises(ParallelError, match="--window-parallel 2 spreads temporal windows: give --window-frames F"):
+        layout("--window-parallel", "2", world=4)
+    with pytest.raises(ParallelError, match="has 1 window\\(s\\); use at most 1 window groups"):
+        layout("--window-parallel", "2", "--num-frames", "129", "--window-frames", "129", world=2)
 
 
 def test_the_windows_of_a_step_are_counted_from_frames_and_window_options():

@@ -260,10 +260,10 @@ def test_existing_output_is_kept_unless_overwrite_and_then_replaced_only_by_a_co
 def test_interrupted_generation_exits_130_with_a_message_and_leaves_the_old_file(
     folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def interrupted(self, **kwargs):
+    def interrupted(self, options, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(CogVideoPipeline, "__call__", interrupted)
+    monkeypatch.setattr(CogVideoPipeline, "generate", interrupted)
     out = tmp_path / "out.mp4"
     out.write_bytes(b"an earlier video")
     assert main(generate_args(folder, tmp_path) + ["--overwrite"]) == 130

@@ -49,14 +49,12 @@ class SlowPipeline:
     def __init__(self, pipe: CogVideoPipeline, pause: float) -> None:
         self.pipe, self.pause = pipe, pause
 
-    def __call__(self, **kwargs: Any):
-        callback = kwargs["callback"]
-
+    def generate(self, options: Any, *, callback: Any = None):
         def slow(i: int, t: int, latents: torch.Tensor) -> None:
             callback(i, t, latents)
             time.sleep(self.pause)
 
-        return self.pipe(**{**kwargs, "callback": slow})
+        return self.pipe.generate(options, callback=slow)
 
 
 class TinyFactory:

@@ -1,6 +1,6 @@
 """What the command line checks before any download starts or any model loads, and what it picks by itself.
 
-``diffsynth-cog generate`` runs :func:`check_generate_args` first (the web UI uses its parts): every number (NaN and
+The checks the commands share (``generate``'s own, its plan, are ``cli.generate_checks``): every number (NaN and
 out-of-range values included), the output file (container, a folder in the way, a read-only place, an
 existing file without ``--overwrite``, a full disk), the input image / video, the model (a local folder with
 every part it needs, or a download preset), the LoRA (a readable LoRA file, or a preset; ``auto`` decided
@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from diffsynth_cog.configs import (
     DIT_PRESETS,
+    DiTConfig,
     check_cfg_scale,
     check_num_frames,
     check_number,
-    check_size,
     dit_family,
 )
-from diffsynth_cog.errors import DiffSynthCogError, shorten
+from diffsynth_cog.errors import DiffSynthCogError
 
 if TYPE_CHECKING:
     from diffsynth_cog.loading.model_folder import ModelFolder
@@ -39,9 +39,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "CogVideoX-5B"
 # --dtype choices of every command (generate, prepare, export-lora) -> torch dtype names
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# --attention choices; kept in step with diffsynth_cog.models.attention.BACKENDS (a test checks), so that building
-# the parser does not import torch.
-ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-cudnn", "fa3", "flash-attn", "fa3-fp8", "sage")
 DEFAULT_LORA = "ExVideo-CogVideoX-LoRA-129f-v1"
 # The long-video LoRA ``--lora auto`` merges, per model family, beyond the family's trained clip length.
 LONG_VIDEO_LORAS = {"cogvideox-5b": DEFAULT_LORA}
@@ -65,11 +62,11 @@ def number(**limits: Any) -> Check:
 # attribute of the parsed arguments -> its check (an option this command does not have is skipped).
 GENERATE_CHECKS: dict[str, Check] = {
     "num_frames": lambda value, option: check_num_frames(value, name=option),
-    "steps": number(low=1, integer=True),
+    "num_inference_steps": number(low=1, integer=True),
     "cfg_scale": lambda value, option: check_cfg_scale(value, name=option),
     "lora_alpha": number(),
     "denoising_strength": number(low=0, high=1, low_open=True),
-    "seed": number(low=-(2**63), high=2**64 - 1, integer=True),
+    "seed": number(low=-1, high=2**64 - 1, integer=True, hint="-1 = a random seed"),
     "fps": number(low=0, low_open=True),
     "quality": number(low=1, high=10),
     "step_cache": number(low=0),
@@ -77,14 +74,20 @@ GENERATE_CHECKS: dict[str, Check] = {
 
 
 def option_name(attribute: str) -> str:
-    return "--" + attribute.replace("_", "-")
+    """The option that sets ``attribute``: a generation option's first flag (``--steps`` for
+    ``num_inference_steps``), else the attribute's own spelling."""
+    from diffsynth_cog.pipeline.options import cli_flags
+
+    names = {flag.dest: flag.names[0] for flag in cli_flags()}
+    return names.get(attribute, "--" + attribute.replace("_", "-"))
 
 
 def check_options(args: argparse.Namespace, checks: dict[str, Check]) -> None:
-    """Runs each check on its option's value; all problems are reported together."""
+    """Runs each check on its option's value (an option not given, None, is skipped); all problems are reported
+    together."""
     problems = []
     for attribute, check in checks.items():
-        if not hasattr(args, attribute):
+        if getattr(args, attribute, None) is None:
             continue
         try:
             check(getattr(args, attribute), option_name(attribute))
@@ -153,6 +156,7 @@ class ModelChoice:
     preset: str | None
     family: str
     base_frames: int  # the clip length the model was trained on (49)
+    config: DiTConfig | None = None  # the transformer's config (the preset's, or the local folder's)
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,8 @@ def choose_model(model: str, parts: tuple[str, ...] = GENERATE_PARTS) -> ModelCh
         check_model_folder(folder, parts)
         config = folder.require_dit_config()
         root = folder.root or folder.require("transformer")
-        return ModelChoice(local=root, preset=None, family=dit_family(config), base_frames=config.sample_frames)
+        family = dit_family(config)
+        return ModelChoice(local=root, preset=None, family=family, base_frames=config.sample_frames, config=config)
     if looks_like_path(model):
         raise OptionError(
             f"--model {model}: no such folder ({local.resolve()}). Pass a CogVideoX model folder (text_encoder/, "
@@ -212,7 +217,8 @@ def choose_model(model: str, parts: tuple[str, ...] = GENERATE_PARTS) -> ModelCh
     if preset.family is None:
         raise OptionError(f"--model {model} is not a model preset ({preset.description or 'a LoRA'})")
     family = preset.family
-    return ModelChoice(local=None, preset=model, family=family, base_frames=DIT_PRESETS[family].sample_frames)
+    config = DIT_PRESETS[family]
+    return ModelChoice(local=None, preset=model, family=family, base_frames=config.sample_frames, config=config)
 
 
 def choose_lora(lora: str, model: ModelChoice, num_frames: int, models_dir: str | os.PathLike[str]) -> LoRAChoice:
@@ -296,53 +302,3 @@ def fetch_models(
     lora_path = lora.local if lora.preset is None else paths[lora.preset]
     assert model_dir is not None
     return model_dir, lora_path
-
-
-# --------------------------------------------------------------------------------------------- generate
-@dataclass(frozen=True)
-class GeneratePlan:
-    """What :func:`check_generate_args` settled: the device, the model and LoRA to fetch, the input video."""
-
-    device: str
-    model: ModelChoice
-    lora: LoRAChoice
-    input_video: list | None = None
-
-
-def check_generate_args(args: argparse.Namespace) -> GeneratePlan:
-    """Every check of ``diffsynth-cog generate`` that needs no download and no model weights (module docstring).
-
-    ``args.device`` is replaced by the device picked (``auto``). Raises OptionError (or the checks' own
-    errors) with a message; nothing is written.
-    """
-    from diffsynth_cog.io.atomic import check_output_path
-    from diffsynth_cog.io.video import check_video_path, load_image, load_video
-
-    check_options(args, GENERATE_CHECKS)
-    check_size(args.height, args.width)
-    if getattr(args, "prompt", None) is not None:  # one video (a --prompts batch checks its own lines and outputs)
-        if not args.prompt.strip():
-            logger.warning("the prompt is empty: the video follows no text")
-        logger.info("prompt: %r", shorten(args.prompt))
-        output = check_video_path(args.output)
-        raw = args.num_frames * args.height * args.width * 3
-        check_output_path(output, what="--output", overwrite=getattr(args, "overwrite", True), needed_bytes=raw // 100)
-        if output.exists():
-            logger.info("--overwrite: %s will be replaced once the new video is complete", output)
-    model = choose_model(args.model)
-    if model.family == "cogvideox-5b-i2v" and not args.input_image:
-        raise OptionError(f"--model {args.model} is an image-to-video model: pass --input-image")
-    if args.input_image:
-        if model.family != "cogvideox-5b-i2v":
-            raise OptionError(
-                f"--input-image needs an image-to-video model (--model CogVideoX-5B-I2V); {args.model} is {model.family}"
-            )
-        load_image(args.input_image)  # a missing or unreadable image fails here, not after loading
-    input_video = None
-    if args.input_video and not getattr(args, "extend_by", 0):  # a continued video may have any length
-        input_video = load_video(args.input_video, height=args.height, width=args.width, num_frames=args.num_frames)
-    elif args.input_video and not Path(args.input_video).expanduser().is_file():
-        raise OptionError(f"--input-video {args.input_video}: no such file")
-    lora = choose_lora(args.lora, model, args.num_frames, args.models_dir)
-    args.device = resolve_device(args.device)
-    return GeneratePlan(device=args.device, model=model, lora=lora, input_video=input_video)

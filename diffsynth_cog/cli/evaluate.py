@@ -40,13 +40,22 @@ def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("videos", nargs="*", metavar="VIDEO", help="video files to judge")
     p.add_argument(
-        "--compare", nargs=2, metavar=("A", "B"), default=None, help="per-frame PSNR / SSIM of two videos of one size"
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        default=None,
+        help="per-frame PSNR / SSIM of two videos of one size (default: none)",
     )
     p.add_argument("--joins", default=None, help="comma-separated join frames (default: from each video's settings)")
     p.add_argument(
-        "--json", default=None, metavar="PATH", help="write the full report (curves included) as JSON; - for stdout"
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="write the full report (curves included) as JSON; - for stdout (default: none)",
     )
-    p.add_argument("--plot", default=None, metavar="PNG", help="write the curves over time as a PNG (joins marked)")
+    p.add_argument(
+        "--plot", default=None, metavar="PNG", help="write the curves over time as a PNG (joins marked; default: none)"
+    )
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any event is found")
     p.set_defaults(func=cmd_evaluate)
 

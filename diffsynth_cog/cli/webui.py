@@ -113,6 +113,7 @@ def run_job(
     Raises ValueError (or a DiffSynthCogError) with a message for the user on bad input."""
     from diffsynth_cog.configs import check_generation_numbers, check_num_frames
     from diffsynth_cog.io.video import save_video
+    from diffsynth_cog.pipeline.options import GenerationOptions, Inputs, Output, Sampling
 
     if not prompt or not prompt.strip():
         raise ValueError("write a prompt first")
@@ -134,20 +135,15 @@ def run_job(
         if progress is not None:
             progress((i + 1, steps), desc=f"denoising (t={timestep})", unit="steps")
 
-    video = pipe(
-        prompt=prompt,
-        negative_prompt=negative_prompt or "",
-        num_frames=frames,
-        height=options.height,
-        width=options.width,
-        num_inference_steps=steps,
-        cfg_scale=float(cfg_scale),
-        seed=seed,
-        sampler=sampler,
-        callback=on_step,
-        progress_bar=False,
-        output_type="pil",
-    )
+    generation = GenerationOptions(
+        inputs=Inputs(
+            prompt=prompt, negative_prompt=negative_prompt or "", num_frames=frames, height=options.height,
+            width=options.width,
+        ),
+        sampling=Sampling(sampler=sampler, num_inference_steps=steps, cfg_scale=float(cfg_scale), seed=seed),
+        output=Output(output_type="pil", progress_bar=False),
+    )  # fmt: skip
+    video = pipe.generate(generation, callback=on_step)
     if progress is not None:
         progress(1.0, desc="writing the mp4")
     options.output_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +165,7 @@ def run_job(
 
 def build_ui(factory: PipelineFactory, options: UIOptions | None = None) -> gr.Blocks:
     """The page (a ``gradio.Blocks``, queued: one job at a time). Start it with :func:`launch`."""
-    from diffsynth_cog.schedulers import SAMPLER_KINDS
+    from diffsynth_cog.pipeline.options import SAMPLERS
 
     gr = _gradio()
     options = options or UIOptions()
@@ -228,7 +224,7 @@ def build_ui(factory: PipelineFactory, options: UIOptions | None = None) -> gr.B
                         allow_custom_value=True,
                         elem_id="frames",
                     )
-                    sampler = gr.Dropdown(list(SAMPLER_KINDS), value=options.sampler, label="Sampler")
+                    sampler = gr.Dropdown(list(SAMPLERS.names()), value=options.sampler, label="Sampler")
                 with gr.Row():
                     steps = gr.Slider(1, 200, value=options.steps, step=1, label="Steps", elem_id="steps")
                     cfg = gr.Slider(1.0, 15.0, value=options.cfg_scale, step=0.5, label="CFG scale")
@@ -338,9 +334,10 @@ def local_loras(models_dir: str | Path) -> list[str]:
 
 
 def cmd_webui(args: argparse.Namespace) -> int:
-    from diffsynth_cog.cli.checks import ATTENTION_BACKENDS, choose_model, resolve_device
+    from diffsynth_cog.cli.checks import choose_model, resolve_device
     from diffsynth_cog.configs import check_size
     from diffsynth_cog.io.atomic import check_output_path
+    from diffsynth_cog.pipeline.options import ATTENTION_BACKENDS
 
     # Before serving: a typo in --model, a size or a device, or an output folder that cannot be written fails
     # now, not at the first job.
@@ -355,7 +352,7 @@ def cmd_webui(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         loras=tuple(local_loras(args.models_dir)),
-        attention_modes=ATTENTION_BACKENDS,
+        attention_modes=ATTENTION_BACKENDS.names(),
         queue_size=args.queue_size,
     )
     demo = build_ui(ModelPipelines(args), options)

@@ -2,16 +2,19 @@
 
 A rank called with another prompt, seed or size would compute its share of a different video and
 the ranks would mix the two without an error (or hang in collectives of different shapes). So before
-any work each rank hashes every argument of the call, the ranks all-gather the hashes, and if any
-differ all of them raise the same :class:`ParallelError` naming the arguments and the ranks.
+any work each rank hashes every option of the call (the pipeline passes its ``GenerationOptions`` field by
+field, with the generator), the ranks all-gather the hashes, and if any differ all of them raise the same
+:class:`ParallelError` naming the options and the ranks.
 
 Tensors are fingerprinted by shape, dtype, their float64 sum and a strided sample of their bytes
 (a large input video costs milliseconds, not a full hash); images by their pixels; generators by
-their state; callables are not compared (each rank may log differently).
+their state; dataclass values (a ``WindowSpec``, a ``StepCacheSpec``, whole options) by their fields; callables
+are not compared (each rank may log differently).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -49,6 +52,9 @@ def _canonical(value: Any) -> bytes:
         return f"image{value.size}{value.mode}".encode() + value.tobytes()
     if isinstance(value, types.FunctionType | types.MethodType | types.BuiltinFunctionType | functools.partial):
         return b"callable"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # by its fields, slotted or not
+        named = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.compare and f.name[0] != "_"}
+        return type(value).__name__.encode() + _canonical(named)
     if hasattr(value, "__dict__"):  # parts (StepCache, TileSpec, attention parts): their plain settings
         public = {k: _settings(v) for k, v in vars(value).items() if not k.startswith("_")}
         return type(value).__name__.encode() + _canonical(public)

@@ -1,27 +1,47 @@
 """The inputs of one pipeline call, checked before anything is encoded or drawn.
 
-:func:`check_call` takes the arguments of ``CogVideoPipeline.__call__`` that shape the work (sizes, numbers, the
-inputs to edit or keep, windows, DiT tiles) and returns a :class:`CheckedCall` with what the pipeline derives from
-them, or raises ValueError saying what to change. Pure: no model runs, nothing is drawn (an image path is opened,
-so that a missing file fails now and not after the prompt is encoded).
+:func:`check_call` takes a call's :class:`~diffsynth_cog.pipeline.options.GenerationOptions` (sizes, numbers, the
+inputs to edit or keep, sampler and conventions, windows, DiT tiles, the long-video parts) and returns a
+:class:`CheckedCall` with what the pipeline derives from them (for CogVideoX 1.5 by the family's rules:
+``sampling.latent_plan``'s padded latents, ``sampling.check_family_call``'s refusals, windows in whole temporal
+patches, the family's DiT tile size), or raises ValueError saying what to change. Pure: no model runs, nothing is
+drawn (an image path is opened, so that a missing file fails now and not after the prompt is encoded).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
-from diffsynth_cog.configs import DiTConfig, check_generation_numbers
+from diffsynth_cog.configs import (
+    DiTConfig,
+    check_generation_numbers,
+    check_number,
+    dit_family,
+    teacache_coefficients,
+)
+from diffsynth_cog.denoise.riflex import resolve_riflex
 from diffsynth_cog.denoise.windows import WindowSpec
 from diffsynth_cog.io.video import load_image, video_to_tensor
+from diffsynth_cog.models.attention import check_backend
 from diffsynth_cog.models.tiling import TileSpec
 from diffsynth_cog.pipeline.continuation import kept_latent_frames
-from diffsynth_cog.pipeline.sampling import latent_plan
+from diffsynth_cog.pipeline.options import (
+    SAMPLERS,
+    STEP_SKIPPERS,
+    GenerationOptions,
+    Inputs,
+    LongVideo,
+    StepCacheSpec,
+)
+from diffsynth_cog.pipeline.sampling import DIFFUSERS, Conventions, check_family_call, conventions_for, latent_plan
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 DEFAULT_DIT_TILES = TileSpec((480, 720), (0.5, 0.5))  # dit_tiled=True: base-size tiles overlapping by half
@@ -30,14 +50,16 @@ DEFAULT_DIT_TILES = TileSpec((480, 720), (0.5, 0.5))  # dit_tiled=True: base-siz
 @dataclass(frozen=True)
 class CheckedCall:
     """What a call derives from its arguments: the latents' shape [1, C, T, H/8, W/8], the video to edit as pixels
-    [1, 3, F, H, W] (or None), the latent frames to keep (0: none), the temporal windows and the DiT's tiles;
-    ``padding``: latent frames added at the front to make whole temporal patches (1.5), dropped before decoding."""
+    [1, 3, F, H, W] (or None), the latent frames to keep (0: none), the temporal windows, the DiT's tiles, the
+    sampling conventions; ``padding``: latent frames added at the front to make whole temporal patches (1.5),
+    dropped before decoding."""
 
     latent_shape: tuple[int, int, int, int, int]
     video: torch.Tensor | None
     kept: int
     windows: WindowSpec | None
     tiles: TileSpec | None
+    conventions: Conventions = DIFFUSERS
     padding: int = 0
 
 
@@ -52,36 +74,76 @@ def check_output_type(output_type: str) -> None:
         raise ValueError(f"output_type must be 'pil', 'np' or 'latent'; got {output_type!r}")
 
 
-def check_call(
-    config: DiTConfig,
-    *,
-    prompt: str | Sequence[str],
-    negative_prompt: str | Sequence[str],
-    input_image: Image.Image | str | os.PathLike | None,
-    input_video: Sequence[Image.Image] | torch.Tensor | None,
-    denoising_strength: float,
-    height: int,
-    width: int,
-    num_frames: int,
-    cfg_scale: float,
-    num_inference_steps: int,
-    seed: int | None,
-    latents: torch.Tensor | None,
-    dit_tiled: bool | TileSpec,
-    output_type: str,
-    windows: bool | WindowSpec | None,
-    keep_frames: int,
-) -> CheckedCall:
-    """The checks of ``CogVideoPipeline.__call__`` (its docstring says what each argument means)."""
-    plan = latent_plan(config, num_frames, height, width)
+def check_call(config: DiTConfig, options: GenerationOptions) -> CheckedCall:
+    """The checks of one generation (``pipeline.options`` says what each option means), before anything runs."""
+    inputs, sampling = options.inputs, options.sampling
+    plan = latent_plan(config, inputs.num_frames, inputs.height, inputs.width)
     latent_shape = plan.shape
-    check_output_type(output_type)
+    check_output_type(options.output.output_type)
     check_generation_numbers(
-        cfg_scale=cfg_scale, num_inference_steps=num_inference_steps, denoising_strength=denoising_strength, seed=seed
+        cfg_scale=sampling.cfg_scale,
+        num_inference_steps=sampling.num_inference_steps,
+        denoising_strength=sampling.denoising_strength,
+        seed=sampling.seed,
     )
+    SAMPLERS.check(sampling.sampler, "sampler")
+    conventions = conventions_for(sampling.sampler, sampling.conventions)
+    check_family_call(config.family, options)
+    _check_prompts(inputs.prompt, inputs.negative_prompt)
+    _check_image(config, inputs.input_image)
+    if inputs.latents is not None and tuple(inputs.latents.shape) != latent_shape:
+        raise ValueError(
+            f"latents must have shape {list(latent_shape)} for these settings; got {list(inputs.latents.shape)}"
+        )
+    video = _video(inputs, sampling.denoising_strength)
+    kept = _kept(config, inputs, video)
+    windows = _windows(config, options.long_video.windows)
+    check_parts(config, options.long_video)
+    return CheckedCall(
+        latent_shape=latent_shape,
+        video=video,
+        kept=kept,
+        windows=windows,
+        tiles=_tiles(config, options.memory.dit_tiled),
+        conventions=conventions,
+        padding=plan.padding,
+    )
+
+
+def _windows(config: DiTConfig, windows: bool | WindowSpec | None) -> WindowSpec | None:
+    """The temporal windows of a call (True: the model's trained length), in whole temporal patches (1.5)."""
+    windows = (WindowSpec(config.sample_frames) if windows is True else windows) or None
+    if windows is None:
+        return None
+    if config.in_channels != config.out_channels:
+        raise ValueError(
+            "windows need a text-to-video transformer: the I2V model conditions every call on its first frame, "
+            "which only the first window holds"
+        )
+    return dataclasses.replace(windows, patch_t=config.temporal_patch)
+
+
+def _tiles(config: DiTConfig, dit_tiled: bool | TileSpec) -> TileSpec | None:
+    """The DiT's tiles of a call (True: the family's default size, overlapping by half)."""
+    if dit_tiled is True and config.family.version != "1.0":
+        return dataclasses.replace(DEFAULT_DIT_TILES, size=config.family.default_size())
+    return (DEFAULT_DIT_TILES if dit_tiled is True else dit_tiled) or None
+
+
+def _check_prompts(prompt: object, negative_prompt: object) -> None:
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        if not (isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text))):
-            raise ValueError(f"{name} must be a string (or a list of strings); got {type(text).__name__}")
+        if isinstance(text, str):
+            continue
+        if isinstance(text, Sequence) and all(isinstance(t, str) for t in text):
+            raise ValueError(
+                f"{name} must be a string: one call makes one video, and a list of {len(text)} prompts is not "
+                "batched. Call the pipeline once per prompt (each with its seed), or use the command line's "
+                "--prompts FILE"
+            )
+        raise ValueError(f"{name} must be a string; got {type(text).__name__}")
+
+
+def _check_image(config: DiTConfig, input_image: object) -> None:
     is_i2v = config.in_channels != config.out_channels
     if is_i2v and input_image is None:
         raise ValueError("this transformer is an image-to-video model: pass input_image")
@@ -89,33 +151,54 @@ def check_call(
         raise ValueError("input_image needs an I2V transformer (e.g. CogVideoX-5B-I2V)")
     if isinstance(input_image, (str, os.PathLike)):
         load_image(input_image)  # a missing or unreadable image fails now, not after the prompt is encoded
-    if latents is not None and tuple(latents.shape) != latent_shape:
-        raise ValueError(f"latents must have shape {list(latent_shape)} for these settings; got {list(latents.shape)}")
-    video = None
-    if input_video is not None:
-        video = input_video if isinstance(input_video, torch.Tensor) else video_to_tensor(input_video)[None]
-        if tuple(video.shape[2:]) != (num_frames, height, width):
-            raise ValueError(f"input_video must have {num_frames} frames of {height}x{width}; got {list(video.shape)}")
-    kept = 0
-    if keep_frames:
-        if video is None:
-            raise ValueError("keep_frames needs input_video (the frames to keep are its first ones)")
-        if keep_frames > num_frames:
-            raise ValueError(f"keep_frames={keep_frames} exceeds num_frames={num_frames}")
-        kept = kept_latent_frames(keep_frames, config.temporal_compression_ratio)
-    if windows is True:
-        windows = WindowSpec(config.sample_frames)
-    windows = windows or None
-    if windows is not None:  # windows of whole temporal patches (1.5)
-        windows = dataclasses.replace(windows, patch_t=config.temporal_patch)
-    if windows is not None and is_i2v:
+
+
+def _video(inputs: Inputs, denoising_strength: float) -> torch.Tensor | None:
+    """The video to edit as pixels [1, 3, F, H, W], checked against the call's size; says once when a
+    ``denoising_strength`` has nothing to act on."""
+    if inputs.input_video is None:
+        if denoising_strength != 1.0:
+            logger.warning(
+                "denoising_strength=%s applies to video-to-video only: there is no input_video, so this video is "
+                "generated from pure noise (strength 1.0)",
+                denoising_strength,
+            )
+        return None
+    given = inputs.input_video
+    video = given if isinstance(given, torch.Tensor) else video_to_tensor(given)[None]
+    wanted = (inputs.num_frames, inputs.height, inputs.width)
+    if tuple(video.shape[2:]) != wanted:
         raise ValueError(
-            "windows need a text-to-video transformer: the I2V model conditions every call on its first frame, "
-            "which only the first window holds"
+            f"input_video must have {wanted[0]} frames of {wanted[1]}x{wanted[2]}; got {list(video.shape)} (it is "
+            "neither resized nor cut: load_video(path, height=, width=, num_frames=) does both)"
         )
-    if dit_tiled is True and config.family.version != "1.0":  # the family's default size, overlapping by half
-        dit_tiled = dataclasses.replace(DEFAULT_DIT_TILES, size=config.family.default_size())
-    tiles = (DEFAULT_DIT_TILES if dit_tiled is True else dit_tiled) or None
-    return CheckedCall(
-        latent_shape=latent_shape, video=video, kept=kept, windows=windows, tiles=tiles, padding=plan.padding
-    )
+    return video
+
+
+def _kept(config: DiTConfig, inputs: Inputs, video: torch.Tensor | None) -> int:
+    if not inputs.keep_frames:
+        return 0
+    if video is None:
+        raise ValueError("keep_frames needs input_video (the frames to keep are its first ones)")
+    if inputs.keep_frames > inputs.num_frames:
+        raise ValueError(f"keep_frames={inputs.keep_frames} exceeds num_frames={inputs.num_frames}")
+    return kept_latent_frames(inputs.keep_frames, config.temporal_compression_ratio)
+
+
+def check_parts(config: DiTConfig, parts: LongVideo) -> None:
+    """The long-video parts against the transformer (needs only its config, so the command line runs it before
+    loading): RIFLEx needs RoPE, TeaCache a calibration, a kernel its package."""
+    resolve_riflex(config, parts.riflex)
+    step_cache = parts.step_cache
+    if isinstance(step_cache, StepCacheSpec):
+        check_number(step_cache.threshold, name="step_cache threshold", low=0.0)
+        STEP_SKIPPERS.check(step_cache.method, "step cache method")
+        if step_cache.method == "teacache" and teacache_coefficients(config) is None:
+            raise ValueError(
+                f"step cache method 'teacache' needs a calibration: TeaCache has no calibrated polynomial for this "
+                f"transformer ({dit_family(config)}, {config.num_layers} layers; published for the released "
+                "CogVideoX-5B, CogVideoX1.5-5B and CogVideoX1.5-5B-I2V only). Use the method 'first-block' (CLI "
+                "--step-cache-method first-block) or 'auto'"
+            )
+    if isinstance(parts.attention, str):
+        check_backend(parts.attention)

@@ -36,7 +36,6 @@ import torch
 from PIL import Image
 
 from diffsynth_cog.denoise.denoiser import AttentionPart, Denoiser, StepSkipper
-from diffsynth_cog.denoise.masks import parse_attention
 from diffsynth_cog.denoise.teacache import make_step_skipper
 from diffsynth_cog.denoise.windows import WindowSpec, reschedule_noise
 from diffsynth_cog.io.video import load_image, tensor_to_frames, video_to_tensor
@@ -46,17 +45,23 @@ from diffsynth_cog.models.tiling import TileSpec
 from diffsynth_cog.models.vae import CogVAEDecoder, CogVAEEncoder
 from diffsynth_cog.parallel.context import ParallelContext
 from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout
-from diffsynth_cog.pipeline.checks import check_call, check_output_type
+from diffsynth_cog.pipeline.checks import CheckedCall, check_call, check_output_type
 from diffsynth_cog.pipeline.continuation import KeptFrames, check_extension
 from diffsynth_cog.pipeline.model_manager import ModelManager
 from diffsynth_cog.pipeline.offload import ModelOffloader, to_host
+from diffsynth_cog.pipeline.options import (
+    RANDOM_SEED,
+    GenerationOptions,
+    StepCacheSpec,
+    attention_value,
+    keywords_doc,
+    step_cache_value,
+)
 from diffsynth_cog.pipeline.sampling import (
     DIFFUSERS,
     Conditions,
     Conventions,
     StepCallback,
-    check_family_call,
-    conventions_for,
     denoise,
     drop_padding,
     image_condition,
@@ -248,28 +253,20 @@ class CogVideoPipeline:
         self,
         *,
         attention: str | AttentionPart | None = None,
-        step_cache: StepSkipper | float | str | None = None,
+        step_cache: StepSkipper | StepCacheSpec | float | str | None = None,
         dit_tiles: TileSpec | None = None,
         windows: WindowSpec | None = None,
         riflex: bool | tuple[int, int] | None = None,
     ) -> Denoiser:
         """The denoiser of one generation, from the call's options (see :class:`~diffsynth_cog.denoise.denoiser.Denoiser`).
 
-        ``attention``: a kernel name, ``"window:W"`` / ``"radial"`` (``sparse_attention.parse_attention``) or a
-        part; ``step_cache``: a threshold (TeaCache where the model has a calibration, else the first-block
-        cache), ``"teacache:0.2"`` / ``"first-block:0.1"``, or a :class:`StepSkipper`. After ``enable_parallel``
-        the token split shares every DiT call between the ranks."""
-        if isinstance(attention, str):
-            attention = parse_attention(attention)
-        if isinstance(step_cache, str):
-            method, _, value = step_cache.partition(":")
-            try:
-                threshold = float(value)
-            except ValueError:
-                raise ValueError(f"step_cache {step_cache!r} must be 'METHOD:THRESHOLD', e.g. 'teacache:0.2'") from None
-            step_cache = make_step_skipper(threshold, method, self.dit)
-        elif step_cache is not None and not isinstance(step_cache, StepSkipper):
-            step_cache = make_step_skipper(step_cache, "auto", self.dit)
+        ``attention``: a kernel name, ``"window:W"`` / ``"radial"`` (``masks.parse_attention``) or a part;
+        ``step_cache``: a threshold, a :class:`StepCacheSpec`, ``"teacache:0.2"`` or a :class:`StepSkipper`. After
+        ``enable_parallel`` the token split shares every DiT call between the ranks."""
+        attention = attention_value(attention)
+        step_cache = step_cache_value(step_cache)
+        if isinstance(step_cache, StepCacheSpec):
+            step_cache = make_step_skipper(step_cache.threshold, step_cache.method, self.dit)
         split = self.parallel.split if self.parallel is not None else None
         window_share = self.parallel.window_share if self.parallel is not None else None
         return Denoiser(
@@ -353,14 +350,17 @@ class CogVideoPipeline:
             return noise
         return sampler.add_noise(clean.to(dtype), noise)
 
-    def decode(self, latents: torch.Tensor, output_type: str, tiled: bool, progress: bool):
-        """Stage 4: final latents -> the requested output (pil frames, a float array, or the latents)."""
+    def decode(
+        self, latents: torch.Tensor, output_type: str, tiled: bool, progress: bool, conventions: Conventions = DIFFUSERS
+    ):
+        """Stage 4: final latents -> the requested output (pil frames, converted to uint8 as ``conventions`` do, a
+        float array, or the latents)."""
         if output_type == "latent":
             return latents
         video = self.decode_latents(latents, tiled, progress)[0]  # [3, F, H, W]
         if output_type == "np":
             return ((video + 1) / 2).permute(1, 2, 3, 0).numpy()
-        return tensor_to_frames(video)
+        return conventions.frames(video)
 
     @torch.no_grad()
     def __call__(
@@ -389,148 +389,150 @@ class CogVideoPipeline:
         output_type: str = "pil",
         progress_bar: bool = True,
         callback: StepCallback | None = None,
-        step_cache: StepSkipper | float | str | None = None,
+        step_cache: StepSkipper | StepCacheSpec | float | str | None = None,
         windows: bool | WindowSpec | None = None,
         riflex: bool | tuple[int, int] | None = None,
         keep_frames: int = 0,
-    ) -> list[Image.Image] | np.ndarray | torch.Tensor:
-        """Generates one video.
+        conventions: str | Conventions | None = None,
+    ) -> list[Image.Image] | np.ndarray | torch.Tensor | None:
+        """Generates one video (DiffSynth-Studio's keywords; they become a :class:`GenerationOptions`).
 
-        Args:
-            prompt / negative_prompt: text (or pass ``prompt_emb`` / ``negative_prompt_emb`` directly).
-            input_image: I2V conditioning image (needs an I2V transformer, 2 x latent channels in).
-            input_video: frames to edit (video-to-video); ``denoising_strength`` in (0, 1] sets how much
-                of the schedule is run (1.0 = from pure noise).
-            height, width: multiples of 16. num_frames: 8k+1 (49; 129 with the ExVideo LoRA).
-            cfg_scale: classifier-free guidance (<= 1 disables it: one DiT pass per step).
-            sampler: "ddim" (deterministic), "dpm" (stochastic; its noise comes from the generator), or
-                "diffsynth": DiffSynth-Studio 1.1.x's own DDIM and conventions (its noise from a seed, latents in
-                the pipeline's dtype, two DiT calls for guidance), so a seed gives DiffSynth's video.
-            seed / generator: the initial noise (and DPM's per-step noise). A seed makes a CPU generator,
-                so results do not depend on the device; a seed gives the noise diffusers' pipelines draw
-                (DiffSynth's with sampler="diffsynth", where no seed means torch's global RNG, as there).
-            latents: initial noise [B, C, T, H/8, W/8] instead of drawing it.
-            tiled: tiled VAE. dit_tiled: the DiT on overlapping spatial tiles (True: 480x720-pixel tiles
-                overlapping by half; or a ``tiling.TileSpec``).
-            attention: this call's attention kernel (one of ``models.attention.BACKENDS``), a block-sparse mask
-                (``"window:W"``: +-W latent frames; ``"radial"``; ``":token"`` appended for the token-exact mask;
-                see ``diffsynth_cog.denoise.masks``) or a part.
-            output_type: "pil" (list of frames), "np" (float array [F, H, W, 3] in [0, 1]) or "latent"
-                (the final latents [B, C, T, h, w]).
-            callback: called after every step with (step index, timestep, latents).
-            step_cache: skip the DiT's blocks on steps whose output should barely change, reusing the last
-                computed residual. A number is the threshold of a fresh ``teacache.TeaCache`` (calibrated, CogVideoX-5B)
-                or, for transformers without a TeaCache calibration, of a first-block ``StepCache``; 0 = never skip =
-                exact. ``"teacache:0.2"`` / ``"first-block:0.1"`` name the method; pass an object to read its
-                ``stats()`` afterwards (it is reset at the start of every call).
-            windows: denoise overlapping temporal windows (``windows.WindowSpec``; True: windows of the model's
-                trained length, ``config.sample_frames``), with FreeNoise noise rescheduling: any length at the
-                memory of one window.
-            riflex: RIFLEx for the temporal RoPE (True: the model's published (k, N_k); or a pair (k, N_k)).
-            keep_frames: with ``input_video``, its first ``keep_frames`` (4k+1) frames are kept: their latents are
-                pinned to the encoded video at every step (video continuation; see :meth:`extend_video`).
+        ``generator``: draws the initial noise (and DPM's per-step noise) instead of a seed;
+        ``callback(i, t, latents)``: called after every step. The other keywords:
+
+        {keywords}
 
         After ``enable_parallel``: call on every rank with the same arguments; the generation's first rank
         returns the result, the other ranks None.
         """
-        # Checks first: nothing is encoded or drawn for a call that cannot run.
-        checked = check_call(
-            self.dit.config,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            input_image=input_image,
-            input_video=input_video,
-            denoising_strength=denoising_strength,
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            cfg_scale=cfg_scale,
-            num_inference_steps=num_inference_steps,
-            seed=seed,
-            latents=latents,
-            dit_tiled=dit_tiled,
-            output_type=output_type,
-            windows=windows,
-            keep_frames=keep_frames,
-        )
-        latent_shape, video, windows, tiles = checked.latent_shape, checked.video, checked.windows, checked.tiles
-        check_family_call(self.dit.family, sampler=sampler, input_video=input_video)
-        conventions = conventions_for(sampler)
-        guided = conventions.guided(cfg_scale)
+        options = GenerationOptions.from_keywords(
+            prompt=prompt, negative_prompt=negative_prompt, input_image=input_image, input_video=input_video,
+            height=height, width=width, num_frames=num_frames, keep_frames=keep_frames, latents=latents,
+            prompt_emb=prompt_emb, negative_prompt_emb=negative_prompt_emb,
+            sampler=sampler, conventions=conventions, num_inference_steps=num_inference_steps, cfg_scale=cfg_scale,
+            use_dynamic_cfg=use_dynamic_cfg, seed=seed, denoising_strength=denoising_strength,
+            tiled=tiled, dit_tiled=dit_tiled,
+            attention=attention, step_cache=step_cache, windows=windows, riflex=riflex,
+            output_type=output_type, progress_bar=progress_bar,
+        )  # fmt: skip
+        return self.generate(options, generator=generator, callback=callback)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        options: GenerationOptions,
+        *,
+        generator: torch.Generator | None = None,
+        callback: StepCallback | None = None,
+    ) -> list[Image.Image] | np.ndarray | torch.Tensor | None:
+        """One video from its options (what ``__call__`` runs; the command line and the web UI build the options
+        themselves). Checks first: nothing is encoded or drawn for a call that cannot run."""
+        checked = check_call(self.dit.config, options)
+        inputs, sampling = options.inputs, options.sampling
+        guided = checked.conventions.guided(sampling.cfg_scale)
+        progress = options.output.progress_bar
+        prompt_emb, negative_prompt_emb = inputs.prompt_emb, inputs.negative_prompt_emb
         if self.parallel is not None:  # the same call on every rank, one seed, progress from rank 0
-            arguments = {
-                k: v
-                for k, v in locals().items()
-                if k not in ("self", "callback", "progress_bar", "checked", "conventions")
-            }
-            self.parallel.check_call({**arguments, "text_encoder_loaded": self.text_encoder is not None})
-            self.parallel.check_windows(windows, latent_shape[2])
+            self.parallel.check_call(
+                {**options.flat(), "generator": generator, "text_encoder_loaded": self.text_encoder is not None}
+            )
+            self.parallel.check_windows(checked.windows, checked.latent_shape[2])
             self.parallel.note_guidance(guided)
-            seed = self.parallel.shared_seed(seed) if generator is None else seed
-            progress_bar = progress_bar and self.parallel.shows_progress
+            progress = progress and self.parallel.shows_progress
             prompt_emb, negative_prompt_emb = self.parallel.encode_text(
                 self.encode_prompt,
                 self.torch_dtype,
-                prompt,
-                negative_prompt,
+                inputs.prompt,
+                inputs.negative_prompt,
                 guided=guided,
                 prompt_emb=prompt_emb,
                 negative_prompt_emb=negative_prompt_emb,
             )
-        denoiser = self.make_denoiser(
-            attention=attention, step_cache=step_cache, dit_tiles=tiles, windows=windows, riflex=riflex
-        )
-        strength = denoising_strength if video is not None else 1.0
-        steps = make_sampler(sampler, self.scheduler_config, num_inference_steps, strength=strength)
-        if generator is None and not (seed is None and conventions.seedless_global_rng):
-            generator = seeded_generator(seed)
-
+        seed = self._seed(sampling.seed, checked.conventions) if generator is None else sampling.seed
+        if generator is None and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        strength = sampling.denoising_strength if checked.video is not None else 1.0
+        steps = make_sampler(sampling.sampler, self.scheduler_config, sampling.num_inference_steps, strength=strength)
         conditions = self.encode_conditions(
-            prompt,
-            negative_prompt,
-            conventions=conventions,
+            inputs.prompt,
+            inputs.negative_prompt,
+            conventions=checked.conventions,
             guided=guided,
             prompt_emb=prompt_emb,
             negative_prompt_emb=negative_prompt_emb,
-            input_image=input_image,
-            latent_shape=latent_shape,
-            tiled=tiled,
+            input_image=inputs.input_image,
+            latent_shape=checked.latent_shape,
+            tiled=options.memory.tiled,
             generator=generator,
         )
-        clean = None
-        if video is not None:  # encoded first: the references draw the posterior sample before the noise
-            clean = self.encode_video(video, tiled, generator, sample=conventions.posterior_sample)
-        start = self.initial_latents(
-            latent_shape,
-            steps,
-            generator,
-            conventions=conventions,
-            seed=seed,
-            latents=latents,
-            clean=clean,
-            windows=windows,
+        start, constraint = self._start(checked, options, steps, generator, seed)
+        denoiser = self.make_denoiser(
+            attention=options.long_video.attention,
+            step_cache=options.long_video.step_cache,
+            dit_tiles=checked.tiles,
+            windows=checked.windows,
+            riflex=options.long_video.riflex,
         )
-        constraint = None
-        if keep_frames:
-            kept_clean = clean[:, :, : checked.kept].to(start.dtype)
-            kept_noise = conventions.noise(tuple(kept_clean.shape), generator, None, start.dtype)
-            constraint = KeptFrames(kept_clean, kept_noise.to(start.device), steps)
-            start = constraint.impose(start, 0)
         with self.offloader.using("dit"):
             final = denoise(
                 denoiser,
                 steps,
                 start,
                 conditions,
-                cfg_scale=cfg_scale,
-                dynamic_cfg=use_dynamic_cfg,
+                cfg_scale=sampling.cfg_scale,
+                dynamic_cfg=sampling.use_dynamic_cfg,
                 generator=generator,
                 callback=callback,
-                progress=progress_bar,
+                progress=progress,
                 constraint=constraint,
             )
-        result = self.decode(drop_padding(final, checked.padding), output_type, tiled, progress_bar)
+        final = drop_padding(final, checked.padding)  # the frames added for whole temporal patches (1.5)
+        result = self.decode(final, options.output.output_type, options.memory.tiled, progress, checked.conventions)
         return result if self.parallel is None or self.parallel.is_leader else None
+
+    def _seed(self, seed: int | None, conventions: Conventions) -> int | None:
+        """The seed a call draws with: its own; for -1 or None a fresh one (shared by the ranks of a generation),
+        logged as the seed used; None under conventions where no seed means torch's global RNG."""
+        if seed is not None and seed != RANDOM_SEED:
+            return seed
+        if self.parallel is not None:  # one fresh seed for every rank (no rank may use its own global RNG)
+            return self.parallel.shared_seed(None)
+        if seed is None and conventions.seedless_global_rng:
+            return None
+        fresh = int.from_bytes(os.urandom(8), "little") >> 1
+        logger.info("seed used: %d", fresh)
+        return fresh
+
+    def _start(
+        self,
+        checked: CheckedCall,
+        options: GenerationOptions,
+        steps: Sampler,
+        generator: torch.Generator | None,
+        seed: int | None,
+    ) -> tuple[torch.Tensor, KeptFrames | None]:
+        """The latents the loop starts from, and the kept frames' constraint (``keep_frames``)."""
+        clean = None
+        if checked.video is not None:  # encoded first: the references draw the posterior sample before the noise
+            clean = self.encode_video(
+                checked.video, options.memory.tiled, generator, sample=checked.conventions.posterior_sample
+            )
+        start = self.initial_latents(
+            checked.latent_shape,
+            steps,
+            generator,
+            conventions=checked.conventions,
+            seed=seed,
+            latents=options.inputs.latents,
+            clean=clean,
+            windows=checked.windows,
+        )
+        if not checked.kept:
+            return start, None
+        kept_clean = clean[:, :, : checked.kept].to(start.dtype)
+        kept_noise = checked.conventions.noise(tuple(kept_clean.shape), generator, None, start.dtype)
+        constraint = KeptFrames(kept_clean, kept_noise.to(start.device), steps)
+        return constraint.impose(start, 0), constraint
 
     def extend_video(
         self,
@@ -587,9 +589,14 @@ class CogVideoPipeline:
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator from ``seed`` (so results do not depend on the device); a fresh seed, logged, when None
-    (without touching the caller's global RNG state)."""
-    if seed is None:
+    """A CPU generator from ``seed`` (so results do not depend on the device); a fresh seed, logged as the seed
+    used, when None or -1 (without touching the caller's global RNG state)."""
+    if seed is None or seed == RANDOM_SEED:
         seed = int.from_bytes(os.urandom(8), "little") >> 1
-        logger.info("seed: %d", seed)
+        logger.info("seed used: %d", seed)
     return torch.Generator("cpu").manual_seed(seed)
+
+
+CogVideoPipeline.__call__.__doc__ = (CogVideoPipeline.__call__.__doc__ or "").replace(
+    "{keywords}", keywords_doc(" " * 8)
+)

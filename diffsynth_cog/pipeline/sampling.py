@@ -9,14 +9,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from diffsynth_cog.configs import DiTConfig, check_num_frames, check_size
 from diffsynth_cog.denoise.denoiser import Denoiser
 from diffsynth_cog.families import ROPE_SLICE, Family, get_family
+from diffsynth_cog.io.video import tensor_to_frames
 from diffsynth_cog.schedulers import Sampler, diffsynth_noise
+
+if TYPE_CHECKING:
+    from diffsynth_cog.pipeline.options import GenerationOptions
 
 DIFFSYNTH_FAMILY = get_family("cogvideox-5b")  # the factors of DiffSynth-Studio's noise (CogVideoX 1.0)
 
@@ -99,17 +105,24 @@ def image_condition(image_latents: torch.Tensor, frames: int, patch_t: int = 1) 
     return torch.cat([padded[:, :, :extra], padded], dim=2) if extra else padded
 
 
-def check_family_call(family: Family, *, sampler: str, input_video: object) -> None:
-    """What a family refuses before any work: CogVideoX 1.5 has no DiffSynth-Studio conventions (DiffSynth-Studio
-    has no 1.5), and no video-to-video (an 8k+1-frame video encodes to an odd number of latent frames, not whole
-    temporal patches; the reference's video-to-video pipeline refuses such videos, and no reference pads them)."""
+def check_family_call(family: Family, options: GenerationOptions) -> None:
+    """What a family refuses of a call's options before any work: CogVideoX 1.5 has no DiffSynth-Studio sampler or
+    conventions (DiffSynth-Studio has no 1.5), and no video-to-video (an 8k+1-frame video encodes to an odd number of
+    latent frames, not whole temporal patches; the reference's video-to-video pipeline refuses such videos, and no
+    reference pads them)."""
     if family.patch_size_t == 1:
         return
-    if sampler == "diffsynth":
+    sampling = options.sampling
+    if sampling.sampler == "diffsynth":
         raise ValueError(
             f"sampler='diffsynth' follows DiffSynth-Studio 1.1.x, which has no {family.label}: use 'ddim' or 'dpm'"
         )
-    if input_video is not None:
+    if conventions_for(sampling.sampler, sampling.conventions).name == DIFFSYNTH.name:
+        raise ValueError(
+            f"conventions='diffsynth' follow DiffSynth-Studio 1.1.x, which has no {family.label}: use 'diffusers' "
+            "(the default)"
+        )
+    if options.inputs.input_video is not None:
         raise ValueError(
             f"input_video (video-to-video, continuation) is not supported on {family.label}: its "
             f"{family.frame_multiple}k+1-frame videos encode to an odd number of latent frames, not whole temporal "
@@ -135,7 +148,9 @@ class Conventions:
     loop, instead of float32; one_batch_guidance: both guidance halves go through the DiT as one batch,
     instead of two calls (positive, then negative); posterior_sample: video-to-video encodes a sample of the
     VAE posterior (drawn from the generator) rather than its mean; seedless_global_rng: without a seed or a
-    generator the noise comes from torch's global RNG (DiffSynth's example seeds it with torch.manual_seed).
+    generator the noise comes from torch's global RNG (DiffSynth's example seeds it with torch.manual_seed);
+    truncated_frames: decoded pixels become uint8 by truncating ``(x + 1) * 127.5`` (DiffSynth's
+    ``tensor2video``) instead of rounding it.
     """
 
     name: str
@@ -144,6 +159,7 @@ class Conventions:
     one_batch_guidance: bool = True
     posterior_sample: bool = True
     seedless_global_rng: bool = False
+    truncated_frames: bool = False
 
     def guided(self, cfg_scale: float) -> bool:
         return cfg_scale > 1.0 if self.guidance_above_one else cfg_scale != 1.0
@@ -163,6 +179,13 @@ class Conventions:
             return diffsynth_noise(frames, height, width, seed=seed, dtype=dtype, channels=c, generator=generator)
         return draw_noise(shape, generator)
 
+    def frames(self, video: torch.Tensor) -> list[Image.Image]:
+        """Decoded pixels [3, F, H, W] in [-1, 1] -> RGB frames, converted as this reference converts them."""
+        if not self.truncated_frames:
+            return tensor_to_frames(video)
+        array = ((video.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)  # truncates toward zero
+        return [Image.fromarray(frame) for frame in array.permute(1, 2, 3, 0).cpu().numpy()]
+
 
 DIFFUSERS = Conventions("diffusers")
 DIFFSYNTH = Conventions(
@@ -172,12 +195,23 @@ DIFFSYNTH = Conventions(
     one_batch_guidance=False,
     posterior_sample=False,
     seedless_global_rng=True,
+    truncated_frames=True,
 )
+# conventions= names -> conventions (the registry the command line and the web UI offer)
+CONVENTIONS: dict[str, Conventions] = {c.name: c for c in (DIFFUSERS, DIFFSYNTH)}
 
 
-def conventions_for(sampler: str) -> Conventions:
-    """The released samplers ("ddim", "dpm") follow diffusers; "diffsynth" follows DiffSynth-Studio 1.1.x."""
-    return DIFFSYNTH if sampler == "diffsynth" else DIFFUSERS
+def conventions_for(sampler: str, conventions: str | Conventions | None = None) -> Conventions:
+    """A call's conventions: ``conventions`` (a name of :data:`CONVENTIONS` or a value), else the sampler's: the
+    released samplers ("ddim", "dpm") follow diffusers; "diffsynth" is the shorthand for DiffSynth-Studio 1.1.x's
+    DDIM *and* its conventions."""
+    if isinstance(conventions, Conventions):
+        return conventions
+    if conventions is None:
+        return DIFFSYNTH if sampler == "diffsynth" else DIFFUSERS
+    if conventions not in CONVENTIONS:
+        raise ValueError(f"conventions {conventions!r} is not known; valid: {', '.join(CONVENTIONS)} or a Conventions")
+    return CONVENTIONS[conventions]
 
 
 def guidance_scale(cfg_scale: float, timestep: int, num_inference_steps: int, dynamic: bool) -> float:
