@@ -12,6 +12,14 @@ Layouts: ``single`` (every rank generates alone: the 1-GPU baseline, run on all 
 ``ulysses4``, ``cfg2xring2``, ``ulysses2xring2``, ``cfg2xulysses4``, ``ulysses8`` ... A layout of
 fewer ranks than the world runs as several groups at once (each group its own copy of the video).
 
+Long videos over window groups (``windowsN``: N groups each running a share of every step's temporal windows,
+CFG / Ulysses inside a group; needs ``--window-frames``). ``--layouts windows`` runs the planned layouts of the
+world size (:data:`WINDOW_LAYOUTS`), e.g. 513 frames in 129-frame windows overlapping by a quarter (5 windows a
+step), 1 vs 2 GPUs, with one whole 50-step video on the window groups::
+
+    torchrun --nproc_per_node 2 benchmarks/bench_parallel.py --frames 513 --window-frames 129 \
+        --window-overlap 0.25 --layouts windows --steps 3 --full-steps 50 --full-layouts windows2
+
 Per (frames, layout), after one warm-up generation of ``--warmup-steps`` steps (compile; its time is
 reported apart): ``--steps`` timed denoising steps (CFG 7, DDIM, 480x720, seed 0; median per step),
 the text encode (T5-XXL, random weights; each text encoded once across the group), the tiled VAE
@@ -53,16 +61,28 @@ from bench_generate import PROMPT, t5_xxl_encoder  # noqa: E402
 from common import environment, peak_gib, rel_err, reset_peak, write_json  # noqa: E402
 
 from diffsynth_cog.configs import dit_preset, vae_preset  # noqa: E402
+from diffsynth_cog.denoise.windows import WindowSpec  # noqa: E402
 from diffsynth_cog.loading.text_encoder_loader import load_tokenizer  # noqa: E402
 from diffsynth_cog.models import attention as attn  # noqa: E402
 from diffsynth_cog.models.dit import CogDiT  # noqa: E402
 from diffsynth_cog.models.text_encoder import CogTextEncoder  # noqa: E402
 from diffsynth_cog.models.vae import CogVAE  # noqa: E402
 from diffsynth_cog.parallel.launch import init_distributed  # noqa: E402
+from diffsynth_cog.parallel.windows import windows_per_step  # noqa: E402
 from diffsynth_cog.pipeline.cog_video import CogVideoPipeline  # noqa: E402
 
 logger = logging.getLogger("bench_parallel")
-DEGREE = re.compile(r"^(cfg|ulysses|ring)(\d+)$")
+DEGREE = re.compile(r"^(windows|cfg|ulysses|ring)(\d+)$")
+
+# The planned long-video layouts by world size (``--layouts windows``): window groups x CFG x Ulysses, against the
+# 1-GPU baseline and the best layout without window groups. 513 frames in 129-frame windows (overlap 0.25) make 5
+# windows a step: 2 groups run 3 + 2, 4 groups 2 + 1 + 1 + 1 (hence also 2 groups of 2 or 4 GPUs each).
+WINDOW_LAYOUTS: dict[int, list[str]] = {
+    1: ["single"],
+    2: ["single", "windows2", "cfg2"],
+    4: ["single", "windows4", "windows2xcfg2", "windows2xulysses2", "cfg2xulysses2"],
+    8: ["single", "windows4xcfg2", "windows2xcfg2xulysses2", "windows2xulysses4", "cfg2xulysses4"],
+}
 
 
 def parse_layout(name: str) -> dict[str, int | str | bool | None] | None:
@@ -71,7 +91,8 @@ def parse_layout(name: str) -> dict[str, int | str | bool | None] | None:
     transport (``ulysses_transport``), ``@serial`` turns off the p2p exchange's row pipelining (a comparison)."""
     if name == "single":
         return None
-    degrees: dict[str, int | str | bool | None] = {"cfg": 1, "ulysses": 1, "ring": 1, "head_chunks": None}
+    degrees: dict[str, int | str | bool | None] = {"windows": 1, "cfg": 1, "ulysses": 1, "ring": 1}
+    degrees["head_chunks"] = None
     degrees |= {"transport": "auto", "pipeline_rows": True}
     name, *suffixes = name.split("@")
     for suffix in suffixes:
@@ -86,7 +107,7 @@ def parse_layout(name: str) -> dict[str, int | str | bool | None] | None:
     for part in name.split("x"):
         match = DEGREE.match(part)
         if match is None or (match[1] == "cfg" and match[2] not in ("1", "2")):
-            raise SystemExit(f"bad layout {name!r}: use single, or x-joined cfg2 / ulyssesN / ringN")
+            raise SystemExit(f"bad layout {name!r}: use single, or x-joined windowsN / cfg2 / ulyssesN / ringN")
         degrees[match[1]] = int(match[2])
     return degrees
 
@@ -165,15 +186,18 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
     """One (frames, layout) measurement; ``state`` carries the single-GPU latents and the parallel contexts."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     degrees = parse_layout(name)
-    size = 1 if degrees is None else degrees["cfg"] * degrees["ulysses"] * degrees["ring"]
+    size = 1 if degrees is None else degrees["windows"] * degrees["cfg"] * degrees["ulysses"] * degrees["ring"]
     if size > world or world % size:
         return {"skipped": f"needs a divisor of the world size {world}; has {size} ranks"}
+    if degrees is not None and degrees["windows"] > 1 and not args.window_frames:
+        return {"skipped": "window groups need windows: give --window-frames"}
     if degrees is None:
         pipe.disable_parallel()
     else:
         key = (name, size)
         if key not in state["contexts"]:
             pipe.enable_parallel(
+                window_degree=degrees["windows"],
                 cfg_parallel=degrees["cfg"] == 2,
                 ulysses_degree=degrees["ulysses"],
                 ring_degree=degrees["ring"],
@@ -187,6 +211,8 @@ def run_layout(pipe: CogVideoPipeline, frames: int, name: str, args: argparse.Na
         pipe.parallel = state["contexts"][key]
     call = dict(prompt=PROMPT, negative_prompt="", num_frames=frames, cfg_scale=7.0, seed=0, progress_bar=False)
     call |= dict(height=args.height, width=args.width, tiled=True)
+    if args.window_frames:
+        call["windows"] = WindowSpec(args.window_frames, args.window_overlap)
     barrier()
     gc.collect()
     if torch.cuda.is_available():
@@ -333,6 +359,8 @@ def main() -> None:
     parser.add_argument("--json", default="bench_parallel.json")
     parser.add_argument("--profile", nargs="*", default=None, help="layouts to profile (one step, one decode)")
     parser.add_argument("--trace", action="store_true", help="with --profile: also write each rank's step timeline")
+    parser.add_argument("--window-frames", type=int, default=None, help="denoise in windows of F (4k+1) frames")
+    parser.add_argument("--window-overlap", type=float, default=0.25, help="fraction of a window shared")
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=720)
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU (gloo): checks the script only")
@@ -340,8 +368,14 @@ def main() -> None:
     if args.smoke:
         args.compile, args.height, args.width = False, 32, 48
     for name in args.layouts:
-        parse_layout(name)
+        if name != "windows":
+            parse_layout(name)
     launch = init_distributed("cpu" if args.smoke else "cuda", timedelta(seconds=args.timeout))
+    if "windows" in args.layouts:  # the planned long-video layouts of this world size
+        planned = WINDOW_LAYOUTS.get(launch.world, ["single", f"windows{launch.world}"])
+        args.layouts = list(
+            dict.fromkeys(n for name in args.layouts for n in (planned if name == "windows" else [name]))
+        )
     logging.basicConfig(level=logging.INFO if launch.is_main else logging.WARNING, format="%(message)s")
     attn.set_attention_backend(args.attention)
     dynamo = torch._dynamo.config
@@ -354,6 +388,9 @@ def main() -> None:
     result = {**env, "world": launch.world, "preset": args.preset, "compile": args.compile}
     result |= {"attention": attn.resolve_backend(torch.device(launch.device)), "steps": args.steps}
     result |= {"build_s": round(time.perf_counter() - start, 1), "runs": {}}
+    if args.window_frames:
+        counts = {f: windows_per_step(pipe.dit.config, f, args.window_frames, args.window_overlap) for f in args.frames}
+        result["windows"] = {"frames": args.window_frames, "overlap": args.window_overlap, "per_step": counts}
     logger.info("%s", result)
     state = {"contexts": {}, "single": {}}
     ordered = ["single"] + [n for n in args.layouts if n != "single"] if "single" in args.layouts else args.layouts

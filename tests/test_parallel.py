@@ -79,8 +79,8 @@ def test_enable_parallel_takes_a_layout_or_degrees_and_refuses_a_mix_or_a_misspe
 @pytest.mark.parametrize(
     "world,kwargs,message",
     [
-        (4, dict(cfg_parallel=True, ulysses_degree=4), "cfg 2 x ulysses 4 x ring 1 = 8 ranks, but a group has 4"),
-        (3, dict(cfg_parallel=True), "cfg 2 x ring 1 does not divide the 3 ranks"),
+        (4, dict(cfg_parallel=True, ulysses_degree=4), "cfg 2 x ulysses 4 = 8 ranks, but a group has 4"),
+        (3, dict(cfg_parallel=True), "cfg 2 does not divide the 3 ranks"),
         (4, dict(cfg_parallel=False, num_heads=30), "ulysses degree 4 does not divide the DiT's 30 attention heads"),
         (
             8,
@@ -233,7 +233,7 @@ def test_cli_defaults_use_every_rank_cfg_halves_first():
     assert layout("--cfg-parallel", "on", "--ulysses", "2", world=8, batch=True) == ParallelLayout(
         cfg=2, ulysses=2, groups=2
     )
-    with pytest.raises(ParallelError, match=r"cfg 2 x ulysses 3 x ring 1 = 6 ranks, but a group has 4"):
+    with pytest.raises(ParallelError, match=r"cfg 2 x ulysses 3 = 6 ranks, but a group has 4"):
         layout("--cfg-parallel", "on", "--ulysses", "3", world=4)
 
 
@@ -377,7 +377,7 @@ def test_four_ranks_give_the_one_process_latents(four_ranks, case):
 
 def test_bad_layouts_are_refused_on_every_rank(four_ranks):
     for r in four_ranks:
-        assert "cfg 2 x ulysses 4 x ring 1 = 8 ranks, but a group has 4" in r["bad_layouts"]["product"]
+        assert "cfg 2 x ulysses 4 = 8 ranks, but a group has 4" in r["bad_layouts"]["product"]
         assert "ulysses degree 4 does not divide the DiT's 6 attention heads" in r["bad_layouts"]["heads"]
         assert "ulysses_transport='p2p' exchanges the heads of Ulysses alone" in r["bad_layouts"]["p2p-ring"]
         assert "ulysses4, ulysses_head_chunks None, cpu under gloo" in r["bad_layouts"]["p2p-cpu"]

@@ -216,6 +216,15 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (default: the ranks that are left)")
     g.add_argument("--ring", type=int, default=1, help="ring-attention degree (default 1)")
     g.add_argument(
+        "--window-parallel",
+        type=_window_groups,
+        default=1,
+        metavar="N|auto",
+        help="with --window-frames: N window groups each run a share of every step's windows, CFG / Ulysses inside "
+        "each; auto: window groups when the video has at least as many windows as groups and they are faster "
+        "(default 1)",
+    )
+    g.add_argument(
         "--ulysses-transport",
         choices=TRANSPORTS,
         default="auto",
@@ -234,6 +243,13 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
         default=600.0,
         help="seconds a rank waits for the others before the run stops with an error (default 600)",
     )
+
+
+def _window_groups(value: str) -> int | str:
+    """--window-parallel: a number of window groups, or "auto"."""
+    if value == "auto" or value.isdigit() and int(value) >= 1:
+        return value if value == "auto" else int(value)
+    raise argparse.ArgumentTypeError(f"a number of window groups >= 1 or 'auto'; got {value!r}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -296,7 +312,7 @@ def _generate(args: argparse.Namespace, launch, plan) -> int:  # noqa: ANN001
         manager.fetch_model("cog_dit", require=True).compile_blocks()
     pipe = CogVideoPipeline.from_model_manager(manager, device=args.device, offload=args.offload)
     if launch.distributed:
-        layout = parallel_layout(args, launch.world, batch=plan.jobs is not None)
+        layout = parallel_layout(args, launch.world, batch=plan.jobs is not None, config=pipe.dit.config)
         pipe.enable_parallel(layout, ulysses_transport=args.ulysses_transport)
     if plan.jobs is None:
         _generate_one(pipe, args, plan.options, args.output)

@@ -27,7 +27,7 @@ from diffsynth_cog.cli.checks import (
     choose_model,
     resolve_device,
 )
-from diffsynth_cog.configs import check_number, check_size
+from diffsynth_cog.configs import DiTConfig, check_number, check_size
 from diffsynth_cog.errors import shorten
 from diffsynth_cog.families import get_family
 
@@ -221,10 +221,10 @@ def _check_layout(args: argparse.Namespace, model: ModelChoice, batch: bool) -> 
     if world == 1 or model.config is None:
         return
     try:
-        parallel_layout(args, world, batch=batch).check_heads(model.config.num_attention_heads)
+        parallel_layout(args, world, batch=batch, config=model.config).check_heads(model.config.num_attention_heads)
     except ValueError as error:
         raise OptionError(
-            f"{error} (--cfg-parallel / --ulysses / --ring / --group-size on {world} processes)"
+            f"{error} (--cfg-parallel / --ulysses / --ring / --window-parallel / --group-size on {world} processes)"
         ) from None
 
 
@@ -256,12 +256,18 @@ def _check_with_model(args: argparse.Namespace, plan: GeneratePlan) -> None:
         )
 
 
-def parallel_layout(args: argparse.Namespace, world: int, batch: bool) -> ParallelLayout:
+def parallel_layout(
+    args: argparse.Namespace, world: int, batch: bool, config: DiTConfig | None = None
+) -> ParallelLayout:
     """enable_parallel's layout from the options (``cli.generate._add_parallel_options``; a batch of prompts uses
-    just the ranks the degrees ask for per video)."""
-    from diffsynth_cog.parallel.layout import ParallelLayout
+    just the ranks the degrees ask for per video). With the transformer's ``config`` the windows of a step are
+    counted (``--window-parallel auto`` needs them) and window groups are checked against them."""
+    from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout
+    from diffsynth_cog.parallel.windows import windows_per_step
 
-    return ParallelLayout.from_options(
+    frames = args.context_frames + args.extend_by if args.extend_by else args.num_frames
+    count = 1 if config is None else windows_per_step(config, frames, args.window_frames, args.window_overlap)
+    layout = ParallelLayout.from_options(
         world,
         cfg_parallel=args.cfg_parallel,
         ulysses=args.ulysses,
@@ -269,7 +275,17 @@ def parallel_layout(args: argparse.Namespace, world: int, batch: bool) -> Parall
         group_size=args.group_size,
         batch=batch,
         guided=args.cfg_scale > 1,
+        windows=args.window_parallel,
+        windows_per_step=count,
     )
+    if layout.windows > 1 and not args.window_frames:
+        raise ParallelError(f"--window-parallel {layout.windows} spreads temporal windows: give --window-frames F")
+    if config is not None and count < layout.windows:
+        raise ParallelError(
+            f"--window-parallel {layout.windows}: a step of {frames} frames in windows of {args.window_frames} has "
+            f"{count} window(s); use at most {count} window groups, shorter windows or more overlap"
+        )
+    return layout
 
 
 def job_options(job) -> dict:  # noqa: ANN001

@@ -14,6 +14,7 @@ independent parts, each with a default that is the plain, exact computation:
     stitched by the shared tile blender; each tile keeps its own step-skipping state;
   * **windows** - a :class:`~diffsynth_cog.denoise.windows.WindowSpec`: the same in time, overlapping windows
     of latent frames (each with its own positions), fused with weights (``diffsynth_cog.denoise.windows``);
+    a :class:`~diffsynth_cog.denoise.windows.WindowShare` spreads a step's windows over processes;
   * **positions** - ``riflex`` = (k, N_k): RIFLEx's lowered temporal RoPE frequency
     (``diffsynth_cog.denoise.riflex``); default: the trained positions.
 
@@ -35,7 +36,7 @@ import torch
 
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.denoise.riflex import resolve_riflex
-from diffsynth_cog.denoise.windows import WindowSpec, map_windows
+from diffsynth_cog.denoise.windows import WindowShare, WindowSpec, map_windows
 from diffsynth_cog.models.attention import Attend, check_backend, dense_attention
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.tiling import TileSpec, map_tiles
@@ -134,6 +135,8 @@ class DenoiserParts:
     attention: str | AttentionPart | None = None
     split: TokenSplit = WHOLE_CALL
     step_skip: StepSkipper | None = None
+    windows: WindowSpec | None = None
+    window_share: WindowShare | None = None
 
 
 def _members(protocol: type) -> list[str]:
@@ -154,6 +157,7 @@ class Denoiser:
         step_skip: a :class:`StepSkipper` (default: every block at every step).
         tiles: run the DiT on overlapping spatial tiles (pixels; see ``tiling.TileSpec``).
         windows: run the DiT on overlapping windows of frames (see ``windows.WindowSpec``).
+        window_share: which of a step's windows this process runs, and the join (default: all, here).
         riflex: (k, N_k) for RIFLEx's temporal RoPE frequency (RoPE models; ``riflex.resolve_riflex``).
 
     Call :meth:`start` before each generation (it resets the step-skipping state), then for every step
@@ -171,6 +175,7 @@ class Denoiser:
         tiles: TileSpec | None = None,
         windows: WindowSpec | None = None,
         riflex: tuple[int, int] | None = None,
+        window_share: WindowShare | None = None,
     ) -> None:
         self.dit = dit
         if isinstance(attention, str):
@@ -183,15 +188,17 @@ class Denoiser:
         self.attention = attention
         self.split = split if split is not None else WHOLE_CALL
         self.step_skip = step_skip
-        for role, part, protocol in (("split", self.split, TokenSplit), ("step_skip", step_skip, StepSkipper)):
+        roles = (("split", self.split, TokenSplit), ("step_skip", step_skip, StepSkipper))
+        for role, part, protocol in (*roles, ("window_share", window_share, WindowShare)):
             if part is not None and not isinstance(part, protocol):
                 missing = [m for m in _members(protocol) if not hasattr(part, m)]
                 raise TypeError(f"{role} must be a {protocol.__name__}; {type(part).__name__} lacks {missing}")
         self.tiles = tiles
         self.windows = windows
+        self.window_share = window_share
         self.riflex = resolve_riflex(dit.config, riflex)
-        parts = DenoiserParts(dit.config, self.attention, self.split, step_skip)
-        for part in (self.attention, self.split, step_skip):
+        parts = DenoiserParts(dit.config, self.attention, self.split, step_skip, windows, window_share)
+        for part in (self.attention, self.split, step_skip, window_share):
             if part is not None and not isinstance(part, str):
                 part.check_compatible(parts)
 
@@ -204,6 +211,7 @@ class Denoiser:
             "step_skip": self.step_skip.name if self.step_skip is not None else "none",
             "tiles": "none" if self.tiles is None else f"{self.tiles.size[0]}x{self.tiles.size[1]}px",
             "windows": "none" if self.windows is None else f"{self.windows.frames}f/{self.windows.overlap:g}",
+            "window_share": "none" if self.window_share is None else self.window_share.name,
             "riflex": "none" if self.riflex is None else f"k={self.riflex[0]},N_k={self.riflex[1]}",
         }
 
@@ -256,5 +264,6 @@ class Denoiser:
             v = self._tiled(x, t, context, key=(call, None))
         else:
             plan = self.windows.plan(x.shape[2])
-            v = map_windows(x, plan, lambda window, start: self._tiled(window, t, context, key=(call, start)))
+            run = lambda window, start: self._tiled(window, t, context, key=(call, start))  # noqa: E731
+            v = map_windows(x, plan, run, share=self.window_share)
         return v.float()

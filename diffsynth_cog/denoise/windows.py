@@ -8,6 +8,11 @@ frame by frame with weights that ramp linearly across each overlap (a frame deep
 counts fully; one at a window's edge shared with a neighbour counts little). All windows run every
 step, so they keep negotiating their overlaps until the end.
 
+The windows of a step depend only on the step's latents, so they may run in several places at once: a
+:class:`WindowShare` (the parallel layout's window groups, ``diffsynth_cog.parallel.windows``) names the windows
+this process runs and joins the processes' weighted sums; the fusion is a weighted sum, so the joined sum over
+the norm of the whole plan is the one-process result.
+
 For the windows to agree from the start, the initial noise is *rescheduled* (FreeNoise): frames past
 the first window reuse the noise of the frames one window earlier, shuffled within blocks of one
 stride (:func:`reschedule_noise`), so every window starts from a permutation of the same noise
@@ -29,10 +34,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
 from diffsynth_cog.validators import POSITIVE_INT, number
+
+if TYPE_CHECKING:
+    from diffsynth_cog.denoise.denoiser import DenoiserParts
 
 _OVERLAP = number(0, 1, high_open=True).described("a fraction in [0, 1)")
 
@@ -114,27 +123,56 @@ class WindowPlan:
         return weight
 
 
+@runtime_checkable
+class WindowShare(Protocol):
+    """Shares a step's windows between processes: which windows this one runs, and the join of the sums."""
+
+    name: str
+
+    def windows(self, plan: WindowPlan) -> range:
+        """The indices of the windows of ``plan`` this process runs (never empty; the same on every process
+        that shares its DiT calls)."""
+        ...
+
+    def join(self, total: torch.Tensor) -> torch.Tensor:
+        """This process's weighted sum [B, C, T, H, W] (float32) -> the sum over every share of the step."""
+        ...
+
+    def check_compatible(self, parts: DenoiserParts) -> None:
+        """As :meth:`~diffsynth_cog.denoise.denoiser.AttentionPart.check_compatible`."""
+        ...
+
+
 def map_windows(
-    x: torch.Tensor, plan: WindowPlan, run: Callable[[torch.Tensor, Hashable], torch.Tensor]
+    x: torch.Tensor,
+    plan: WindowPlan,
+    run: Callable[[torch.Tensor, Hashable], torch.Tensor],
+    share: WindowShare | None = None,
 ) -> torch.Tensor:
     """``run(window, start)`` over the windows of x [B, C, T, H, W] (along T), fused with the plan's weights.
 
     One window covering everything is ``run(x, 0)`` itself. Otherwise the result is float32:
-    ``sum_w weight_w(t) run_w(t) / sum_w weight_w(t)`` for every frame t.
+    ``sum_w weight_w(t) run_w(t) / sum_w weight_w(t)`` for every frame t. With a ``share`` this process runs
+    only its windows; ``share.join`` adds up the weighted sums of all shares and the norm is the whole plan's.
     """
     if x.shape[2] != plan.length:
         raise ValueError(f"latents have {x.shape[2]} frames; the window plan covers {plan.length}")
-    if plan.single:
+    if plan.single and share is None:
         return run(x, 0)
+    mine = range(len(plan)) if share is None else share.windows(plan)
     total: torch.Tensor | None = None
     norm = torch.zeros(plan.length, dtype=torch.float32, device=x.device)
     for i, start in enumerate(plan.starts):
+        w = plan.weights(i).to(x.device)
+        norm[start : start + plan.size] += w
+        if i not in mine:
+            continue
         out = run(x[:, :, start : start + plan.size], start)
         if total is None:
             total = torch.zeros((*out.shape[:2], plan.length, *out.shape[3:]), dtype=torch.float32, device=x.device)
-        w = plan.weights(i).to(x.device)
         total[:, :, start : start + plan.size] += out.float() * w[:, None, None]
-        norm[start : start + plan.size] += w
+    if share is not None:
+        total = share.join(total)
     return total / norm[:, None, None]
 
 

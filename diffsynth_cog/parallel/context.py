@@ -8,6 +8,8 @@
     spread over the generation's ranks, each encodes its own and broadcasts it (so with CFG 2 the two
     prompts encode at the same time on two GPUs);
   * :attr:`split` - the denoiser's token split (CFG halves x sequence shards);
+  * :attr:`window_share` - the denoiser's window share over the window groups (``parallel.windows``; None without
+    window groups), and :meth:`check_windows`, the call's windows checked against them before any work;
   * :meth:`spread_tiles` - the tiled VAE's tiles spread over the ranks (``parallel.vae``);
   * :attr:`is_leader` - the leader (the generation's first rank) returns the result, the others None;
     :attr:`shows_progress` - progress bars from rank 0 only.
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from diffsynth_cog.configs import ULYSSES_TRANSPORTS as TRANSPORTS
+from diffsynth_cog.denoise.windows import WindowSpec
 from diffsynth_cog.models.tiling import tiles_run_by
 from diffsynth_cog.parallel.call_check import check_same_call
 from diffsynth_cog.parallel.comm import broadcast, broadcast_object
@@ -35,6 +38,7 @@ from diffsynth_cog.parallel.peer import PeerExchange, group_timeout, peer_transp
 from diffsynth_cog.parallel.ring import require_yunchang
 from diffsynth_cog.parallel.split import ParallelSplit
 from diffsynth_cog.parallel.vae import SpreadTiles, TileTimes
+from diffsynth_cog.parallel.windows import WindowGroups, check_window_call
 from diffsynth_cog.validators import POSITIVE_INT, one_of
 
 logger = logging.getLogger(__name__)
@@ -54,6 +58,7 @@ class ParallelContext:
         self.layout = mesh.layout
         self.device = device
         self.split = ParallelSplit(mesh, ulysses_head_chunks, peer)
+        self.window_share = WindowGroups(mesh) if self.layout.windows > 1 else None
         self.tile_times = TileTimes()  # what the VAE's tiles took (seconds by tile shape): plans the next calls
         self._warned_unguided = False
 
@@ -144,6 +149,10 @@ class ParallelContext:
         """Raises ParallelError on every rank of the generation unless all passed equal arguments."""
         if self._group is not None:
             check_same_call(arguments, self._group, list(self.mesh.generation_ranks), self.device)
+
+    def check_windows(self, windows: WindowSpec | None, latent_frames: int) -> None:
+        """Raises ParallelError (on every rank alike) unless the window groups can share the call's windows."""
+        check_window_call(self.layout, windows, latent_frames)
 
     def shared_seed(self, seed: int | None) -> int | None:
         """``seed``, or for None one fresh seed drawn by the leader and shared with the generation."""

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from diffsynth_cog.parallel.layout import SEQUENCE_COORDS, SHARING_AXES, ParallelError, ParallelLayout, RankCoords
+from diffsynth_cog.parallel.layout import (
+    CALL_COORDS,
+    SEQUENCE_COORDS,
+    SHARING_AXES,
+    ParallelError,
+    ParallelLayout,
+    RankCoords,
+)
 
 # The process groups a rank may belong to, by the coordinates their ranks differ in.
 GROUP_KINDS: dict[str, tuple[str, ...]] = {
@@ -19,15 +26,23 @@ GROUP_KINDS: dict[str, tuple[str, ...]] = {
     "sequence": SEQUENCE_COORDS,
     "ulysses": ("ulysses",),
     "ring": ("ring",),
+    "call": CALL_COORDS,
+    "windows": ("window",),
 }
+# Kinds that take the group of an earlier kind with the same ranks (no second communicator): without window
+# groups the call group is the generation group.
+REUSING_KINDS = ("call", "windows")
 
 
 @dataclass(frozen=True, eq=False)
 class ProcessMesh:
     """This rank's place in the layout and its process groups.
 
-    generation: the ranks sharing one generation (CFG halves x sequence shards), in rank order;
-    sequence: the ranks sharing the tokens of one CFG half; ulysses / ring: the sub-groups of ``sequence``.
+    generation: the ranks sharing one generation (window groups x CFG halves x sequence shards), in rank order;
+    sequence: the ranks sharing the tokens of one CFG half; ulysses / ring: the sub-groups of ``sequence``;
+    call: the ranks sharing one DiT call (CFG halves x sequence shards: one window group); windows: the ranks in
+    the same place of every window group (they join the groups' window sums). Without window groups ``call``
+    is the ``generation`` group itself.
     """
 
     layout: ParallelLayout
@@ -38,6 +53,8 @@ class ProcessMesh:
     sequence: dist.ProcessGroup | None
     ulysses: dist.ProcessGroup | None
     ring: dist.ProcessGroup | None
+    call: dist.ProcessGroup | None = None
+    windows: dist.ProcessGroup | None = None
 
     @property
     def sequence_index(self) -> int:
@@ -74,13 +91,17 @@ def build_mesh(layout: ParallelLayout, timeout: object | None = None) -> Process
     if world != layout.world:
         raise ParallelError(f"the layout {layout.name()} needs {layout.world} ranks; the process group has {world}")
     mine: dict[str, dist.ProcessGroup | None] = {}
+    made: dict[tuple[int, ...], dist.ProcessGroup] = {}
     for kind, vary in GROUP_KINDS.items():
         mine[kind] = None
         for ranks in _group_sets(layout, vary):
             if len(ranks) == 1:
                 continue
-            kwargs = {} if timeout is None else {"timeout": timeout}
-            group = dist.new_group(list(ranks), **kwargs)
+            group = made.get(ranks) if kind in REUSING_KINDS else None
+            if group is None:
+                kwargs = {} if timeout is None else {"timeout": timeout}
+                group = dist.new_group(list(ranks), **kwargs)
+                made.setdefault(ranks, group)
             if rank in ranks:
                 mine[kind] = group
     return ProcessMesh(

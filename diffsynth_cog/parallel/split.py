@@ -5,9 +5,11 @@ unconditional or conditional row; every row when the batch is smaller than the C
 without guidance) and one contiguous shard of the flattened ``[text, video]`` tokens (the shards of
 ``layout.shard_bounds``: any token count, any degree; a shard may hold text tokens, video tokens or
 both). Its blocks attend through :class:`~diffsynth_cog.parallel.sequence.SequenceParallelAttention`
-wrapped around the call's own attention. ``gather`` all-gathers every rank's output patches, so every
-rank holds the whole v-prediction and steps the same latents. ``all_reduce`` sums over the ranks whose
-shares make up the call once (for the step-skipping part's decision).
+wrapped around the call's own attention. ``gather`` all-gathers every rank's output patches over the ranks
+sharing the call (``mesh.call``: one window group, the whole generation without window groups), so each of
+them holds the whole v-prediction. ``all_reduce`` sums over the ranks whose shares make up the call once (for
+the step-skipping part's decision), within that window group: a window always runs in the same group, so its
+decisions are agreed where it runs.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ MAX_CACHED_ATTENDS = 32
 
 
 class ParallelSplit:
-    """A DiT call shared by the ranks of one generation group (see the module docstring)."""
+    """A DiT call shared by the ranks of one window group (see the module docstring)."""
 
     def __init__(
         self, mesh: ProcessMesh, ulysses_head_chunks: int | None = None, peer: PeerExchange | None = None
@@ -106,7 +108,7 @@ class ParallelSplit:
 
     def gather(self, patches: torch.Tensor, state: DiTState) -> torch.Tensor:
         # patches [b, lv, C*p*p] of this rank -> [B, Lv, C*p*p] of the whole call, on every rank
-        if self.mesh.generation is None:
+        if self.mesh.call is None:
             return patches
         if torch.is_grad_enabled() and patches.requires_grad:
             return _GatherPatches.apply(patches, self, state.shape[0], state.layout)
@@ -127,7 +129,7 @@ class ParallelSplit:
         most_tokens = max(e - s for s, e in video_shards)
         padded = patches.new_zeros((most_rows, most_tokens, patches.shape[-1]))
         padded[: patches.shape[0], : patches.shape[1]] = patches
-        parts = all_gather(padded, self.mesh.generation, "gathering the DiT's output patches")
+        parts = all_gather(padded, self.mesh.call, "gathering the DiT's output patches")
         out = patches.new_empty((batch, layout.n_video, patches.shape[-1]))
         sequence = self.layout.sequence
         for half in halves:
@@ -139,8 +141,8 @@ class ParallelSplit:
     def gather_adjoint(self, grad: torch.Tensor, batch: int, layout: TokenLayout) -> torch.Tensor:
         """The gradient of this rank's patches from ``grad`` [B, Lv, C*p*p], the gradient of the gathered
         output on this rank: the adjoint of the all-gather (a reduce-scatter, as all-reduce + own slice), the
-        sum over the generation's ranks of the gradient at this rank's rows and tokens."""
-        total = all_reduce(grad.contiguous(), self.mesh.generation, "summing the gradients of the output patches")
+        sum over the call's ranks of the gradient at this rank's rows and tokens."""
+        total = all_reduce(grad.contiguous(), self.mesh.call, "summing the gradients of the output patches")
         half = self.mesh.coords.half
         s, e = self._video_shards(layout)[self.mesh.sequence_index]
         rows = self.rows(batch)
@@ -149,7 +151,7 @@ class ParallelSplit:
         return total[rows.start : rows.stop, s:e]
 
     def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
-        group = self.mesh.generation if self._rows_split else self.mesh.sequence
+        group = self.mesh.call if self._rows_split else self.mesh.sequence
         if group is None:
             return values
         return all_reduce(values, group, "summing the step-skipping signal")

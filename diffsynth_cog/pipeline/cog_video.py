@@ -167,6 +167,9 @@ class CogVideoPipeline:
         Args:
             layout: a :class:`~diffsynth_cog.parallel.layout.ParallelLayout` (its degrees must multiply to the
                 world size), or None for the layout the keywords below ask for (``ParallelLayout.resolve``):
+                window_degree: window groups that each run a contiguous share of every step's temporal windows
+                    (default 1; the calls must pass ``windows``, with at least this many windows per step); each
+                    group holds the degrees below.
                 cfg_parallel: the unconditional and conditional halves on two rank groups (default True).
                 ulysses_degree: ranks sharing the token sequence by all-to-all over heads (must divide the
                     heads: 48 for 5B, 30 for 2B); None (default) = the ranks that are left.
@@ -174,6 +177,7 @@ class CogVideoPipeline:
                     only; default 1).
                 group_size: ranks per generation (default: all); the world splits into groups that generate
                     different videos (e.g. the prompts of a batch), each with these degrees.
+                E.g. on 4 ranks ``window_degree=2, cfg_parallel=True``: two window groups of a CFG pair each.
             timeout: of the new process groups' collectives (default: the default group's).
             ulysses_head_chunks: with Ulysses alone, the groups of heads pipelined through the all-to-all so
                 that communication may overlap attention (default 1: all heads in one exchange, the fastest on
@@ -264,6 +268,7 @@ class CogVideoPipeline:
         if isinstance(step_cache, StepCacheSpec):
             step_cache = make_step_skipper(step_cache.threshold, step_cache.method, self.dit)
         split = self.parallel.split if self.parallel is not None else None
+        window_share = self.parallel.window_share if self.parallel is not None else None
         return Denoiser(
             self.dit,
             attention=attention,
@@ -272,6 +277,7 @@ class CogVideoPipeline:
             tiles=dit_tiles,
             windows=windows,
             riflex=riflex,
+            window_share=window_share,
         )
 
     def encode_conditions(
@@ -430,6 +436,7 @@ class CogVideoPipeline:
             self.parallel.check_call(
                 {**options.flat(), "generator": generator, "text_encoder_loaded": self.text_encoder is not None}
             )
+            self.parallel.check_windows(checked.windows, checked.latent_shape[2])
             self.parallel.note_guidance(guided)
             progress = progress and self.parallel.shows_progress
             prompt_emb, negative_prompt_emb = self.parallel.encode_text(
