@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from diffsynth_cog.configs import check_num_frames, frame_multiple
@@ -89,3 +90,38 @@ class KeptFrames:
     def __call__(self, index: int, latents: torch.Tensor) -> torch.Tensor:
         """After step ``index``: the latents the next step starts from."""
         return self.impose(latents, index + 1)
+
+
+def require_color_matching() -> None:
+    """``color_match=True`` needs the ``evaluate`` extras (OpenCV): checked before anything is encoded or loaded.
+    Raises ModuleNotFoundError naming the module (the command line turns it into its extras message)."""
+    try:
+        import diffsynth_cog.evaluate.color  # noqa: F401
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            f"color_match needs OpenCV, from the 'evaluate' extras (no module {error.name!r}): "
+            "pip install 'diffsynth-cog[evaluate]'",
+            name=error.name,
+        ) from None
+
+
+def match_new_frames(new: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """The new frames of a continuation (uint8 [N, H, W, 3]) each moved onto the colour statistics of the
+    ``context`` frames they continue (uint8 [K, H, W, 3]): per frame, its Lab means and deviations become the
+    context's (``evaluate.color.match_color`` with the frame as its own source).
+
+    Per frame rather than one transform for all: a drift that grows through the new frames (the model's, or the
+    VAE's) is removed frame by frame. The price: a legitimate change of the whole frame's colour or brightness
+    in the new frames (a light going out) is removed too, which is why ``color_match`` is off by default."""
+    from diffsynth_cog.evaluate.color import match_color
+
+    return np.stack([match_color(frame[None], reference=context)[0] for frame in new])
+
+
+def to_uint8(frames: Sequence | np.ndarray | torch.Tensor) -> np.ndarray:
+    """PIL frames, a float array [F, H, W, 3] in [0, 1] or pixels [3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3]."""
+    if isinstance(frames, torch.Tensor):
+        return ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    if isinstance(frames, np.ndarray):
+        return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return np.stack([np.asarray(frame.convert("RGB")) for frame in frames])
