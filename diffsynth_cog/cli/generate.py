@@ -173,8 +173,8 @@ def _add_extension(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--color-match",
         action="store_true",
-        help="with --extend-by: move each new frame onto the colours of the context (against colour drift over "
-        "continuations; also evens out a real change of light; needs the evaluate extras, OpenCV)",
+        help="with --extend-by: correct the new frames' colours by the shift the generated clip shows on its "
+        "context (against colour drift over continuations; needs the evaluate extras, OpenCV; default: off)",
     )
 
 

@@ -563,9 +563,9 @@ class CogVideoPipeline:
         the new frames from the noised last frame instead of pure noise. Other keyword arguments as
         :meth:`__call__` (prompt, seed, cfg_scale, windows, attention, ...).
 
-        ``color_match``: move each new frame onto the colour statistics of the context frames
-        (``continuation.match_new_frames``; needs the ``evaluate`` extras, OpenCV; not with "latent"), against
-        colour drift over continuations; off by default (it also evens out a legitimate change of colour).
+        ``color_match``: move the new frames' colours by the transform that takes the clip's re-decoded context
+        onto the real one (``continuation.match_new_frames``; needs the ``evaluate`` extras, OpenCV; not with
+        "latent"), against colour drift over continuations; off by default until measured on real models.
 
         Returns the original frames, untouched, followed by the new ones ("pil": a list of frames, "np": an
         array [F + extend_by, H, W, 3] in [0, 1]), or for "latent" the generated clip's latents. Afterwards
@@ -611,7 +611,8 @@ class CogVideoPipeline:
         new = out[-extend_by:]
         if color_match:
             context_pixels = video[total - context_frames :] if not isinstance(video, torch.Tensor) else context[0]
-            matched = match_new_frames(to_uint8(new), to_uint8(context_pixels))
+            decoded = out[-(extend_by + context_frames) : -extend_by]
+            matched = match_new_frames(to_uint8(new), to_uint8(decoded), to_uint8(context_pixels))
             new = (
                 (matched / 255.0).astype(out.dtype)
                 if output_type == "np"

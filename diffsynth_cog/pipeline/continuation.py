@@ -105,17 +105,17 @@ def require_color_matching() -> None:
         ) from None
 
 
-def match_new_frames(new: np.ndarray, context: np.ndarray) -> np.ndarray:
-    """The new frames of a continuation (uint8 [N, H, W, 3]) each moved onto the colour statistics of the
-    ``context`` frames they continue (uint8 [K, H, W, 3]): per frame, its Lab means and deviations become the
-    context's (``evaluate.color.match_color`` with the frame as its own source).
+def match_new_frames(new: np.ndarray, decoded_context: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """The new frames of a continuation (uint8 [N, H, W, 3]) with their colours moved by the one Lab transform
+    that takes the generated clip's re-decoded context (``decoded_context``) onto the real ``context`` frames
+    (uint8 [K, H, W, 3] each): ``evaluate.color.match_color``, measured on frames that show the same content.
 
-    Per frame rather than one transform for all: a drift that grows through the new frames (the model's, or the
-    VAE's) is removed frame by frame. The price: a legitimate change of the whole frame's colour or brightness
-    in the new frames (a light going out) is removed too, which is why ``color_match`` is off by default."""
+    The VAE round trip and the model shift a generated clip's colours as a whole, the context included; matching
+    on the context undoes that shift before it accumulates over continuations, and keeps the new frames' own
+    changes of colour (a light going out). A clean re-decode changes nothing (below a grey level)."""
     from diffsynth_cog.evaluate.color import match_color
 
-    return np.stack([match_color(frame[None], reference=context)[0] for frame in new])
+    return match_color(new, reference=context, source=decoded_context)
 
 
 def to_uint8(frames: Sequence | np.ndarray | torch.Tensor) -> np.ndarray:
