@@ -51,7 +51,6 @@ from diffsynth_cog.pipeline.continuation import (
     check_extension,
     match_new_frames,
     require_color_matching,
-    to_uint8,
 )
 from diffsynth_cog.pipeline.model_manager import ModelManager
 from diffsynth_cog.pipeline.offload import ModelOffloader, to_host
@@ -610,14 +609,8 @@ class CogVideoPipeline:
         # latent frames: the extra ones are at the start).
         new = out[-extend_by:]
         if color_match:
-            context_pixels = video[total - context_frames :] if not isinstance(video, torch.Tensor) else context[0]
-            decoded = out[-(extend_by + context_frames) : -extend_by]
-            matched = match_new_frames(to_uint8(new), to_uint8(decoded), to_uint8(context_pixels))
-            new = (
-                (matched / 255.0).astype(out.dtype)
-                if output_type == "np"
-                else [Image.fromarray(frame) for frame in matched]
-            )
+            real = video[total - context_frames :] if not isinstance(video, torch.Tensor) else context[0]
+            new = match_new_frames(new, out[-(extend_by + context_frames) : -extend_by], real)
         if output_type == "np":
             original = ((pixels[0].float() + 1) / 2).permute(1, 2, 3, 0).numpy()
             return np.concatenate([original, new])
