@@ -13,6 +13,10 @@ Sections (each selectable, so a run can take a subset):
   computed step and skipped step, a ``--fast-steps`` run through the pipeline (average step, steps skipped),
   its per-call error against our exact bf16 call, and the 50-step average projected for skip fractions.
 * ``--vae``: tiled VAE decode time and peak memory at ``--vae-frames`` (temporal chunks bound the memory).
+* ``--checks``: each mode's output decoded by the (random) VAE and judged by ``diffsynth_cog.evaluate`` beside
+  the exact dense one: temporal flicker, the windows' joins (spike score, warping error against elsewhere),
+  colour drift and the events found. On random weights these figures test the pipeline (the checks run on what
+  each mode makes, joins where the settings would record them), not the quality of any mode.
 
 RANDOM WEIGHTS: speeds and memory carry over to trained weights; errors against the exact path and the steps
 TeaCache skips do NOT (random weights' outputs and step-to-step changes are unlike a trained model's). The
@@ -54,7 +58,7 @@ from diffsynth_cog.pipeline.cog_video import CogVideoPipeline  # noqa: E402
 logger = logging.getLogger("bench_long")
 NOTE = (
     "random weights: times and memory carry over to trained weights; errors vs the exact path and TeaCache's "
-    "skipped steps do not"
+    "skipped steps do not; the checks' flicker / seam / drift figures test the pipeline, not any mode's quality"
 )
 TEACACHE_PUBLISHED_SKIP = 1 - 1 / 1.8  # 1.8x at threshold 0.2 (TeaCache on CogVideoX1.5, 50 steps): 44 % skipped
 IDENTITY = (1.0, 0.0)
@@ -151,8 +155,44 @@ def make_mode(mode: str, args: argparse.Namespace) -> tuple[Any, WindowSpec | No
     return attention, windows
 
 
+def build_vae_decoder(setup: Setup):  # noqa: ANN201
+    from diffsynth_cog.models.vae import CogVAE
+
+    torch.manual_seed(0)
+    with torch.device(setup.device):
+        return CogVAE(setup.vae_config, parts=("decoder",)).to(setup.dtype).eval().requires_grad_(False).decoder
+
+
+def video_checks(setup: Setup, decoder, latents: torch.Tensor, joins: list[int]) -> dict:  # noqa: ANN001
+    """A mode's output [B, C, T, h, w] (its first batch row) decoded and judged by ``diffsynth_cog.evaluate``:
+    flicker, the joins' scores, colour drift, the events found (random weights: the pipeline, not quality)."""
+    from diffsynth_cog.evaluate import evaluate_frames
+
+    with torch.no_grad():
+        video = decoder.decode(latents[:1].to(setup.dtype), tiled=True)[0].float().clamp(-1, 1)
+    frames = ((video + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+    report = evaluate_frames(frames, 8.0, joins=joins)
+    summary = report.summary()
+    return {
+        "flicker": round(float(summary["temporal_flickering"]), 5),
+        "warping_error": round(float(summary["warping_error"]), 3),
+        "unexplained_color_drift": round(float(summary["unexplained_color_drift"]), 3),
+        "joins": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in join.items()} for join in report.joins],
+        "events": sorted({e.kind for e in report.events}),
+    }
+
+
+def mode_joins(args: argparse.Namespace, windows: WindowSpec | None, t: int) -> list[int]:
+    """Where a mode's windows join, in pixel frames (what a generated video's settings record)."""
+    from diffsynth_cog.families import get_family
+    from diffsynth_cog.pipeline.settings import window_joins
+
+    return window_joins(get_family("cogvideox-5b"), windows, t) if windows is not None else []
+
+
 def measure_modes(setup: Setup, args: argparse.Namespace, result: dict) -> None:
     dit = build_dit(setup)
+    decoder = build_vae_decoder(setup) if args.checks else None
     if args.compile:
         dit.compile_blocks(dynamic=False)
     result["weights_GiB"] = round(sum(p.numel() * p.element_size() for p in dit.parameters()) / 2**30, 2)
@@ -179,6 +219,8 @@ def measure_modes(setup: Setup, args: argparse.Namespace, result: dict) -> None:
                 write_json(args.json, result)
                 continue
             out = entry.pop("output")
+            if decoder is not None:
+                entry["checks"] = video_checks(setup, decoder, out, mode_joins(args, make_mode(mode, args)[1], t))
             if mode == "dense":
                 exact = out
             elif exact is not None:
@@ -189,7 +231,7 @@ def measure_modes(setup: Setup, args: argparse.Namespace, result: dict) -> None:
             logger.info("%s: %s", key, entry)
             write_json(args.json, result)
         del exact, x, context
-    del dit
+    del dit, decoder
     reset_peak(setup)
 
 
@@ -334,11 +376,7 @@ def fast_path(setup: Setup, args: argparse.Namespace, result: dict) -> None:
 
 
 def vae_decode(setup: Setup, args: argparse.Namespace, result: dict) -> None:
-    from diffsynth_cog.models.vae import CogVAE
-
-    torch.manual_seed(0)
-    with torch.device(setup.device):
-        vae = CogVAE(setup.vae_config, parts=("decoder",)).to(setup.dtype).eval().requires_grad_(False)
+    decoder = build_vae_decoder(setup)
     c = setup.config
     runs = {}
     for frames in args.vae_frames:
@@ -346,7 +384,7 @@ def vae_decode(setup: Setup, args: argparse.Namespace, result: dict) -> None:
         z = z.to(setup.device, setup.dtype)
         reset_peak(setup)
         with torch.no_grad():
-            s, video = seconds(setup, lambda z=z: vae.decoder.decode(z, tiled=True), 1)
+            s, video = seconds(setup, lambda z=z: decoder.decode(z, tiled=True), 1)
         runs[f"{frames}f_tiled"] = {"s": round(s, 2), "peak_GiB": peak_gib(setup), "frames_out": video.shape[2]}
         logger.info("VAE decode %d frames: %s", frames, runs[f"{frames}f_tiled"])
         del video, z
@@ -392,6 +430,9 @@ def main() -> None:
     parser.add_argument("--fast-steps", type=int, default=8)
     parser.add_argument("--vae", action="store_true", help="tiled VAE decode at --vae-frames")
     parser.add_argument("--vae-frames", type=int, nargs="*", default=[129, 513])
+    parser.add_argument(
+        "--checks", action="store_true", help="decode each mode's output and judge it (diffsynth_cog.evaluate)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script only)")
     parser.add_argument("--json", default="bench_long.json")
     args = parser.parse_args()

@@ -98,6 +98,11 @@ class Family:
         """Latent frames of ``num_frames`` pixel frames (4k+1 -> k+1)."""
         return (num_frames - 1) // self.vae_temporal + 1
 
+    def first_pixel_frame(self, latent_frame: int) -> int:
+        """The first pixel frame that latent frame ``latent_frame`` decodes to (0 -> 0, t -> ``vae_temporal`` *
+        (t - 1) + 1): where a window starting at that latent frame joins, in the video's frames."""
+        return 0 if latent_frame <= 0 else self.vae_temporal * (latent_frame - 1) + 1
+
     def padded_latent_frames(self, latent_frames: int) -> int:
         """Latent frames the DiT runs on: rounded up to whole temporal patches (1.5: 21 -> 22)."""
         return -(-latent_frames // self.patch_size_t) * self.patch_size_t

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_long_smoke_runs_every_section_times_what_it_says_and_reports_what_it_skipped(tmp_path):
     argv = [sys.executable, str(ROOT / "benchmarks" / "bench_long.py"), "--smoke", "--frames", "9", "17"]
     argv += ["--modes", "dense", "window:1:token", "windowed", "--window-frames", "9", "--skip", "17f_dense"]
-    argv += ["--fast-path", "--fast-steps", "3", "--vae", "--vae-frames", "9"]
+    argv += ["--fast-path", "--fast-steps", "3", "--vae", "--vae-frames", "9", "--checks"]
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     start = time.monotonic()
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -37,4 +37,9 @@ def test_bench_long_smoke_runs_every_section_times_what_it_says_and_reports_what
     assert fast["short_run"]["computed"] + fast["short_run"]["skipped"] == 3
     assert set(fast["projected_50_steps"]) == {"measured_skip_fraction", "teacache_published_0.2", "no_skipping"}
     assert result["vae_decode"]["9f_tiled"]["frames_out"] == 9
-    assert "random weights" in result["note"]
+    assert "random weights" in result["note"] and "test the pipeline, not" in result["note"]
+    # --checks: every mode that ran is judged beside the exact one; the windowed mode's join is scored
+    dense, windowed = runs["9f_dense"]["checks"], runs["17f_windowed"]["checks"]
+    assert {"flicker", "warping_error", "unexplained_color_drift", "joins", "events"} <= set(dense)
+    assert dense["joins"] == [] and [join["frame"] for join in windowed["joins"]] == [5]
+    assert "checks" in runs["9f_window:1:token"] and windowed["flicker"] >= 0

@@ -69,6 +69,28 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-download", action="store_true", help="never download; fail if models are missing")
     _add_parallel_options(p)
     p.set_defaults(func=cmd_generate)
+    _record_given_options(p)
+
+
+def _record_given_options(p: argparse.ArgumentParser) -> None:
+    """Makes the parser set ``args.given_options``, the destinations the command line gave (``--like`` fills
+    the others): the arguments are parsed a second time with every default suppressed."""
+    parse = p.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):  # noqa: ANN001, ANN202 - argparse's own signature
+        namespace, extras = parse(args, namespace)
+        defaults = [(action, action.default) for action in p._actions]
+        try:
+            for action, _ in defaults:
+                action.default = argparse.SUPPRESS
+            given, _ = parse(args, None)
+        finally:
+            for action, default in defaults:
+                action.default = default
+        namespace.given_options = frozenset(vars(given)) - set(p._defaults)
+        return namespace, extras
+
+    p.parse_known_args = parse_known_args
 
 
 def _add_run_options(p: argparse.ArgumentParser, models: str) -> None:
@@ -124,6 +146,17 @@ def _add_run_options(p: argparse.ArgumentParser, models: str) -> None:
         help="auto (the GPU when torch sees one, else the CPU, and says which), cpu, cuda or cuda:N",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights' dtype")
+    p.add_argument(
+        "--like",
+        metavar="VIDEO",
+        help="reproduce VIDEO: every option not given here comes from the settings it carries (in its metadata, "
+        "or the .json beside it); the options given win (default: none)",
+    )
+    p.add_argument(
+        "--save-settings",
+        action="store_true",
+        help="also write the video's settings to a .json beside it (they are always in the video's metadata)",
+    )
 
 
 def _add_extension(g: argparse._ArgumentGroup) -> None:
@@ -136,6 +169,12 @@ def _add_extension(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument(
         "--context-frames", type=int, default=17, help="with --extend-by: frames of context (8k+1; default 17)"
+    )
+    g.add_argument(
+        "--color-match",
+        action="store_true",
+        help="with --extend-by: correct the new frames' colours by the shift the generated clip shows on its "
+        "context (against colour drift over continuations; needs the evaluate extras, OpenCV; default: off)",
     )
 
 
@@ -260,6 +299,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # First: every input (a missing kernel package, bad long-video options, a bad prompt file, an input video that
     # is too short) fails before any download or loading, on rank 0 only under torchrun.
     try:
+        if getattr(args, "like", None):
+            from diffsynth_cog.cli.generate_like import apply_like
+
+            apply_like(args)
         if args.attention in ATTENTION_BACKENDS.names():
             set_attention_backend(args.attention)
         apply_model_defaults(args)
@@ -345,18 +388,29 @@ def _generate_one(pipe, args: argparse.Namespace, options, output: str) -> None:
     if args.extend_by:
         video = options.inputs.input_video
         keywords = {k: v for k, v in options.flat().items() if k not in EXTENSION_SETS}
-        frames = pipe.extend_video(video, args.extend_by, context_frames=args.context_frames, **keywords)
+        frames = pipe.extend_video(
+            video, args.extend_by, context_frames=args.context_frames, color_match=args.color_match, **keywords
+        )
         if frames is None:  # another rank of this video's group writes it
             return
-        save_or_rescue(frames, output, fps=args.fps, quality=args.quality)
+        save_or_rescue(frames, output, **_write_options(pipe, args))
         logger.info("wrote %s (%d frames: %d + %d new)", output, len(frames), len(video), args.extend_by)
         return
     frames = pipe.generate(options)
     if frames is None:  # another rank of this video's group writes it
         return
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    save_or_rescue(frames, output, fps=args.fps, quality=args.quality)
+    save_or_rescue(frames, output, **_write_options(pipe, args))
     logger.info("wrote %s (%d frames)", output, len(frames))
+
+
+def _write_options(pipe, args: argparse.Namespace) -> dict:  # noqa: ANN001
+    """save_video's options: fps, quality, and the settings of the video just made (the pipeline's, with the
+    fps written and the run's own options, which ``--like`` reads back), in a sidecar too with --save-settings."""
+    from diffsynth_cog.cli.generate_like import command_settings
+
+    settings = {**pipe.last_settings, "fps": args.fps, "command": command_settings(args)}
+    return {"fps": args.fps, "quality": args.quality, "settings": settings, "sidecar": args.save_settings}
 
 
 # the options extend_video sets itself (from the video and the extension)

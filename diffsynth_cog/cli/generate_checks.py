@@ -90,6 +90,7 @@ def check_generate_args(args: argparse.Namespace, options: GenerationOptions) ->
             f"--denoising-strength {args.denoising_strength} sets how much of an --input-video is kept: give the "
             "video, or drop the option (a video from text is denoised from pure noise)"
         )
+    _check_color_match(args)
     model = choose_model(args.model)
     i2v = get_family(model.family).is_i2v
     if i2v and not args.input_image:
@@ -118,6 +119,17 @@ def check_generate_args(args: argparse.Namespace, options: GenerationOptions) ->
     plan = GeneratePlan(device=args.device, model=model, lora=lora, options=options, jobs=jobs)
     _check_with_model(args, plan)
     return plan
+
+
+def _check_color_match(args: argparse.Namespace) -> None:
+    """``--color-match`` goes with ``--extend-by``, and needs OpenCV (the evaluate extras) before anything loads."""
+    if not getattr(args, "color_match", False):
+        return
+    if not args.extend_by:
+        raise OptionError("--color-match matches the new frames of a continuation to its context: add --extend-by")
+    from diffsynth_cog.pipeline.continuation import require_color_matching
+
+    require_color_matching()
 
 
 def _check_outputs(args: argparse.Namespace) -> list[PromptJob] | None:

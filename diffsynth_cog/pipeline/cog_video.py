@@ -46,7 +46,12 @@ from diffsynth_cog.models.vae import CogVAEDecoder, CogVAEEncoder
 from diffsynth_cog.parallel.context import ParallelContext
 from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout
 from diffsynth_cog.pipeline.checks import CheckedCall, check_call, check_output_type
-from diffsynth_cog.pipeline.continuation import KeptFrames, check_extension
+from diffsynth_cog.pipeline.continuation import (
+    KeptFrames,
+    check_extension,
+    match_new_frames,
+    require_color_matching,
+)
 from diffsynth_cog.pipeline.model_manager import ModelManager
 from diffsynth_cog.pipeline.offload import ModelOffloader, to_host
 from diffsynth_cog.pipeline.options import (
@@ -67,6 +72,7 @@ from diffsynth_cog.pipeline.sampling import (
     image_condition,
     image_latent_scale,
 )
+from diffsynth_cog.pipeline.settings import continued_settings, video_settings
 from diffsynth_cog.schedulers import Sampler, SchedulerConfig, make_sampler, scheduler_preset
 
 logger = logging.getLogger(__name__)
@@ -108,6 +114,9 @@ class CogVideoPipeline:
         self.offloader = ModelOffloader(self.device, mode=offload)
         self.offloader.register(self.models())
         self.parallel: ParallelContext | None = None
+        self.model_manager: ModelManager | None = None  # where the models came from, and the LoRAs merged
+        # The settings of the last video generated (``pipeline.settings``): pass them to save_video(settings=...)
+        self.last_settings: dict[str, Any] | None = None
 
     @classmethod
     def from_model_manager(
@@ -117,7 +126,7 @@ class CogVideoPipeline:
         torch_dtype: torch.dtype | None = None,
         offload: str = "none",
     ) -> CogVideoPipeline:
-        return cls(
+        pipe = cls(
             dit=model_manager.fetch_model("cog_dit", require=True),
             text_encoder=model_manager.fetch_model("cog_text_encoder"),
             vae_encoder=model_manager.fetch_model("cog_vae_encoder"),
@@ -127,6 +136,8 @@ class CogVideoPipeline:
             torch_dtype=torch_dtype if torch_dtype is not None else model_manager.torch_dtype,
             offload=offload,
         )
+        pipe.model_manager = model_manager
+        return pipe
 
     def models(self) -> dict[str, torch.nn.Module]:
         named = {"dit": self.dit, "text_encoder": self.text_encoder}
@@ -428,6 +439,7 @@ class CogVideoPipeline:
         """One video from its options (what ``__call__`` runs; the command line and the web UI build the options
         themselves). Checks first: nothing is encoded or drawn for a call that cannot run."""
         checked = check_call(self.dit.config, options)
+        self.last_settings, generator_given = None, generator
         inputs, sampling = options.inputs, options.sampling
         guided = checked.conventions.guided(sampling.cfg_scale)
         progress = options.output.progress_bar
@@ -488,6 +500,9 @@ class CogVideoPipeline:
             )
         final = drop_padding(final, checked.padding)  # the frames added for whole temporal patches (1.5)
         result = self.decode(final, options.output.output_type, options.memory.tiled, progress, checked.conventions)
+        self.last_settings = video_settings(
+            self, options, checked=checked, seed=seed if generator_given is None else None
+        )
         return result if self.parallel is None or self.parallel.is_leader else None
 
     def _seed(self, seed: int | None, conventions: Conventions) -> int | None:
@@ -542,6 +557,7 @@ class CogVideoPipeline:
         context_frames: int = 17,
         denoising_strength: float = 1.0,
         output_type: str = "pil",
+        color_match: bool = False,
         **kwargs,
     ) -> list[Image.Image] | np.ndarray | torch.Tensor:
         """Continues ``video`` by ``extend_by`` frames (a multiple of 8), conditioned on its last ``context_frames``
@@ -553,8 +569,13 @@ class CogVideoPipeline:
         the new frames from the noised last frame instead of pure noise. Other keyword arguments as
         :meth:`__call__` (prompt, seed, cfg_scale, windows, attention, ...).
 
+        ``color_match``: move the new frames' colours by the transform that takes the clip's re-decoded context
+        onto the real one (``continuation.match_new_frames``; needs the ``evaluate`` extras, OpenCV; not with
+        "latent"), against colour drift over continuations; off by default until measured on real models.
+
         Returns the original frames, untouched, followed by the new ones ("pil": a list of frames, "np": an
-        array [F + extend_by, H, W, 3] in [0, 1]), or for "latent" the generated clip's latents.
+        array [F + extend_by, H, W, 3] in [0, 1]), or for "latent" the generated clip's latents. Afterwards
+        ``last_settings`` holds the whole video's settings, its first new frame a join.
         """
         pixels = video if isinstance(video, torch.Tensor) else video_to_tensor(list(video))[None]
         if pixels.ndim != 5 or pixels.shape[:2] != (1, 3):
@@ -563,6 +584,10 @@ class CogVideoPipeline:
             if key in kwargs:
                 raise ValueError(f"extend_video sets {key} itself; got {key}=...")
         check_output_type(output_type)
+        if color_match:
+            if output_type == "latent":
+                raise ValueError("color_match works on decoded frames: use output_type 'pil' or 'np'")
+            require_color_matching()
         total = pixels.shape[2]
         check_extension(total, context_frames, extend_by, self.dit.config.temporal_compression_ratio)
         context = pixels[:, :, total - context_frames :]
@@ -577,15 +602,27 @@ class CogVideoPipeline:
             output_type=output_type,
             **kwargs,
         )
+        if self.last_settings is not None:
+            self.last_settings = continued_settings(
+                self.last_settings,
+                source_frames=total,
+                context_frames=context_frames,
+                extend_by=extend_by,
+                color_match=color_match,
+            )
         if out is None or output_type == "latent":  # None: a rank other than the generation's first
             return out
         # The new frames are the clip's last ones (the decoder returns 4t frames, not 4t-3, for an even number t of
         # latent frames: the extra ones are at the start).
+        new = out[-extend_by:]
+        if color_match:
+            real = video[total - context_frames :] if not isinstance(video, torch.Tensor) else context[0]
+            new = match_new_frames(new, out[-(extend_by + context_frames) : -extend_by], real)
         if output_type == "np":
             original = ((pixels[0].float() + 1) / 2).permute(1, 2, 3, 0).numpy()
-            return np.concatenate([original, out[-extend_by:]])
+            return np.concatenate([original, new])
         original = list(video) if not isinstance(video, torch.Tensor) else tensor_to_frames(pixels[0])
-        return original + list(out[-extend_by:])
+        return original + list(new)
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:

@@ -21,10 +21,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 
 from diffsynth_cog.configs import check_num_frames, frame_multiple
 from diffsynth_cog.schedulers import Sampler, add_noise
+
+Frames = Sequence[Image.Image] | np.ndarray | torch.Tensor  # PIL frames, [F, H, W, 3] in [0, 1], [3, F, H, W]
 
 
 def kept_latent_frames(keep_frames: int, compression: int = 4) -> int:
@@ -89,3 +93,43 @@ class KeptFrames:
     def __call__(self, index: int, latents: torch.Tensor) -> torch.Tensor:
         """After step ``index``: the latents the next step starts from."""
         return self.impose(latents, index + 1)
+
+
+def require_color_matching() -> None:
+    """``color_match=True`` needs the ``evaluate`` extras (OpenCV): checked before anything is encoded or loaded.
+    Raises ModuleNotFoundError naming the module (the command line turns it into its extras message)."""
+    try:
+        import diffsynth_cog.evaluate.color  # noqa: F401
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            f"color_match needs OpenCV, from the 'evaluate' extras (no module {error.name!r}): "
+            "pip install 'diffsynth-cog[evaluate]'",
+            name=error.name,
+        ) from None
+
+
+def match_new_frames(new: Frames, decoded_context: Frames, context: Frames) -> Frames:
+    """The new frames of a continuation with their colours moved by the one Lab transform that takes the
+    generated clip's re-decoded context (``decoded_context``) onto the real ``context`` frames:
+    ``evaluate.color.match_color``, measured on frames that show the same content. Each of the three is PIL
+    frames, a float array [F, H, W, 3] in [0, 1] or pixels [3, F, H, W] in [-1, 1]; the new frames come back
+    as they came (PIL frames, or a float array of their dtype).
+
+    The VAE round trip and the model shift a generated clip's colours as a whole, the context included; matching
+    on the context undoes that shift before it accumulates over continuations, and keeps the new frames' own
+    changes of colour (a light going out). A clean re-decode changes nothing (below a grey level)."""
+    from diffsynth_cog.evaluate.color import match_color
+
+    matched = match_color(to_uint8(new), reference=to_uint8(context), source=to_uint8(decoded_context))
+    if isinstance(new, np.ndarray):
+        return (matched / 255.0).astype(new.dtype)
+    return [Image.fromarray(frame) for frame in matched]
+
+
+def to_uint8(frames: Frames) -> np.ndarray:
+    """PIL frames, a float array [F, H, W, 3] in [0, 1] or pixels [3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3]."""
+    if isinstance(frames, torch.Tensor):
+        return ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    if isinstance(frames, np.ndarray):
+        return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return np.stack([np.asarray(frame.convert("RGB")) for frame in frames])
