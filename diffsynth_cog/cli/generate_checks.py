@@ -243,8 +243,7 @@ def _check_layout(args: argparse.Namespace, model: ModelChoice, batch: bool) -> 
 def _check_with_model(args: argparse.Namespace, plan: GeneratePlan) -> None:
     """The pipeline's own call checks against the transformer's config (RIFLEx on 2B, TeaCache without a
     calibration, windows on I2V, ...), for the video or for every line of a batch."""
-    from diffsynth_cog.pipeline.checks import check_call, check_parts
-    from diffsynth_cog.pipeline.sampling import check_family_call
+    from diffsynth_cog.pipeline.checks import check_call, check_family_call, check_parts
 
     config = plan.model.config
     if config is None:

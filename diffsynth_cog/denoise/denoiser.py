@@ -36,7 +36,7 @@ import torch
 
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.denoise.riflex import resolve_riflex
-from diffsynth_cog.denoise.windows import WindowShare, WindowSpec, map_windows
+from diffsynth_cog.denoise.windows import WindowJoin, WindowSpec, map_windows
 from diffsynth_cog.models.attention import Attend, check_backend, dense_attention
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.tiling import TileSpec, map_tiles
@@ -122,6 +122,16 @@ class WholeCall:
 
 
 WHOLE_CALL = WholeCall()
+
+
+@runtime_checkable
+class WindowShare(WindowJoin, Protocol):
+    """Shares a step's windows between processes (``windows.WindowJoin``: which windows this one runs, the join of
+    the sums), checked against the other parts like every part."""
+
+    def check_compatible(self, parts: DenoiserParts) -> None:
+        """As :meth:`AttentionPart.check_compatible`."""
+        ...
 
 
 @dataclass(frozen=True)

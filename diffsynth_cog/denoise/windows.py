@@ -34,14 +34,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from diffsynth_cog.validators import POSITIVE_INT, number
-
-if TYPE_CHECKING:
-    from diffsynth_cog.denoise.denoiser import DenoiserParts
 
 _OVERLAP = number(0, 1, high_open=True).described("a fraction in [0, 1)")
 
@@ -124,8 +121,9 @@ class WindowPlan:
 
 
 @runtime_checkable
-class WindowShare(Protocol):
-    """Shares a step's windows between processes: which windows this one runs, and the join of the sums."""
+class WindowJoin(Protocol):
+    """What :func:`map_windows` asks of a share of a step's windows between processes: which windows this one
+    runs, and the join of the sums (the denoiser's part is ``denoiser.WindowShare``, which adds its check)."""
 
     name: str
 
@@ -138,16 +136,12 @@ class WindowShare(Protocol):
         """This process's weighted sum [B, C, T, H, W] (float32) -> the sum over every share of the step."""
         ...
 
-    def check_compatible(self, parts: DenoiserParts) -> None:
-        """As :meth:`~diffsynth_cog.denoise.denoiser.AttentionPart.check_compatible`."""
-        ...
-
 
 def map_windows(
     x: torch.Tensor,
     plan: WindowPlan,
     run: Callable[[torch.Tensor, Hashable], torch.Tensor],
-    share: WindowShare | None = None,
+    share: WindowJoin | None = None,
 ) -> torch.Tensor:
     """``run(window, start)`` over the windows of x [B, C, T, H, W] (along T), fused with the plan's weights.
 

@@ -3,7 +3,7 @@
 :func:`check_call` takes a call's :class:`~diffsynth_cog.pipeline.options.GenerationOptions` (sizes, numbers, the
 inputs to edit or keep, sampler and conventions, windows, DiT tiles, the long-video parts) and returns a
 :class:`CheckedCall` with what the pipeline derives from them (for CogVideoX 1.5 by the family's rules:
-``sampling.latent_plan``'s padded latents, ``sampling.check_family_call``'s refusals, windows in whole temporal
+``sampling.latent_plan``'s padded latents, ``check_family_call``'s refusals, windows in whole temporal
 patches, the family's DiT tile size), or raises ValueError saying what to change. Pure: no model runs, nothing is
 drawn (an image path is opened, so that a missing file fails now and not after the prompt is encoded).
 """
@@ -27,6 +27,7 @@ from diffsynth_cog.configs import (
 )
 from diffsynth_cog.denoise.riflex import resolve_riflex
 from diffsynth_cog.denoise.windows import WindowSpec
+from diffsynth_cog.families import Family
 from diffsynth_cog.io.video import load_image, video_to_tensor
 from diffsynth_cog.models.attention import check_backend
 from diffsynth_cog.models.tiling import TileSpec
@@ -39,7 +40,7 @@ from diffsynth_cog.pipeline.options import (
     LongVideo,
     StepCacheSpec,
 )
-from diffsynth_cog.pipeline.sampling import DIFFUSERS, Conventions, check_family_call, conventions_for, latent_plan
+from diffsynth_cog.pipeline.sampling import DIFFSYNTH, DIFFUSERS, Conventions, conventions_for, latent_plan
 
 logger = logging.getLogger(__name__)
 
@@ -202,3 +203,29 @@ def check_parts(config: DiTConfig, parts: LongVideo) -> None:
             )
     if isinstance(parts.attention, str):
         check_backend(parts.attention)
+
+
+def check_family_call(family: Family, options: GenerationOptions) -> None:
+    """What a family refuses of a call's options before any work: CogVideoX 1.5 has no DiffSynth-Studio sampler or
+    conventions (DiffSynth-Studio has no 1.5), and no video-to-video (an 8k+1-frame video encodes to an odd number of
+    latent frames, not whole temporal patches; the reference's video-to-video pipeline refuses such videos, and no
+    reference pads them)."""
+    if family.patch_size_t == 1:
+        return
+    sampling = options.sampling
+    if sampling.sampler == "diffsynth":
+        raise ValueError(
+            f"sampler='diffsynth' follows DiffSynth-Studio 1.1.x, which has no {family.label}: use 'ddim' or 'dpm'"
+        )
+    if conventions_for(sampling.sampler, sampling.conventions).name == DIFFSYNTH.name:
+        raise ValueError(
+            f"conventions='diffsynth' follow DiffSynth-Studio 1.1.x, which has no {family.label}: use 'diffusers' "
+            "(the default)"
+        )
+    if options.inputs.input_video is not None:
+        raise ValueError(
+            f"input_video (video-to-video, continuation) is not supported on {family.label}: its "
+            f"{family.frame_multiple}k+1-frame videos encode to an odd number of latent frames, not whole temporal "
+            f"patches of {family.patch_size_t}, and the reference (diffusers' CogVideoXVideoToVideoPipeline) refuses "
+            "them; generate from text or an image instead"
+        )

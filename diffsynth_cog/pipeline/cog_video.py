@@ -38,20 +38,18 @@ from PIL import Image
 from diffsynth_cog.denoise.denoiser import AttentionPart, Denoiser, StepSkipper
 from diffsynth_cog.denoise.teacache import make_step_skipper
 from diffsynth_cog.denoise.windows import WindowSpec, reschedule_noise
-from diffsynth_cog.io.video import load_image, tensor_to_frames, video_to_tensor
+from diffsynth_cog.io.video import load_image, video_to_tensor
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.tiling import TileSpec
 from diffsynth_cog.models.vae import CogVAEDecoder, CogVAEEncoder
 from diffsynth_cog.parallel.context import ParallelContext
 from diffsynth_cog.parallel.layout import ParallelError, ParallelLayout
-from diffsynth_cog.pipeline.checks import CheckedCall, check_call, check_output_type
+from diffsynth_cog.pipeline.checks import CheckedCall, check_call
 from diffsynth_cog.pipeline.continuation import (
     KeptFrames,
-    check_extension,
-    match_new_frames,
-    require_color_matching,
 )
+from diffsynth_cog.pipeline.extend import extend
 from diffsynth_cog.pipeline.model_manager import ModelManager
 from diffsynth_cog.pipeline.offload import ModelOffloader, to_host
 from diffsynth_cog.pipeline.options import (
@@ -72,7 +70,7 @@ from diffsynth_cog.pipeline.sampling import (
     image_condition,
     image_latent_scale,
 )
-from diffsynth_cog.pipeline.settings import continued_settings, video_settings
+from diffsynth_cog.pipeline.settings import video_settings
 from diffsynth_cog.schedulers import Sampler, SchedulerConfig, make_sampler, scheduler_preset
 
 logger = logging.getLogger(__name__)
@@ -577,52 +575,16 @@ class CogVideoPipeline:
         array [F + extend_by, H, W, 3] in [0, 1]), or for "latent" the generated clip's latents. Afterwards
         ``last_settings`` holds the whole video's settings, its first new frame a join.
         """
-        pixels = video if isinstance(video, torch.Tensor) else video_to_tensor(list(video))[None]
-        if pixels.ndim != 5 or pixels.shape[:2] != (1, 3):
-            raise ValueError(f"video must be PIL frames or pixels [1, 3, F, H, W]; got shape {list(pixels.shape)}")
-        for key in ("input_video", "num_frames", "height", "width", "keep_frames", "input_image"):
-            if key in kwargs:
-                raise ValueError(f"extend_video sets {key} itself; got {key}=...")
-        check_output_type(output_type)
-        if color_match:
-            if output_type == "latent":
-                raise ValueError("color_match works on decoded frames: use output_type 'pil' or 'np'")
-            require_color_matching()
-        total = pixels.shape[2]
-        check_extension(total, context_frames, extend_by, self.dit.config.temporal_compression_ratio)
-        context = pixels[:, :, total - context_frames :]
-        clip = torch.cat([context, context[:, :, -1:].expand(-1, -1, extend_by, -1, -1)], dim=2)
-        out = self(
-            input_video=clip,
-            num_frames=context_frames + extend_by,
-            height=pixels.shape[3],
-            width=pixels.shape[4],
-            keep_frames=context_frames,
+        return extend(
+            self,
+            video,
+            extend_by,
+            context_frames=context_frames,
             denoising_strength=denoising_strength,
             output_type=output_type,
+            color_match=color_match,
             **kwargs,
         )
-        if self.last_settings is not None:
-            self.last_settings = continued_settings(
-                self.last_settings,
-                source_frames=total,
-                context_frames=context_frames,
-                extend_by=extend_by,
-                color_match=color_match,
-            )
-        if out is None or output_type == "latent":  # None: a rank other than the generation's first
-            return out
-        # The new frames are the clip's last ones (the decoder returns 4t frames, not 4t-3, for an even number t of
-        # latent frames: the extra ones are at the start).
-        new = out[-extend_by:]
-        if color_match:
-            real = video[total - context_frames :] if not isinstance(video, torch.Tensor) else context[0]
-            new = match_new_frames(new, out[-(extend_by + context_frames) : -extend_by], real)
-        if output_type == "np":
-            original = ((pixels[0].float() + 1) / 2).permute(1, 2, 3, 0).numpy()
-            return np.concatenate([original, new])
-        original = list(video) if not isinstance(video, torch.Tensor) else tensor_to_frames(pixels[0])
-        return original + list(new)
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:

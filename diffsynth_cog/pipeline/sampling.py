@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -20,9 +19,6 @@ from diffsynth_cog.denoise.denoiser import Denoiser
 from diffsynth_cog.families import ROPE_SLICE, Family, get_family
 from diffsynth_cog.io.video import tensor_to_frames
 from diffsynth_cog.schedulers import Sampler, diffsynth_noise
-
-if TYPE_CHECKING:
-    from diffsynth_cog.pipeline.options import GenerationOptions
 
 DIFFSYNTH_FAMILY = get_family("cogvideox-5b")  # the factors of DiffSynth-Studio's noise (CogVideoX 1.0)
 
@@ -105,32 +101,6 @@ def image_condition(image_latents: torch.Tensor, frames: int, patch_t: int = 1) 
     return torch.cat([padded[:, :, :extra], padded], dim=2) if extra else padded
 
 
-def check_family_call(family: Family, options: GenerationOptions) -> None:
-    """What a family refuses of a call's options before any work: CogVideoX 1.5 has no DiffSynth-Studio sampler or
-    conventions (DiffSynth-Studio has no 1.5), and no video-to-video (an 8k+1-frame video encodes to an odd number of
-    latent frames, not whole temporal patches; the reference's video-to-video pipeline refuses such videos, and no
-    reference pads them)."""
-    if family.patch_size_t == 1:
-        return
-    sampling = options.sampling
-    if sampling.sampler == "diffsynth":
-        raise ValueError(
-            f"sampler='diffsynth' follows DiffSynth-Studio 1.1.x, which has no {family.label}: use 'ddim' or 'dpm'"
-        )
-    if conventions_for(sampling.sampler, sampling.conventions).name == DIFFSYNTH.name:
-        raise ValueError(
-            f"conventions='diffsynth' follow DiffSynth-Studio 1.1.x, which has no {family.label}: use 'diffusers' "
-            "(the default)"
-        )
-    if options.inputs.input_video is not None:
-        raise ValueError(
-            f"input_video (video-to-video, continuation) is not supported on {family.label}: its "
-            f"{family.frame_multiple}k+1-frame videos encode to an odd number of latent frames, not whole temporal "
-            f"patches of {family.patch_size_t}, and the reference (diffusers' CogVideoXVideoToVideoPipeline) refuses "
-            "them; generate from text or an image instead"
-        )
-
-
 def draw_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """Standard normal latents [B, C, T, H, W] (float32, on the generator's device), drawn in the reference's
     [B, T, C, H, W] order so that a seed gives the same noise as diffusers' CogVideoX pipelines."""
@@ -174,7 +144,7 @@ class Conventions:
         """The initial noise [B, C, T, H, W] this reference draws (float32 or ``dtype``, per the conventions)."""
         if self.model_dtype_latents:  # DiffSynth draws [B, C, T, H, W] directly in the pipeline's dtype
             b, c, t, h, w = shape
-            f = DIFFSYNTH_FAMILY  # DiffSynth-Studio runs CogVideoX 1.0 only (check_family_call)
+            f = DIFFSYNTH_FAMILY  # DiffSynth-Studio runs CogVideoX 1.0 only (checks.check_family_call)
             frames, height, width = (t - 1) * f.vae_temporal + 1, h * f.vae_spatial, w * f.vae_spatial
             return diffsynth_noise(frames, height, width, seed=seed, dtype=dtype, channels=c, generator=generator)
         return draw_noise(shape, generator)

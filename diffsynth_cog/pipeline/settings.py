@@ -1,7 +1,7 @@
 """The settings a generated video was made with, as the JSON dict that ``io.settings`` stores in the video.
 
 :func:`video_settings` builds it from a call's :class:`~diffsynth_cog.pipeline.options.GenerationOptions` and the
-pipeline's state; every call of ``CogVideoPipeline.generate`` / ``extend_video`` leaves it in
+pipeline's state; every call of ``Pipeline.generate`` / ``extend_video`` leaves it in
 ``pipe.last_settings`` (pass it on: ``save_video(frames, path, fps=8, settings=pipe.last_settings)``).
 :func:`generation_keywords` reads one back into the pipeline's keywords (``diffsynth-cog generate --like``).
 
@@ -34,7 +34,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from diffsynth_cog.io.settings import JOINS_KEY, package_version
 
@@ -42,8 +42,22 @@ if TYPE_CHECKING:
     from diffsynth_cog.denoise.windows import WindowSpec
     from diffsynth_cog.families import Family
     from diffsynth_cog.pipeline.checks import CheckedCall
-    from diffsynth_cog.pipeline.cog_video import CogVideoPipeline
     from diffsynth_cog.pipeline.options import GenerationOptions
+
+
+class Pipeline(Protocol):
+    """The pipeline as the settings and the extension read it (``CogVideoPipeline``; structural, so these
+    modules do not import the module that imports them)."""
+
+    dit: Any
+    model_manager: Any
+    offloader: Any
+    parallel: Any
+    torch_dtype: Any
+    last_settings: dict[str, Any] | None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +115,7 @@ def _step_cache(step_cache: Any) -> dict | None:
     return {"method": type(step_cache).__name__, "threshold": float(threshold) if threshold is not None else None}
 
 
-def _model(pipe: CogVideoPipeline) -> dict:
+def _model(pipe: Pipeline) -> dict:
     family, config = pipe.dit.family, pipe.dit.config
     record = pipe.model_manager.fetch_record("cog_dit") if pipe.model_manager is not None else None
     values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
@@ -115,17 +129,17 @@ def _model(pipe: CogVideoPipeline) -> dict:
     }
 
 
-def _loras(pipe: CogVideoPipeline) -> list[dict]:
+def _loras(pipe: Pipeline) -> list[dict]:
     loras = pipe.model_manager.loras if pipe.model_manager is not None else []
     return [{"file": lora.path.name, "sha256": file_sha256(lora.path), "alpha": lora.alpha} for lora in loras]
 
 
-def _quantization(pipe: CogVideoPipeline) -> dict | None:
+def _quantization(pipe: Pipeline) -> dict | None:
     modes = [m.mode for m in pipe.dit.modules() if isinstance(getattr(m, "mode", None), str) and m.mode]
     return {"mode": modes[0], "layers": len(modes)} if modes else None
 
 
-def _parts(pipe: CogVideoPipeline, options: GenerationOptions, checked: CheckedCall) -> dict[str, Any]:
+def _parts(pipe: Pipeline, options: GenerationOptions, checked: CheckedCall) -> dict[str, Any]:
     """The long-video and memory parts of a call (absent when off)."""
     from diffsynth_cog.denoise.riflex import resolve_riflex
 
@@ -161,7 +175,7 @@ def _parts(pipe: CogVideoPipeline, options: GenerationOptions, checked: CheckedC
 
 
 def video_settings(
-    pipe: CogVideoPipeline, options: GenerationOptions, *, checked: CheckedCall, seed: int | None
+    pipe: Pipeline, options: GenerationOptions, *, checked: CheckedCall, seed: int | None
 ) -> dict[str, Any]:
     """The settings dict of one generation (module docstring): ``options`` as the call was checked
     (``checked``), ``seed`` the seed it drew with."""
