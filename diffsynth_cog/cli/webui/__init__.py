@@ -13,6 +13,7 @@ Importing this package imports neither torch nor gradio (``diffsynth-cog --help`
 from diffsynth_cog.cli.webui.bridge import JobResult, ModelSetup, PipelineFactory, UIOptions, run_job
 from diffsynth_cog.cli.webui.command import add_webui_command, cmd_webui
 from diffsynth_cog.cli.webui.jobs import Job, JobQueue, JobStopped, PageError
+from diffsynth_cog.cli.webui.page import build_ui, launch
 
 __all__ = [
     "Job",
@@ -24,6 +25,8 @@ __all__ = [
     "PipelineFactory",
     "UIOptions",
     "add_webui_command",
+    "build_ui",
     "cmd_webui",
+    "launch",
     "run_job",
 ]

@@ -28,29 +28,33 @@ def check_port(host: str, port: int) -> None:
 
 
 def cmd_webui(args: argparse.Namespace) -> int:
+    from diffsynth_cog.cli import webui
     from diffsynth_cog.cli.checks import choose_model, resolve_device
-    from diffsynth_cog.cli.webui.bridge import UIOptions
     from diffsynth_cog.cli.webui.models import ModelPipelines, local_loras, model_choices, working_backends
-    from diffsynth_cog.cli.webui.page import build_ui, gradio, launch
+    from diffsynth_cog.cli.webui.page import gradio
+    from diffsynth_cog.configs import check_size
     from diffsynth_cog.io.atomic import check_output_path
 
     # Before serving: a typo in --model or --device, an output folder that cannot be written, a busy port fail now.
     choose_model(args.model)
+    if args.height is not None or args.width is not None:
+        check_size(args.height or 480, args.width or 720)
     args.device = resolve_device(args.device)
     check_output_path(Path(args.output_dir) / "video.mp4", what="--output-dir")
     check_port(args.host, args.port)
     gradio()  # the webui extra: an install hint instead of a traceback
 
-    options = UIOptions(
+    size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+    options = webui.UIOptions(
         output_dir=Path(args.output_dir),
-        defaults={"model": args.model},
+        defaults={"model": args.model, **size},
         choices={"lora": tuple(local_loras(args.models_dir)), "attention": working_backends()},
         families=model_choices(args.models_dir, args.model),
         queue_size=args.queue_size,
     )
-    demo = build_ui(ModelPipelines(args), options)
+    demo = webui.build_ui(ModelPipelines(args), options)
     logger.info("serving the web UI on http://%s:%d (Ctrl+C stops it)", args.host, args.port)
-    launch(demo, options, host=args.host, port=args.port, block=True)
+    webui.launch(demo, options, host=args.host, port=args.port, block=True)
     return 0
 
 
@@ -72,6 +76,8 @@ def add_webui_command(sub: argparse._SubParsersAction) -> None:
         "--device", default="auto", help="auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights' dtype")
+    p.add_argument("--height", type=int, help="the page's starting height, pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="the page's starting width, pixels (default: the model's)")
     p.add_argument("--output-dir", default="outputs", help="where the videos are written (new names, never replaced)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on")

@@ -107,8 +107,12 @@ class ModelPipelines:
 
     def __call__(self, setup: ModelSetup, report: Report = lambda f, t: None) -> CogVideoPipeline:
         from diffsynth_cog.cli.checks import choose_lora
+        from diffsynth_cog.cli.webui.controls import control
         from diffsynth_cog.models.attention import set_attention_backend
 
+        offload = control("offload", "Offload").choices
+        if setup.memory not in offload:
+            raise ValueError(f"memory mode (Offload) must be one of {', '.join(offload)}; got {setup.memory!r}")
         with self.lock:
             set_attention_backend(setup.attention)
             if self.pipe is None or self.loaded != (setup.model or self.args.model, setup.quantize):
