@@ -47,10 +47,11 @@ def make_control(gr: Any, spec: Control, value: Any) -> Any:
     if spec.kind == "choice":
         custom = spec.dest in ("lora", "model")  # a file or folder may be typed
         return gr.Dropdown(list(spec.choices), value=value, allow_custom_value=custom, **common)
-    if spec.kind == "image":
-        return gr.Image(type="filepath", sources=["upload"], **common)
-    if spec.kind == "video":
-        return gr.Video(sources=["upload"], **common)
+    if spec.kind in ("image", "video"):  # no info= on these: the help goes under them
+        common.pop("info")
+        made = gr.Image(type="filepath", **common) if spec.kind == "image" else gr.Video(**common)
+        gr.Markdown(spec.help, elem_classes=["help"])
+        return made
     lines = 3 if spec.dest == "prompt" else 1
     return gr.Textbox(value=value or "", lines=lines, **common)
 
