@@ -1,9 +1,8 @@
-"""The web UI in a real headless browser: Debian's chromium and chromedriver, driven by Selenium.
+"""The web UI: its job queue, its bridge to the pipeline, and the page in a real headless browser (Debian's
+chromium and chromedriver, driven by Selenium), served on a free 127.0.0.1 port with a tiny CPU model behind it.
 
-The page is served on a free 127.0.0.1 port with a tiny CPU model behind it. The test types a prompt,
-presses Generate, sees the denoising progress bar, waits for the video, checks that the browser plays
-the right number of frames and that the served mp4 holds them, and saves a screenshot under its tmp
-folder. With ``UPDATE_DOCS_SCREENSHOT=1`` it also writes the README's ``docs/webui.png``.
+One server and one browser serve every browser test of the module (each test starts with a fresh page). With
+``UPDATE_DOCS_SCREENSHOT=1`` the first one writes the README's ``docs/webui.png``.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import shutil
 import socket
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,11 +23,17 @@ import torch
 from tiny_models import save_tiny_model_folder
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
-from diffsynth_cog.cli.webui import ModelSetup, UIOptions, build_ui, launch, run_job
+from diffsynth_cog.cli.webui import JobQueue, ModelSetup, UIOptions, run_job
+from diffsynth_cog.cli.webui.command import check_port
+from diffsynth_cog.cli.webui.controls import page_words
+from diffsynth_cog.cli.webui.page import build_ui, launch
 from diffsynth_cog.io.video import load_video
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-FRAMES, FPS, STEPS = 9, 8, 6
+FRAMES, FPS, STEPS = 9, 8, 3
+TINY = "tiny-cogvideox"
+BAD_LORA = "vae.safetensors"  # the tiny factory refuses it as the real loader does: a message with <...> in it
+BAD_LORA_MESSAGE = "vae.safetensors: not a LoRA tensor (expected '<layer>.lora_A.weight'); pass --lora none"
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "webui.png"
 # Chromium flags that work in a container without a display, a GPU or network access.
 CHROMIUM_FLAGS = (
@@ -39,18 +45,26 @@ CHROMIUM_FLAGS = (
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--window-size=1280,1250",
+    "--window-size=1280,1400",
+)
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None, reason="needs Debian's chromium and chromium-driver (see .ci/run)"
 )
 
 
 class SlowPipeline:
-    """The tiny pipeline, paused briefly after each step so the browser can see the progress bar."""
+    """The tiny pipeline, paused after each step so that the browser sees the progress and can press Stop;
+    records the steps it ran."""
 
-    def __init__(self, pipe: CogVideoPipeline, pause: float) -> None:
-        self.pipe, self.pause = pipe, pause
+    def __init__(self, pipe: CogVideoPipeline, pause: float, steps: list[int]) -> None:
+        self.pipe, self.pause, self.steps = pipe, pause, steps
 
-    def generate(self, options: Any, *, callback: Any = None):
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def generate(self, options: Any, *, callback: Any = None) -> Any:
         def slow(i: int, t: int, latents: torch.Tensor) -> None:
+            self.steps.append(i)
             callback(i, t, latents)
             time.sleep(self.pause)
 
@@ -58,15 +72,18 @@ class SlowPipeline:
 
 
 class TinyFactory:
-    """A pipeline factory that records the model setups the page asked for."""
+    """A pipeline factory that records the model setups asked for (and refuses ``BAD_LORA`` with a ``<...>``)."""
 
     def __init__(self, pipe: CogVideoPipeline, pause: float = 0.0) -> None:
         self.pipe, self.pause = pipe, pause
         self.setups: list[ModelSetup] = []
+        self.steps: list[int] = []
 
-    def __call__(self, setup: ModelSetup):
+    def __call__(self, setup: ModelSetup, report: Any = None) -> SlowPipeline:
         self.setups.append(setup)
-        return SlowPipeline(self.pipe, self.pause)
+        if setup.lora.endswith(BAD_LORA):
+            raise ValueError(BAD_LORA_MESSAGE)
+        return SlowPipeline(self.pipe, self.pause, self.steps)
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +96,9 @@ def tiny_pipe(tmp_path_factory: pytest.TempPathFactory) -> CogVideoPipeline:
 def tiny_options(output_dir: Path) -> UIOptions:
     return UIOptions(
         output_dir=output_dir,
-        frame_choices=(FRAMES, 49, 129),
-        num_frames=FRAMES,
-        height=32,
-        width=48,
-        steps=STEPS,
-        fps=FPS,
-        loras=("none", "auto"),
-        attention_modes=("auto", "sdpa"),
+        defaults={"model": TINY, "num_inference_steps": STEPS, "lora": "none"},
+        families={TINY: {"height": 32, "width": 48, "num_frames": FRAMES, "fps": FPS}},
+        choices={"lora": ("none", "auto", BAD_LORA), "attention": ("auto", "sdpa")},
         title="diffsynth-cog web UI (tiny test model)",
     )
 
@@ -97,93 +109,257 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_run_job_writes_the_video_and_rejects_bad_input(tiny_pipe: CogVideoPipeline, tmp_path: Path) -> None:
+def finish(job: Any, timeout: float = 120) -> Any:
+    end = time.monotonic() + timeout
+    while not job.finished and time.monotonic() < end:
+        time.sleep(0.05)
+    assert job.finished, job
+    return job
+
+
+def form(**values: Any) -> dict[str, Any]:
+    return {"model": TINY, "prompt": "a boat", "height": 32, "width": 48, "num_frames": FRAMES, "fps": FPS,
+            "num_inference_steps": 2, "lora": "none", "seed": 3, **values}  # fmt: skip
+
+
+def test_bad_input_is_refused_in_the_pages_words_before_any_model_loads(tiny_pipe, tmp_path: Path) -> None:
     factory = TinyFactory(tiny_pipe)
     options = tiny_options(tmp_path / "out")
-    seen: list[Any] = []
-    kwargs: dict[str, Any] = dict(negative_prompt="", steps=2, cfg_scale=6.0, seed=3, sampler="ddim")
-    setup = ModelSetup(lora="none", lora_alpha=0.5, memory="model", attention="sdpa")
-    result = run_job(
-        factory,
-        options,
-        prompt="a boat",
-        num_frames="9",
-        setup=setup,
-        progress=lambda *a, **k: seen.append(a),
-        **kwargs,
-    )
-    assert result.frames == FRAMES and len(load_video(result.video)) == FRAMES
-    assert factory.setups == [ModelSetup("none", 0.5, "model", "sdpa", FRAMES)]
-    assert [a[0] for a in seen if isinstance(a[0], tuple)] == [(1, 2), (2, 2)]  # one update per step
+    jobs = JobQueue(lambda job: run_job(factory, options, job))
     for bad, message in [
-        (dict(prompt=" ", num_frames=9), "write a prompt"),
-        (dict(prompt="x", num_frames=10), "8k\\+1"),
+        (dict(prompt=" "), "write a prompt"),
+        (dict(num_frames=10), "8k\\+1"),
+        (dict(seed=1.5), "Seed must be a whole number; got 1.5"),  # refused, never rounded to 2
+        (dict(num_frames=137), "at most 129 frames at once; set Window frames"),
+        (dict(riflex="sometimes"), "RIFLEx: type"),
     ]:
-        with pytest.raises(ValueError, match=message):
-            run_job(factory, options, setup=setup, **bad, **kwargs)
-    assert len(factory.setups) == 1  # bad input is rejected before any model is asked for
+        job = finish(jobs.submit(form(**bad)))
+        assert job.state == "failed", job
+        assert pytest.approx(0) == len(factory.setups), job.error  # nothing loaded for bad input
+        import re
+
+        assert re.search(message, job.error), job.error
+    assert page_words("pass --lora none or --no-download") == 'pass LoRA "none" or the server\'s --no-download'
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None, reason="needs Debian's chromium and chromium-driver (see .ci/run)"
-)
-def test_generate_in_a_real_browser(tiny_pipe: CogVideoPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_a_job_writes_its_video_with_its_settings_and_the_seed_used(tiny_pipe, tmp_path: Path) -> None:
+    from diffsynth_cog.io.settings import read_settings
+
+    factory = TinyFactory(tiny_pipe)
+    jobs = JobQueue(lambda job: run_job(factory, tiny_options(tmp_path / "out"), job))
+    job = finish(jobs.submit(form(seed=-1, lora_alpha=0.5, offload="model", attention="sdpa")))
+    assert job.state == "done", job.error
+    assert job.result.seed != -1 and job.form["seed used"] == job.result.seed
+    assert len(load_video(job.result.video)) == FRAMES
+    assert read_settings(job.result.video)["seed"] == job.result.seed
+    assert factory.setups == [ModelSetup(TINY, "none", 0.5, "model", "sdpa", FRAMES, "none")]
+
+
+def test_stop_ends_the_running_job_at_the_next_step(tiny_pipe, tmp_path: Path) -> None:
+    factory = TinyFactory(tiny_pipe, pause=0.3)
+    jobs = JobQueue(lambda job: run_job(factory, tiny_options(tmp_path / "out"), job))
+    job = jobs.submit(form(num_inference_steps=20))
+    queued = jobs.submit(form())
+    while len(factory.steps) < 2:
+        time.sleep(0.02)
+    assert jobs.stop() is job
+    at = len(factory.steps)
+    finish(job)
+    assert job.state == "stopped" and len(factory.steps) <= at + 1  # within one step
+    assert finish(queued).state == "done"  # the next job runs on the freed pipeline
+
+
+def test_a_busy_port_says_to_pass_another_port() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        with pytest.raises(OSError, match="is in use .*pass --port"):
+            check_port("127.0.0.1", sock.getsockname()[1])
+
+
+# --------------------------------------------------------------------------------------------- in the browser
+@pytest.fixture(scope="module")
+def served(tiny_pipe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any, TinyFactory, Path, Any]]:
+    """(driver, url, factory, output folder): one page server and one browser for the module's browser tests."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download a browser or a driver
-    connections = record_connections(monkeypatch)
-    factory = TinyFactory(tiny_pipe, pause=0.4)
-    options = tiny_options(tmp_path / "videos")
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("needs Debian's chromium and chromium-driver (see .ci/run)")
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never download a browser or a driver
+    tmp = tmp_path_factory.mktemp("webui-browser")
+    factory = TinyFactory(tiny_pipe, pause=0.3)
+    options = tiny_options(tmp / "videos")
     demo = build_ui(factory, options)
     url = launch(demo, options, port=free_port(), block=False)
     browser_options = webdriver.ChromeOptions()
     browser_options.binary_location = CHROMIUM
     browser_options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp / 'chromium-profile'}"):
         browser_options.add_argument(flag)
     driver = webdriver.Chrome(options=browser_options, service=Service(executable_path=CHROMEDRIVER))
     try:
-        wait = WebDriverWait(driver, 30, poll_frequency=0.1)
-        driver.get(url)
-        prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
-        prompt.send_keys("a lighthouse at dusk, waves rolling in")
-        driver.find_element(By.CSS_SELECTOR, "#generate").click()
-
-        # The progress bar: the pipeline's step callback reaches the page while denoising.
-        wait.until(lambda d: "denoising" in d.find_element(By.TAG_NAME, "body").text)
-        video = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#video video[src]"))
-        duration = wait.until(
-            lambda d: d.execute_script("const v = arguments[0]; return v.readyState >= 1 ? v.duration : null;", video)
-        )
-        assert round(duration * FPS) == FRAMES  # the browser plays 9 frames at 8 fps
-        status = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#status").text)
-        assert f"{FRAMES} frames, {STEPS} steps, seed 0" in status
-
-        # The served file (what the download button gives) holds the frames at the page's size.
-        served = tmp_path / "served.mp4"
-        served.write_bytes(urllib.request.urlopen(video.get_attribute("src"), timeout=10).read())
-        frames = load_video(served)
-        assert len(frames) == FRAMES and frames[0].size == (48, 32)
-        assert factory.setups == [ModelSetup("none", 1.0, "none", "auto", FRAMES)]
-
-        # Nothing left this machine: not the page (fonts, scripts, analytics) nor the server.
-        requested = {urlsplit(u).hostname for u in page_requests(driver) if urlsplit(u).scheme in ("http", "https")}
-        assert requested == {"127.0.0.1"}, requested
-        assert connections and {host for host, _ in connections} <= LOCAL_HOSTS, connections
-
-        driver.execute_script("arguments[0].pause(); arguments[0].currentTime = 0.5;", video)
-        driver.find_element(By.CSS_SELECTOR, "#model-setup .label-wrap").click()  # show the model settings
-        time.sleep(0.5)
-        driver.save_screenshot(str(tmp_path / "webui.png"))
-        assert (tmp_path / "webui.png").stat().st_size > 10_000
-        if os.environ.get("UPDATE_DOCS_SCREENSHOT") == "1":
-            save_small_png(tmp_path / "webui.png", DOCS_SCREENSHOT)
+        yield driver, url, factory, tmp, demo
     finally:
         driver.quit()
         demo.close()
+
+
+def open_page(driver: Any, url: str) -> Any:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    wait = WebDriverWait(driver, 60, poll_frequency=0.1)
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#opt-prompt textarea"))
+    return wait
+
+
+def type_into(driver: Any, selector: str, text: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    field = driver.find_element(By.CSS_SELECTOR, selector)
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(Keys.BACKSPACE, str(text))
+
+
+def status_text(driver: Any) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, "#status").text
+
+
+def generate(driver: Any, wait: Any, prompt: str = "a lighthouse at dusk, waves rolling in") -> int:
+    """Types the prompt, presses Generate; returns the new job's number once the page shows it."""
+    from selenium.webdriver.common.by import By
+
+    before = status_text(driver)
+    type_into(driver, "#opt-prompt textarea", prompt)
+    driver.find_element(By.CSS_SELECTOR, "#generate").click()
+    wait.until(lambda d: status_text(d) != before and status_text(d).startswith("Job"))
+    return int(status_text(driver).split(":")[0].removeprefix("Job "))
+
+
+def wait_for_state(driver: Any, wait: Any, job: int, state: str) -> str:
+    wait.until(
+        lambda d: status_text(d).startswith(f"Job {job}: {state}"),
+        message=f"job {job} never showed {state!r}; the page shows: {status_text(driver)!r}",
+    )
+    return status_text(driver)
+
+
+@needs_chromium
+def test_seed_minus_one_shows_the_seed_used_and_the_video_plays(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver, url, factory, tmp, demo = served
+    connections = record_connections(monkeypatch)
+    wait = open_page(driver, url)
+    type_into(driver, "#opt-seed input", "-1")
+    job = generate(driver, wait)
+    wait.until(lambda d: "denoising" in status_text(d))  # the pipeline's step callback reaches the page
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#status progress")) == 1  # one progress bar
+    text = wait_for_state(driver, wait, job, "done")
+    seed = int(driver.find_element(By.CSS_SELECTOR, "#seed-used").text.removeprefix("seed used: "))
+    assert seed != -1 and f"seed {seed}" in text
+    video = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#video video[src]"))
+    duration = wait.until(
+        lambda d: d.execute_script("const v = arguments[0]; return v.readyState >= 1 ? v.duration : null;", video)
+    )
+    assert round(duration * FPS) == FRAMES  # the browser plays 9 frames at 8 fps
+    served_file = tmp / "served.mp4"
+    served_file.write_bytes(urllib.request.urlopen(video.get_attribute("src"), timeout=10).read())
+    assert len(load_video(served_file)) == FRAMES and load_video(served_file)[0].size == (48, 32)
+
+    # Nothing left this machine: not the page (fonts, scripts, analytics) nor the server.
+    requested = {urlsplit(u).hostname for u in page_requests(driver) if urlsplit(u).scheme in ("http", "https")}
+    assert requested == {"127.0.0.1"}, requested
+    assert {host for host, _ in connections} <= LOCAL_HOSTS, connections
+
+    driver.execute_script("arguments[0].pause(); arguments[0].currentTime = 0.5;", video)
+    driver.execute_script("window.scrollTo(0, 0);")
+    time.sleep(0.5)
+    driver.save_screenshot(str(tmp / "webui.png"))
+    assert (tmp / "webui.png").stat().st_size > 10_000
+    if os.environ.get("UPDATE_DOCS_SCREENSHOT") == "1":
+        save_small_png(tmp / "webui.png", DOCS_SCREENSHOT)
+
+
+@needs_chromium
+def test_an_error_with_angle_brackets_is_shown_whole_and_stays_until_the_next_job(served) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver, url, factory, tmp, demo = served
+    wait = open_page(driver, url)
+    driver.find_element(By.CSS_SELECTOR, "#section-lora .label-wrap").click()
+    type_into(driver, "#opt-lora input", BAD_LORA)
+    driver.find_element(By.CSS_SELECTOR, "#opt-lora input").send_keys("\n")
+    job = generate(driver, wait)
+    wait_for_state(driver, wait, job, "failed")
+    shown = "vae.safetensors: not a LoRA tensor (expected '<layer>.lora_A.weight'); pass LoRA \"none\""
+    assert driver.find_element(By.CSS_SELECTOR, "#job-error").text == shown  # whole, and in the page's words
+    time.sleep(12)  # longer than a toast lives
+    assert driver.find_element(By.CSS_SELECTOR, "#job-error").text == shown
+    type_into(driver, "#opt-lora input", "none")
+    driver.find_element(By.CSS_SELECTOR, "#opt-lora input").send_keys("\n")
+    type_into(driver, "#opt-num-inference-steps input", "1")
+    generate(driver, wait)
+    assert not driver.find_elements(By.CSS_SELECTOR, "#job-error")  # the next job clears it
+
+
+@needs_chromium
+def test_stop_ends_the_job_within_one_step_and_a_reload_and_a_second_tab_show_the_queue(served) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver, url, factory, tmp, demo = served
+    wait = open_page(driver, url)
+    type_into(driver, "#opt-num-inference-steps input", "30")
+    job = generate(driver, wait, "a slow job")
+    wait.until(lambda d: "of 30" in status_text(d) and "step 0 " not in status_text(d), message=status_text(driver))
+    driver.refresh()  # a reload shows the running job
+    wait = open_page(driver, url)
+    wait_for_state(driver, wait, job, "running")
+    first = driver.current_window_handle
+    driver.switch_to.new_window("tab")  # a second tab sees the same job and queues behind it
+    wait = open_page(driver, url)
+    wait_for_state(driver, wait, job, "running")
+    type_into(driver, "#opt-num-inference-steps input", "1")
+    second = generate(driver, wait, "the second tab's job")
+    wait_for_state(driver, wait, second, "queued")
+    assert f"{job}\nrunning" in driver.find_element(By.CSS_SELECTOR, "#jobs").text.replace(" ", "\n")
+    driver.close()
+    driver.switch_to.window(first)
+    at_stop: list[int] = []
+    stop = demo.jobs.stop
+    demo.jobs.stop = lambda *a: at_stop.append(len(factory.steps)) or stop(*a)  # the steps done when Stop arrives
+    driver.find_element(By.CSS_SELECTOR, "#stop").click()
+    wait.until(lambda d: f"{job}\nstopped" in d.find_element(By.CSS_SELECTOR, "#jobs").text.replace(" ", "\n"))
+    after = factory.steps[at_stop[0] :]  # the stopped job's steps after Stop arrived, then the next job's (from 0)
+    assert (after.index(0) if 0 in after else len(after)) <= 1  # the step running when Stop arrived, none after
+    wait.until(lambda d: f"{second}\ndone" in d.find_element(By.CSS_SELECTOR, "#jobs").text.replace(" ", "\n"))
+
+
+@needs_chromium
+def test_windows_change_the_video(served) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver, url, factory, tmp, demo = served
+    wait = open_page(driver, url)
+    type_into(driver, "#opt-num-inference-steps input", "2")
+    type_into(driver, "#opt-seed input", "5")
+    made = []
+    for windows in ("", "5"):
+        driver.find_element(By.CSS_SELECTOR, "#section-long .label-wrap").click() if not made else None
+        type_into(driver, "#opt-window-frames input", windows)
+        job = generate(driver, wait, "waves")
+        text = wait_for_state(driver, wait, job, "done")
+        assert ("windows" in text) == bool(windows)
+        name = text.split("\n")[0]
+        made.append(sorted((tmp / "videos").glob("*.mp4"), key=lambda p: p.stat().st_mtime)[-1])
+        assert name
+    a, b = (torch.tensor([list(f.getdata()) for f in load_video(p)]).float() for p in made)
+    assert a.shape == b.shape and (a - b).abs().mean() > 1.0  # the windows changed the video
 
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -237,7 +413,8 @@ def test_cli_factory_swaps_lora_and_memory_mode_on_one_loaded_model(tmp_path: Pa
     from safetensors.torch import save_file
 
     from diffsynth_cog.cli.main import build_parser
-    from diffsynth_cog.cli.webui import ModelPipelines, cmd_webui
+    from diffsynth_cog.cli.webui import cmd_webui
+    from diffsynth_cog.cli.webui.models import ModelPipelines
     from diffsynth_cog.models.attention import get_attention_backend, set_attention_backend
 
     folder = save_tiny_model_folder(tmp_path / "model", "cogvideox-5b", seed=3)
