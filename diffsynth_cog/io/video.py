@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -261,28 +261,7 @@ def save_video(
     replacing = target.is_file()
     # The temporary file keeps the suffix: ffmpeg picks the container from it.
     with atomic_path(target) as partial:
-        writer = imageio_ffmpeg.write_frames(
-            str(partial),
-            (width, height),
-            pix_fmt_in="rgb24",
-            pix_fmt_out="yuv420p",
-            fps=float(fps),
-            quality=float(quality),
-            codec="libx264",
-            macro_block_size=2,  # sizes are already even; 2 stops imageio-ffmpeg from rescaling to multiples of 16
-            ffmpeg_log_level="error",
-            output_params=extra_arguments,
-        )
-        try:
-            writer.send(None)  # start ffmpeg
-            for frame in tqdm(video, total=num_frames, desc="save_video", unit="frame", disable=not progress):
-                writer.send(np.ascontiguousarray(frame))
-        except OSError as error:  # ffmpeg stopped (full disk, bad container): its own words, not a traceback
-            if isinstance(error, WriteError):
-                raise
-            raise VideoWriteError(f"ffmpeg failed writing {target}: {_ffmpeg_reason(error)}") from error
-        finally:
-            writer.close()  # waits for ffmpeg to finish the file
+        _encode(imageio_ffmpeg.write_frames, video, partial, target, fps, quality, extra_arguments, progress)
         # ffmpeg may exit 0 with a truncated or empty file (e.g. "Error writing trailer" on a full disk): the
         # file replaces the target only once it reads back whole.
         _verify_written(partial, target, num_frames)
@@ -298,6 +277,43 @@ def save_video(
         " (replacing the file that was there)" if replacing else "",
     )
     return target
+
+
+def _encode(
+    write_frames: Callable[..., Generator[Any, Any, None]],
+    video: np.ndarray,
+    partial: Path,
+    target: Path,
+    fps: float,
+    quality: float,
+    output_params: list[str],
+    progress: bool,
+) -> None:
+    """Encodes `video` ([F, H, W, 3] uint8, even sizes) into `partial` with imageio-ffmpeg's `write_frames`;
+    a failing ffmpeg raises VideoWriteError naming `target`."""
+    num_frames, height, width = video.shape[:3]
+    writer = write_frames(
+        str(partial),
+        (width, height),
+        pix_fmt_in="rgb24",
+        pix_fmt_out="yuv420p",
+        fps=float(fps),
+        quality=float(quality),
+        codec="libx264",
+        macro_block_size=2,  # sizes are already even; 2 stops imageio-ffmpeg from rescaling to multiples of 16
+        ffmpeg_log_level="error",
+        output_params=output_params,
+    )
+    try:
+        writer.send(None)  # start ffmpeg
+        for frame in tqdm(video, total=num_frames, desc="save_video", unit="frame", disable=not progress):
+            writer.send(np.ascontiguousarray(frame))
+    except OSError as error:  # ffmpeg stopped (full disk, bad container): its own words, not a traceback
+        if isinstance(error, WriteError):
+            raise
+        raise VideoWriteError(f"ffmpeg failed writing {target}: {_ffmpeg_reason(error)}") from error
+    finally:
+        writer.close()  # waits for ffmpeg to finish the file
 
 
 def check_video_path(path: str | os.PathLike[str]) -> Path:

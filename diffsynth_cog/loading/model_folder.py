@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,6 +203,37 @@ def resolve_model_folder(
         if value is not None
     }
     given_tokenizer = _check_exists(Path(tokenizer).expanduser(), "tokenizer") if tokenizer is not None else None
+    anchor, root = _anchor_and_root(path, part, explicit, given_tokenizer)
+    found = _find_parts(explicit, root)
+    searched_once = _tokenizer_candidates(given_tokenizer, root, found["text_encoder"], anchor)
+    tokenizer_folder = next((c for c in searched_once if _has_tokenizer(c)), None)
+    scheduler = _scheduler_config(root, anchor)
+
+    dit_config = read_transformer_config(found["transformer"]) if found["transformer"] is not None else None
+    scale, scale_source = _vae_scale(found["vae"], dit_config, found["transformer"])
+    return ModelFolder(
+        path=Path(path).expanduser() if path is not None else None,
+        root=root,
+        transformer=found["transformer"],
+        text_encoder=found["text_encoder"],
+        tokenizer=tokenizer_folder,
+        vae=found["vae"],
+        scheduler_config=scheduler,
+        dit_config=dit_config,
+        vae_scaling_factor=scale,
+        vae_scaling_factor_source=scale_source,
+        tokenizer_searched=searched_once,
+    )
+
+
+def _anchor_and_root(
+    path: str | os.PathLike[str] | None,
+    part: str | None,
+    explicit: dict[str, Path],
+    given_tokenizer: Path | None,
+) -> tuple[Path | None, Path | None]:
+    """(the part that places the model, the model folder): ``path`` when given (a part found there is
+    added to ``explicit``, unless overridden), else the first explicit part, else the tokenizer."""
     anchor: Path | None = None
     root: Path | None = None
     if path is not None:
@@ -223,44 +255,41 @@ def resolve_model_folder(
         if anchor is None:
             raise ValueError("resolve_model_folder: pass a model folder or the path of at least one of its parts")
         root = _root_of(anchor)
+    return anchor, root
+
+
+def _find_parts(explicit: Mapping[str, Path], root: Path | None) -> dict[str, Path | None]:
+    """{part: its path} for each of WEIGHT_PARTS: the explicit one, else the model folder's subfolder, else None."""
 
     def find(name: str) -> Path | None:
         if name in explicit:
             return explicit[name]
         return root / name if root is not None and (root / name).is_dir() else None
 
-    found = {name: find(name) for name in WEIGHT_PARTS}
+    return {name: find(name) for name in WEIGHT_PARTS}
+
+
+def _tokenizer_candidates(
+    given_tokenizer: Path | None, root: Path | None, text_encoder: Path | None, anchor: Path | None
+) -> tuple[Path, ...]:
+    """The folders searched for the tokenizer, in order, each once."""
     searched: list[Path] = []
     if given_tokenizer is not None:
         searched.append(given_tokenizer)
     else:
         if root is not None:
             searched.append(root / "tokenizer")
-        if found["text_encoder"] is not None:
-            te = _folder(found["text_encoder"])
+        if text_encoder is not None:
+            te = _folder(text_encoder)
             searched += [te / "tokenizer", te]
         if anchor is not None:
             searched.append(_folder(anchor) / "tokenizer")
-    searched_once = _unique(searched)
-    tokenizer_folder = next((c for c in searched_once if _has_tokenizer(c)), None)
+    return _unique(searched)
 
+
+def _scheduler_config(root: Path | None, anchor: Path | None) -> Path | None:
+    """The scheduler config: the model folder's, else the one beside the anchoring part, else None."""
     schedulers = [root / SCHEDULER_CONFIG] if root is not None else []
     if anchor is not None:
         schedulers.append(_folder(anchor) / SCHEDULER_CONFIG)
-    scheduler = next((c for c in schedulers if c.is_file()), None)
-
-    dit_config = read_transformer_config(found["transformer"]) if found["transformer"] is not None else None
-    scale, scale_source = _vae_scale(found["vae"], dit_config, found["transformer"])
-    return ModelFolder(
-        path=Path(path).expanduser() if path is not None else None,
-        root=root,
-        transformer=found["transformer"],
-        text_encoder=found["text_encoder"],
-        tokenizer=tokenizer_folder,
-        vae=found["vae"],
-        scheduler_config=scheduler,
-        dit_config=dit_config,
-        vae_scaling_factor=scale,
-        vae_scaling_factor_source=scale_source,
-        tokenizer_searched=searched_once,
-    )
+    return next((c for c in schedulers if c.is_file()), None)

@@ -125,34 +125,11 @@ def infer_vae_config(
     has_dec = "decoder.conv_in.conv.weight" in shapes
     found: dict[str, dict[str, object]] = {}
     if has_enc:
-        blocks = _block_indices(shapes, "encoder.down_blocks.")
-        channels = tuple(
-            _shape(shapes, f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight", source)[0] for i in blocks
-        )
-        found["encoder"] = dict(
-            in_channels=_shape(shapes, "encoder.conv_in.conv.weight", source)[1],
-            latent_channels=_shape(shapes, "encoder.conv_out.conv.weight", source)[0] // 2,
-            block_out_channels=channels,
-            layers_per_block=len(_block_indices(shapes, "encoder.down_blocks.0.resnets.")),
-        )
+        found["encoder"] = _encoder_values(shapes, source)
     if has_dec:
-        blocks = _block_indices(shapes, "decoder.up_blocks.")
-        channels = tuple(
-            _shape(shapes, f"decoder.up_blocks.{i}.resnets.0.conv1.conv.weight", source)[0] for i in reversed(blocks)
-        )
-        found["decoder"] = dict(
-            out_channels=_shape(shapes, "decoder.conv_out.conv.weight", source)[0],
-            latent_channels=_shape(shapes, "decoder.conv_in.conv.weight", source)[1],
-            block_out_channels=channels,
-            layers_per_block=len(_block_indices(shapes, "decoder.up_blocks.0.resnets.")) - 1,
-        )
+        found["decoder"] = _decoder_values(shapes, source)
     if has_enc and has_dec:
-        for name in ("latent_channels", "block_out_channels", "layers_per_block"):
-            if found["encoder"][name] != found["decoder"][name]:
-                raise StateDictMismatchError(
-                    f"{source}: encoder and decoder disagree on {name}: "
-                    f"{found['encoder'][name]} vs {found['decoder'][name]}"
-                )
+        _check_halves_agree(found["encoder"], found["decoder"], source)
     values: dict[str, object] = {**found.get("decoder", {}), **found.get("encoder", {})}
     # A file holding one half cannot show the other half's pixel channels; RGB is the only case.
     values.setdefault("in_channels", values.get("out_channels", 3))
@@ -185,6 +162,41 @@ def infer_vae_config(
         scaling_factor,
     )
     return config
+
+
+def _encoder_values(shapes: Mapping[str, tuple[int, ...]], source: str) -> dict[str, object]:
+    """The VAEConfig fields the encoder's weights show."""
+    blocks = _block_indices(shapes, "encoder.down_blocks.")
+    channels = tuple(_shape(shapes, f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight", source)[0] for i in blocks)
+    return dict(
+        in_channels=_shape(shapes, "encoder.conv_in.conv.weight", source)[1],
+        latent_channels=_shape(shapes, "encoder.conv_out.conv.weight", source)[0] // 2,
+        block_out_channels=channels,
+        layers_per_block=len(_block_indices(shapes, "encoder.down_blocks.0.resnets.")),
+    )
+
+
+def _decoder_values(shapes: Mapping[str, tuple[int, ...]], source: str) -> dict[str, object]:
+    """The VAEConfig fields the decoder's weights show."""
+    blocks = _block_indices(shapes, "decoder.up_blocks.")
+    channels = tuple(
+        _shape(shapes, f"decoder.up_blocks.{i}.resnets.0.conv1.conv.weight", source)[0] for i in reversed(blocks)
+    )
+    return dict(
+        out_channels=_shape(shapes, "decoder.conv_out.conv.weight", source)[0],
+        latent_channels=_shape(shapes, "decoder.conv_in.conv.weight", source)[1],
+        block_out_channels=channels,
+        layers_per_block=len(_block_indices(shapes, "decoder.up_blocks.0.resnets.")) - 1,
+    )
+
+
+def _check_halves_agree(encoder: Mapping[str, object], decoder: Mapping[str, object], source: str) -> None:
+    """Raises StateDictMismatchError where the encoder and the decoder tell different architectures."""
+    for name in ("latent_channels", "block_out_channels", "layers_per_block"):
+        if encoder[name] != decoder[name]:
+            raise StateDictMismatchError(
+                f"{source}: encoder and decoder disagree on {name}: {encoder[name]} vs {decoder[name]}"
+            )
 
 
 def vae_config_for(source: WeightsSource, *, scaling_factor: float | None = None) -> VAEConfig:

@@ -403,19 +403,49 @@ def plan_merge(
     has_alpha_keys = any("alpha" in slot for slot in groups.values())
     ignored_alphas = 0
     if naming == DIFFSYNTH and has_alpha_keys and lora_config is None:
-        # DiffSynth-Studio reads only the lora_B keys and their lora_A partners: '.alpha' keys never count.
-        ignored_alphas = sum(slot.pop("alpha", None) is not None for slot in groups.values())
-        groups = {name: slot for name, slot in groups.items() if slot}
+        groups, ignored_alphas = _drop_alpha_keys(src, groups)
         has_alpha_keys = False
-        logger.warning(
-            "%s: %d '.alpha' keys ignored, as DiffSynth-Studio ignores them (DiffSynth layout: W += alpha * B @ A, "
-            "no rank scaling); pass lora_config= to scale it the PEFT way instead",
-            src,
-            ignored_alphas,
-        )
     alphas, alpha_source = _alpha_config(tensors, naming, lora_config, has_alpha_keys)
     if ignored_alphas:
         alpha_source += f"; {ignored_alphas} '.alpha' keys ignored, as DiffSynth does"
+    naming = _settle_naming(src, model, naming, alphas, has_alpha_keys)
+
+    pairs, missing = _match_pairs(model, tensors, groups, naming, alpha, alphas, has_alpha_keys, problems)
+    _note_unmatched(model, len(groups), missing, pairs, problems)
+    if problems:
+        _raise(src, model, problems)
+
+    resolved = _read_values(tensors, pairs, alpha, problems)
+    if problems:
+        _raise(src, model, problems)
+    if naming == DIFFUSERS and alphas is None and not has_alpha_keys:
+        logger.warning(
+            "%s: no lora_alpha information (no %r header entry, no %s beside it, no '.alpha' keys); "
+            "using lora_alpha = rank (scale 1) as diffusers does. If it was trained with another lora_alpha, "
+            "pass alpha=lora_alpha/rank.",
+            src,
+            _HEADER_CONFIG_KEY,
+            _ADAPTER_CONFIG_FILE,
+        )
+    return naming, alpha_source, resolved
+
+
+def _drop_alpha_keys(src: str, groups: dict[str, dict[str, str]]) -> tuple[dict[str, dict[str, str]], int]:
+    """Drops the '.alpha' keys of a DiffSynth-layout file; returns (the groups left, how many were dropped)."""
+    # DiffSynth-Studio reads only the lora_B keys and their lora_A partners: '.alpha' keys never count.
+    ignored_alphas = sum(slot.pop("alpha", None) is not None for slot in groups.values())
+    groups = {name: slot for name, slot in groups.items() if slot}
+    logger.warning(
+        "%s: %d '.alpha' keys ignored, as DiffSynth-Studio ignores them (DiffSynth layout: W += alpha * B @ A, "
+        "no rank scaling); pass lora_config= to scale it the PEFT way instead",
+        src,
+        ignored_alphas,
+    )
+    return groups, ignored_alphas
+
+
+def _settle_naming(src: str, model: nn.Module, naming: str | None, alphas: _Alphas | None, has_alpha_keys: bool) -> str:
+    """The layout to read the file with (deciding names common to both), checked against the model's family."""
     family = getattr(getattr(model, "config", None), "family", None)  # a DiT's family (families.Family)
     if naming is None and family is not None and family.lora_layouts == (DIFFUSERS,):
         naming = DIFFUSERS  # names common to both layouts, on a family with one layout
@@ -427,20 +457,40 @@ def plan_merge(
             "DiffSynth-Studio has no CogVideoX 1.5, so such files were trained on CogVideoX 1.0 (their shapes may fit, "
             f"their weights do not); use a diffusers / PEFT LoRA trained on {family.label}"
         )
+    return naming
 
+
+def _module_names(file_name: str, naming: str) -> tuple[str, str | None]:
+    """(the file's module name without prefixes, our module name or None when it has no counterpart)."""
+    name = file_name
+    for p in (*_DIFFUSERS_PREFIXES, _DIFFSYNTH_PREFIX):
+        name = name.removeprefix(p)
+    if naming == DIFFUSERS:
+        renamed = dit_rename(name + ".weight")
+        ours = renamed[: -len(".weight")] if renamed is not None else None
+    else:  # DiffSynth-Studio's names (or ours); other names are looked up as they are
+        renamed = diffsynth_rename(name + ".weight")
+        ours = renamed[: -len(".weight")] if renamed is not None else name
+    return name, ours
+
+
+def _match_pairs(
+    model: nn.Module,
+    tensors: LoRATensors,
+    groups: Mapping[str, Mapping[str, str]],
+    naming: str,
+    alpha: float,
+    alphas: _Alphas | None,
+    has_alpha_keys: bool,
+    problems: list[str],
+) -> tuple[list[LoRAPair], list[str]]:
+    """Matches each layer of the file to a Linear of the model: (pairs, keys of layers the model lacks);
+    the scale of a pair is None where it needs the value of its '.alpha' key."""
     modules = dict(model.named_modules())
     pairs: list[LoRAPair] = []
     missing: list[str] = []
     for file_name, slot in groups.items():
-        name = file_name
-        for p in (*_DIFFUSERS_PREFIXES, _DIFFSYNTH_PREFIX):
-            name = name.removeprefix(p)
-        if naming == DIFFUSERS:
-            renamed = dit_rename(name + ".weight")
-            ours = renamed[: -len(".weight")] if renamed is not None else None
-        else:  # DiffSynth-Studio's names (or ours); other names are looked up as they are
-            renamed = diffsynth_rename(name + ".weight")
-            ours = renamed[: -len(".weight")] if renamed is not None else name
+        name, ours = _module_names(file_name, naming)
         any_key = next(iter(slot.values()))
         if "A" not in slot or "B" not in slot:
             have = ", ".join(repr(k) for k in slot.values())
@@ -469,9 +519,14 @@ def plan_merge(
         else:
             scale = alpha
         pairs.append(LoRAPair(ours, slot["A"], slot["B"], rank, scale, slot.get("alpha")))
+    return pairs, missing
 
+
+def _note_unmatched(
+    model: nn.Module, total: int, missing: Sequence[str], pairs: Sequence[LoRAPair], problems: list[str]
+) -> None:
+    """Adds to ``problems`` the layers the model lacks (first) and the layers addressed more than once (last)."""
     if missing:
-        total = len(groups)
         listed = ", ".join(repr(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
         if len(missing) == total:
             head = f"none of its {total} LoRA layers exists in this {type(model).__name__} (a LoRA for another model?)"
@@ -480,10 +535,11 @@ def plan_merge(
         problems.insert(0, f"{head}: {listed}")
     counts = Counter(p.module for p in pairs)
     problems += [f"layer {name!r} is addressed by {n} entries of the file" for name, n in counts.items() if n > 1]
-    if problems:
-        _raise(src, model, problems)
 
-    # Values: finite, and the per-layer alphas (these need the data, not only the header).
+
+def _read_values(tensors: LoRATensors, pairs: Sequence[LoRAPair], alpha: float, problems: list[str]) -> list[LoRAPair]:
+    """Values: finite, and the per-layer alphas (these need the data, not only the header); returns the
+    pairs with every scale filled in."""
     resolved: list[LoRAPair] = []
     with tensors.reader() as get:
         for p in pairs:
@@ -497,18 +553,7 @@ def plan_merge(
                     problems.append(f"key {p.alpha_key!r}: alpha is {value}")
                 scale = alpha * value / p.rank
             resolved.append(LoRAPair(p.module, p.key_a, p.key_b, p.rank, scale, p.alpha_key))
-    if problems:
-        _raise(src, model, problems)
-    if naming == DIFFUSERS and alphas is None and not has_alpha_keys:
-        logger.warning(
-            "%s: no lora_alpha information (no %r header entry, no %s beside it, no '.alpha' keys); "
-            "using lora_alpha = rank (scale 1) as diffusers does. If it was trained with another lora_alpha, "
-            "pass alpha=lora_alpha/rank.",
-            src,
-            _HEADER_CONFIG_KEY,
-            _ADAPTER_CONFIG_FILE,
-        )
-    return naming, alpha_source, resolved
+    return resolved
 
 
 def _raise(source: str, model: nn.Module, problems: Sequence[str]) -> None:
