@@ -414,10 +414,7 @@ def prepare_cache(
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    samples = load_dataset_index(source) if isinstance(source, (str, os.PathLike)) else list(source)
-    duplicates = sorted(i for i, n in Counter(s.index for s in samples).items() if n > 1)
-    if duplicates:
-        raise ValueError(f"sample indices must be unique (they name the cache records); repeated: {duplicates[:10]}")
+    samples = _load_samples(source)
 
     out = check_cache_dir(cache_dir)
     info = _cache_info(
@@ -438,6 +435,48 @@ def prepare_cache(
     out.mkdir(parents=True, exist_ok=True)
     _write_or_check_info(out, info)
 
+    plan, summary = _plan_rank(out, samples, info, rank, world_size)
+    encoder = _ClipEncoder.build(
+        text_encoder,
+        vae_encoder,
+        info,
+        device=device,
+        dtype=dtype,
+        tiled=tiled,
+        sample_posterior=sample_posterior,
+        seed=seed,
+        image_latents=image_latents,
+    )
+    dataset = VideoClipDataset(plan.todo, num_frames, height, width, frame_interval, on_error="report")
+    _encode_all(dataset, encoder, plan, summary, rank=rank, num_workers=num_workers, progress=progress)
+    _log_summary(rank, summary)
+    return summary
+
+
+def _load_samples(source: str | os.PathLike[str] | Sequence[VideoSample]) -> list[VideoSample]:
+    """The dataset's samples, from an index (folder or file) or a list; ValueError if two share an index."""
+    samples = load_dataset_index(source) if isinstance(source, (str, os.PathLike)) else list(source)
+    duplicates = sorted(i for i, n in Counter(s.index for s in samples).items() if n > 1)
+    if duplicates:
+        raise ValueError(f"sample indices must be unique (they name the cache records); repeated: {duplicates[:10]}")
+    return samples
+
+
+@dataclass(frozen=True)
+class _RankPlan:
+    """This rank's share of the work, after resuming from what the cache already holds."""
+
+    out: Path
+    manifest_path: Path
+    keys: dict[int, str]  # every sample's record key (its inputs and the cache's settings)
+    todo: list[VideoSample]  # this rank's samples with no up-to-date record, in dataset order
+    by_index: dict[int, VideoSample]  # ``todo`` by sample index
+
+
+def _plan_rank(
+    out: Path, samples: Sequence[VideoSample], info: CacheInfo, rank: int, world_size: int
+) -> tuple[_RankPlan, PrepareSummary]:
+    """Repairs this rank's manifest, drops its stale records and works out what is left to encode; logs the plan."""
     settings = info.record_settings()
     keys = {s.index: record_key(s.path, s.prompt, settings) for s in samples}
     manifest_path = out / manifest_name(rank, world_size)
@@ -465,80 +504,155 @@ def prepare_cache(
         len(todo),
         out,
     )
+    plan = _RankPlan(out=out, manifest_path=manifest_path, keys=keys, todo=todo, by_index=by_index)
+    return plan, summary
 
-    param = next(vae_encoder.parameters())
-    compute_device = torch.device(device) if device is not None else param.device
-    vae_dtype = param.dtype
-    scale = float(vae_encoder.config.scaling_factor)
-    dataset = VideoClipDataset(todo, num_frames, height, width, frame_interval, on_error="report")
 
+@dataclass(frozen=True)
+class _ClipEncoder:
+    """Encodes one clip (and its prompt) into a record's tensors, in the cache's storage dtype."""
+
+    text_encoder: CogTextEncoder
+    vae_encoder: CogVAEEncoder | CogVAE
+    info: CacheInfo
+    device: torch.device
+    vae_dtype: torch.dtype
+    scale: float  # the VAE's scaling factor
+    dtype: torch.dtype
+    tiled: bool
+    sample_posterior: bool
+    seed: int
+    image_latents: bool
+
+    @classmethod
+    def build(
+        cls,
+        text_encoder: CogTextEncoder,
+        vae_encoder: CogVAEEncoder | CogVAE,
+        info: CacheInfo,
+        *,
+        device: str | torch.device | None,
+        dtype: torch.dtype,
+        tiled: bool,
+        sample_posterior: bool,
+        seed: int,
+        image_latents: bool,
+    ) -> _ClipEncoder:
+        param = next(vae_encoder.parameters())
+        return cls(
+            text_encoder=text_encoder,
+            vae_encoder=vae_encoder,
+            info=info,
+            device=torch.device(device) if device is not None else param.device,
+            vae_dtype=param.dtype,
+            scale=float(vae_encoder.config.scaling_factor),
+            dtype=dtype,
+            tiled=tiled,
+            sample_posterior=sample_posterior,
+            seed=seed,
+            image_latents=image_latents,
+        )
+
+    def encode(self, item: Mapping[str, object], sample: VideoSample) -> dict[str, torch.Tensor]:
+        index, prompt = int(item["index"]), str(item["prompt"])
+        with torch.inference_mode():
+            prompt_emb = self.text_encoder.encode(prompt, device=self.device, names=[sample.label])[0]  # [L, d]
+            video = item["video"].unsqueeze(0).to(device=self.device, dtype=self.vae_dtype)  # [1, 3, F, H, W]
+            generator = posterior_generator(self.seed, index) if self.sample_posterior else None
+            latents = self.vae_encoder.encode(
+                video, tiled=self.tiled, sample=self.sample_posterior, generator=generator
+            )[0]
+            # Scale in fp32 (x0 of training), then round once to the storage dtype.
+            latents = (latents.float() * self.scale).to(self.dtype).cpu()  # [C, T, h, w]
+            prompt_emb = prompt_emb.to(self.dtype).cpu()
+            record = {LATENTS_KEY: latents, PROMPT_EMB_KEY: prompt_emb}
+            if self.image_latents:  # the first frame alone, as an image (1 frame -> 1 latent frame)
+                first = self.vae_encoder.encode(
+                    video[:, :, :1], tiled=self.tiled, sample=self.sample_posterior, generator=generator
+                )
+                image_scale = self.info.image_latent_scale
+                record[IMAGE_LATENTS_KEY] = (first[0].float() * image_scale).to(self.dtype).cpu()  # [C, 1, h, w]
+        return record
+
+    def check_shapes(self, index: int, record: Mapping[str, torch.Tensor]) -> None:
+        """RuntimeError if a tensor's shape is not the one cache_info.json promises."""
+        shapes = {LATENTS_KEY: self.info.latent_shape, PROMPT_EMB_KEY: self.info.prompt_emb_shape}
+        shapes[IMAGE_LATENTS_KEY] = self.info.image_latent_shape
+        for key, tensor in record.items():
+            expected = shapes[key]
+            if tuple(tensor.shape) != tuple(expected):
+                raise RuntimeError(f"clip {index}: {key} came out {list(tensor.shape)}, expected {list(expected)}")
+
+    def metadata(self, index: int, prompt: str, sample: VideoSample, key: str) -> dict[str, str]:
+        """The safetensors metadata of record ``index``."""
+        return {
+            "format": CACHE_FORMAT,
+            "index": str(index),
+            "prompt": prompt,
+            "source": str(sample.path),
+            "num_frames": str(self.info.num_frames),
+            "height": str(self.info.height),
+            "width": str(self.info.width),
+            "frame_interval": str(self.info.frame_interval),
+            "scaling_factor": repr(self.scale),
+            "posterior": self.info.posterior,
+            "key": key,
+        }
+
+
+def _log_skip(item: SkippedSample) -> None:
+    logger.info(
+        "skipped %s (%s): %s",
+        item.where or f"clip {item.index}",
+        item.reason.replace("_", " "),
+        item.message,
+    )
+
+
+def _encode_all(
+    dataset: VideoClipDataset,
+    encoder: _ClipEncoder,
+    plan: _RankPlan,
+    summary: PrepareSummary,
+    *,
+    rank: int,
+    num_workers: int,
+    progress: bool,
+) -> None:
+    """Encodes and writes every clip of ``dataset``, each record followed by its manifest line; counts into
+    ``summary`` (records written, clips skipped)."""
     with (
-        manifest_path.open("a", encoding="utf-8") as manifest,
-        tqdm(total=len(todo), desc=f"prepare rank {rank}", unit="clip", disable=not progress) as bar,
+        plan.manifest_path.open("a", encoding="utf-8") as manifest,
+        tqdm(total=len(plan.todo), desc=f"prepare rank {rank}", unit="clip", disable=not progress) as bar,
     ):
         for item in _iterate(dataset, num_workers):
             bar.update(1)
             if isinstance(item, SkippedSample):
                 summary.skipped_bad.append(item)
-                logger.info(
-                    "skipped %s (%s): %s",
-                    item.where or f"clip {item.index}",
-                    item.reason.replace("_", " "),
-                    item.message,
-                )
+                _log_skip(item)
                 bar.set_postfix(skipped=len(summary.skipped_bad))
                 continue
             index, prompt = int(item["index"]), str(item["prompt"])
-            sample = by_index[index]
-            with torch.inference_mode():
-                prompt_emb = text_encoder.encode(prompt, device=compute_device, names=[sample.label])[0]  # [L, d]
-                video = item["video"].unsqueeze(0).to(device=compute_device, dtype=vae_dtype)  # [1, 3, F, H, W]
-                generator = posterior_generator(seed, index) if sample_posterior else None
-                latents = vae_encoder.encode(video, tiled=tiled, sample=sample_posterior, generator=generator)[0]
-                # Scale in fp32 (x0 of training), then round once to the storage dtype.
-                latents = (latents.float() * scale).to(dtype).cpu()  # [C, T, h, w]
-                prompt_emb = prompt_emb.to(dtype).cpu()
-                record = {LATENTS_KEY: latents, PROMPT_EMB_KEY: prompt_emb}
-                if image_latents:  # the first frame alone, as an image (1 frame -> 1 latent frame)
-                    first = vae_encoder.encode(
-                        video[:, :, :1], tiled=tiled, sample=sample_posterior, generator=generator
-                    )
-                    image_scale = info.image_latent_scale
-                    record[IMAGE_LATENTS_KEY] = (first[0].float() * image_scale).to(dtype).cpu()  # [C, 1, h, w]
-            shapes = {LATENTS_KEY: info.latent_shape, PROMPT_EMB_KEY: info.prompt_emb_shape}
-            shapes[IMAGE_LATENTS_KEY] = info.image_latent_shape
-            for key, tensor in record.items():
-                expected = shapes[key]
-                if tuple(tensor.shape) != tuple(expected):
-                    raise RuntimeError(f"clip {index}: {key} came out {list(tensor.shape)}, expected {list(expected)}")
-            metadata = {
-                "format": CACHE_FORMAT,
-                "index": str(index),
-                "prompt": prompt,
-                "source": str(sample.path),
-                "num_frames": str(num_frames),
-                "height": str(height),
-                "width": str(width),
-                "frame_interval": str(frame_interval),
-                "scaling_factor": repr(scale),
-                "posterior": info.posterior,
-                "key": keys[index],
-            }
+            sample = plan.by_index[index]
+            record = encoder.encode(item, sample)
+            encoder.check_shapes(index, record)
+            metadata = encoder.metadata(index, prompt, sample, plan.keys[index])
             name = record_name(index)
-            size = write_record(out / name, record, metadata)
+            size = write_record(plan.out / name, record, metadata)
             # The manifest line comes only after the record is in place: a line always means a whole file.
             line = CacheRecord(
-                index=index, file=name, source=str(sample.path), prompt=prompt, bytes=size, key=keys[index]
+                index=index, file=name, source=str(sample.path), prompt=prompt, bytes=size, key=plan.keys[index]
             )
             manifest.write(line.to_json() + "\n")
             manifest.flush()
             os.fsync(manifest.fileno())
             summary.written += 1
 
+
+def _log_summary(rank: int, summary: PrepareSummary) -> None:
     if summary.skipped_bad:
         names = ", ".join(s.path.name for s in summary.skipped_bad[:20])
         more = f" and {len(summary.skipped_bad) - 20} more" if len(summary.skipped_bad) > 20 else ""
         logger.warning("prepare rank %d: %s (%s%s)", rank, summary.describe(), names, more)
     else:
         logger.info("prepare rank %d: %s", rank, summary.describe())
-    return summary
