@@ -216,10 +216,14 @@ def open_page(driver: Any, url: str) -> Any:
 
 
 def type_into(driver: Any, selector: str, text: str) -> None:
+    """Types into the field once the page has rendered it (sections render their fields after the page loads)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
 
-    field = driver.find_element(By.CSS_SELECTOR, selector)
+    located = (By.CSS_SELECTOR, selector)
+    field = WebDriverWait(driver, 30, poll_frequency=0.1).until(expected_conditions.element_to_be_clickable(located))
     field.send_keys(Keys.CONTROL, "a")
     field.send_keys(Keys.BACKSPACE, str(text))
 
@@ -234,11 +238,17 @@ def generate(driver: Any, wait: Any, prompt: str = "a lighthouse at dusk, waves 
     """Types the prompt, presses Generate; returns the new job's number once the page shows it."""
     from selenium.webdriver.common.by import By
 
-    before = status_text(driver)
+    before = job_number(status_text(driver))  # an earlier test's job may still be running: wait for a newer one
     type_into(driver, "#opt-prompt textarea", prompt)
     driver.find_element(By.CSS_SELECTOR, "#generate").click()
-    wait.until(lambda d: status_text(d) != before and status_text(d).startswith("Job"))
-    return int(status_text(driver).split(":")[0].removeprefix("Job "))
+    wait.until(lambda d: job_number(status_text(d)) > before, message=f"no job after job {before}")
+    return job_number(status_text(driver))
+
+
+def job_number(status: str) -> int:
+    """The number of the job the status line shows (the newest job), 0 before any."""
+    head = status.split(":")[0]
+    return int(head.removeprefix("Job ")) if head.startswith("Job ") and head[4:].isdigit() else 0
 
 
 def wait_for_state(driver: Any, wait: Any, job: int, state: str) -> str:
