@@ -304,3 +304,17 @@ def test_sparse_parts_in_the_denoiser(dit):
     assert (narrow - dense).abs().max() > 1e-3
     assert Denoiser(dit, attention=narrow_part).parts()["attention"] == "window0-nosink-token"
     assert len(narrow_part._built) == 1
+
+
+@pytest.mark.parametrize(
+    "spec", ["window:2", "window:0:nosink", "window:3:token", "radial", "radial:0.5", "radial:token"]
+)
+def test_a_mask_part_gives_back_the_spec_that_made_it(spec):
+    assert parse_attention(spec).spec == spec  # what a video's settings record, so --like rebuilds the mask
+
+
+def test_a_mask_built_with_arguments_no_spec_expresses_has_no_spec():
+    from diffsynth_cog.denoise.masks import RadialAttention, TemporalWindowAttention
+
+    assert RadialAttention(min_width=64).spec is None
+    assert TemporalWindowAttention(2, block_size=64).spec is None

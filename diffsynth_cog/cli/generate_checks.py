@@ -106,7 +106,7 @@ def check_generate_args(args: argparse.Namespace, options: GenerationOptions) ->
         load_image(args.input_image)  # a missing or unreadable image fails here, not after loading
     if args.input_video:
         options = dataclasses.replace(
-            options, inputs=dataclasses.replace(options.inputs, input_video=_input_video(args, model))
+            options, inputs=dataclasses.replace(options.inputs, input_video=measure_input_video(args, model.config))
         )
     lora = choose_lora(args.lora, model, args.num_frames, args.models_dir)
     args.device = resolve_device(args.device)
@@ -194,9 +194,10 @@ def check_prompt_lines(args: argparse.Namespace) -> list[PromptJob]:
     return jobs
 
 
-def _input_video(args: argparse.Namespace, model: ModelChoice) -> list:
+def measure_input_video(args: argparse.Namespace, config: DiTConfig | None) -> list:
     """``--input-video``, opened and measured before any model loads: its frames at --height x --width, cut to
-    --num-frames (or, with --extend-by, whole); every resize or cut is logged once, a short video refused."""
+    --num-frames (or, with --extend-by, whole); every resize or cut is logged once, a short video refused.
+    ``config``: the model's transformer config (None: CogVideoX 1.0's temporal factor)."""
     from diffsynth_cog.io.video import load_video
     from diffsynth_cog.pipeline.continuation import check_extension
 
@@ -208,7 +209,7 @@ def _input_video(args: argparse.Namespace, model: ModelChoice) -> list:
             "--input-video %s: resized from %dx%d to %dx%d (scaled to cover, centre-cropped)",
             path, first.size[0], first.size[1], args.width, args.height,
         )  # fmt: skip
-    compression = model.config.temporal_compression_ratio if model.config is not None else 4
+    compression = config.temporal_compression_ratio if config is not None else get_family("cogvideox-5b").vae_temporal
     if args.extend_by:
         try:
             check_extension(len(frames), args.context_frames, args.extend_by, compression)

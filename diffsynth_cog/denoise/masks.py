@@ -367,6 +367,18 @@ class _BandedAttention:
     def bands(self, layout: TokenLayout) -> FrameBands:
         raise NotImplementedError
 
+    @property
+    def spec(self) -> str | None:
+        """The ``attention=`` spec that makes this mask (:func:`parse_attention`'s inverse); None for settings no
+        spec expresses (a part built in Python with other arguments)."""
+        return None
+
+    def _spec_suffix(self) -> str | None:
+        """``:token`` for token granularity; None when the block size is not the one specs use."""
+        if self.block_size != BLOCK_SIZE:
+            return None
+        return ":token" if self.granularity == "token" else ""
+
     def check_compatible(self, parts: object) -> None:
         """A mask goes with every transformer and part (a split with ring attention refuses it, naming both)."""
 
@@ -401,6 +413,11 @@ class TemporalWindowAttention(_BandedAttention):
         super().__init__(sink, block_size, granularity)
         self.window = window
         self.name = f"window{window}" + ("" if sink else "-nosink") + ("-token" if granularity == "token" else "")
+
+    @property
+    def spec(self) -> str | None:
+        suffix = self._spec_suffix()
+        return None if suffix is None else f"window:{self.window}" + ("" if self.sink else ":nosink") + suffix
 
     def bands(self, layout: TokenLayout) -> FrameBands:
         t, per = layout.grid[0], layout.tokens_per_frame
@@ -443,6 +460,13 @@ class RadialAttention(_BandedAttention):
             if (decay, dense_distance, min_width, sink) == (1.0, 1, BLOCK_SIZE, True)
             else (f"radial(decay={decay},dense={dense_distance},min_width={min_width},sink={sink})")
         ) + ("-token" if granularity == "token" else "")
+
+    @property
+    def spec(self) -> str | None:
+        suffix = self._spec_suffix()
+        if suffix is None or (self.dense_distance, self.min_width, self.sink) != (1, BLOCK_SIZE, True):
+            return None
+        return ("radial" if self.decay == 1.0 else f"radial:{self.decay:g}") + suffix
 
     def bands(self, layout: TokenLayout) -> FrameBands:
         t, per = layout.grid[0], layout.tokens_per_frame

@@ -69,7 +69,8 @@ class _RemoteFile:
     sha256: str | None
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The sha256 (hex) of a file, read in blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(_HASH_BLOCK):
@@ -123,7 +124,7 @@ def _matches_record(path: Path, size: int, sha256: str | None, record: Mapping[s
         return True
     if record is not None and record.get("sha256") == sha256 and record.get("mtime_ns") == stat.st_mtime_ns:
         return True
-    return _sha256(path) == sha256
+    return sha256_of(path) == sha256
 
 
 def _manifest_complete(local_dir: Path, manifest: Mapping[str, Mapping[str, Any]]) -> bool:

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from diffsynth_cog.hub.downloads import sha256_of
 from diffsynth_cog.io.settings import JOINS_KEY, package_version
 
 if TYPE_CHECKING:
@@ -76,11 +76,7 @@ def window_joins(family: Family, windows: WindowSpec, latent_frames: int, paddin
 
 @functools.lru_cache(maxsize=32)
 def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of(Path(path))
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str | None:
@@ -90,18 +86,6 @@ def file_sha256(path: str | os.PathLike[str]) -> str | None:
         return None
     stat = p.stat()
     return _cached_sha256(str(p.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-def _mask_spec(part: Any) -> str | None:
-    """The ``attention=`` spec that rebuilds a block-sparse mask part (None for a part no spec makes)."""
-    from diffsynth_cog.denoise.masks import RadialAttention, TemporalWindowAttention
-
-    token = ":token" if getattr(part, "granularity", "block") == "token" else ""
-    if isinstance(part, TemporalWindowAttention):
-        return f"window:{part.window}" + ("" if part.sink else ":nosink") + token
-    if isinstance(part, RadialAttention) and (part.dense_distance, part.sink) == (1, True):
-        return ("radial" if part.decay == 1.0 else f"radial:{part.decay:g}") + token
-    return None
 
 
 def _step_cache(step_cache: Any) -> dict | None:
@@ -149,7 +133,10 @@ def _parts(pipe: Pipeline, options: GenerationOptions, checked: CheckedCall) -> 
     if isinstance(attention, str):
         parts["attention"] = attention
     elif attention is not None:
-        parts["mask"] = {"name": getattr(attention, "name", type(attention).__name__), "spec": _mask_spec(attention)}
+        parts["mask"] = {
+            "name": getattr(attention, "name", type(attention).__name__),
+            "spec": getattr(attention, "spec", None),
+        }
     if checked.windows is not None:
         latent_frames = checked.latent_shape[2]
         parts["windows"] = {

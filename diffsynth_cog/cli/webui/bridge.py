@@ -217,13 +217,11 @@ def settings_of(args: argparse.Namespace, frames: int) -> dict[str, Any]:
 
 def _input_frames(args: argparse.Namespace) -> list | None:
     """The input video's frames (V2V: cut to Frames; extension: whole), measured before any model loads."""
-    from types import SimpleNamespace
-
-    from diffsynth_cog.cli.generate_checks import _input_video
+    from diffsynth_cog.cli.generate_checks import measure_input_video
 
     if not args.input_video:
         return None
-    return _input_video(args, SimpleNamespace(config=None))
+    return measure_input_video(args, None)
 
 
 def run_job(factory: PipelineFactory, ui: UIOptions, job: Job) -> JobResult:
