@@ -74,6 +74,8 @@ class Family:
     default_height: int
     default_width: int
     default_frames: int
+    trained_frames: int  # the longest clip the released model was trained on (1.0: 49; 1.5: 81 and 161)
+    long_frames: int  # the most frames one pass makes without windows (1.0: the ExVideo LoRA's 129; 1.5: 161)
     fps: int
     teacache: TeaCacheCalibration | None
     riflex: tuple[int, int] | None  # RIFLEx (k, N_k) published for the family, N_k in RoPE temporal positions
@@ -107,6 +109,17 @@ class Family:
         """Latent frames the DiT runs on: rounded up to whole temporal patches (1.5: 21 -> 22)."""
         return -(-latent_frames // self.patch_size_t) * self.patch_size_t
 
+    def trained_length(self, sample_frames: int) -> int:
+        """The longest clip a model of this family was trained on, given its config's ``sample_frames``: the
+        config's, unless the family released longer clips than its config says (1.5: 161; the config: 81)."""
+        return max(sample_frames, self.trained_frames) if self.trained_frames > self.default_frames else sample_frames
+
+    @property
+    def generate_frames(self) -> int:
+        """The length a generation makes when none is asked for: the long length where the released model must be
+        extended to reach it (1.0: 129 frames, the ExVideo use case), else the released default (1.5: 81)."""
+        return self.long_frames if self.trained_frames < self.long_frames else self.default_frames
+
     def default_size(self) -> tuple[int, int]:
         return self.default_height, self.default_width
 
@@ -132,6 +145,8 @@ _V10 = dict(
     default_height=480,
     default_width=720,
     default_frames=49,
+    trained_frames=49,
+    long_frames=129,
     fps=8,
     riflex=None,
     teacache=None,
@@ -147,6 +162,8 @@ _V15 = {
     "default_height": 768,
     "default_width": 1360,
     "default_frames": 81,
+    "trained_frames": 161,
+    "long_frames": 161,
     "fps": 16,
     "lora_layouts": (LORA_DIFFUSERS,),  # DiffSynth-Studio has no 1.5: its LoRA files are 1.0 files
 }

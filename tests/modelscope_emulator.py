@@ -48,6 +48,7 @@ import re
 import socket
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -117,6 +118,9 @@ class ModelScopeEmulator:
         """`repos`: repo id -> {path: bytes}. `tokens`: access token -> user name (who may write to the
         repositories under that owner name)."""
         self.repos: dict[str, EmulatedRepo] = {}
+        # Bytes a second of file downloads (None: as fast as the socket goes); a slow link lets a test watch the
+        # files grow (the web UI's download progress).
+        self.bytes_per_second: float | None = None
         self.tokens: dict[str, str] = dict(tokens or {})
         self.blobs: dict[str, bytes] = {}  # LFS storage: sha256 -> bytes
         for repo_id, files in (repos or {}).items():
@@ -428,7 +432,13 @@ def _make_handler(emulator: ModelScopeEmulator) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
             self.end_headers()
             if self.command != "HEAD":
-                self.wfile.write(chunk)
+                rate = emulator.bytes_per_second
+                step = len(chunk) if rate is None else max(1, int(rate / 20))
+                for i in range(0, len(chunk), step):
+                    self.wfile.write(chunk[i : i + step])
+                    if rate is not None:
+                        self.wfile.flush()
+                        time.sleep(step / rate)
 
     return Handler
 

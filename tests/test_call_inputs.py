@@ -10,7 +10,8 @@ import torch
 
 from diffsynth_cog.configs import dit_preset
 from diffsynth_cog.denoise.windows import WindowSpec
-from diffsynth_cog.pipeline.checks import DEFAULT_DIT_TILES, check_call
+from diffsynth_cog.models.tiling import TileSpec
+from diffsynth_cog.pipeline.checks import check_call
 from diffsynth_cog.pipeline.options import GenerationOptions, StepCacheSpec
 from diffsynth_cog.pipeline.sampling import DIFFSYNTH, DIFFUSERS
 
@@ -45,10 +46,21 @@ def test_a_call_resolves_its_shape_windows_tiles_and_kept_frames():
         num_frames=129, windows=True, dit_tiled=True, input_video=torch.zeros(1, 3, 129, 480, 720), keep_frames=17
     )
     assert checked.latent_shape == (1, 16, 33, 60, 90)
-    assert checked.windows == WindowSpec(T2V.sample_frames) and checked.tiles == DEFAULT_DIT_TILES
+    assert checked.windows == WindowSpec(T2V.sample_frames) and checked.tiles is None  # 480x720 is one tile
     assert checked.kept == 5 and checked.video.shape == (1, 3, 129, 480, 720)
     plain = call()
     assert (plain.windows, plain.tiles, plain.kept, plain.video) == (None, None, 0, None)
+
+
+def test_dit_tiles_take_the_familys_size_and_a_video_of_one_tile_runs_untiled(caplog: pytest.LogCaptureFixture) -> None:
+    assert call(height=960, width=1440, dit_tiled=True).tiles == TileSpec((480, 720), (0.5, 0.5))
+    v15 = dit_preset("cogvideox1.5-5b")
+    assert call(v15, height=1536, width=1360, num_frames=81, dit_tiled=True).tiles == TileSpec((768, 1360), (0.5, 0.5))
+    mine = TileSpec((32, 32), (0.5, 0.5))
+    assert call(height=480, width=720, dit_tiled=mine).tiles == mine
+    caplog.clear()
+    assert call(height=480, width=720, dit_tiled=True).tiles is None
+    assert "fits one tile, so the DiT runs untiled" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -220,3 +220,18 @@ def test_generate_takes_the_chosen_models_defaults_for_size_frames_and_fps(model
     given = build_parser().parse_args(["generate", "--prompt", "x", "--model", model, "--num-frames", "161"])
     apply_model_defaults(given)
     assert given.num_frames == 161  # what the user gives stays
+
+
+def test_lora_auto_knows_that_cogvideox15_was_trained_on_161_frames(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from diffsynth_cog.cli.checks import choose_lora, choose_model
+
+    caplog.set_level(logging.INFO, logger="diffsynth_cog")
+    v15, v10 = choose_model("CogVideoX1.5-5B"), choose_model("CogVideoX-5B")
+    assert (v15.base_frames, v10.base_frames) == (161, 49)
+    assert choose_lora("auto", v15, 161, tmp_path).preset is None  # its own length: no LoRA, no warning
+    assert "trained on" not in caplog.text
+    choose_lora("auto", v15, 241, tmp_path)  # beyond it: no long-video LoRA is known for 1.5, said once
+    assert "241 frames run on the base model, trained on 161" in caplog.text
+    assert choose_lora("auto", v10, 129, tmp_path).preset == "ExVideo-CogVideoX-LoRA-129f-v1"

@@ -7,9 +7,7 @@ One server and one browser serve every browser test of the module (each test sta
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 import time
 import urllib.request
@@ -21,69 +19,38 @@ from urllib.parse import urlsplit
 import pytest
 import torch
 from tiny_models import save_tiny_model_folder
+from webui_browser import (
+    LOCAL_HOSTS,
+    TinyFactory,
+    generate,
+    needs_chromium,
+    open_page,
+    open_section,
+    page_requests,
+    pick,
+    record_connections,
+    save_small_png,
+    served_page,
+    status_text,
+    type_into,
+    wait_for_state,
+)
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
 from diffsynth_cog.cli.webui import JobQueue, ModelSetup, UIOptions, run_job
 from diffsynth_cog.cli.webui.command import check_port
 from diffsynth_cog.cli.webui.controls import page_words
-from diffsynth_cog.cli.webui.page import build_ui, launch
 from diffsynth_cog.io.video import load_video
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 FRAMES, FPS, STEPS = 9, 8, 3
 TINY = "tiny-cogvideox"
 BAD_LORA = "vae.safetensors"  # the tiny factory refuses it as the real loader does: a message with <...> in it
 BAD_LORA_MESSAGE = "vae.safetensors: not a LoRA tensor (expected '<layer>.lora_A.weight'); pass --lora none"
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "webui.png"
-# Chromium flags that work in a container without a display, a GPU or network access.
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1280,1400",
-)
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None, reason="needs Debian's chromium and chromium-driver (see .ci/run)"
-)
 
 
-class SlowPipeline:
-    """The tiny pipeline, paused after each step so that the browser sees the progress and can press Stop;
-    records the steps it ran."""
-
-    def __init__(self, pipe: CogVideoPipeline, pause: float, steps: list[int]) -> None:
-        self.pipe, self.pause, self.steps = pipe, pause, steps
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.pipe, name)
-
-    def generate(self, options: Any, *, callback: Any = None) -> Any:
-        def slow(i: int, t: int, latents: torch.Tensor) -> None:
-            self.steps.append(i)
-            callback(i, t, latents)
-            time.sleep(self.pause)
-
-        return self.pipe.generate(options, callback=slow)
-
-
-class TinyFactory:
-    """A pipeline factory that records the model setups asked for (and refuses ``BAD_LORA`` with a ``<...>``)."""
-
-    def __init__(self, pipe: CogVideoPipeline, pause: float = 0.0) -> None:
-        self.pipe, self.pause = pipe, pause
-        self.setups: list[ModelSetup] = []
-        self.steps: list[int] = []
-
-    def __call__(self, setup: ModelSetup, report: Any = None) -> SlowPipeline:
-        self.setups.append(setup)
-        if setup.lora.endswith(BAD_LORA):
-            raise ValueError(BAD_LORA_MESSAGE)
-        return SlowPipeline(self.pipe, self.pause, self.steps)
+def tiny_factory(pipe: CogVideoPipeline, pause: float = 0.0) -> TinyFactory:
+    return TinyFactory({TINY: pipe}, pause=pause, bad_lora=BAD_LORA, bad_message=BAD_LORA_MESSAGE)
 
 
 @pytest.fixture(scope="module")
@@ -97,16 +64,10 @@ def tiny_options(output_dir: Path) -> UIOptions:
     return UIOptions(
         output_dir=output_dir,
         defaults={"model": TINY, "num_inference_steps": STEPS, "lora": "none"},
-        families={TINY: {"height": 32, "width": 48, "num_frames": FRAMES, "fps": FPS}},
+        families={TINY: {"height": 32, "width": 48, "num_frames": FRAMES, "fps": FPS, "long_frames": 129}},
         choices={"lora": ("none", "auto", BAD_LORA), "attention": ("auto", "sdpa")},
         title="diffsynth-cog web UI (tiny test model)",
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def finish(job: Any, timeout: float = 120) -> Any:
@@ -123,7 +84,7 @@ def form(**values: Any) -> dict[str, Any]:
 
 
 def test_bad_input_is_refused_in_the_pages_words_before_any_model_loads(tiny_pipe, tmp_path: Path) -> None:
-    factory = TinyFactory(tiny_pipe)
+    factory = tiny_factory(tiny_pipe)
     options = tiny_options(tmp_path / "out")
     jobs = JobQueue(lambda job: run_job(factory, options, job))
     for bad, message in [
@@ -145,7 +106,7 @@ def test_bad_input_is_refused_in_the_pages_words_before_any_model_loads(tiny_pip
 def test_a_job_writes_its_video_with_its_settings_and_the_seed_used(tiny_pipe, tmp_path: Path) -> None:
     from diffsynth_cog.io.settings import read_settings
 
-    factory = TinyFactory(tiny_pipe)
+    factory = tiny_factory(tiny_pipe)
     jobs = JobQueue(lambda job: run_job(factory, tiny_options(tmp_path / "out"), job))
     job = finish(jobs.submit(form(seed=-1, lora_alpha=0.5, offload="model", attention="sdpa")))
     assert job.state == "done", job.error
@@ -156,7 +117,7 @@ def test_a_job_writes_its_video_with_its_settings_and_the_seed_used(tiny_pipe, t
 
 
 def test_stop_ends_the_running_job_at_the_next_step(tiny_pipe, tmp_path: Path) -> None:
-    factory = TinyFactory(tiny_pipe, pause=0.3)
+    factory = tiny_factory(tiny_pipe, pause=0.3)
     jobs = JobQueue(lambda job: run_job(factory, tiny_options(tmp_path / "out"), job))
     job = jobs.submit(form(num_inference_steps=20))
     queued = jobs.submit(form())
@@ -180,83 +141,11 @@ def test_a_busy_port_says_to_pass_another_port() -> None:
 # --------------------------------------------------------------------------------------------- in the browser
 @pytest.fixture(scope="module")
 def served(tiny_pipe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any, TinyFactory, Path, Any]]:
-    """(driver, url, factory, output folder): one page server and one browser for the module's browser tests."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    if CHROMIUM is None or CHROMEDRIVER is None:
-        pytest.skip("needs Debian's chromium and chromium-driver (see .ci/run)")
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never download a browser or a driver
+    """(driver, url, factory, folder, demo): one page server and one browser for the module's browser tests."""
     tmp = tmp_path_factory.mktemp("webui-browser")
-    factory = TinyFactory(tiny_pipe, pause=0.3)
-    options = tiny_options(tmp / "videos")
-    demo = build_ui(factory, options)
-    url = launch(demo, options, port=free_port(), block=False)
-    browser_options = webdriver.ChromeOptions()
-    browser_options.binary_location = CHROMIUM
-    browser_options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp / 'chromium-profile'}"):
-        browser_options.add_argument(flag)
-    driver = webdriver.Chrome(options=browser_options, service=Service(executable_path=CHROMEDRIVER))
-    try:
+    factory = tiny_factory(tiny_pipe, pause=0.3)
+    with served_page(factory, tiny_options(tmp / "videos"), tmp / "chromium-profile") as (driver, url, demo):
         yield driver, url, factory, tmp, demo
-    finally:
-        driver.quit()
-        demo.close()
-
-
-def open_page(driver: Any, url: str) -> Any:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    driver.get(url)
-    wait = WebDriverWait(driver, 60, poll_frequency=0.1)
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#opt-prompt textarea"))
-    return wait
-
-
-def type_into(driver: Any, selector: str, text: str) -> None:
-    """Types into the field once the page has rendered it (sections render their fields after the page loads)."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    located = (By.CSS_SELECTOR, selector)
-    field = WebDriverWait(driver, 30, poll_frequency=0.1).until(expected_conditions.element_to_be_clickable(located))
-    field.send_keys(Keys.CONTROL, "a")
-    field.send_keys(Keys.BACKSPACE, str(text))
-
-
-def status_text(driver: Any) -> str:
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.CSS_SELECTOR, "#status").text
-
-
-def generate(driver: Any, wait: Any, prompt: str = "a lighthouse at dusk, waves rolling in") -> int:
-    """Types the prompt, presses Generate; returns the new job's number once the page shows it."""
-    from selenium.webdriver.common.by import By
-
-    before = job_number(status_text(driver))  # an earlier test's job may still be running: wait for a newer one
-    type_into(driver, "#opt-prompt textarea", prompt)
-    driver.find_element(By.CSS_SELECTOR, "#generate").click()
-    wait.until(lambda d: job_number(status_text(d)) > before, message=f"no job after job {before}")
-    return job_number(status_text(driver))
-
-
-def job_number(status: str) -> int:
-    """The number of the job the status line shows (the newest job), 0 before any."""
-    head = status.split(":")[0]
-    return int(head.removeprefix("Job ")) if head.startswith("Job ") and head[4:].isdigit() else 0
-
-
-def wait_for_state(driver: Any, wait: Any, job: int, state: str) -> str:
-    wait.until(
-        lambda d: status_text(d).startswith(f"Job {job}: {state}"),
-        message=f"job {job} never showed {state!r}; the page shows: {status_text(driver)!r}",
-    )
-    return status_text(driver)
 
 
 @needs_chromium
@@ -302,17 +191,15 @@ def test_an_error_with_angle_brackets_is_shown_whole_and_stays_until_the_next_jo
 
     driver, url, factory, tmp, demo = served
     wait = open_page(driver, url)
-    driver.find_element(By.CSS_SELECTOR, "#section-lora .label-wrap").click()
-    type_into(driver, "#opt-lora input", BAD_LORA)
-    driver.find_element(By.CSS_SELECTOR, "#opt-lora input").send_keys("\n")
+    open_section(driver, "lora")
+    pick(driver, "opt-lora", BAD_LORA)
     job = generate(driver, wait)
     wait_for_state(driver, wait, job, "failed")
     shown = "vae.safetensors: not a LoRA tensor (expected '<layer>.lora_A.weight'); pass LoRA \"none\""
     assert driver.find_element(By.CSS_SELECTOR, "#job-error").text == shown  # whole, and in the page's words
     time.sleep(12)  # longer than a toast lives
     assert driver.find_element(By.CSS_SELECTOR, "#job-error").text == shown
-    type_into(driver, "#opt-lora input", "none")
-    driver.find_element(By.CSS_SELECTOR, "#opt-lora input").send_keys("\n")
+    pick(driver, "opt-lora", "none")
     type_into(driver, "#opt-num-inference-steps input", "1")
     generate(driver, wait)
     assert not driver.find_elements(By.CSS_SELECTOR, "#job-error")  # the next job clears it
@@ -352,7 +239,6 @@ def test_stop_ends_the_job_within_one_step_and_a_reload_and_a_second_tab_show_th
 
 @needs_chromium
 def test_windows_change_the_video(served) -> None:
-    from selenium.webdriver.common.by import By
 
     driver, url, factory, tmp, demo = served
     wait = open_page(driver, url)
@@ -360,7 +246,7 @@ def test_windows_change_the_video(served) -> None:
     type_into(driver, "#opt-seed input", "5")
     made = []
     for windows in ("", "5"):
-        driver.find_element(By.CSS_SELECTOR, "#section-long .label-wrap").click() if not made else None
+        open_section(driver, "long")
         type_into(driver, "#opt-window-frames input", windows)
         job = generate(driver, wait, "waves")
         text = wait_for_state(driver, wait, job, "done")
@@ -370,51 +256,6 @@ def test_windows_change_the_video(served) -> None:
         assert name
     a, b = (torch.tensor([list(f.getdata()) for f in load_video(p)]).float() for p in made)
     assert a.shape == b.shape and (a - b).abs().mean() > 1.0  # the windows changed the video
-
-
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-
-
-def record_connections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """Every outgoing TCP connection this process opens from now on (host, port)."""
-    seen: list[tuple[str, int]] = []
-    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
-
-    def note(address: Any) -> None:
-        if isinstance(address, tuple):
-            seen.append((str(address[0]), int(address[1])))
-
-    def connect(self: socket.socket, address: Any) -> None:
-        note(address)
-        return real_connect(self, address)
-
-    def connect_ex(self: socket.socket, address: Any) -> int:
-        note(address)
-        return real_connect_ex(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
-    return seen
-
-
-def page_requests(driver: Any) -> list[str]:
-    """URLs of every request the browser sent (Chrome DevTools performance log)."""
-    urls = []
-    for entry in driver.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message["method"] == "Network.requestWillBeSent":
-            urls.append(message["params"]["request"]["url"])
-    return urls
-
-
-def save_small_png(source: Path, target: Path, max_bytes: int = 300_000) -> None:
-    """The README's screenshot: 256 colours, optimized, well under ``max_bytes``."""
-    from PIL import Image
-
-    image = Image.open(source).convert("RGB").quantize(colors=256, dither=Image.Dither.NONE)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    image.save(target, optimize=True)
-    assert target.stat().st_size < max_bytes
 
 
 def test_cli_factory_swaps_lora_and_memory_mode_on_one_loaded_model(tmp_path: Path) -> None:

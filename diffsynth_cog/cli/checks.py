@@ -155,8 +155,15 @@ class ModelChoice:
     local: Path | None
     preset: str | None
     family: str
-    base_frames: int  # the clip length the model was trained on (49)
     config: DiTConfig | None = None  # the transformer's config (the preset's, or the local folder's)
+
+    @property
+    def base_frames(self) -> int:
+        """The longest clip the model was trained on (1.0: its config's 49; 1.5: 161, beyond its config's 81)."""
+        from diffsynth_cog.families import get_family
+
+        sample_frames = self.config.sample_frames if self.config is not None else get_family(self.family).default_frames
+        return get_family(self.family).trained_length(sample_frames)
 
 
 @dataclass(frozen=True)
@@ -204,7 +211,7 @@ def choose_model(model: str, parts: tuple[str, ...] = GENERATE_PARTS) -> ModelCh
         config = folder.require_dit_config()
         root = folder.root or folder.require("transformer")
         family = dit_family(config)
-        return ModelChoice(local=root, preset=None, family=family, base_frames=config.sample_frames, config=config)
+        return ModelChoice(local=root, preset=None, family=family, config=config)
     if looks_like_path(model):
         raise OptionError(
             f"--model {model}: no such folder ({local.resolve()}). Pass a CogVideoX model folder (text_encoder/, "
@@ -218,7 +225,7 @@ def choose_model(model: str, parts: tuple[str, ...] = GENERATE_PARTS) -> ModelCh
         raise OptionError(f"--model {model} is not a model preset ({preset.description or 'a LoRA'})")
     family = preset.family
     config = DIT_PRESETS[family]
-    return ModelChoice(local=None, preset=model, family=family, base_frames=config.sample_frames, config=config)
+    return ModelChoice(local=None, preset=model, family=family, config=config)
 
 
 def choose_lora(lora: str, model: ModelChoice, num_frames: int, models_dir: str | os.PathLike[str]) -> LoRAChoice:

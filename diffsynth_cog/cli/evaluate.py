@@ -15,7 +15,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-_TABLE = (
+# The headline numbers of ``VideoReport.summary``: (key, column title, format); the console table and the web UI.
+SUMMARY_COLUMNS = (
     ("frames", "frames", "{:d}"),
     ("fps", "fps", "{:g}"),
     ("size", "size", "{}"),
@@ -92,11 +93,11 @@ def _check_inputs(args: argparse.Namespace) -> list[int] | None:
 
 def format_table(rows: list[dict[str, Any]], names: list[str]) -> str:
     """The console table: one row per video, one column per headline number."""
-    header = ["video", *(title for _, title, _ in _TABLE)]
+    header = ["video", *(title for _, title, _ in SUMMARY_COLUMNS)]
     lines = [header]
     for name, row in zip(names, rows, strict=True):
         cells = [Path(name).name]
-        for key, _, form in _TABLE:
+        for key, _, form in SUMMARY_COLUMNS:
             value = row.get(key)
             cells.append("-" if value is None else form.format(value))
         lines.append(cells)
@@ -104,15 +105,21 @@ def format_table(rows: list[dict[str, Any]], names: list[str]) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
 
 
-def _print_findings(report: Any) -> None:
-    for event in report.events:
-        print(f"  {Path(report.name).name}: {event.kind} at frame {event.frame} ({event.detail})")
-    for join in report.joins:
+def finding_lines(events: list[dict[str, Any]], joins: list[dict[str, Any]]) -> list[str]:
+    """One line per event and per join (``VideoReport.to_dict``'s ``events`` and ``joins``)."""
+    lines = [f"{e['kind']} at frame {e['frame']} ({e['detail']})" for e in events]
+    for join in joins:
         ratio = join["ratio_to_elsewhere"]
-        print(
-            f"  {Path(report.name).name}: join at frame {join['frame']}: spike score {join['spike_score']:.2f}, "
-            f"warping error {join['warping_error']:.2f}" + (f" ({ratio:.2f}x elsewhere)" if ratio is not None else "")
+        lines.append(
+            f"join at frame {join['frame']}: spike score {join['spike_score']:.2f}, warping error "
+            f"{join['warping_error']:.2f}" + (f" ({ratio:.2f}x elsewhere)" if ratio is not None else "")
         )
+    return lines
+
+
+def _print_findings(report: Any) -> None:
+    for line in finding_lines([e.to_dict() for e in report.events], report.joins):
+        print(f"  {Path(report.name).name}: {line}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

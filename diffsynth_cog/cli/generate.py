@@ -404,12 +404,18 @@ def _generate_one(pipe, args: argparse.Namespace, options, output: str) -> None:
     logger.info("wrote %s (%d frames)", output, len(frames))
 
 
-def _write_options(pipe, args: argparse.Namespace) -> dict:  # noqa: ANN001
-    """save_video's options: fps, quality, and the settings of the video just made (the pipeline's, with the
-    fps written and the run's own options, which ``--like`` reads back), in a sidecar too with --save-settings."""
+def file_settings(pipe, args: argparse.Namespace) -> dict:  # noqa: ANN001
+    """The settings written into the video just made: the pipeline's (``pipe.last_settings``), with the fps
+    written and the run's own options, which ``--like`` reads back (the web UI writes the same)."""
     from diffsynth_cog.cli.generate_like import command_settings
 
-    settings = {**pipe.last_settings, "fps": args.fps, "command": command_settings(args)}
+    return {**pipe.last_settings, "fps": args.fps, "command": command_settings(args)}
+
+
+def _write_options(pipe, args: argparse.Namespace) -> dict:  # noqa: ANN001
+    """save_video's options: fps, quality, the video's settings (:func:`file_settings`), in a sidecar too with
+    --save-settings."""
+    settings = file_settings(pipe, args)
     return {"fps": args.fps, "quality": args.quality, "settings": settings, "sidecar": args.save_settings}
 
 

@@ -55,11 +55,6 @@ class GeneratePlan:
         return self.options.inputs.input_video
 
 
-# The command's length on CogVideoX 1.0: the ExVideo use case (129 frames with the ExVideo LoRA, merged by
-# --lora auto); the 1.5 models make their own long videos (81 or 161 frames) and take the family's defaults.
-EXVIDEO_FRAMES = 129
-
-
 def apply_model_defaults(args: argparse.Namespace) -> None:
     """Fills --height / --width / --num-frames / --fps left unset with the chosen model's defaults (its family's:
     768x1360, 81 frames, 16 fps on CogVideoX 1.5; 480x720, 8 fps and the ExVideo length on 1.0)."""
@@ -67,9 +62,7 @@ def apply_model_defaults(args: argparse.Namespace) -> None:
         family = get_family(choose_model(args.model).family)
     except ValueError:  # a bad --model is reported by check_generate_args, after the options' own checks
         family = get_family("cogvideox-5b")
-    defaults = family.defaults()
-    if family.patch_size_t == 1:  # CogVideoX 1.0
-        defaults["num_frames"] = EXVIDEO_FRAMES
+    defaults = family.defaults() | {"num_frames": family.generate_frames}
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -85,25 +78,8 @@ def check_generate_args(args: argparse.Namespace, options: GenerationOptions) ->
     check_options(args, GENERATE_CHECKS)
     check_size(args.height, args.width)
     jobs = _check_outputs(args)
-    if args.denoising_strength is not None and not args.input_video:
-        raise OptionError(
-            f"--denoising-strength {args.denoising_strength} sets how much of an --input-video is kept: give the "
-            "video, or drop the option (a video from text is denoised from pure noise)"
-        )
-    _check_color_match(args)
     model = choose_model(args.model)
-    i2v = get_family(model.family).is_i2v
-    if i2v and not args.input_image:
-        raise OptionError(f"--model {args.model} is an image-to-video model: pass --input-image")
-    if args.input_image:
-        if not i2v:
-            raise OptionError(
-                "--input-image needs an image-to-video model (--model CogVideoX-5B-I2V or CogVideoX1.5-5B-I2V); "
-                f"{args.model} is {model.family}"
-            )
-        from diffsynth_cog.io.video import load_image
-
-        load_image(args.input_image)  # a missing or unreadable image fails here, not after loading
+    check_input_rules(args, model.family)
     if args.input_video:
         options = dataclasses.replace(
             options, inputs=dataclasses.replace(options.inputs, input_video=measure_input_video(args, model.config))
@@ -119,6 +95,32 @@ def check_generate_args(args: argparse.Namespace, options: GenerationOptions) ->
     plan = GeneratePlan(device=args.device, model=model, lora=lora, options=options, jobs=jobs)
     _check_with_model(args, plan)
     return plan
+
+
+def check_input_rules(args: argparse.Namespace, family: str | None) -> None:
+    """The rules between the inputs and the options (the command line's and the web UI's): a denoising strength
+    needs an input video, colour matching a continuation, an image-to-video model its image and an image such a
+    model (``family``: the model's family name; None skips the image rules: the pipeline checks them)."""
+    if args.denoising_strength is not None and not args.input_video:
+        raise OptionError(
+            f"--denoising-strength {args.denoising_strength} sets how much of an --input-video is kept: give the "
+            "video, or drop the option (a video from text is denoised from pure noise)"
+        )
+    _check_color_match(args)
+    if family is None:
+        return
+    i2v = get_family(family).is_i2v
+    if i2v and not args.input_image:
+        raise OptionError(f"--model {args.model} is an image-to-video model: pass --input-image")
+    if args.input_image:
+        if not i2v:
+            raise OptionError(
+                "--input-image needs an image-to-video model (--model CogVideoX-5B-I2V or CogVideoX1.5-5B-I2V); "
+                f"{args.model} is {family}"
+            )
+        from diffsynth_cog.io.video import load_image
+
+        load_image(args.input_image)  # a missing or unreadable image fails here, not after loading
 
 
 def _check_color_match(args: argparse.Namespace) -> None:

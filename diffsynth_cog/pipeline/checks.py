@@ -45,7 +45,7 @@ from diffsynth_cog.pipeline.sampling import DIFFSYNTH, DIFFUSERS, Conventions, c
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "latent")
-DEFAULT_DIT_TILES = TileSpec((480, 720), (0.5, 0.5))  # dit_tiled=True: base-size tiles overlapping by half
+DIT_TILE_OVERLAP = (0.5, 0.5)  # dit_tiled=True: tiles of the family's default size, overlapping by half
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def check_call(config: DiTConfig, options: GenerationOptions) -> CheckedCall:
         video=video,
         kept=kept,
         windows=windows,
-        tiles=_tiles(config, options.memory.dit_tiled),
+        tiles=_tiles(config, options.memory.dit_tiled, inputs.height, inputs.width),
         conventions=conventions,
         padding=plan.padding,
     )
@@ -124,11 +124,18 @@ def _windows(config: DiTConfig, windows: bool | WindowSpec | None) -> WindowSpec
     return dataclasses.replace(windows, patch_t=config.temporal_patch)
 
 
-def _tiles(config: DiTConfig, dit_tiled: bool | TileSpec) -> TileSpec | None:
-    """The DiT's tiles of a call (True: the family's default size, overlapping by half)."""
-    if dit_tiled is True and config.family.version != "1.0":
-        return dataclasses.replace(DEFAULT_DIT_TILES, size=config.family.default_size())
-    return (DEFAULT_DIT_TILES if dit_tiled is True else dit_tiled) or None
+def _tiles(config: DiTConfig, dit_tiled: bool | TileSpec, height: int, width: int) -> TileSpec | None:
+    """The DiT's tiles of a call (True: the family's default size, overlapping by half); None, with a warning,
+    when the video fits one tile (tiles would change nothing)."""
+    tiles = TileSpec(config.family.default_size(), DIT_TILE_OVERLAP) if dit_tiled is True else (dit_tiled or None)
+    if tiles is not None and height <= tiles.size[0] and width <= tiles.size[1]:
+        logger.warning(
+            "DiT tiles of %dx%d px: the %dx%d video fits one tile, so the DiT runs untiled (tiles are for larger "
+            "sizes)",
+            *tiles.size, height, width,
+        )  # fmt: skip
+        return None
+    return tiles
 
 
 def _check_prompts(prompt: object, negative_prompt: object) -> None:

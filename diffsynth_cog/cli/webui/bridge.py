@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffsynth_cog.cli.webui.controls import generate_defaults, page_words
+from diffsynth_cog.cli.webui.controls import generate_defaults, labels, page_words
 from diffsynth_cog.cli.webui.jobs import Job, PageError
 
 if TYPE_CHECKING:
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RANDOM_SEED = -1
+# Controls that only change how another one works: (this control, the one it works on); set alone they do nothing.
+MODIFIERS = (("window_overlap", "window_frames"), ("step_cache_method", "step_cache"), ("context_frames", "extend_by"))
 MAX_WINDOWED_FRAMES = 8 * 128 + 1  # with windows: any length at one window's memory; this bounds a typo
 
 
@@ -71,7 +73,8 @@ class JobResult:
     frames: int = 0
     seconds: float = 0.0
     seed: int = 0
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # the settings written into the video
+    checks: dict[str, Any] | None = None  # the temporal checks (``VideoReport.to_dict``), None without them
 
 
 @contextlib.contextmanager
@@ -123,19 +126,18 @@ def whole_number(value: Any, label: str) -> int:
 
 
 def longest_frames(args: argparse.Namespace, family: dict[str, Any]) -> int:
-    """The most frames the chosen mode makes: the model's long length (1.0 with the ExVideo LoRA: 129; 1.5: twice
-    its clip), any length with windows."""
-    from diffsynth_cog.cli.generate_checks import EXVIDEO_FRAMES
-
+    """The most frames the chosen mode makes: the family's long length in one pass (1.0 with the ExVideo LoRA:
+    129; 1.5: 161), any length with windows."""
     if args.window_frames:
         return MAX_WINDOWED_FRAMES
-    clip = int(family.get("num_frames", 49))
-    return EXVIDEO_FRAMES if clip <= 49 else 2 * (clip - 1) + 1
+    return int(family.get("long_frames", family.get("num_frames", args.num_frames)))
 
 
 def job_arguments(form: dict[str, Any], ui: UIOptions) -> argparse.Namespace:
     """The ``generate`` arguments of a job: the CLI's defaults, the page's values on top (typed values
     checked: whole numbers stay whole, -1 draws the seed used)."""
+    from diffsynth_cog.cli.checks import GENERATE_CHECKS, check_options
+    from diffsynth_cog.cli.generate_checks import check_input_rules
     from diffsynth_cog.configs import check_num_frames, check_size
 
     args = generate_defaults()
@@ -153,7 +155,9 @@ def job_arguments(form: dict[str, Any], ui: UIOptions) -> argparse.Namespace:
     if args.seed == RANDOM_SEED:
         args.seed = random.SystemRandom().randrange(2**63)
     args.riflex = riflex_value(args.riflex)
+    check_options(args, GENERATE_CHECKS)
     check_size(args.height, args.width)
+    check_input_rules(args, ui.families.get(args.model, {}).get("family"))
     check_num_frames(args.num_frames, name="Frames")
     longest = longest_frames(args, ui.families.get(args.model, {}))
     if args.num_frames > longest:
@@ -163,6 +167,16 @@ def job_arguments(form: dict[str, Any], ui: UIOptions) -> argparse.Namespace:
         )
     args.progress_bar = False
     return args
+
+
+def idle_modifiers(args: argparse.Namespace) -> list[str]:
+    """Notes for the controls set away from their default that do nothing here (their partner is off)."""
+    defaults, names = generate_defaults(), labels()
+    return [
+        f"{names[modifier]} {getattr(args, modifier)} does nothing without {names[partner]}"
+        for modifier, partner in MODIFIERS
+        if getattr(args, modifier) != getattr(defaults, modifier) and not getattr(args, partner)
+    ]
 
 
 def riflex_value(text: Any) -> list[int] | None:
@@ -193,26 +207,21 @@ def setup_of(args: argparse.Namespace) -> ModelSetup:
     )
 
 
-def settings_of(args: argparse.Namespace, frames: int) -> dict[str, Any]:
-    """The settings written into the video (``io.settings``' keys; the parts that were on)."""
-    settings: dict[str, Any] = {
-        "model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
-        "height": args.height, "width": args.width, "num_frames": frames, "fps": args.fps,
-        "steps": args.num_inference_steps, "sampler": args.sampler, "cfg_scale": float(args.cfg_scale),
-    }  # fmt: skip
-    if args.lora != "none":
-        settings["lora"] = [{"file": args.lora, "alpha": float(args.lora_alpha)}]
-    if args.window_frames:
-        settings["windows"] = {"frames": args.window_frames, "overlap": float(args.window_overlap)}
-    if args.sparse_attention:
-        settings["mask"] = {"spec": args.sparse_attention}
-    if args.riflex is not None:
-        settings["riflex"] = {"k_nk": list(args.riflex) or "published"}
-    if args.step_cache:
-        settings["step_cache"] = {"threshold": float(args.step_cache), "method": args.step_cache_method}
-    if args.extend_by:
-        settings["continuation"] = {"extend_by": args.extend_by, "context_frames": args.context_frames}
-    return settings
+def temporal_checks(video: list, fps: float, joins: list[int]) -> dict[str, Any] | None:
+    """The video's temporal checks (``evaluate``: flicker, warping error, colour drift, sharpness, events, the
+    joins' scores) for the result panel; None without the evaluate extras or for a single frame."""
+    try:
+        import numpy as np
+
+        from diffsynth_cog.evaluate.report import evaluate_frames
+    except ImportError as error:
+        logger.info("no temporal checks (pip install 'diffsynth-cog[evaluate]'): %s", error)
+        return None
+    if len(video) < 2:
+        return None
+    frames = np.stack([np.asarray(frame.convert("RGB")) for frame in video])
+    report = evaluate_frames(frames, fps, joins=joins)
+    return report.to_dict(with_curves=False)
 
 
 def _input_frames(args: argparse.Namespace) -> list | None:
@@ -238,16 +247,16 @@ def run_job(factory: PipelineFactory, ui: UIOptions, job: Job) -> JobResult:
 
 
 def _run(factory: PipelineFactory, ui: UIOptions, job: Job) -> JobResult:
-    from diffsynth_cog.cli.generate import EXTENSION_SETS, generation_options
+    from diffsynth_cog.cli.generate import EXTENSION_SETS, file_settings, generation_options
+    from diffsynth_cog.io.settings import joins_of
     from diffsynth_cog.io.video import save_video
 
     start = time.perf_counter()
     job.report(0.0, "checking the settings")
     args = job_arguments(job.form, ui)
     options = generation_options(args, input_video=_input_frames(args)).replace(output_type="pil")
-    if args.extend_by and not args.input_video:
-        raise PageError("Extend the input video by: give the video to continue under Input video")
     job.form["seed used"] = args.seed
+    job.notes.extend(idle_modifiers(args))
     steps = args.num_inference_steps
     pipe = factory(setup_of(args), lambda fraction, text: job.report(0.0, text))
 
@@ -265,12 +274,17 @@ def _run(factory: PipelineFactory, ui: UIOptions, job: Job) -> JobResult:
         video = pipe.generate(options, callback=on_step)
     job.report(1.0, "writing the mp4")
     path = new_video_path(ui.output_dir, args.seed, len(video))
-    settings = settings_of(args, len(video))
+    settings = file_settings(pipe, args)  # what the command line writes: the pipeline's settings + the run's
     save_video(video, path, fps=args.fps, quality=args.quality, settings=settings)
     seconds = time.perf_counter() - start
     status = f"{len(video)} frames, {steps} steps, seed {args.seed}, sampler {args.sampler}: {seconds:.1f} s"
     logger.info("job %d: %s; saved %s", job.id, status, path)
-    return JobResult(video=path, status=status, frames=len(video), seconds=seconds, seed=args.seed, settings=settings)
+    job.report(1.0, "checking the video (flicker, warping, colour drift, joins)")
+    checks = temporal_checks(video, args.fps, joins_of(settings))
+    return JobResult(
+        video=path, status=status, frames=len(video), seconds=seconds, seed=args.seed, settings=settings,
+        checks=checks,
+    )  # fmt: skip
 
 
 def new_video_path(output_dir: Path, seed: int, frames: int) -> Path:

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 def model_choices(models_dir: str | Path, given: str) -> dict[str, dict[str, Any]]:
-    """Model name -> its family's defaults (height, width, num_frames, fps): ``given`` (``--model``) first, then
+    """Model name -> its family's defaults (height, width, num_frames, fps), the most frames one pass makes
+    (``long_frames``) and the family's name (``family``): ``given`` (``--model``) first, then
     the presets, then model folders under ``models_dir`` (any folder with ``transformer/config.json``)."""
     from diffsynth_cog.cli.checks import choose_model
     from diffsynth_cog.families import get_family
@@ -34,7 +35,8 @@ def model_choices(models_dir: str | Path, given: str) -> dict[str, dict[str, Any
     found: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(names):
         try:
-            found[name] = get_family(choose_model(name).family).defaults()
+            family = get_family(choose_model(name).family)
+            found[name] = family.defaults() | {"long_frames": family.long_frames, "family": family.name}
         except (ValueError, KeyError, OSError) as error:
             logger.info("model %s is not offered: %s", name, error)
     return found
@@ -67,20 +69,43 @@ def working_backends() -> tuple[str, ...]:
     return tuple(working)
 
 
+IN_FLIGHT = ".incomplete"  # the modelscope client writes a file under this suffix, renamed once complete
+
+
+def download_line(folder: Path, start: dict[Path, int]) -> str | None:
+    """What is being downloaded under ``folder``: the bytes of each file in flight (or grown since ``start``),
+    named by its path under ``folder``; None when nothing grows."""
+    in_flight, done = [], 0
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.stat().st_size == start.get(path):
+            continue
+        if path.name.endswith(IN_FLIGHT):
+            name = str(path.relative_to(folder)).removesuffix(IN_FLIGHT)
+            in_flight.append(f"{name} {path.stat().st_size / 2**20:,.2f} MiB")
+        elif not path.name.startswith(".") and ".manifests" not in path.parts:
+            done += 1
+    if not in_flight and not done:
+        return None
+    finished = f"{done} file{'s' if done != 1 else ''} done"
+    return f"downloading the model: {', '.join(in_flight[-4:])}" + (f" ({finished})" if in_flight else f": {finished}")
+
+
 @contextlib.contextmanager
-def watch_downloads(folder: Path, report: Report, every: float = 0.5) -> Iterator[None]:
-    """While the block runs, reports the bytes of each file growing under ``folder`` (the downloads)."""
+def watch_downloads(folder: Path, report: Report, every: float = 0.25) -> Iterator[None]:
+    """While the block runs, reports the bytes of each file being downloaded under ``folder``."""
     done = threading.Event()
     start = {p: p.stat().st_size for p in folder.rglob("*") if p.is_file()} if folder.exists() else {}
 
     def watch() -> None:
         while not done.wait(every):
-            growing = [
-                (p, p.stat().st_size) for p in folder.rglob("*") if p.is_file() and p.stat().st_size != start.get(p)
-            ]
-            if growing:
-                text = ", ".join(f"{p.name} {size / 2**20:,.1f} MiB" for p, size in growing[-4:])
-                report(0.0, f"downloading the model: {text}")
+            line = None
+            with contextlib.suppress(OSError):  # a file renamed or removed while listed: the next look sees it
+                line = download_line(folder, start) if folder.exists() else None
+            if line:
+                try:
+                    report(0.0, line)
+                except Exception:  # noqa: BLE001 - Stop was pressed: the job's own thread raises it after the download
+                    return
 
     thread = threading.Thread(target=watch, name="webui-downloads", daemon=True)
     thread.start()

@@ -14,22 +14,66 @@ from diffsynth_cog.cli.webui.jobs import DONE, FAILED, RUNNING, Job
 
 logger = logging.getLogger(__name__)
 
-SHOWN_SETTINGS = ("model", "seed", "num_frames", "height", "width", "steps", "sampler", "cfg_scale", "windows",
-                  "mask", "riflex", "step_cache", "continuation", "lora")  # fmt: skip
+SHOWN_SETTINGS = ("model", "seed", "num_frames", "height", "width", "fps", "steps", "sampler", "cfg_scale",
+                  "dynamic_cfg", "denoising_strength", "windows", "mask", "attention", "riflex", "step_cache",
+                  "continuation", "lora", "quantization", "offload")  # fmt: skip
 
 
 def file_url(path: Path) -> str:
     return f"/gradio_api/file={escape(str(Path(path).resolve()), quote=True)}"
 
 
+def setting_text(key: str, value: Any) -> str:
+    """One setting as the page shows it (``pipeline.settings``' keys: the parts are dicts, the LoRAs a list)."""
+    if key == "model" and isinstance(value, dict):
+        return str(value.get("label") or value.get("family") or value.get("path"))
+    if key == "lora" and isinstance(value, list):
+        return ", ".join(f"{Path(str(lora.get('file'))).name} x {lora.get('alpha')}" for lora in value) or "none"
+    if key == "windows" and isinstance(value, dict):
+        return f"{value.get('frames')} frames, overlap {value.get('overlap')}"
+    if key == "mask" and isinstance(value, dict):
+        return str(value.get("spec") or value.get("name"))
+    if key == "riflex" and isinstance(value, dict):
+        return f"k {value.get('k')}, N_k {value.get('n_k')}"
+    if key == "step_cache" and isinstance(value, dict):
+        return f"{value.get('method')} {value.get('threshold')}"
+    if key == "continuation" and isinstance(value, dict):
+        return f"{value.get('extend_by')} frames after {value.get('source_frames')} (context {value.get('context_frames')})"
+    if key == "quantization" and isinstance(value, dict):
+        return str(value.get("mode"))
+    return str(value)
+
+
 def settings_html(settings: dict[str, Any] | None) -> str:
     if not settings:
         return "<i>no settings stored in the file</i>"
     rows = "".join(
-        f"<tr><th>{escape(k)}</th><td>{escape(str(settings[k]))}</td></tr>" for k in SHOWN_SETTINGS if k in settings
+        f'<tr data-setting="{escape(k)}"><th>{escape(k)}</th><td>{escape(setting_text(k, settings[k]))}</td></tr>'
+        for k in SHOWN_SETTINGS
+        if settings.get(k) not in (None, [], {})
     )
-    prompt = escape(str(settings.get("prompt", "")))
+    prompt = escape(str(settings.get("prompt") or ""))
     return f'<div class="prompt">{prompt}</div><table class="settings">{rows}</table>'
+
+
+def checks_html(checks: dict[str, Any] | None) -> str:
+    """The video's temporal checks (``evaluate``): its headline numbers, its events and its joins' scores."""
+    from diffsynth_cog.cli.evaluate import SUMMARY_COLUMNS, finding_lines
+
+    if checks is None:
+        return '<div id="job-checks"><i>no temporal checks (pip install "diffsynth-cog[evaluate]")</i></div>'
+    summary = checks["summary"]
+    rows = "".join(
+        f'<tr data-check="{key}"><th>{escape(title)}</th><td>{escape(form.format(summary[key]))}</td></tr>'
+        for key, title, form in SUMMARY_COLUMNS
+        if summary.get(key) is not None and key not in ("frames", "fps", "size")
+    )
+    lines = finding_lines(checks.get("events", []), checks.get("joins", []))
+    findings = "".join(f"<li>{escape(line)}</li>" for line in lines) or "<li>no events</li>"
+    return (
+        f'<div id="job-checks"><b>Temporal checks</b><table class="checks">{rows}</table>'
+        f'<ul class="findings">{findings}</ul></div>'
+    )
 
 
 def status_html(job: Job | None) -> str:
@@ -50,6 +94,7 @@ def status_html(job: Job | None) -> str:
     if job.state == DONE:
         parts.append(f'<div id="job-result">{escape(job.result.status)}</div>')
         parts.append(settings_html(job.result.settings))
+        parts.append(checks_html(getattr(job.result, "checks", None)))
     return "".join(parts) + "</div>"
 
 
@@ -108,7 +153,7 @@ def gallery_html(videos: list[Path]) -> str:
 CSS = """
 .job-error { color: #b00020; white-space: pre-wrap; font-weight: 600; margin: .4em 0; }
 #job-progress { width: 70%; }
-table.settings th { text-align: left; padding-right: 1em; }
+table.settings th, table.checks th { text-align: left; padding-right: 1em; }
 #gallery-items { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: .6em; }
 .gallery-item video { width: 100%; }
 .gallery-item figcaption { font-size: .8em; }
