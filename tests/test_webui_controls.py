@@ -22,7 +22,7 @@ from webui_browser import TinyFactory
 
 from diffsynth_cog import CogVideoPipeline, ModelManager
 from diffsynth_cog.cli.webui import Job, JobQueue, UIOptions, run_job
-from diffsynth_cog.cli.webui.controls import SECTIONS
+from diffsynth_cog.cli.webui.controls import SECTIONS, TOP, control
 from diffsynth_cog.io.settings import read_settings
 from diffsynth_cog.io.video import load_video_array, save_video
 
@@ -156,6 +156,12 @@ def test_every_control_of_the_page_has_a_case() -> None:
     controls = {dest for _, _, fields in SECTIONS for dest, _ in fields}
     covered = {name for _, changed, _, _ in CASES for name in changed}
     assert controls <= covered, f"controls without a case: {sorted(controls - covered)}"
+
+
+def test_no_controls_help_names_a_command_line_flag() -> None:
+    for dest, label in (*TOP, *(field for _, _, fields in SECTIONS for field in fields)):
+        spec = control(dest, label, {"model": (T2V,)})
+        assert "--" not in spec.help, f"{label}: {spec.help}"
 
 
 @pytest.mark.parametrize("changed,compared,effect", [case[1:] for case in CASES], ids=[case[0] for case in CASES])

@@ -160,13 +160,19 @@ def open_section(driver: Any, section: str) -> None:
 def upload(driver: Any, control: str, path: Path) -> None:
     """Gives ``path`` to an image or video input (``control``: its element id) and waits until it is uploaded."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver.find_element(By.CSS_SELECTOR, f"#{control} input[type=file]").send_keys(str(path))
-    WebDriverWait(driver, 30, poll_frequency=0.1).until(
-        lambda d: d.find_elements(By.CSS_SELECTOR, f"#{control} img, #{control} video"),
-        message=f"{control} never showed {path.name}",
-    )
+    shown = f"#{control} img[src], #{control} video[src]"
+
+    def sources(d: Any) -> set[str]:
+        return {e.get_attribute("src") for e in d.find_elements(By.CSS_SELECTOR, shown)}
+
+    before = sources(driver)
+    wait = WebDriverWait(driver, 30, poll_frequency=0.1)
+    located = (By.CSS_SELECTOR, f"#{control} input[type=file]")  # hidden: present once the section is drawn
+    wait.until(expected_conditions.presence_of_element_located(located)).send_keys(str(path))
+    wait.until(lambda d: sources(d) - before, message=f"{control} never showed {path.name}")
 
 
 def status_text(driver: Any) -> str:

@@ -135,14 +135,16 @@ def longest_frames(args: argparse.Namespace, family: dict[str, Any]) -> int:
 
 def job_arguments(form: dict[str, Any], ui: UIOptions) -> argparse.Namespace:
     """The ``generate`` arguments of a job: the CLI's defaults, the page's values on top (typed values
-    checked: whole numbers stay whole, -1 draws the seed used)."""
+    checked: whole numbers stay whole, -1 draws the seed used). An emptied number field whose option is off by
+    default (Window frames, Denoising strength) reaches the server as 0: it leaves the option off."""
     from diffsynth_cog.cli.checks import GENERATE_CHECKS, check_options
     from diffsynth_cog.cli.generate_checks import check_input_rules
     from diffsynth_cog.configs import check_num_frames, check_size
 
     args = generate_defaults()
     for dest, value in form.items():
-        if value is not None and value != "":
+        off_by_default = getattr(args, dest, None) is None and isinstance(value, int | float) and value == 0
+        if value is not None and value != "" and not off_by_default:
             setattr(args, dest, value)
     if not (args.prompt or "").strip():
         raise PageError("write a prompt first")

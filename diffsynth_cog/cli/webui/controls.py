@@ -65,6 +65,8 @@ SECTIONS: tuple[tuple[str, bool, tuple[tuple[str, str], ...]], ...] = (
 TOP = (("model", "Model"), ("prompt", "Prompt"), ("negative_prompt", "Negative prompt"))
 # Page words for the run's own flags that have no control here (the server's command line sets them).
 SERVER_FLAGS = {"--no-download": "the server's --no-download", "--models-dir": "the server's models folder"}
+# Command-line flags with no meaning in the page (a batch of prompts): the clause naming one is left out.
+CLI_ONLY_FLAGS = ("--prompts",)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,8 @@ def page_words(message: str) -> str:
     """A library or CLI message in the page's words: ``--lora none`` becomes ``LoRA "none"``, ``--riflex`` becomes
     ``RIFLEx``; the server's own flags say they are the server's."""
     known = flag_labels()
+    for flag in CLI_ONLY_FLAGS:
+        message = re.sub(rf";\s*[^;()]*{flag}\b", "", message)
 
     def replace(match: re.Match[str]) -> str:
         flag, value = match.group(1), match.group(2)

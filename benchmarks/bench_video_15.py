@@ -1,0 +1,166 @@
+"""Whole CogVideoX 1.5 videos, end to end (T5 encode, 50 denoising steps, VAE decode), on random full-size weights.
+
+Issue 23's goals on one H100: an 81-frame 1360x768 video exact in <= 300 s (the official figure is about 550 s),
+with fp8 + ``window:2`` + TeaCache 0.2 in <= 120 s; a 161-frame one with ``window:2`` in <= 7 min. Each run is
+timed from the prompt to the decoded frames (wall clock, synchronised), with its parts: text encoding, the
+denoising (steps computed vs skipped), the decode, peak memory. The exact run is the reference of the
+approximate ones: their output's error against it is reported (random weights cannot show quality).
+
+Runs (``--runs``, in order; one JSON ``bench_video_15.json`` under $OUT, rewritten after each):
+  * ``exact_81``: bf16, per-block ``torch.compile``, the fastest exact attention (FA3 where installed);
+  * ``fast_81``: fp8 linears + the ``window:2`` mask + TeaCache 0.2 (compiled);
+  * ``window_161``: 161 frames with ``window:2`` (compiled, bf16).
+
+    python benchmarks/bench_video_15.py [--runs exact_81 fast_81 window_161] [--steps 50]
+    python benchmarks/bench_video_15.py --smoke     # CPU, tiny 1.5 model, every run (tests/test_bench_15.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the offline tokenizer of the tests
+from common import rel_err, write_json  # noqa: E402
+
+from diffsynth_cog.configs import dit_preset, vae_preset  # noqa: E402
+from diffsynth_cog.denoise.masks import parse_attention  # noqa: E402
+from diffsynth_cog.denoise.teacache import make_step_skipper  # noqa: E402
+from diffsynth_cog.models.dit import CogDiT  # noqa: E402
+from diffsynth_cog.models.text_encoder import CogTextEncoder  # noqa: E402
+from diffsynth_cog.models.vae import CogVAE  # noqa: E402
+from diffsynth_cog.pipeline.cog_video import CogVideoPipeline  # noqa: E402
+
+logger = logging.getLogger("bench_video_15")
+PROMPT = "a lighthouse at dusk, waves rolling in, the beam sweeping over the sea"
+NOTE = "random weights: time and agreement only, no quality"
+# name -> (frames, DiT linears, attention mask, step skipping)
+RUNS: dict[str, tuple[int, str, str | None, float | None]] = {
+    "exact_81": (81, "none", None, None),
+    "fast_81": (81, "fp8", "window:2", 0.2),
+    "window_161": (161, "none", "window:2", None),
+}
+
+
+def build_pipeline(smoke: bool, quantize: str, compile_blocks: bool) -> CogVideoPipeline:
+    """The 1.5 T2V pipeline on random weights: full size on the GPU, or the tests' tiny model on the CPU."""
+    from tiny_text import make_tiny_tokenizer
+
+    from diffsynth_cog.loading.text_encoder_loader import load_tokenizer
+
+    tokenizer = load_tokenizer(make_tiny_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer"))
+    if smoke:
+        from tiny_models import save_tiny_model_folder
+
+        from diffsynth_cog import ModelManager
+
+        folder = save_tiny_model_folder(Path(tempfile.mkdtemp()), "cogvideox1.5-5b", seed=0)
+        manager = ModelManager(torch_dtype=torch.float32, device="cpu", file_path_list=[folder])
+        pipe = CogVideoPipeline.from_model_manager(manager)
+    else:
+        from bench_generate import t5_xxl_encoder
+
+        dtype = torch.bfloat16
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            dit = CogDiT(dit_preset("cogvideox1.5-5b")).to(dtype).eval().requires_grad_(False)
+            vae = CogVAE(vae_preset("cogvideox1.5-5b")).to(dtype).eval().requires_grad_(False)
+        text_encoder = CogTextEncoder(t5_xxl_encoder("cuda", dtype), tokenizer)
+        pipe = CogVideoPipeline(dit, text_encoder, vae.encoder, vae.decoder, device="cuda", torch_dtype=dtype)
+    if quantize != "none":
+        from diffsynth_cog.quantization.swap import quantize_dit
+
+        quantize_dit(pipe.dit, quantize)
+    if compile_blocks:
+        pipe.dit.compile_blocks()
+    return pipe
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def whole_video(pipe: CogVideoPipeline, frames: int, size: tuple[int, int], steps: int, mask: str | None,
+                threshold: float | None) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
+    """One video from the prompt: its frames (float, [F, H, W, C]) and its timings."""
+    computed: list[int] = []
+    # TeaCache on the released 1.5 transformer (its published calibration); first-block on the smoke model
+    step_cache = make_step_skipper(threshold, "auto", pipe.dit) if threshold else None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    start = time.perf_counter()
+    emb, neg = pipe.encode_prompt(PROMPT), pipe.encode_prompt("")
+    sync()
+    text_s = time.perf_counter() - start
+    latents = pipe(
+        prompt_emb=emb, negative_prompt_emb=neg, height=size[0], width=size[1], num_frames=frames,
+        num_inference_steps=steps, cfg_scale=6.0, use_dynamic_cfg=True, seed=0, output_type="latent",
+        attention=parse_attention(mask) if mask else None, step_cache=step_cache, progress_bar=False,
+        callback=lambda i, t, x: computed.append(i),
+    )  # fmt: skip
+    sync()
+    denoise_s = time.perf_counter() - start - text_s
+    video = pipe.decode_latents(latents, tiled=True, progress=False)
+    sync()
+    total = time.perf_counter() - start
+    settings = pipe.last_settings or {}
+    timing = {
+        "total_s": round(total, 2),
+        "text_encode_s": round(text_s, 2),
+        "denoise_s": round(denoise_s, 2),
+        "decode_s": round(total - text_s - denoise_s, 2),
+        "steps": steps,
+        "step_cache": settings.get("step_cache"),
+        "steps_computed": step_cache.stats()["computed"] if step_cache is not None else steps,
+        "mask": (settings.get("mask") or {}).get("spec"),
+    }
+    if torch.cuda.is_available():
+        timing["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return video.float().cpu(), timing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS))
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--no-compile", action="store_true", help="eager blocks (the default compiles them)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny 1.5 model, tiny sizes, 2 steps")
+    parser.add_argument("--json", default="bench_video_15.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    size, steps, scale = ((768, 1360), args.steps, 1) if not args.smoke else ((32, 48), 2, 8)
+    result: dict[str, Any] = {"note": NOTE, "size": size, "runs": {}}
+    if torch.cuda.is_available() and not args.smoke:
+        result |= {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    exact: torch.Tensor | None = None
+    pipes: dict[str, CogVideoPipeline] = {}
+    for name in args.runs:
+        frames, quantize, mask, threshold = RUNS[name]
+        frames = frames if scale == 1 else (frames - 1) // (8 * scale) * 8 + 9  # smoke: 9 or 17 frames
+        if quantize not in pipes:  # one pipeline per kind of linears (fp8 is a second copy of the weights)
+            pipes.clear()
+            pipes[quantize] = build_pipeline(args.smoke, "int8" if args.smoke and quantize == "fp8" else quantize,
+                                             compile_blocks=not args.no_compile and not args.smoke)  # fmt: skip
+        video, timing = whole_video(pipes[quantize], frames, size, steps, mask, threshold)
+        timing["frames"] = frames
+        if name == "exact_81":
+            exact = video
+        elif exact is not None and video.shape == exact.shape:
+            timing["rel_err_vs_exact"] = rel_err(video, exact)
+        result["runs"][name] = timing
+        logger.info("%s: %s", name, timing)
+        write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()

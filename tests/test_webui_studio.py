@@ -1,0 +1,188 @@
+"""The web UI as a long-video studio, in a real headless browser: an image for image-to-video, a video to edit
+and to extend, a video made here continued from the page's own list, the temporal checks in the result panel,
+and a first model's download with the bytes of each file shown (a local ModelScope stand-in serving a tiny
+model slowly), then the message when it cannot be reached."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from modelscope_emulator import emulated_modelscope
+from PIL import Image
+from tiny_models import save_tiny_model_folder
+from webui_browser import (
+    TinyFactory,
+    generate,
+    needs_chromium,
+    open_page,
+    open_section,
+    pick,
+    save_small_png,
+    served_page,
+    shown_settings,
+    status_text,
+    type_into,
+    upload,
+    wait_for_state,
+)
+
+from diffsynth_cog import CogVideoPipeline, ModelManager
+from diffsynth_cog.cli.webui import UIOptions
+from diffsynth_cog.io.settings import read_settings
+from diffsynth_cog.io.video import load_video_array, save_video
+
+T2V, I2V = "tiny-t2v", "tiny-i2v"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+FAMILY = {"height": 32, "width": 48, "num_frames": 9, "fps": 8, "long_frames": 129}
+
+
+def ui_options(output_dir: Path, **values: Any) -> UIOptions:
+    return UIOptions(
+        output_dir=output_dir,
+        defaults={"model": T2V, "num_inference_steps": 2, "lora": "none", "seed": 4, **values},
+        families={T2V: FAMILY, I2V: FAMILY},
+        choices={"lora": ("none",), "attention": ("auto",)},
+        title="diffsynth-cog web UI (tiny test models)",
+    )
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str, Path]]:
+    """(driver, url, folder): the page over tiny text- and image-to-video pipelines, with input files."""
+    root = tmp_path_factory.mktemp("webui-studio")
+    pipes = {}
+    for name, preset in ((T2V, "cogvideox-5b"), (I2V, "cogvideox-5b-i2v")):
+        folder = save_tiny_model_folder(root / name, preset, seed=2)
+        manager = ModelManager(torch_dtype=torch.float32, device="cpu", file_path_list=[folder])
+        pipes[name] = CogVideoPipeline.from_model_manager(manager)
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray((rng.random((32, 48, 3)) * 255).astype(np.uint8)) for _ in range(17)]
+    save_video(frames, root / "source.mp4", fps=8)
+    frames[0].save(root / "image.png")
+    frames[9].save(root / "other.png")
+    with served_page(TinyFactory(pipes), ui_options(root / "videos"), root / "profile") as (driver, url, _):
+        yield driver, url, root
+
+
+def newest_video(folder: Path) -> Path:
+    return max(folder.glob("*.mp4"), key=lambda p: p.stat().st_mtime)
+
+
+@needs_chromium
+def test_an_image_makes_an_image_to_video_job_and_a_text_model_refuses_it(studio) -> None:
+    driver, url, root = studio
+    wait = open_page(driver, url)
+    open_section(driver, "image")
+    upload(driver, "opt-input-image", root / "image.png")
+    job = generate(driver, wait, "a boat")
+    wait_for_state(driver, wait, job, "failed")
+    assert "needs an I2V" in driver.find_element("css selector", "#job-error").text
+    pick(driver, "opt-model", I2V)
+    made = []
+    for image in ("image.png", "other.png"):
+        if image != "image.png":
+            upload(driver, "opt-input-image", root / image)
+        job = generate(driver, wait, "a boat")
+        wait_for_state(driver, wait, job, "done")
+        assert shown_settings(driver)["model"] == "CogVideoX-5B-I2V"
+        made.append(load_video_array(newest_video(root / "videos"))[0].astype(np.float32))
+    assert np.abs(made[0] - made[1]).mean() > 0.5  # the image given reached the model
+
+
+@needs_chromium
+def test_a_video_is_edited_extended_and_a_video_made_here_continued_with_its_join_checked(studio) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver, url, root = studio
+    wait = open_page(driver, url)
+    pick(driver, "opt-model", T2V)
+    open_section(driver, "image")
+    upload(driver, "opt-input-video", root / "source.mp4")
+    type_into(driver, "#opt-denoising-strength input", "0.5")
+    job = generate(driver, wait, "waves")
+    wait_for_state(driver, wait, job, "done")
+    settings = shown_settings(driver)
+    assert (settings["num_frames"], settings["denoising_strength"]) == ("9", "0.5")  # cut to Frames
+
+    type_into(driver, "#opt-denoising-strength input", "")
+    open_section(driver, "long")
+    type_into(driver, "#opt-extend-by input", "8")
+    type_into(driver, "#opt-context-frames input", "9")
+    job = generate(driver, wait, "waves")
+    text = wait_for_state(driver, wait, job, "done")
+    extended = newest_video(root / "videos")
+    assert len(load_video_array(extended)[0]) == 17 + 8  # the whole video, then 8 new frames
+    assert shown_settings(driver)["continuation"] == "8 frames after 17 (context 9)"
+    assert "join at frame 17" in driver.find_element(By.CSS_SELECTOR, "#job-checks").text, text
+    assert "Temporal checks" in text and "flicker (VBench)" in text
+    if os.environ.get("UPDATE_DOCS_SCREENSHOT") == "1":  # the README's picture of a continuation and its checks
+        driver.execute_script("document.querySelector('#status').scrollIntoView();")
+        time.sleep(0.5)
+        driver.save_screenshot(str(root / "extend.png"))
+        save_small_png(root / "extend.png", DOCS / "webui-extend.png")
+
+    # A reloaded page has no input video: the page's own list continues the video just made.
+    wait = open_page(driver, url)
+    open_section(driver, "image")
+    pick(driver, "opt-previous-video", extended.name)
+    open_section(driver, "long")
+    type_into(driver, "#opt-extend-by input", "8")
+    job = generate(driver, wait, "waves")
+    wait_for_state(driver, wait, job, "done")
+    assert len(load_video_array(newest_video(root / "videos"))[0]) == 25 + 8
+    assert read_settings(newest_video(root / "videos"))["joins"][0] == 25
+
+
+@needs_chromium
+def test_a_first_model_downloads_with_the_bytes_of_each_file_shown_and_offline_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffsynth_cog.cli.main import build_parser
+    from diffsynth_cog.cli.webui.models import ModelPipelines
+    from diffsynth_cog.hub import presets
+
+    folder = save_tiny_model_folder(tmp_path / "source", "cogvideox-5b", seed=2)
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    hub_preset = presets.ModelPreset(
+        name="tiny-hub", model_id="test/tiny-hub", subfolder="tiny-hub", allow_patterns=("*",),
+        required=("transformer/config.json",), family="cogvideox-5b",
+    )  # fmt: skip
+    away = dataclasses.replace(hub_preset, name="tiny-away", subfolder="tiny-away")
+    monkeypatch.setattr(
+        presets, "PRESETS", MappingProxyType({**presets.PRESETS, "tiny-hub": hub_preset, "tiny-away": away})
+    )
+    with emulated_modelscope(monkeypatch, tmp_path, {"test/tiny-hub": files}) as hub:
+        hub.bytes_per_second = 300_000  # about 1.5 MB of files: seconds of download to watch
+        argv = ["webui", "--model", "tiny-hub", "--device", "cpu", "--dtype", "fp32", "--models-dir"]
+        args = build_parser().parse_args([*argv, str(tmp_path / "models")])
+        options = dataclasses.replace(
+            ui_options(tmp_path / "videos", model="tiny-hub"),
+            families={"tiny-hub": FAMILY, "tiny-away": FAMILY},
+        )
+        with served_page(ModelPipelines(args), options, tmp_path / "profile") as (driver, url, _):
+            wait = open_page(driver, url)
+            job = generate(driver, wait, "a boat")
+            seen: list[str] = []
+            wait.until(lambda d: seen.append(status_text(d)) or "MiB" in seen[-1], message=str(seen[-5:]))
+            line = next(s for s in seen if "MiB" in s)
+            assert "downloading the model: " in line and ".safetensors " in line, line
+            wait_for_state(driver, wait, job, "done")
+            assert (tmp_path / "models" / "tiny-hub" / "vae" / "config.json").is_file()
+
+            hub.stop()  # the hub goes away: the next model cannot be fetched
+            pick(driver, "opt-model", "tiny-away")
+            start = time.monotonic()
+            job = generate(driver, wait, "a boat")
+            wait_for_state(driver, wait, job, "failed")
+            error = driver.find_element("css selector", "#job-error").text
+            assert "the download failed (offline?)" in error, error
+            assert time.monotonic() - start < 60
