@@ -50,7 +50,7 @@ def ui_options(output_dir: Path, **values: Any) -> UIOptions:
         output_dir=output_dir,
         defaults={"model": T2V, "num_inference_steps": 2, "lora": "none", "seed": 4, **values},
         families={T2V: FAMILY, I2V: FAMILY},
-        choices={"lora": ("none",), "attention": ("auto",)},
+        choices={"lora": ("none", "auto"), "attention": ("auto", "sdpa")},
         title="diffsynth-cog web UI (tiny test models)",
     )
 
@@ -69,12 +69,83 @@ def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str,
     save_video(frames, root / "source.mp4", fps=8)
     frames[0].save(root / "image.png")
     frames[9].save(root / "other.png")
-    with served_page(TinyFactory(pipes), ui_options(root / "videos"), root / "profile") as (driver, url, _):
+    with served_page(TinyFactory(pipes), ui_options(root / "videos"), root / "profile") as (driver, url, demo):
+        driver.demo = demo  # the server's job queue, for the test that reads a job's form
         yield driver, url, root
 
 
 def newest_video(folder: Path) -> Path:
     return max(folder.glob("*.mp4"), key=lambda p: p.stat().st_mtime)
+
+
+# Every control set away from its default in the page: (element id suffix, how it is set, the value, the job's form
+# value). What each value does to the video is tests/test_webui_controls.py's; this proves that each reaches the job.
+PAGE_VALUES = [
+    ("height", "type", "48", 48),
+    ("width", "type", "32", 32),
+    ("num-frames", "type", "17", 17),
+    ("fps", "type", "16", 16),
+    ("num-inference-steps", "type", "3", 3),
+    ("cfg-scale", "type", "3.5", 3.5),
+    ("use-dynamic-cfg", "click", None, True),
+    ("sampler", "pick", "dpm", "dpm"),
+    ("seed", "type", "7", 7),
+    ("conventions", "pick", "diffsynth", "diffsynth"),
+    ("window-frames", "type", "9", 9),
+    ("window-overlap", "type", "0.5", 0.5),
+    ("sparse-attention", "type", "window:1", "window:1"),
+    ("riflex", "type", "1 4", "1 4"),
+    ("step-cache", "type", "0.3", 0.3),
+    ("step-cache-method", "pick", "first-block", "first-block"),
+    ("extend-by", "type", "8", 8),
+    ("context-frames", "type", "9", 9),
+    ("input-image", "upload", "image.png", "image.png"),
+    ("input-video", "upload", "source.mp4", "source.mp4"),
+    ("denoising-strength", "type", "0.5", 0.5),
+    ("offload", "pick", "model", "model"),
+    ("quantize", "pick", "int8", "int8"),
+    ("attention", "pick", "sdpa", "sdpa"),
+    ("tiled", "click", None, False),
+    ("dit-tiled", "click", None, True),
+    ("lora", "pick", "auto", "auto"),
+    ("lora-alpha", "type", "0.5", 0.5),
+]
+
+
+def test_page_values_cover_every_control() -> None:
+    from diffsynth_cog.cli.webui.controls import SECTIONS
+
+    ids = {dest.replace("_", "-") for _, _, fields in SECTIONS for dest, _ in fields}
+    assert ids == {name for name, *_ in PAGE_VALUES}
+
+
+@needs_chromium
+def test_every_control_set_in_the_page_reaches_the_job(studio) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver, url, root = studio
+    wait = open_page(driver, url)
+    for section in ("long", "image", "memory", "lora"):
+        open_section(driver, section)
+    for name, how, value, _ in PAGE_VALUES:
+        if how == "type":
+            type_into(driver, f"#opt-{name} :is(input, textarea)", value)
+        elif how == "pick":
+            pick(driver, f"opt-{name}", value)
+        elif how == "click":
+            driver.find_element(By.CSS_SELECTOR, f"#opt-{name} input[type=checkbox]").click()
+        else:
+            upload(driver, f"opt-{name}", root / value)
+    job = generate(driver, wait, "every control")
+    form = driver.demo.jobs.get(job).form
+    for name, how, _, expected in PAGE_VALUES:
+        got = form[name.replace("-", "_")]
+        if how == "upload":
+            assert Path(got).name == expected, (name, got)
+        elif isinstance(expected, bool | str):
+            assert got == expected, (name, got)
+        else:
+            assert float(got) == expected, (name, got)
 
 
 @needs_chromium

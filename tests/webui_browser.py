@@ -131,7 +131,9 @@ def field(driver: Any, selector: str) -> Any:
     from selenium.webdriver.support.ui import WebDriverWait
 
     located = (By.CSS_SELECTOR, selector)
-    return WebDriverWait(driver, 30, poll_frequency=0.1).until(expected_conditions.element_to_be_clickable(located))
+    return WebDriverWait(driver, 30, poll_frequency=0.1).until(
+        expected_conditions.element_to_be_clickable(located), message=f"{selector} is not there to type into"
+    )
 
 
 def type_into(driver: Any, selector: str, text: str) -> None:
