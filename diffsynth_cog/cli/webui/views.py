@@ -81,7 +81,8 @@ def status_html(job: Job | None) -> str:
     if job is None:
         return '<div id="job-none">No jobs yet: write a prompt and press Generate.</div>'
     title = f"Job {job.id}: {job.state}"
-    parts = [f'<div class="job job-{job.state}" data-job="{job.id}"><b>{escape(title)}</b> - {escape(job.activity)}']
+    activity = f" - {escape(job.activity)}" if job.activity != job.state else ""  # not "done - done"
+    parts = [f'<div class="job job-{job.state}" data-job="{job.id}"><b>{escape(title)}</b>{activity}']
     if job.state == RUNNING or job.state == DONE:
         parts.append(f'<progress id="job-progress" max="100" value="{job.progress * 100:.0f}"></progress> '
                      f"{job.progress:.0%}")  # fmt: skip
