@@ -26,7 +26,7 @@ SINCOS = "sincos"  # a fixed 3D sin-cos table added to the video tokens (2B)
 ROPE_FIT = "rope-fit"  # 3D RoPE, spatial coordinates fitted into the base grid (5B, 5B-I2V)
 ROPE_SLICE = "rope-slice"  # 3D RoPE on integer coordinates sliced from the max grid (1.5)
 
-# LoRA file layouts (``lora.files``): DiffSynth-Studio's names, diffusers / PEFT names.
+# LoRA file layouts (``lora.layouts``): DiffSynth-Studio's names, diffusers / PEFT names.
 LORA_DIFFSYNTH = "diffsynth"
 LORA_DIFFUSERS = "diffusers"
 

@@ -1,8 +1,8 @@
 """LoRA for the CogVideoX DiT, in two halves.
 
-Inference (:mod:`.files`, :mod:`.merge`): ``merge_lora`` reads a LoRA file (DiffSynth-Studio or
-diffusers/PEFT layout, safetensors only), checks all of it against the model's Linear layers and
-folds it into their weights; ``restore_base_weights`` undoes any number of merges bitwise.
+Inference (:mod:`.reader`, :mod:`.layouts`, :mod:`.files`, :mod:`.merge`): ``merge_lora`` reads a LoRA
+file (DiffSynth-Studio or diffusers/PEFT layout, safetensors only), checks all of it against the model's
+Linear layers and folds it into their weights; ``restore_base_weights`` undoes any number of merges bitwise.
 
 Training (:mod:`.layers`, :mod:`.export`): ``inject_lora`` swaps Linear layers for trainable
 ``LoRALinear``; ``lora_state_dict`` / ``ema_lora_state_dicts`` / ``export_lora`` turn the trained

@@ -30,8 +30,9 @@ from torch import nn
 from diffsynth_cog.errors import LoRAError
 from diffsynth_cog.io.atomic import save_safetensors_atomic
 from diffsynth_cog.loading.dit_loader import dit_name_in
-from diffsynth_cog.lora.files import _DIFFUSERS_PREFIXES, _HEADER_CONFIG_KEY, _MAX_LISTED, DIFFSYNTH, DIFFUSERS
+from diffsynth_cog.lora.files import _MAX_LISTED
 from diffsynth_cog.lora.layers import LoRALinear, lora_layers
+from diffsynth_cog.lora.layouts import _DIFFUSERS_PREFIXES, _HEADER_CONFIG_KEY, DIFFSYNTH, DIFFUSERS
 
 LORA_EXPORT_FORMATS = (DIFFSYNTH, DIFFUSERS)
 _DIFFUSERS_PREFIX = _DIFFUSERS_PREFIXES[0]  # "transformer.": the pipeline component
