@@ -116,6 +116,24 @@ def test_a_job_writes_its_video_with_its_settings_and_the_seed_used(tiny_pipe, t
     assert factory.setups == [ModelSetup(TINY, "none", 0.5, "model", "sdpa", FRAMES, "none")]
 
 
+def test_a_cut_prompt_is_a_note_of_the_job_and_a_refusal_is_one_console_line(
+    tiny_pipe, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="diffsynth_cog")
+    jobs = JobQueue(lambda job: run_job(tiny_factory(tiny_pipe), tiny_options(tmp_path / "out"), job))
+    long = "a lighthouse at dusk, waves rolling in, the beam sweeping over the sea, gulls circling overhead"
+    job = finish(jobs.submit(form(prompt=long)))
+    assert job.state == "done", job.error
+    assert any("was cut off" in note for note in job.notes), job.notes  # T5 reads 7 tokens of the tiny model
+    caplog.clear()
+    job = finish(jobs.submit(form(riflex="on")))  # refused by the pipeline's checks, after the model is there
+    assert job.state == "failed"
+    lines = [r for r in caplog.records if r.levelno >= logging.INFO and f"job {job.id}" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None  # one line, no traceback (that is -v's)
+
+
 def test_stop_ends_the_running_job_at_the_next_step(tiny_pipe, tmp_path: Path) -> None:
     factory = tiny_factory(tiny_pipe, pause=0.3)
     jobs = JobQueue(lambda job: run_job(factory, tiny_options(tmp_path / "out"), job))
