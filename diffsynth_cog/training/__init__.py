@@ -12,5 +12,7 @@ Modules (import them directly; this package file stays free of heavy imports suc
 * :mod:`diffsynth_cog.training.prepare`: :func:`prepare_cache`, :func:`load_encoders`.
 * :mod:`diffsynth_cog.training.encoders`: :func:`load_encoders` and each clip's encoding.
 * :mod:`diffsynth_cog.training.cache_folder`: the cache folder's settings, checks and records as prepare writes them.
-* :mod:`diffsynth_cog.training.cache`: :class:`LatentCacheDataset`, :class:`CacheInfo`.
+* :mod:`diffsynth_cog.training.cache_layout`: the cache's layout: :class:`CacheInfo` (``cache_info.json``), the
+  records and the manifests, and reading them.
+* :mod:`diffsynth_cog.training.cache`: :class:`LatentCacheDataset`, the trainer's dataset over the cache.
 """

@@ -5,7 +5,7 @@ encoders' configs (``_cache_info``; the clip geometry checked against the model 
 and ``cache_info.json`` is written, or checked against an earlier run's (``_write_or_check_info``).
 :func:`check_cache_dir` tells whether a folder can be a cache at all; ``_drop_stale`` removes the records
 whose inputs changed or left the dataset; :func:`write_record` writes one record atomically. The layout of
-the folder is :mod:`diffsynth_cog.training.cache`'s.
+the folder is :mod:`diffsynth_cog.training.cache_layout`'s.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from diffsynth_cog.io.atomic import save_safetensors_atomic, write_json_atomic
 from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.vae import CogVAE, CogVAEEncoder
 from diffsynth_cog.pipeline.sampling import image_latent_scale, latent_plan
-from diffsynth_cog.training.cache import CACHE_INFO, CacheError, CacheInfo, CacheRecord, dtype_name
+from diffsynth_cog.training.cache_layout import CACHE_INFO, CacheError, CacheInfo, CacheRecord, dtype_name
 from diffsynth_cog.training.data import VideoSample
 
 logger = logging.getLogger(__name__)

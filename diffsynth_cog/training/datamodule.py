@@ -28,7 +28,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from diffsynth_cog.configs import DiTConfig
-from diffsynth_cog.training.cache import CacheInfo, LatentCacheDataset
+from diffsynth_cog.training.cache import LatentCacheDataset
+from diffsynth_cog.training.cache_layout import CacheInfo
 from diffsynth_cog.training.config import TrainConfig
 from diffsynth_cog.training.module import read_dit_config
 from diffsynth_cog.training.sequence import data_parallel_coords

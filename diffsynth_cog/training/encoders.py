@@ -3,7 +3,7 @@
 :func:`load_encoders` loads the T5 text encoder and the VAE encoder (no decoder) of a model folder into
 :class:`Encoders`. The prepare step (:mod:`diffsynth_cog.training.prepare`) hands each clip and its caption
 to a ``_ClipEncoder``, which turns them into one record's tensors in the cache's storage dtype (layout in
-:mod:`diffsynth_cog.training.cache`), checks their shapes and gives the record's safetensors metadata.
+:mod:`diffsynth_cog.training.cache_layout`), checks their shapes and gives the record's safetensors metadata.
 
 Latents are the posterior MEAN by default. The VAE posterior is a Gaussian; diffusers' trainers draw
 a fresh sample from it at every step, which a cache cannot do: a cached draw is frozen, so it adds
@@ -28,7 +28,7 @@ from diffsynth_cog.loading.text_encoder_loader import load_text_encoder
 from diffsynth_cog.loading.vae_loader import load_vae_encoder
 from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.vae import CogVAE, CogVAEEncoder
-from diffsynth_cog.training.cache import CACHE_FORMAT, IMAGE_LATENTS_KEY, LATENTS_KEY, PROMPT_EMB_KEY, CacheInfo
+from diffsynth_cog.training.cache_layout import CACHE_FORMAT, IMAGE_LATENTS_KEY, LATENTS_KEY, PROMPT_EMB_KEY, CacheInfo
 from diffsynth_cog.training.data import VideoSample
 
 

@@ -2,7 +2,7 @@
 
 Long-video training keeps only the DiT in the training process (ExVideo's recipe): prompts and clips
 are encoded ahead of time, here, and the trainer reads the results from a latent cache (layout in
-:mod:`diffsynth_cog.training.cache`). One record is written per clip, atomically; the step can be
+:mod:`diffsynth_cog.training.cache_layout`). One record is written per clip, atomically; the step can be
 interrupted and re-run (finished records are not redone; records whose caption, clip or settings
 changed are, and records of clips no longer in the index are dropped) and spread over several
 processes (sample ``i`` goes to rank ``i % world_size``, each rank keeping its own manifest).
@@ -29,15 +29,6 @@ from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.errors import DiffSynthCogError
 from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.vae import CogVAE, CogVAEEncoder
-from diffsynth_cog.training.cache import (
-    CacheInfo,
-    CacheRecord,
-    finished_records,
-    manifest_name,
-    record_key,
-    record_name,
-    repair_manifest_tail,
-)
 from diffsynth_cog.training.cache_folder import (
     _cache_info,
     _drop_stale,
@@ -46,6 +37,15 @@ from diffsynth_cog.training.cache_folder import (
     write_record,
 )
 from diffsynth_cog.training.cache_folder import check_clip as check_clip
+from diffsynth_cog.training.cache_layout import (
+    CacheInfo,
+    CacheRecord,
+    finished_records,
+    manifest_name,
+    record_key,
+    record_name,
+    repair_manifest_tail,
+)
 from diffsynth_cog.training.data import (
     SKIP_REASONS,
     SkippedSample,

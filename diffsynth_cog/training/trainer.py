@@ -35,7 +35,7 @@ from diffsynth_cog.lora import (
     export_lora,
 )
 from diffsynth_cog.parallel.layout import ParallelError
-from diffsynth_cog.training.cache import CacheInfo
+from diffsynth_cog.training.cache_layout import CacheInfo
 from diffsynth_cog.training.checkpoints import (
     EXPORT_DTYPES,
     LAST_CHECKPOINT,
