@@ -309,3 +309,29 @@ def test_cli_factory_swaps_lora_and_memory_mode_on_one_loaded_model(tmp_path: Pa
             factory(ModelSetup(memory="disk"))
     finally:
         set_attention_backend("auto")
+
+
+def test_the_download_watch_names_each_file_in_flight_and_ends_quietly_when_the_job_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from diffsynth_cog.cli.webui import JobStopped
+    from diffsynth_cog.cli.webui.models import watch_downloads
+
+    crashes: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    lines: list[str] = []
+
+    def report(fraction: float, text: str) -> None:  # the job's report: Stop makes it raise
+        lines.append(text)
+        raise JobStopped
+
+    (tmp_path / "model" / "vae").mkdir(parents=True)
+    (tmp_path / "model" / "config.json").write_text("{}")  # there before: not a download
+    with watch_downloads(tmp_path, report, every=0.2):  # the first look comes after both files are written
+        (tmp_path / "model" / "vae" / "weights.safetensors.incomplete").write_bytes(b"\0" * 3 * 2**19)
+        (tmp_path / "model" / "text.safetensors").write_bytes(b"\0" * 10)  # a file done
+        time.sleep(0.5)
+    assert lines == ["downloading the model: model/vae/weights.safetensors 1.50 MiB (1 file done)"]
+    assert crashes == []  # the watcher ended on Stop without an unhandled exception
