@@ -15,19 +15,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
-from tiny_models import save_tiny_model_folder
-from webui_browser import TinyFactory
+from webui_browser import I2V, IMAGE, OTHER_IMAGE, SOURCE, T2V, TINY_FAMILY, TinyFactory, tiny_studio
 
-from diffsynth_cog import CogVideoPipeline, ModelManager
 from diffsynth_cog.cli.webui import Job, JobQueue, UIOptions, run_job
 from diffsynth_cog.cli.webui.controls import SECTIONS, TOP, control
 from diffsynth_cog.io.settings import read_settings
-from diffsynth_cog.io.video import load_video_array, save_video
+from diffsynth_cog.io.video import load_video_array
 
-T2V, I2V = "tiny-t2v", "tiny-i2v"
-SOURCE, IMAGE, OTHER_IMAGE = "source.mp4", "image.png", "other.png"  # made by the fixture, in its folder
 BASE = dict(model=T2V, prompt="a boat", height=32, width=48, num_frames=17, fps=8, num_inference_steps=2,
             lora="none", seed=3)  # fmt: skip
 
@@ -118,19 +112,8 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], Effect]] = [
 def studio(tmp_path_factory: pytest.TempPathFactory) -> tuple[JobQueue, TinyFactory, Path]:
     """A job queue over tiny text- and image-to-video pipelines, and the input files of the cases."""
     root = tmp_path_factory.mktemp("webui-controls")
-    pipes = {}
-    for name, preset in ((T2V, "cogvideox-5b"), (I2V, "cogvideox-5b-i2v")):
-        folder = save_tiny_model_folder(root / name, preset, seed=2)
-        manager = ModelManager(torch_dtype=torch.float32, device="cpu", file_path_list=[folder])
-        pipes[name] = CogVideoPipeline.from_model_manager(manager)
-    rng = np.random.default_rng(0)
-    frames = [Image.fromarray((rng.random((32, 48, 3)) * 255).astype(np.uint8)) for _ in range(17)]
-    save_video(frames, root / SOURCE, fps=8)
-    frames[0].save(root / IMAGE)
-    frames[5].save(root / OTHER_IMAGE)
-    family = {"height": 32, "width": 48, "num_frames": 9, "fps": 8, "long_frames": 129}
-    options = UIOptions(output_dir=root / "videos", families={T2V: family, I2V: family})
-    factory = TinyFactory(pipes)
+    factory = TinyFactory(tiny_studio(root))
+    options = UIOptions(output_dir=root / "videos", families={T2V: TINY_FAMILY, I2V: TINY_FAMILY})
     return JobQueue(lambda job: run_job(factory, options, job)), factory, root
 
 

@@ -15,11 +15,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from modelscope_emulator import emulated_modelscope
-from PIL import Image
 from tiny_models import save_tiny_model_folder
 from webui_browser import (
+    I2V,
+    IMAGE,
+    OTHER_IMAGE,
+    SOURCE,
+    T2V,
+    TINY_FAMILY,
     TinyFactory,
     generate,
     needs_chromium,
@@ -30,48 +34,36 @@ from webui_browser import (
     served_page,
     shown_settings,
     status_text,
+    tiny_studio,
     type_into,
     upload,
     wait_for_state,
 )
 
-from diffsynth_cog import CogVideoPipeline, ModelManager
 from diffsynth_cog.cli.webui import UIOptions
 from diffsynth_cog.io.settings import read_settings
-from diffsynth_cog.io.video import load_video_array, save_video
+from diffsynth_cog.io.video import load_video_array
 
-T2V, I2V = "tiny-t2v", "tiny-i2v"
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-FAMILY = {"height": 32, "width": 48, "num_frames": 9, "fps": 8, "long_frames": 129}
 
 
 def ui_options(output_dir: Path, **values: Any) -> UIOptions:
     return UIOptions(
         output_dir=output_dir,
         defaults={"model": T2V, "num_inference_steps": 2, "lora": "none", "seed": 4, **values},
-        families={T2V: FAMILY, I2V: FAMILY},
+        families={T2V: TINY_FAMILY, I2V: TINY_FAMILY},
         choices={"lora": ("none", "auto"), "attention": ("auto", "sdpa")},
         title="diffsynth-cog web UI (tiny test models)",
     )
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str, Path]]:
-    """(driver, url, folder): the page over tiny text- and image-to-video pipelines, with input files."""
+def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str, Path, Any]]:
+    """(driver, url, folder, demo): the page over tiny text- and image-to-video pipelines, with input files."""
     root = tmp_path_factory.mktemp("webui-studio")
-    pipes = {}
-    for name, preset in ((T2V, "cogvideox-5b"), (I2V, "cogvideox-5b-i2v")):
-        folder = save_tiny_model_folder(root / name, preset, seed=2)
-        manager = ModelManager(torch_dtype=torch.float32, device="cpu", file_path_list=[folder])
-        pipes[name] = CogVideoPipeline.from_model_manager(manager)
-    rng = np.random.default_rng(0)
-    frames = [Image.fromarray((rng.random((32, 48, 3)) * 255).astype(np.uint8)) for _ in range(17)]
-    save_video(frames, root / "source.mp4", fps=8)
-    frames[0].save(root / "image.png")
-    frames[9].save(root / "other.png")
-    with served_page(TinyFactory(pipes), ui_options(root / "videos"), root / "profile") as (driver, url, demo):
-        driver.demo = demo  # the server's job queue, for the test that reads a job's form
-        yield driver, url, root
+    factory = TinyFactory(tiny_studio(root))
+    with served_page(factory, ui_options(root / "videos"), root / "profile") as (driver, url, demo):
+        yield driver, url, root, demo
 
 
 def newest_video(folder: Path) -> Path:
@@ -99,8 +91,8 @@ PAGE_VALUES = [
     ("step-cache-method", "pick", "first-block", "first-block"),
     ("extend-by", "type", "8", 8),
     ("context-frames", "type", "9", 9),
-    ("input-image", "upload", "image.png", "image.png"),
-    ("input-video", "upload", "source.mp4", "source.mp4"),
+    ("input-image", "upload", IMAGE, IMAGE),
+    ("input-video", "upload", SOURCE, SOURCE),
     ("denoising-strength", "type", "0.5", 0.5),
     ("offload", "pick", "model", "model"),
     ("quantize", "pick", "int8", "int8"),
@@ -123,7 +115,7 @@ def test_page_values_cover_every_control() -> None:
 def test_every_control_set_in_the_page_reaches_the_job(studio) -> None:
     from selenium.webdriver.common.by import By
 
-    driver, url, root = studio
+    driver, url, root, demo = studio
     wait = open_page(driver, url)
     for section in ("long", "image", "memory", "lora"):
         open_section(driver, section)
@@ -137,7 +129,7 @@ def test_every_control_set_in_the_page_reaches_the_job(studio) -> None:
         else:
             upload(driver, f"opt-{name}", root / value)
     job = generate(driver, wait, "every control")
-    form = driver.demo.jobs.get(job).form
+    form = demo.jobs.get(job).form
     for name, how, _, expected in PAGE_VALUES:
         got = form[name.replace("-", "_")]
         if how == "upload":
@@ -150,17 +142,17 @@ def test_every_control_set_in_the_page_reaches_the_job(studio) -> None:
 
 @needs_chromium
 def test_an_image_makes_an_image_to_video_job_and_a_text_model_refuses_it(studio) -> None:
-    driver, url, root = studio
+    driver, url, root, demo = studio
     wait = open_page(driver, url)
     open_section(driver, "image")
-    upload(driver, "opt-input-image", root / "image.png")
+    upload(driver, "opt-input-image", root / IMAGE)
     job = generate(driver, wait, "a boat")
     wait_for_state(driver, wait, job, "failed")
     assert "needs an I2V" in driver.find_element("css selector", "#job-error").text
     pick(driver, "opt-model", I2V)
     made = []
-    for image in ("image.png", "other.png"):
-        if image != "image.png":
+    for image in (IMAGE, OTHER_IMAGE):
+        if image != IMAGE:
             upload(driver, "opt-input-image", root / image)
         job = generate(driver, wait, "a boat")
         wait_for_state(driver, wait, job, "done")
@@ -173,11 +165,11 @@ def test_an_image_makes_an_image_to_video_job_and_a_text_model_refuses_it(studio
 def test_a_video_is_edited_extended_and_a_video_made_here_continued_with_its_join_checked(studio) -> None:
     from selenium.webdriver.common.by import By
 
-    driver, url, root = studio
+    driver, url, root, demo = studio
     wait = open_page(driver, url)
     pick(driver, "opt-model", T2V)
     open_section(driver, "image")
-    upload(driver, "opt-input-video", root / "source.mp4")
+    upload(driver, "opt-input-video", root / SOURCE)
     type_into(driver, "#opt-denoising-strength input", "0.5")
     job = generate(driver, wait, "waves")
     wait_for_state(driver, wait, job, "done")
@@ -237,7 +229,7 @@ def test_a_first_model_downloads_with_the_bytes_of_each_file_shown_and_offline_s
         args = build_parser().parse_args([*argv, str(tmp_path / "models")])
         options = dataclasses.replace(
             ui_options(tmp_path / "videos", model="tiny-hub"),
-            families={"tiny-hub": FAMILY, "tiny-away": FAMILY},
+            families={"tiny-hub": TINY_FAMILY, "tiny-away": TINY_FAMILY},
         )
         with served_page(ModelPipelines(args), options, tmp_path / "profile") as (driver, url, _):
             wait = open_page(driver, url)

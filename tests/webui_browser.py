@@ -1,4 +1,4 @@
-"""What the web UI's tests share: tiny pipeline factories, and a real headless browser (Debian's chromium and
+"""What the web UI's tests share: tiny pipelines and their factory, input files, and a real headless browser (Debian's chromium and
 chromedriver, driven by Selenium) on a page served on a free 127.0.0.1 port, with the steps a user takes in it
 (type, pick, upload, press Generate, wait for a job's state)."""
 
@@ -14,8 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffsynth_cog import CogVideoPipeline
 from diffsynth_cog.cli.webui import ModelSetup, UIOptions
@@ -38,6 +40,31 @@ needs_chromium = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None, reason="needs Debian's chromium and chromium-driver (see .ci/run)"
 )
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+T2V, I2V = "tiny-t2v", "tiny-i2v"  # the tiny text- and image-to-video models of tiny_studio()
+# The tiny models' family values as the page holds them (UIOptions.families).
+TINY_FAMILY = {"height": 32, "width": 48, "num_frames": 9, "fps": 8, "long_frames": 129}
+SOURCE, IMAGE, OTHER_IMAGE = "source.mp4", "image.png", "other.png"  # tiny_studio()'s input files
+
+
+def tiny_studio(root: Path) -> dict[str, CogVideoPipeline]:
+    """Tiny text- and image-to-video pipelines by model name (:data:`T2V`, :data:`I2V`), and in ``root`` the
+    inputs a user gives: a 17-frame 48x32 video (:data:`SOURCE`) and two of its frames as images."""
+    from tiny_models import save_tiny_model_folder
+
+    from diffsynth_cog import ModelManager
+    from diffsynth_cog.io.video import save_video
+
+    pipes = {}
+    for name, preset in ((T2V, "cogvideox-5b"), (I2V, "cogvideox-5b-i2v")):
+        folder = save_tiny_model_folder(root / name, preset, seed=2)
+        manager = ModelManager(torch_dtype=torch.float32, device="cpu", file_path_list=[folder])
+        pipes[name] = CogVideoPipeline.from_model_manager(manager)
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray((rng.random((32, 48, 3)) * 255).astype(np.uint8)) for _ in range(17)]
+    save_video(frames, root / SOURCE, fps=8)
+    frames[0].save(root / IMAGE)
+    frames[9].save(root / OTHER_IMAGE)
+    return pipes
 
 
 class SlowPipeline:

@@ -30,6 +30,7 @@ from diffsynth_cog.configs import (
     dit_family,
 )
 from diffsynth_cog.errors import DiffSynthCogError
+from diffsynth_cog.families import get_family
 
 if TYPE_CHECKING:
     from diffsynth_cog.loading.model_folder import ModelFolder
@@ -160,8 +161,6 @@ class ModelChoice:
     @property
     def base_frames(self) -> int:
         """The longest clip the model was trained on (1.0: its config's 49; 1.5: 161, beyond its config's 81)."""
-        from diffsynth_cog.families import get_family
-
         sample_frames = self.config.sample_frames if self.config is not None else get_family(self.family).default_frames
         return get_family(self.family).trained_length(sample_frames)
 

@@ -139,7 +139,7 @@ def job_arguments(form: dict[str, Any], ui: UIOptions) -> argparse.Namespace:
     default (Window frames, Denoising strength) reaches the server as 0: it leaves the option off."""
     from diffsynth_cog.cli.checks import GENERATE_CHECKS, check_options
     from diffsynth_cog.cli.generate_checks import check_input_rules
-    from diffsynth_cog.configs import check_num_frames, check_size
+    from diffsynth_cog.configs import check_size
 
     args = generate_defaults()
     for dest, value in form.items():
@@ -160,7 +160,6 @@ def job_arguments(form: dict[str, Any], ui: UIOptions) -> argparse.Namespace:
     check_options(args, GENERATE_CHECKS)
     check_size(args.height, args.width)
     check_input_rules(args, ui.families.get(args.model, {}).get("family"))
-    check_num_frames(args.num_frames, name="Frames")
     longest = longest_frames(args, ui.families.get(args.model, {}))
     if args.num_frames > longest:
         raise PageError(
@@ -209,21 +208,16 @@ def setup_of(args: argparse.Namespace) -> ModelSetup:
     )
 
 
-def temporal_checks(video: list, fps: float, joins: list[int]) -> dict[str, Any] | None:
-    """The video's temporal checks (``evaluate``: flicker, warping error, colour drift, sharpness, events, the
-    joins' scores) for the result panel; None without the evaluate extras or for a single frame."""
+def temporal_checks(path: Path, frames: int) -> dict[str, Any] | None:
+    """The temporal checks of the video written (``evaluate``: flicker, warping error, colour drift, sharpness,
+    events, the scores of the joins its settings record) for the result panel; None without the evaluate extras
+    or for a single frame."""
     try:
-        import numpy as np
-
-        from diffsynth_cog.evaluate.report import evaluate_frames
+        from diffsynth_cog.evaluate.report import evaluate_video
     except ImportError as error:
         logger.info("no temporal checks (pip install 'diffsynth-cog[evaluate]'): %s", error)
         return None
-    if len(video) < 2:
-        return None
-    frames = np.stack([np.asarray(frame.convert("RGB")) for frame in video])
-    report = evaluate_frames(frames, fps, joins=joins)
-    return report.to_dict(with_curves=False)
+    return evaluate_video(path).to_dict(with_curves=False) if frames >= 2 else None
 
 
 def _input_frames(args: argparse.Namespace) -> list | None:
@@ -250,7 +244,6 @@ def run_job(factory: PipelineFactory, ui: UIOptions, job: Job) -> JobResult:
 
 def _run(factory: PipelineFactory, ui: UIOptions, job: Job) -> JobResult:
     from diffsynth_cog.cli.generate import EXTENSION_SETS, file_settings, generation_options
-    from diffsynth_cog.io.settings import joins_of
     from diffsynth_cog.io.video import save_video
 
     start = time.perf_counter()
@@ -282,7 +275,7 @@ def _run(factory: PipelineFactory, ui: UIOptions, job: Job) -> JobResult:
     status = f"{len(video)} frames, {steps} steps, seed {args.seed}, sampler {args.sampler}: {seconds:.1f} s"
     logger.info("job %d: %s; saved %s", job.id, status, path)
     job.report(1.0, "checking the video (flicker, warping, colour drift, joins)")
-    checks = temporal_checks(video, args.fps, joins_of(settings))
+    checks = temporal_checks(path, len(video))
     return JobResult(
         video=path, status=status, frames=len(video), seconds=seconds, seed=args.seed, settings=settings,
         checks=checks,

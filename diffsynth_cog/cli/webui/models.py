@@ -77,12 +77,15 @@ def download_line(folder: Path, start: dict[Path, int]) -> str | None:
     named by its path under ``folder``; None when nothing grows."""
     in_flight, done = [], 0
     for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.stat().st_size == start.get(path):
+        name = str(path.relative_to(folder))
+        if any(part.startswith(".") for part in path.relative_to(folder).parts) or not path.is_file():
+            continue  # the downloader's own records (hidden), folders
+        size = path.stat().st_size
+        if size == start.get(path):
             continue
-        if path.name.endswith(IN_FLIGHT):
-            name = str(path.relative_to(folder)).removesuffix(IN_FLIGHT)
-            in_flight.append(f"{name} {path.stat().st_size / 2**20:,.2f} MiB")
-        elif not path.name.startswith(".") and ".manifests" not in path.parts:
+        if name.endswith(IN_FLIGHT):
+            in_flight.append(f"{name.removesuffix(IN_FLIGHT)} {size / 2**20:,.2f} MiB")
+        else:
             done += 1
     if not in_flight and not done:
         return None
