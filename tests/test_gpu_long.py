@@ -1,6 +1,6 @@
 """The long-video parts on a GPU: compiled FlexAttention with our block masks against masked SDPA (forward and
 backward), a covering window against dense attention, the masks inside compiled blocks, the block mask built on
-the GPU, and windows / TeaCache in compiled blocks.
+the GPU, windows / TeaCache in compiled blocks, and CogVideoX 1.5's temporal patches in compiled blocks.
 
 Skipped without a CUDA GPU (CI has none):
 
@@ -143,3 +143,33 @@ def test_masks_windows_and_teacache_inside_fullgraph_compiled_blocks():
         skipper(x, 480, prompt)
         skipper.end_step()
         assert cache.stats()["computed"] == 2  # threshold 0: nothing skipped
+
+
+def test_15_masks_and_windows_in_temporal_patches_inside_fullgraph_compiled_blocks():
+    """CogVideoX 1.5's layout (temporal patches of 2, RoPE sliced from the max grid, I2V's ofs embedding) through
+    compiled blocks, in fp32 so that each part's effect (~1e-3 of the output at random weights) stands far above
+    the compiler's rounding: each part gives its eager result, and a window covering every patch is dense."""
+    config = dataclasses.replace(dit_preset("cogvideox1.5-5b-i2v"), num_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        dit = CogDiT(config).eval().requires_grad_(False)
+    g = torch.Generator("cuda").manual_seed(2)
+    # 10 latent frames = 5 temporal patches of 30 x 45 patches (a 480x720 crop of the 768x1360 grid): 6,750 tokens.
+    x = torch.randn(2, 32, 10, 60, 90, device="cuda", generator=g)
+    prompt = torch.randn(2, 226, config.text_embed_dim, device="cuda", generator=g)
+    cases = [
+        dict(attention=TemporalWindowAttention(1)),
+        dict(attention=RadialAttention(granularity="token")),
+        dict(windows=WindowSpec(frames=17, overlap=0.5, patch_t=2)),  # 5 latent frames -> windows of 6
+    ]
+    covering = dict(attention=TemporalWindowAttention(4))  # +-4 of 5 temporal patches: dense
+    with torch.no_grad():
+        dense = Denoiser(dit)(x, 500, prompt)
+        eager = [Denoiser(dit, **case)(x, 500, prompt) for case in cases]
+        assert rel(Denoiser(dit, **covering)(x, 500, prompt), dense) < 1e-5
+        for case, want in zip(cases, eager, strict=True):
+            assert rel(want, dense) > 1e-4, case  # the part changes the output at this length
+        dit.compile_blocks(fullgraph=True, dynamic=False)
+        for case, want in zip(cases, eager, strict=True):
+            assert rel(Denoiser(dit, **case)(x, 500, prompt), want) < 2e-5, case
+        assert rel(Denoiser(dit, **covering)(x, 500, prompt), dense) < 1e-5
