@@ -28,7 +28,8 @@ from diffsynth_cog.configs import (
 from diffsynth_cog.denoise.riflex import resolve_riflex
 from diffsynth_cog.denoise.windows import WindowSpec
 from diffsynth_cog.families import Family
-from diffsynth_cog.io.video import load_image, video_to_tensor
+from diffsynth_cog.io.frames import video_to_tensor
+from diffsynth_cog.io.video import load_image
 from diffsynth_cog.models.attention import check_backend
 from diffsynth_cog.models.tiling import TileSpec
 from diffsynth_cog.pipeline.continuation import kept_latent_frames

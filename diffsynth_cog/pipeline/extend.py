@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffsynth_cog.io.video import tensor_to_frames, video_to_tensor
+from diffsynth_cog.io.frames import tensor_to_frames, video_to_tensor
 from diffsynth_cog.pipeline.checks import check_output_type
 from diffsynth_cog.pipeline.continuation import check_extension, match_new_frames, require_color_matching
 from diffsynth_cog.pipeline.settings import Pipeline, continued_settings

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from diffsynth_cog.configs import DiTConfig, check_num_frames, check_size
 from diffsynth_cog.denoise.denoiser import Denoiser
 from diffsynth_cog.families import ROPE_SLICE, Family, get_family
-from diffsynth_cog.io.video import tensor_to_frames
+from diffsynth_cog.io.frames import tensor_to_frames
 from diffsynth_cog.schedulers import Sampler, diffsynth_noise
 
 DIFFSYNTH_FAMILY = get_family("cogvideox-5b")  # the factors of DiffSynth-Studio's noise (CogVideoX 1.0)

@@ -23,7 +23,8 @@ from PIL import Image
 from diffsynth_cog.denoise.denoiser import AttentionPart, Denoiser, StepSkipper
 from diffsynth_cog.denoise.teacache import make_step_skipper
 from diffsynth_cog.denoise.windows import WindowSpec, reschedule_noise
-from diffsynth_cog.io.video import load_image, video_to_tensor
+from diffsynth_cog.io.frames import video_to_tensor
+from diffsynth_cog.io.video import load_image
 from diffsynth_cog.models.dit import CogDiT
 from diffsynth_cog.models.text_encoder import CogTextEncoder
 from diffsynth_cog.models.tiling import TileSpec

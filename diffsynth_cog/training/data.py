@@ -31,7 +31,8 @@ from torch.utils.data import Dataset
 
 from diffsynth_cog.configs import check_num_frames
 from diffsynth_cog.errors import DiffSynthCogError
-from diffsynth_cog.io.video import VideoReadError, VideoTooShortError, load_video, video_to_tensor
+from diffsynth_cog.io.frames import video_to_tensor
+from diffsynth_cog.io.video import VideoReadError, VideoTooShortError, load_video
 
 logger = logging.getLogger(__name__)
 
