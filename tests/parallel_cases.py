@@ -313,6 +313,10 @@ TWO_RANK_CASES = [
         call={"sampler": "dpm"},
     ),
     dict(name="i2v-ulysses2", preset="5b-i2v", kind="i2v", layout={"cfg_parallel": False}),
+    # a window computed frame by frame over the gathered (padded: 37 tokens) sequence
+    dict(
+        name="window-frame-ulysses2", preset="5b", layout={"cfg_parallel": False}, call={"attention": "window:1:frame"}
+    ),
     dict(name="v2v-cfg2", preset="5b", kind="v2v", layout={"cfg_parallel": True}),
     dict(
         name="v2v-ring2", preset="5b", kind="v2v", layout={"cfg_parallel": False, "ulysses_degree": 1, "ring_degree": 2}

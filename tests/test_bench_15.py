@@ -23,7 +23,10 @@ def test_bench_15_smoke_runs_every_section_and_agrees_with_diffusers(tmp_path):
     assert dense["latent_frames"] == 4 and dense["video_tokens"] == 12
     assert dense["rel_diff_vs_reference"] < 1e-5 and dense["speedup"] > 0
     assert runs["17f_dense"]["latent_frames"] == 6 and runs["17f_window:1:token"]["attention"] == "window:1:token"
-    assert result["window_vs_short_dense"] > 0 and "random weights" in result["note"]
+    assert runs["17f_window:1:frame"]["attention"] == "window:1:frame"  # the same window, frame by frame
+    for spec in ("window:1:token", "window:1:frame"):
+        assert result[f"{spec}_vs_short_dense"] > 0
+    assert "random weights" in result["note"]
 
 
 def test_whole_video_benchmark_smoke_times_every_run_and_compares_the_approximate_one_with_the_exact(tmp_path):
@@ -32,10 +35,11 @@ def test_whole_video_benchmark_smoke_times_every_run_and_compares_the_approximat
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads((tmp_path / "bench_video_15.json").read_text())["runs"]
-    assert list(runs) == ["exact_81", "fast_81", "window_161"]
+    assert list(runs) == ["exact_81", "fast_81", "window_161", "window_161_frame"]
     for run in runs.values():  # the parts add up to the whole, within the clock's rounding
         parts = run["text_encode_s"] + run["denoise_s"] + run["decode_s"]
         assert abs(parts - run["total_s"]) < 0.05 and run["steps_computed"] <= run["steps"]
     assert runs["fast_81"]["mask"] == "window:2" and runs["fast_81"]["step_cache"]["threshold"] == 0.2
     assert 0 < runs["fast_81"]["rel_err_vs_exact"] < 1  # approximate: not bitwise, not unrelated
     assert runs["window_161"]["frames"] > runs["exact_81"]["frames"]
+    assert runs["window_161_frame"]["mask"] == "window:2:frame"

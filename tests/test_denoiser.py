@@ -81,7 +81,7 @@ class TextOnlyAttention:
     def __init__(self) -> None:
         self.layouts: list[TokenLayout] = []
 
-    def build(self, layout: TokenLayout, device: torch.device):
+    def build(self, layout: TokenLayout, device: torch.device, kernel=None):  # noqa: ANN001
         self.layouts.append(layout)
 
         def attend(q, k, v):

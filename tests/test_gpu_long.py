@@ -34,6 +34,7 @@ PARTS = [
     RadialAttention(),
     TemporalWindowAttention(1, granularity="token"),
     RadialAttention(min_width=256, granularity="token"),
+    TemporalWindowAttention(2, granularity="frame"),  # frame by frame with the dense kernel (FA3 in bf16 on Hopper)
 ]
 
 
@@ -63,7 +64,7 @@ def test_compiled_flex_equals_masked_attention(part):
         assert got.dtype == dtype and rel(got, want) < tol
 
 
-@pytest.mark.parametrize("granularity", ["block", "token"])
+@pytest.mark.parametrize("granularity", ["block", "token", "frame"])
 def test_padded_sequences_mask_the_padding_keys(granularity):
     attend = TemporalWindowAttention(1, granularity=granularity).build(LAYOUT, torch.device("cuda"))
     q, k, v = qkv(torch.float32, extra=100)
@@ -89,7 +90,7 @@ def test_block_mask_built_on_the_gpu_equals_the_cpu_one(granularity):
     assert torch.equal(gpu.full_kv_num_blocks.cpu(), cpu.full_kv_num_blocks)
 
 
-@pytest.mark.parametrize("granularity", ["block", "token"])
+@pytest.mark.parametrize("granularity", ["block", "token", "frame"])
 def test_masks_train_through_flex_attention_backward(granularity):
     attend = TemporalWindowAttention(1, granularity=granularity).build(LAYOUT, torch.device("cuda"))
     q, k, v = qkv(torch.float32, grad=True)
@@ -161,6 +162,8 @@ def test_15_masks_and_windows_in_temporal_patches_inside_fullgraph_compiled_bloc
         dict(attention=TemporalWindowAttention(1)),
         dict(attention=RadialAttention(granularity="token")),
         dict(windows=WindowSpec(frames=17, overlap=0.5, patch_t=2)),  # 5 latent frames -> windows of 6
+        dict(attention=TemporalWindowAttention(1, granularity="token")),
+        dict(attention=TemporalWindowAttention(1, granularity="frame")),  # the same window, frame by frame
     ]
     covering = dict(attention=TemporalWindowAttention(4))  # +-4 of 5 temporal patches: dense
     with torch.no_grad():
@@ -169,6 +172,7 @@ def test_15_masks_and_windows_in_temporal_patches_inside_fullgraph_compiled_bloc
         assert rel(Denoiser(dit, **covering)(x, 500, prompt), dense) < 1e-5
         for case, want in zip(cases, eager, strict=True):
             assert rel(want, dense) > 1e-4, case  # the part changes the output at this length
+        assert rel(eager[4], eager[3]) < 1e-5  # frame by frame = FlexAttention's token-exact window
         dit.compile_blocks(fullgraph=True, dynamic=False)
         for case, want in zip(cases, eager, strict=True):
             assert rel(Denoiser(dit, **case)(x, 500, prompt), want) < 2e-5, case

@@ -242,7 +242,7 @@ class MaskPart:
 
     name = "text-mask"
 
-    def build(self, layout, device):  # noqa: ANN001, ANN201
+    def build(self, layout, device, kernel=None):  # noqa: ANN001, ANN201
         return lambda q, k, v: v
 
     def check_compatible(self, parts):  # noqa: ANN001, ANN201

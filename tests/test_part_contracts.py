@@ -78,7 +78,7 @@ def test_parts_without_the_declared_members_are_refused_naming_what_they_lack(di
     class MaskWithoutCheck:
         name = "mask"
 
-        def build(self, layout, device):  # noqa: ANN001, ANN201
+        def build(self, layout, device, kernel=None):  # noqa: ANN001, ANN201
             return lambda q, k, v: v
 
     with pytest.raises(TypeError, match=r"AttentionPart; MaskWithoutCheck lacks \['check_compatible'\]"):

@@ -88,7 +88,7 @@ class ReferenceWindowAttention:
         sink = (frame == 0)[None, :].expand(n, n)
         return text[:, None] | text[None, :] | near | sink
 
-    def build(self, layout: TokenLayout, device: torch.device):  # noqa: ANN201
+    def build(self, layout: TokenLayout, device: torch.device, kernel=None):  # noqa: ANN001, ANN201
         allowed = self.allowed(layout).to(device)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,9 @@ def ring_refused(rank: int, world: int) -> str:
 
 def two_rank_session(rank: int, world: int) -> tuple[dict[str, Any], str]:
     """The split step's gradients (dense and masked), then ring attention asked for gradients."""
-    return sequence_parallel_grads(rank, world, 2, [None, "window:0:token"]), ring_refused(rank, world)
+    return sequence_parallel_grads(rank, world, 2, [None, "window:0:token", "window:0:frame"]), ring_refused(
+        rank, world
+    )
 
 
 def train_job(rank: int, world: int, values: dict[str, Any]) -> dict[str, Any]:

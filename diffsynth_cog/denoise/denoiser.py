@@ -49,7 +49,10 @@ class AttentionPart(Protocol):
 
     name: str
 
-    def build(self, layout: TokenLayout, device: torch.device) -> Attend: ...
+    def build(self, layout: TokenLayout, device: torch.device, kernel: Attend) -> Attend:
+        """The attention of calls with ``layout`` on ``device``; ``kernel`` is the dense attention the call would
+        use without this part (the kernel the DiT resolved), for parts that compute with it."""
+        ...
 
     def check_compatible(self, parts: DenoiserParts) -> None:
         """Raises (naming both parts) when this part cannot work with the transformer or the other ``parts``;
@@ -241,7 +244,8 @@ class Denoiser:
         kernel = dense_attention(self.attention) if isinstance(self.attention, str) else None
         state = self.dit.embed(latents, timestep, context, kernel, riflex=self.riflex)
         if isinstance(self.attention, AttentionPart):
-            state = dataclasses.replace(state, attend=self.attention.build(state.layout, latents.device))
+            attend = self.attention.build(state.layout, latents.device, state.attend)
+            state = dataclasses.replace(state, attend=attend)
         state = self.split.scatter(state)
         if self.step_skip is not None:
             state = self.step_skip.run(self.dit, state, key, self.split)

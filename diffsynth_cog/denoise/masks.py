@@ -32,6 +32,10 @@ tile is full or empty except those cut by the end of the sequence. At 129
 frames (480x720) the kept tiles hold 18.9 % of the token pairs for ``window:2`` (token level: 18.2 %)
 and 48.5 % for ``radial`` (34.2 %).
 
+A temporal window has a third way, ``granularity="frame"`` (``window:W:frame``): the token-exact window computed
+frame by frame with the call's dense kernel (:mod:`~diffsynth_cog.denoise.frame_windows`), since all queries of a
+frame see the same keys; radial bands are not whole frames and have no such form.
+
 Mechanics: a mask is a ``mask_mod(b, h, q_idx, kv_idx)`` predicate; its block mask (which 128 x 128
 tiles are empty, partial or full) is built once per token layout and length, chunk by chunk with
 bounded memory (:func:`~diffsynth_cog.denoise.block_masks.block_mask_from_mask_mod`; a block-granular mask
@@ -76,7 +80,8 @@ from diffsynth_cog.denoise.block_masks import (
     frame_band_mask_mod,
 )
 from diffsynth_cog.denoise.block_masks import MaskMod as MaskMod
-from diffsynth_cog.models.attention import BACKENDS
+from diffsynth_cog.denoise.frame_windows import FrameWindowAttention
+from diffsynth_cog.models.attention import BACKENDS, Attend, choose_backend, dense_attention
 from diffsynth_cog.models.tokens import TokenLayout
 from diffsynth_cog.validators import NON_NEGATIVE_INT, one_of
 
@@ -127,7 +132,10 @@ def flex_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
         return _compiled_flex(q, k, v, block_mask=block_mask, kernel_options=_kernel_options)
 
 
-GRANULARITIES = ("block", "token")
+# How a mask is applied: "block" and "token" through FlexAttention (the mask rounded out to whole blocks, or exact),
+# "frame" (temporal windows only) exact, one dense-kernel call per frame (:mod:`~diffsynth_cog.denoise.frame_windows`).
+FLEX_GRANULARITIES = ("block", "token")
+GRANULARITIES = (*FLEX_GRANULARITIES, "frame")
 
 
 class MaskedAttention:
@@ -140,7 +148,7 @@ class MaskedAttention:
     def __init__(
         self, layout: TokenLayout, bands: FrameBands, device: torch.device, block_size: int, granularity: str
     ) -> None:
-        one_of(GRANULARITIES).require("granularity", granularity)
+        one_of(FLEX_GRANULARITIES).require("granularity", granularity)
         self.layout, self.bands, self.device, self.block_size = layout, bands, device, block_size
         self.mask_mod = frame_band_mask_mod(layout, bands, device)
         self.table: torch.Tensor | None = None
@@ -183,7 +191,7 @@ class MaskedAttention:
 
 
 class _BandedAttention:
-    """An attention part of the denoiser (``build(layout, device) -> attend``) from per-distance bands."""
+    """An attention part of the denoiser (``build(layout, device, kernel) -> attend``) from per-distance bands."""
 
     name = "banded"
     _CACHE = 8  # layouts kept (windows and tiles reuse a handful)
@@ -196,7 +204,7 @@ class _BandedAttention:
         self.sink = sink
         self.block_size = block_size
         self.granularity = granularity
-        self._built: OrderedDict[tuple[TokenLayout, torch.device], MaskedAttention] = OrderedDict()
+        self._built: OrderedDict[tuple, Attend] = OrderedDict()
 
     def bands(self, layout: TokenLayout) -> FrameBands:
         raise NotImplementedError
@@ -208,27 +216,34 @@ class _BandedAttention:
         return None
 
     def _spec_suffix(self) -> str | None:
-        """``:token`` for token granularity; None when the block size is not the one specs use."""
+        """``:token`` / ``:frame`` for those granularities; None when the block size is not the one specs use."""
         if self.block_size != BLOCK_SIZE:
             return None
-        return ":token" if self.granularity == "token" else ""
+        return "" if self.granularity == "block" else f":{self.granularity}"
+
+    def _name_suffix(self) -> str:
+        return "" if self.granularity == "block" else f"-{self.granularity}"
 
     def check_compatible(self, parts: object) -> None:
         """A mask goes with every transformer and part (a split with ring attention refuses it, naming both)."""
 
-    def build(self, layout: TokenLayout, device: torch.device) -> MaskedAttention:
-        """The attention of calls with this layout; one shared object per (layout, device)."""
-        key = (layout, torch.device(device))
+    def build(self, layout: TokenLayout, device: torch.device, kernel: Attend | None = None) -> Attend:
+        """The attention of calls with this layout; one shared object per (layout, device[, kernel]).
+
+        ``kernel``: the dense attention the call would use without this part (the DiT's resolved kernel; None:
+        the process default), for parts that compute their mask with it; FlexAttention's ignore it."""
+        key = (layout, torch.device(device)) + ((kernel,) if self.granularity == "frame" else ())
         attend = self._built.get(key)
         if attend is None:
-            attend = MaskedAttention(
-                layout, self.bands(layout), torch.device(device), self.block_size, self.granularity
-            )
+            attend = self._make(layout, torch.device(device), kernel or dense_attention(choose_backend()))
             self._built[key] = attend
             while len(self._built) > self._CACHE:
                 self._built.popitem(last=False)
         self._built.move_to_end(key)
         return attend
+
+    def _make(self, layout: TokenLayout, device: torch.device, kernel: Attend) -> Attend:
+        return MaskedAttention(layout, self.bands(layout), device, self.block_size, self.granularity)
 
 
 class TemporalWindowAttention(_BandedAttention):
@@ -246,7 +261,7 @@ class TemporalWindowAttention(_BandedAttention):
         NON_NEGATIVE_INT.described("an integer >= 0 (latent frames each side)").require("window", window)
         super().__init__(sink, block_size, granularity)
         self.window = window
-        self.name = f"window{window}" + ("" if sink else "-nosink") + ("-token" if granularity == "token" else "")
+        self.name = f"window{window}" + ("" if sink else "-nosink") + self._name_suffix()
 
     @property
     def spec(self) -> str | None:
@@ -256,6 +271,11 @@ class TemporalWindowAttention(_BandedAttention):
     def bands(self, layout: TokenLayout) -> FrameBands:
         t, per = layout.grid[0], layout.tokens_per_frame
         return FrameBands(keep=tuple(d <= self.window for d in range(t)), width=(per,) * t, sink=self.sink)
+
+    def _make(self, layout: TokenLayout, device: torch.device, kernel: Attend) -> Attend:
+        if self.granularity == "frame":
+            return FrameWindowAttention(layout, self.window, self.sink, kernel, device)
+        return super()._make(layout, device, kernel)
 
 
 class RadialAttention(_BandedAttention):
@@ -287,13 +307,18 @@ class RadialAttention(_BandedAttention):
             raise ValueError(f"decay must be > 0; got {decay}")
         if dense_distance < 0 or min_width < 1:
             raise ValueError(f"dense_distance must be >= 0 and min_width >= 1; got {dense_distance}, {min_width}")
+        if granularity == "frame":
+            raise ValueError(
+                "radial attention has no 'frame' granularity: its bands are not whole frames, so a frame's queries "
+                "do not share their keys; use 'block' (the default) or 'token'"
+            )
         super().__init__(sink, block_size, granularity)
         self.decay, self.dense_distance, self.min_width = float(decay), dense_distance, min_width
         self.name = (
             "radial"
             if (decay, dense_distance, min_width, sink) == (1.0, 1, BLOCK_SIZE, True)
             else (f"radial(decay={decay},dense={dense_distance},min_width={min_width},sink={sink})")
-        ) + ("-token" if granularity == "token" else "")
+        ) + self._name_suffix()
 
     @property
     def spec(self) -> str | None:
@@ -344,7 +369,7 @@ def register_mask(name: str, usage: str) -> Callable[[MaskParser], MaskParser]:
     return register
 
 
-@register_mask("window", "'window:W' (W latent frames each side), 'window:W:nosink'")
+@register_mask("window", "'window:W' (W latent frames each side), 'window:W:nosink' (either with ':frame')")
 def _window_spec(args: list[str], granularity: str) -> TemporalWindowAttention | None:
     if 1 <= len(args) <= 2 and (len(args) == 1 or args[1] == "nosink"):
         return TemporalWindowAttention(int(args[0]), sink=len(args) == 1, granularity=granularity)
@@ -362,13 +387,14 @@ def parse_attention(spec: str) -> str | _BandedAttention:
     """A user's attention choice: a dense kernel name (``models.attention.BACKENDS``) or a mask spec of
     :data:`MASKS` (``window:W`` = +-W latent frames; on CogVideoX 1.5 +-W temporal patches of 2 latent frames, the
     token grid's time axis; ``window:W:nosink``, ``radial`` or ``radial:DECAY``); the masks at block granularity, or
-    with a ``:token`` suffix at token granularity (e.g. ``window:2:token``)."""
+    with a ``:token`` suffix at token granularity (e.g. ``window:2:token``); a window with a ``:frame`` suffix is
+    the token-exact window computed frame by frame with the dense kernel (``window:2:frame``)."""
     if spec in BACKENDS:
         return spec
     name, _, rest = spec.partition(":")
     args = [a for a in rest.split(":") if a] if rest else []
-    granularity = "token" if args[-1:] == ["token"] else "block"
-    args = args[:-1] if granularity == "token" else args
+    granularity = args[-1] if args[-1:] in (["token"], ["frame"]) else "block"
+    args = args[:-1] if granularity != "block" else args
     entry = MASKS.get(name)
     try:
         part = entry.parse(args, granularity) if entry is not None else None
@@ -379,5 +405,6 @@ def parse_attention(spec: str) -> str | _BandedAttention:
     usages = ", ".join(e.usage for e in MASKS.values())
     raise ValueError(
         f"unknown attention {spec!r}; valid: a kernel {BACKENDS}, {usages}, each at 128-token block granularity, "
-        "or token-exact with ':token' appended (e.g. 'window:2:token', 'radial:token')"
+        "or token-exact with ':token' appended (e.g. 'window:2:token', 'radial:token'); a window token-exact and "
+        "computed frame by frame with the dense kernel with ':frame' appended (e.g. 'window:2:frame')"
     )

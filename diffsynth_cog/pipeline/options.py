@@ -354,7 +354,8 @@ class LongVideo:
     attention: str | AttentionPart | None = option(
         None,
         "this call's attention: a kernel (``models.attention.BACKENDS``), a block-sparse mask (``window:W``: +-W "
-        "latent frames; ``radial``; ``:token`` appended for the token-exact mask; ``denoise.masks``) or a part",
+        "latent frames; ``radial``; ``:token`` appended for the token-exact mask, ``:frame`` for a window computed "
+        "frame by frame with the dense kernel; ``denoise.masks``) or a part",
         flag(
             "--attention",
             dest="attention",
@@ -369,7 +370,8 @@ class LongVideo:
             metavar="SPEC",
             help="block-sparse attention mask (FlexAttention): window:W (+-W latent frames, text global, first "
             "frame a sink), window:W:nosink, radial, radial:DECAY, decided per 128-token block; append :token for "
-            "the token-exact mask, e.g. window:2:token (default: dense attention)",
+            "the token-exact mask, e.g. window:2:token, or :frame for a window token-exact and frame by frame with the "
+            "dense kernel, e.g. window:2:frame (default: dense attention)",
         ),
     )
     step_cache: StepSkipper | StepCacheSpec | None = option(
