@@ -8,11 +8,12 @@ approximate ones: their output's error against it is reported (random weights ca
 
 Runs (``--runs``, in order; one JSON ``bench_video_15.json`` under $OUT, rewritten after each):
   * ``exact_81``: bf16, per-block ``torch.compile``, the fastest exact attention (FA3 where installed);
-  * ``fast_81``: fp8 linears + the ``window:2`` mask + TeaCache 0.2 (compiled);
+  * ``fast_81``: fp8 linears + the ``window:2`` mask + TeaCache 0.2 (compiled); ``fast_81_frame``: the same with the
+    window computed frame by frame (``window:2:frame``);
   * ``window_161``: 161 frames with ``window:2`` (compiled, bf16); ``window_161_frame``: the same window token-exact,
     computed frame by frame with the dense kernel (``window:2:frame``).
 
-    python benchmarks/bench_video_15.py [--runs exact_81 fast_81 window_161 window_161_frame] [--steps 50]
+    python benchmarks/bench_video_15.py [--runs exact_81 fast_81 fast_81_frame window_161 window_161_frame] [--steps 50]
     python benchmarks/bench_video_15.py --smoke     # CPU, tiny 1.5 model, every run (tests/test_bench_15.py)
 """
 
@@ -47,6 +48,7 @@ NOTE = "random weights: time and agreement only, no quality"
 RUNS: dict[str, tuple[int, str, str | None, float | None]] = {
     "exact_81": (81, "none", None, None),
     "fast_81": (81, "fp8", "window:2", 0.2),
+    "fast_81_frame": (81, "fp8", "window:2:frame", 0.2),
     "window_161": (161, "none", "window:2", None),
     "window_161_frame": (161, "none", "window:2:frame", None),
 }
