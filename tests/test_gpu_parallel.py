@@ -37,7 +37,7 @@ def available_backends() -> list[str]:
 @pytest.mark.parametrize("backend", available_backends())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_block_kernels_return_the_attention_and_its_log_sum_exp(backend, dtype):
-    from yunchang.ring.utils import update_out_and_lse
+    update_out_and_lse = pytest.importorskip("yunchang.ring.utils").update_out_and_lse  # the ring's merge
 
     g = torch.Generator("cuda").manual_seed(0)
     q, k, v = (torch.randn(2, 333, 4, 64, device="cuda", generator=g, dtype=dtype) for _ in range(3))
