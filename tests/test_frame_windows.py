@@ -46,13 +46,16 @@ def test_each_frame_is_one_kernel_call_over_the_sink_and_its_band():
         return dense_attention("sdpa")(q, k, v)
 
     layout = TokenLayout(n_text=5, grid=(6, 2, 3))  # 6 frames of 6 tokens: 41 tokens
-    attend = FrameWindowAttention(layout, window=1, sink=True, kernel=kernel, device=CPU)
+    attend = FrameWindowAttention(layout, TemporalWindowAttention(1).bands(layout), kernel, CPU)
     attend(*qkv(layout, extra=3))
     # text: every token; frames 0-2: one slice from token 0 (the band reaches the sink frame); frames 3-5: the text
     # and the sink frame (5 + 6 tokens) joined to their band (3 frames, 2 at the end); padding: the text.
     bands = [11 + 6, 5 + 18, 5 + 24, 11 + 18, 11 + 18, 11 + 12]
     assert calls == [(5, 41), *((6, n) for n in bands), (3, 5)]
     assert attend.key_ranges(4) == [(0, 11), (23, 41)] and attend.key_ranges(2) == [(0, 29)]
+    radial = RadialAttention(dense_distance=1, min_width=2).bands(layout)  # distance 1 whole, then narrow bands
+    with pytest.raises(ValueError, match="takes a temporal window"):
+        FrameWindowAttention(layout, radial, kernel, CPU)
 
 
 def test_frame_by_frame_window_trains_with_the_gradients_of_the_masked_attention():

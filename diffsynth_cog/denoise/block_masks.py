@@ -75,6 +75,14 @@ def frame_band_mask_mod(layout: TokenLayout, bands: FrameBands, device: torch.de
     return mask_mod
 
 
+def dense_mask(mask_mod: MaskMod, length: int, device: torch.device | str) -> torch.Tensor:
+    """A mask predicate over ``length`` tokens as a [length, length] boolean tensor (True = attends): for tests and
+    the CPU backward."""
+    idx = torch.arange(length, device=device, dtype=torch.int32)
+    zero = torch.zeros((), dtype=torch.int32, device=device)
+    return mask_mod(zero, zero, idx[:, None], idx[None, :])
+
+
 def block_table(
     layout: TokenLayout, token_mask_mod: MaskMod, device: torch.device | str, block_size: int
 ) -> torch.Tensor:

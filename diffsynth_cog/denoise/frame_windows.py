@@ -19,21 +19,23 @@ from __future__ import annotations
 
 import torch
 
-from diffsynth_cog.denoise.block_masks import FrameBands, frame_band_mask_mod
+from diffsynth_cog.denoise.block_masks import FrameBands, dense_mask, frame_band_mask_mod
 from diffsynth_cog.models.attention import Attend
 from diffsynth_cog.models.tokens import TokenLayout
 
 
 class FrameWindowAttention:
-    """The attention of one token layout under a temporal window of +-``window`` frames (``sink``: frame 0 seen by
-    every query), one ``kernel`` call per frame: q, k, v [B, L, H, D] -> [B, L, H, D], L >= the layout's tokens."""
+    """The attention of one token layout under a temporal window's ``bands`` (whole frames within +-W, frame 0 a
+    sink if ``bands.sink``; :meth:`TemporalWindowAttention.bands <diffsynth_cog.denoise.masks.TemporalWindowAttention
+    .bands>`), one ``kernel`` call per frame: q, k, v [B, L, H, D] -> [B, L, H, D], L >= the layout's tokens."""
 
-    def __init__(self, layout: TokenLayout, window: int, sink: bool, kernel: Attend, device: torch.device) -> None:
-        self.layout, self.window, self.sink, self.kernel = layout, window, sink, kernel
-        t, per = layout.grid[0], layout.tokens_per_frame
-        self.bands = FrameBands(keep=tuple(d <= window for d in range(t)), width=(per,) * t, sink=sink)
-        self.mask_mod = frame_band_mask_mod(layout, self.bands, device)
-        self.device = device
+    def __init__(self, layout: TokenLayout, bands: FrameBands, kernel: Attend, device: torch.device) -> None:
+        window = sum(bands.keep) - 1  # the distances kept: 0..W
+        per = layout.tokens_per_frame
+        if window < 0 or not all(bands.keep[: window + 1]) or any(w < per for w in bands.width[: window + 1]):
+            raise ValueError("frame-by-frame attention takes a temporal window: whole frames at distances 0..W only")
+        self.layout, self.window, self.sink, self.kernel, self.device = layout, window, bands.sink, kernel, device
+        self.mask_mod = frame_band_mask_mod(layout, bands, device)
 
     def key_ranges(self, frame: int) -> list[tuple[int, int]]:
         """The [start, end) token ranges of the keys frame ``frame``'s queries see (one or two ranges)."""
@@ -45,9 +47,7 @@ class FrameWindowAttention:
 
     def dense_mask(self, length: int) -> torch.Tensor:
         """The mask as a [length, length] boolean tensor (True = attends): for tests."""
-        idx = torch.arange(length, device=self.device, dtype=torch.int32)
-        zero = torch.zeros((), dtype=torch.int32, device=self.device)
-        return self.mask_mod(zero, zero, idx[:, None], idx[None, :])
+        return dense_mask(self.mask_mod, length, self.device)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         layout, length = self.layout, q.shape[1]

@@ -77,6 +77,7 @@ from diffsynth_cog.denoise.block_masks import (
     block_mask_from_mask_mod,
     block_mask_mod,
     block_table,
+    dense_mask,
     frame_band_mask_mod,
 )
 from diffsynth_cog.denoise.block_masks import MaskMod as MaskMod
@@ -173,9 +174,7 @@ class MaskedAttention:
 
     def dense_mask(self, length: int) -> torch.Tensor:
         """The mask as a [length, length] boolean tensor (True = attends): for tests and the CPU backward."""
-        idx = torch.arange(length, device=self.device, dtype=torch.int32)
-        zero = torch.zeros((), dtype=torch.int32, device=self.device)
-        return self.mask_mod(zero, zero, idx[:, None], idx[None, :])
+        return dense_mask(self.mask_mod, length, self.device)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         length = q.shape[1]
@@ -274,7 +273,7 @@ class TemporalWindowAttention(_BandedAttention):
 
     def _make(self, layout: TokenLayout, device: torch.device, kernel: Attend) -> Attend:
         if self.granularity == "frame":
-            return FrameWindowAttention(layout, self.window, self.sink, kernel, device)
+            return FrameWindowAttention(layout, self.bands(layout), kernel, device)
         return super()._make(layout, device, kernel)
 
 
