@@ -13,6 +13,7 @@ Sections (one JSON, ``bench_15.json`` under $OUT):
 Random weights cannot show quality: these figures are speed and agreement only.
 
     python benchmarks/bench_15.py [--compile] [--attention auto] [--repeat 3]
+    python benchmarks/bench_15.py --compiled-only --windows window:2:frame   # the compiled goal's sections only
     python benchmarks/bench_15.py --smoke      # CPU, tiny model, every section (what tests/test_bench_15.py runs)
 """
 
@@ -157,6 +158,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time both with per-block torch.compile")
     parser.add_argument("--attention", default="auto", choices=attn.BACKENDS, help="our attention backend")
+    parser.add_argument("--windows", nargs="+", help="the 161-frame window specs (default: window:2 and its :frame)")
+    parser.add_argument(
+        "--compiled-only", action="store_true", help="with --compile: skip the eager sections (and the 161 f dense)"
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny 1.5-structured model, tiny sizes")
     parser.add_argument("--json", default="bench_15.json")
     args = parser.parse_args()
@@ -168,20 +173,27 @@ def main() -> None:
         device, dtype, config = "cuda", torch.bfloat16, dit_preset("cogvideox1.5-5b")
         short, long, size, masks = 81, 161, (768, 1360), ("window:2", "window:2:frame")
         attn.set_attention_backend(args.attention)
+    if args.windows:
+        for spec in args.windows:
+            parse_attention(spec)  # a bad spec fails here, before the 5B model is built
+        masks = tuple(args.windows)
+    if args.compiled_only and not args.compile:
+        parser.error("--compiled-only needs --compile")
     torch.manual_seed(0)
     ref, ours = build_pair(config, dtype, device)
     result: dict[str, Any] = {"note": NOTE, "device": device, "batch": args.batch, "size": size, "runs": {}}
     if device == "cuda":
         result |= {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     runs = result["runs"]
-    runs[f"{short}f_dense"] = dense_vs_reference(ref, ours, short, size, args, device, dtype)
-    write_json(args.json, result)
-    runs[f"{long}f_dense"] = ours_only(ours, long, size, None, args, device, dtype)
-    for spec in masks:
-        runs[f"{long}f_{spec}"] = ours_only(ours, long, size, spec, args, device, dtype)
-        step = runs[f"{long}f_{spec}"]["ours"]["median_s"]
-        result[f"{spec}_vs_short_dense"] = step / runs[f"{short}f_dense"]["ours"]["median_s"]
+    if not args.compiled_only:
+        runs[f"{short}f_dense"] = dense_vs_reference(ref, ours, short, size, args, device, dtype)
         write_json(args.json, result)
+        runs[f"{long}f_dense"] = ours_only(ours, long, size, None, args, device, dtype)
+        for spec in masks:
+            runs[f"{long}f_{spec}"] = ours_only(ours, long, size, spec, args, device, dtype)
+            step = runs[f"{long}f_{spec}"]["ours"]["median_s"]
+            result[f"{spec}_vs_short_dense"] = step / runs[f"{short}f_dense"]["ours"]["median_s"]
+            write_json(args.json, result)
     if args.compile:
         for block in ref.transformer_blocks:
             block.compile(fullgraph=True)

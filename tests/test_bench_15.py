@@ -30,7 +30,7 @@ def test_bench_15_smoke_runs_every_section_and_agrees_with_diffusers(tmp_path):
 
 
 def test_whole_video_benchmark_smoke_times_every_run_and_compares_the_approximate_one_with_the_exact(tmp_path):
-    argv = [sys.executable, str(ROOT / "benchmarks" / "bench_video_15.py"), "--smoke"]
+    argv = [sys.executable, str(ROOT / "benchmarks" / "bench_video_15.py"), "--smoke", "--warmup"]
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -39,7 +39,18 @@ def test_whole_video_benchmark_smoke_times_every_run_and_compares_the_approximat
     for run in runs.values():  # the parts add up to the whole, within the clock's rounding
         parts = run["text_encode_s"] + run["denoise_s"] + run["decode_s"]
         assert abs(parts - run["total_s"]) < 0.05 and run["steps_computed"] <= run["steps"]
+        assert run["untimed_warmup_step_s"] > 0  # the compiler's step is timed apart, outside total_s
     assert runs["fast_81"]["mask"] == "window:2" and runs["fast_81"]["step_cache"]["threshold"] == 0.2
     assert 0 < runs["fast_81"]["rel_err_vs_exact"] < 1  # approximate: not bitwise, not unrelated
     assert runs["window_161"]["frames"] > runs["exact_81"]["frames"]
     assert runs["window_161_frame"]["mask"] == "window:2:frame"
+
+
+def test_bench_15_refuses_a_bad_window_spec_and_compiled_only_without_compile_before_building_the_model(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    script = str(ROOT / "benchmarks" / "bench_15.py")
+    for extra, expected in ((["--windows", "window:x"], "window"), (["--compiled-only"], "--compiled-only needs")):
+        done = subprocess.run([sys.executable, script, "--smoke", *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode != 0 and expected in done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / "bench_15.json").exists()  # nothing was run, nothing written
