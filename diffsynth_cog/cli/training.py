@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from diffsynth_cog.cli.checks import DTYPES
+from diffsynth_cog.io.json_files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -197,12 +198,7 @@ def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None):
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"training config not found: {p}")
-    try:
-        values = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise TrainConfigError(f"{p}: not valid JSON ({error})") from error
-    if not isinstance(values, dict):
-        raise TrainConfigError(f"{p}: expected a JSON object")
+    values = read_json(p, TrainConfigError)
     for text in overrides or []:
         key, value = _parse_override(text)
         values[key] = value

@@ -32,6 +32,7 @@ from typing import Any
 
 from diffsynth_cog.errors import DiffSynthCogError
 from diffsynth_cog.io.atomic import write_text_atomic
+from diffsynth_cog.io.json_files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -199,10 +200,4 @@ def read_settings(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     sidecar = source if source.suffix.lower() == ".json" else sidecar_path(source)
     if not sidecar.is_file():
         return None
-    try:
-        settings = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SettingsError(f"cannot read the settings file {sidecar}: {error}") from error
-    if not isinstance(settings, dict):
-        raise SettingsError(f"the settings file {sidecar} must hold a JSON object; found a {type(settings).__name__}")
-    return settings
+    return read_json(sidecar, SettingsError)

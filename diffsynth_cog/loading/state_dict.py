@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from diffsynth_cog.errors import WeightsFileError
+from diffsynth_cog.io.json_files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +45,7 @@ class WeightsSource:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise WeightsFileError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise WeightsFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    return read_json(path, WeightsFileError)
 
 
 def _shards_from_index(index_path: Path) -> tuple[Path, ...]:

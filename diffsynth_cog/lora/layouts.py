@@ -47,6 +47,7 @@ from typing import Any
 from torch import nn
 
 from diffsynth_cog.errors import LoRAError
+from diffsynth_cog.io.json_files import read_json
 from diffsynth_cog.loading.dit_loader import diffsynth_rename, dit_rename
 from diffsynth_cog.lora.reader import LoRATensors
 
@@ -114,13 +115,7 @@ def _config_from_folder(folder: Path | None, source: str) -> tuple[dict[str, Any
     if folder is None or not (folder / _ADAPTER_CONFIG_FILE).is_file():
         return None
     path = folder / _ADAPTER_CONFIG_FILE
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise LoRAError(f"{path}: cannot read the adapter config beside {source} ({e})") from e
-    if not isinstance(config, dict):
-        raise LoRAError(f"{path}: expected a JSON object")
-    return config, str(path)
+    return read_json(path, LoRAError), str(path)
 
 
 class _Alphas:

@@ -16,7 +16,6 @@ reads it through :func:`alpha_at`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from diffsynth_cog.configs import check_field_types
+from diffsynth_cog.io.json_files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -118,13 +118,7 @@ class SchedulerConfig:
             p = p / "scheduler_config.json"
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no scheduler config file")
-        try:
-            values = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from e
-        if not isinstance(values, dict):
-            raise ValueError(f"{p}: expected a JSON object, found {type(values).__name__}")
-        return cls.from_dict(values, source=str(p))
+        return cls.from_dict(read_json(p, ValueError), source=str(p))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -48,6 +48,7 @@ from safetensors import SafetensorError, safe_open
 
 from diffsynth_cog.configs import DiTConfig
 from diffsynth_cog.errors import DiffSynthCogError
+from diffsynth_cog.io.json_files import read_json
 from diffsynth_cog.pipeline.sampling import image_latent_scale, latent_plan
 
 logger = logging.getLogger(__name__)
@@ -217,11 +218,7 @@ class CacheInfo:
         path = Path(cache_dir) / CACHE_INFO
         if not path.is_file():
             raise CacheError(f"{Path(cache_dir)}: no {CACHE_INFO}; not a latent cache (run the prepare step first)")
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise CacheError(f"{path}: not valid JSON ({error})") from error
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict(read_json(path, CacheError), source=str(path))
 
     def record_settings(self) -> dict[str, Any]:
         """The settings every record is made with (part of each record's key, see :func:`record_key`). The image

@@ -13,7 +13,6 @@ Relative paths are taken relative to the current directory (where the job is lau
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 from diffsynth_cog.configs import check_num_frames, check_side
 from diffsynth_cog.denoise.masks import parse_attention
 from diffsynth_cog.errors import DiffSynthCogError
+from diffsynth_cog.io.json_files import read_json
 from diffsynth_cog.lora import BLOCK_LINEAR_TARGETS
 from diffsynth_cog.validators import (
     BOOLEAN,
@@ -239,11 +239,7 @@ class TrainConfig:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"training config not found: {p}")
-        try:
-            values = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise TrainConfigError(f"{p}: not valid JSON ({error})") from error
-        return cls.from_dict(values, source=str(p))
+        return cls.from_dict(read_json(p, TrainConfigError), source=str(p))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible values (tuples as lists); ``from_dict(to_dict())`` gives the same config."""

@@ -19,7 +19,6 @@ all key on it, so it must not change when other records are skipped.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from torch.utils.data import Dataset
 from diffsynth_cog.configs import check_num_frames
 from diffsynth_cog.errors import DiffSynthCogError
 from diffsynth_cog.io.frames import video_to_tensor
+from diffsynth_cog.io.json_files import read_json
 from diffsynth_cog.io.video import VideoReadError, VideoTooShortError, load_video
 
 logger = logging.getLogger(__name__)
@@ -127,14 +127,7 @@ def _make_samples(
 
 
 def _read_json_index(path: Path) -> list[VideoSample]:
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise DatasetIndexError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(rows, list):
-        raise DatasetIndexError(
-            f"{path}: expected a JSON list of {{'file_name': ..., 'text': ...}} objects, got a {type(rows).__name__}"
-        )
+    rows = read_json(path, DatasetIndexError, expect=list, shape="of {'file_name': ..., 'text': ...} objects")
     return _make_samples(rows, path.parent, path, [f"record {i + 1}" for i in range(len(rows))])
 
 
