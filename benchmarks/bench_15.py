@@ -13,7 +13,7 @@ Sections (one JSON, ``bench_15.json`` under $OUT):
 Random weights cannot show quality: these figures are speed and agreement only.
 
     python benchmarks/bench_15.py [--compile] [--attention auto] [--repeat 3]
-    python benchmarks/bench_15.py --compiled-only --windows window:2:frame   # the compiled goal's sections only
+    python benchmarks/bench_15.py --compile --compiled-only --windows window:2:frame [--no-reference]  # the goal alone
     python benchmarks/bench_15.py --smoke      # CPU, tiny model, every section (what tests/test_bench_15.py runs)
 """
 
@@ -162,6 +162,9 @@ def main() -> None:
     parser.add_argument(
         "--compiled-only", action="store_true", help="with --compile: skip the eager sections (and the 161 f dense)"
     )
+    parser.add_argument(
+        "--no-reference", action="store_true", help="with --compiled-only: time ours alone (no diffusers pass)"
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny 1.5-structured model, tiny sizes")
     parser.add_argument("--json", default="bench_15.json")
     args = parser.parse_args()
@@ -179,6 +182,8 @@ def main() -> None:
         masks = tuple(args.windows)
     if args.compiled_only and not args.compile:
         parser.error("--compiled-only needs --compile")
+    if args.no_reference and not args.compiled_only:
+        parser.error("--no-reference needs --compiled-only (the eager sections time diffusers beside ours)")
     torch.manual_seed(0)
     ref, ours = build_pair(config, dtype, device)
     result: dict[str, Any] = {"note": NOTE, "device": device, "batch": args.batch, "size": size, "runs": {}}
@@ -195,12 +200,14 @@ def main() -> None:
             result[f"{spec}_vs_short_dense"] = step / runs[f"{short}f_dense"]["ours"]["median_s"]
             write_json(args.json, result)
     if args.compile:
-        for block in ref.transformer_blocks:
+        for block in ref.transformer_blocks if not args.no_reference else ():
             block.compile(fullgraph=True)
         ours.compile_blocks()
-        compiled = [
-            (f"{short}f_dense_compiled", lambda: dense_vs_reference(ref, ours, short, size, args, device, dtype))
-        ]
+        if args.no_reference:  # ours alone: the window's ratio to our own dense step
+            dense_run = lambda: ours_only(ours, short, size, None, args, device, dtype)  # noqa: E731
+        else:
+            dense_run = lambda: dense_vs_reference(ref, ours, short, size, args, device, dtype)  # noqa: E731
+        compiled = [(f"{short}f_dense_compiled", dense_run)]
         for spec in masks:
             run = lambda spec=spec: ours_only(ours, long, size, spec, args, device, dtype)  # noqa: E731
             compiled.append((f"{long}f_{spec}_compiled", run))

@@ -49,7 +49,12 @@ def test_whole_video_benchmark_smoke_times_every_run_and_compares_the_approximat
 def test_bench_15_refuses_a_bad_window_spec_and_compiled_only_without_compile_before_building_the_model(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     script = str(ROOT / "benchmarks" / "bench_15.py")
-    for extra, expected in ((["--windows", "window:x"], "window"), (["--compiled-only"], "--compiled-only needs")):
+    refusals = (
+        (["--windows", "window:x"], "window"),
+        (["--compiled-only"], "--compiled-only needs"),
+        (["--compile", "--no-reference"], "--no-reference needs"),
+    )
+    for extra, expected in refusals:
         done = subprocess.run([sys.executable, script, "--smoke", *extra], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)  # fmt: skip
         assert done.returncode != 0 and expected in done.stderr, done.stderr[-2000:]
