@@ -16,12 +16,12 @@ of each family) and of the input checks every entry point shares (:func:`check_n
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from diffsynth_cog.families import FAMILIES as FAMILY_TABLE
 from diffsynth_cog.families import FAMILY_NAMES, Family, family_of
+from diffsynth_cog.validators import config_from_dict
 from diffsynth_cog.validators import is_int as _is_int
 from diffsynth_cog.validators import is_number as _is_number
 
@@ -56,66 +56,6 @@ ULYSSES_TRANSPORTS = ("auto", "nccl", "p2p")
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
-
-
-def _type_problem(annotation: str, value: Any) -> str | None:
-    """What is wrong with ``value`` for a config field annotated ``annotation`` (as a string); None if it fits.
-
-    JSON gives int, float, bool, str, list and null: an int is accepted where a float is expected, a list of
-    the element type where a tuple is.
-    """
-    kind = annotation.replace(" ", "").removesuffix("|None")
-    if value is None:
-        return None if annotation.replace(" ", "").endswith("|None") else "a value (found null)"
-    if kind == "bool":
-        return None if isinstance(value, bool) else "true or false"
-    if kind == "int":
-        return None if _is_int(value) else "an integer"
-    if kind == "float":
-        return None if _is_number(value) else "a finite number"
-    if kind == "str":
-        return None if isinstance(value, str) else "a string"
-    element = re.fullmatch(r"tuple\[(\w+),\.\.\.\]", kind)
-    if element:
-        items_ok = isinstance(value, (list, tuple)) and all(_type_problem(element[1], v) is None for v in value)
-        return None if items_ok else f"a list of {element[1]} values"
-    return None  # a field type this check does not know: left to the class's own checks
-
-
-def check_field_types(cls: type, values: dict[str, Any], source: str) -> None:
-    """Raises ValueError naming the file, every field whose JSON value has the wrong type, the expected type
-    and the value found (before the class's own range checks, which would fail with a TypeError on them)."""
-    annotations = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(cls)}
-    problems = [
-        f"{key!r} must be {expected}, found {value!r}"
-        for key, value in values.items()
-        if key in annotations and (expected := _type_problem(annotations[key], value)) is not None
-    ]
-    if problems:
-        raise ValueError(f"{source}: wrong type for {cls.__name__} field(s): " + "; ".join(problems))
-
-
-def _from_dict(cls: type, values: dict[str, Any], *, source: str, ignored: frozenset[str]) -> Any:
-    """Builds ``cls`` from a diffusers-style config dict.
-
-    Known fields are taken, fields listed in ``ignored`` (bookkeeping such as ``_class_name``
-    or options with no effect on the math) are dropped, and anything else is an error: a
-    config we do not understand must not be silently half-applied.
-    """
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    unknown = []
-    for key, value in values.items():
-        if key in names:
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
-        elif key.startswith("_") or key in ignored:
-            continue
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"{source}: unsupported config field(s) {sorted(unknown)} for {cls.__name__}")
-    check_field_types(cls, kwargs, source)
-    return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -242,7 +182,7 @@ class DiTConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> DiTConfig:
         try:
-            return _from_dict(cls, values, source=source, ignored=frozenset({"dropout"}))
+            return config_from_dict(cls, values, source=source, ignored=frozenset({"dropout"}))
         except ValueError as e:
             if str(e).startswith(source):
                 raise
@@ -297,7 +237,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> VAEConfig:
-        return _from_dict(
+        return config_from_dict(
             cls,
             values,
             source=source,

@@ -9,13 +9,17 @@ names the field, the expectation and the value found, in one of two house styles
     (function arguments: the first bad one is refused).
 
 A dataclass declares its fields' checks as a table ``{field: Check}`` and runs :func:`table_problems` on itself.
+A config read from JSON is first held against its dataclass's annotations (:func:`check_field_types`, every wrong
+type named at once) and built with unknown keys refused (:func:`config_from_dict`).
 This module is the foundation layer: it imports nothing of the package (``errors`` at most).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -154,3 +158,64 @@ def table_problems(obj: object, table: Mapping[str, Check]) -> list[str]:
     """The problem of every field of ``obj`` named in ``table`` whose value fails its check, in table order."""
     problems = (check.problem(name, getattr(obj, name)) for name, check in table.items())
     return [p for p in problems if p is not None]
+
+
+# ---------------------------------------------------------------------------------------------------- JSON configs
+def _type_problem(annotation: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for a config field annotated ``annotation`` (as a string); None if it fits.
+
+    JSON gives int, float, bool, str, list and null: an int is accepted where a float is expected, a list of
+    the element type where a tuple is.
+    """
+    kind = annotation.replace(" ", "").removesuffix("|None")
+    if value is None:
+        return None if annotation.replace(" ", "").endswith("|None") else "a value (found null)"
+    if kind == "bool":
+        return None if isinstance(value, bool) else "true or false"
+    if kind == "int":
+        return None if is_int(value) else "an integer"
+    if kind == "float":
+        return None if is_number(value) else "a finite number"
+    if kind == "str":
+        return None if isinstance(value, str) else "a string"
+    element = re.fullmatch(r"tuple\[(\w+),\.\.\.\]", kind)
+    if element:
+        items_ok = isinstance(value, (list, tuple)) and all(_type_problem(element[1], v) is None for v in value)
+        return None if items_ok else f"a list of {element[1]} values"
+    return None  # a field type this check does not know: left to the class's own checks
+
+
+def check_field_types(cls: type, values: dict[str, Any], source: str) -> None:
+    """Raises ValueError naming the file, every field whose JSON value has the wrong type, the expected type
+    and the value found (before the class's own range checks, which would fail with a TypeError on them)."""
+    annotations = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(cls)}
+    problems = [
+        f"{key!r} must be {expected}, found {value!r}"
+        for key, value in values.items()
+        if key in annotations and (expected := _type_problem(annotations[key], value)) is not None
+    ]
+    if problems:
+        raise ValueError(f"{source}: wrong type for {cls.__name__} field(s): " + "; ".join(problems))
+
+
+def config_from_dict(cls: type, values: dict[str, Any], *, source: str, ignored: frozenset[str]) -> Any:
+    """Builds ``cls`` from a diffusers-style config dict.
+
+    Known fields are taken, fields listed in ``ignored`` (bookkeeping such as ``_class_name``
+    or options with no effect on the math) are dropped, and anything else is an error: a
+    config we do not understand must not be silently half-applied.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    unknown = []
+    for key, value in values.items():
+        if key in names:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        elif key.startswith("_") or key in ignored:
+            continue
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{source}: unsupported config field(s) {sorted(unknown)} for {cls.__name__}")
+    check_field_types(cls, kwargs, source)
+    return cls(**kwargs)

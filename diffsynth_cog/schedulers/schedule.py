@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffsynth_cog.configs import check_field_types
 from diffsynth_cog.io.json_files import read_json
+from diffsynth_cog.validators import check_field_types
 
 logger = logging.getLogger(__name__)
 
