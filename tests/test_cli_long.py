@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -88,3 +89,23 @@ def test_extend_a_video_from_the_command_line(folder, tmp_path):
     extra = ["--input-video", str(source), "--extend-by", "8", "--context-frames", "9"]
     assert main(tiny_args(folder, out) + extra) == 0
     assert len(load_video(out)) == 17
+
+
+def test_generate_hints_the_frame_by_frame_window_for_a_flex_attention_window_and_stays_quiet_otherwise(caplog):
+    from diffsynth_cog.cli.generate import _hint_frame_window
+
+    expected = {
+        "window:2": "window:2:frame",
+        "window:1:nosink:token": "window:1:nosink:frame",
+        "window:2:frame": None,  # already frame by frame
+        "radial": None,  # not one band per frame: no frame-by-frame form
+    }
+    for spec, hint in expected.items():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="diffsynth_cog.cli.main"):
+            _hint_frame_window(spec)
+        said = [r.getMessage() for r in caplog.records]
+        if hint is None:
+            assert said == [], spec
+        else:
+            assert len(said) == 1 and f"--sparse-attention {hint} " in said[0], said

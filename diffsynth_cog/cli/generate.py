@@ -341,10 +341,12 @@ def _generate(args: argparse.Namespace, launch, plan) -> int:  # noqa: ANN001
     load_device = "cpu" if args.offload != "none" else args.device
     manager = ModelManager(torch_dtype=dtype, device=load_device)
     manager.load_models([model_dir])
+    mask = args.sparse_attention or (None if args.attention in ATTENTION_BACKENDS.names() else args.attention)
     if lora is not None:
         manager.load_lora(lora, lora_alpha=args.lora_alpha)
-        mask = args.sparse_attention or (None if args.attention in ATTENTION_BACKENDS.names() else args.attention)
         _hint_trained_attention(lora, mask)
+    elif mask and torch.device(args.device).type == "cuda":
+        _hint_frame_window(mask)
     if args.quantize != "none":
         from diffsynth_cog.quantization import quantize_dit
 
@@ -380,6 +382,23 @@ def _hint_trained_attention(lora, given: str | None) -> None:  # noqa: ANN001
             trained,
             trained,
             repr(given) if given else "dense attention",
+        )
+
+
+def _hint_frame_window(spec: str) -> None:
+    """Logs a hint when a temporal window runs on a GPU as a FlexAttention mask: the same window, token-exact, as one
+    dense-kernel call per latent frame (``:frame``) ran 1.85x faster on an H100 at 161 frames (BENCHMARKS.md,
+    session 10). Not given with a LoRA, whose trained mask is the one to run (``_hint_trained_attention``)."""
+    from diffsynth_cog.denoise.masks import TemporalWindowAttention, parse_attention
+
+    part = parse_attention(spec)
+    if isinstance(part, TemporalWindowAttention) and part.granularity != "frame" and part.spec is not None:
+        frame = part.spec.removesuffix(":token") + ":frame"
+        logger.info(
+            "%s runs as a FlexAttention mask; --sparse-attention %s computes the same window token-exact, one "
+            "dense-kernel call per latent frame, usually faster on a GPU (FlashAttention-3 on Hopper)",
+            spec,
+            frame,
         )
 
 
