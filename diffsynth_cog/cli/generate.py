@@ -386,9 +386,9 @@ def _hint_trained_attention(lora, given: str | None) -> None:  # noqa: ANN001
 
 
 def _hint_frame_window(spec: str) -> None:
-    """Logs a hint when a temporal window runs on a GPU as a FlexAttention mask: the same window, token-exact, as one
-    dense-kernel call per latent frame (``:frame``) ran 1.85x faster on an H100 at 161 frames (BENCHMARKS.md,
-    session 10). Not given with a LoRA, whose trained mask is the one to run (``_hint_trained_attention``)."""
+    """Logs a hint when a temporal window runs on a GPU as a FlexAttention mask: the same window, token-exact, one
+    dense-kernel call per latent frame (``:frame``), measured faster (BENCHMARKS.md, session 10). Not given with a
+    LoRA, whose trained mask is the one to run (``_hint_trained_attention``)."""
     from diffsynth_cog.denoise.masks import TemporalWindowAttention, parse_attention
 
     part = parse_attention(spec)
@@ -396,7 +396,7 @@ def _hint_frame_window(spec: str) -> None:
         frame = part.spec.removesuffix(":token") + ":frame"
         logger.info(
             "%s runs as a FlexAttention mask; --sparse-attention %s computes the same window token-exact, one "
-            "dense-kernel call per latent frame, usually faster on a GPU (FlashAttention-3 on Hopper)",
+            "dense-kernel call per latent frame (temporal patch on 1.5), usually faster on a GPU (FlashAttention-3 on Hopper)",
             spec,
             frame,
         )

@@ -234,14 +234,14 @@ class _BandedAttention:
         key = (layout, torch.device(device)) + ((kernel,) if self.granularity == "frame" else ())
         attend = self._built.get(key)
         if attend is None:
-            attend = self._make(layout, torch.device(device), kernel or dense_attention(choose_backend()))
+            attend = self._make(layout, torch.device(device), kernel)
             self._built[key] = attend
             while len(self._built) > self._CACHE:
                 self._built.popitem(last=False)
         self._built.move_to_end(key)
         return attend
 
-    def _make(self, layout: TokenLayout, device: torch.device, kernel: Attend) -> Attend:
+    def _make(self, layout: TokenLayout, device: torch.device, kernel: Attend | None) -> Attend:
         return MaskedAttention(layout, self.bands(layout), device, self.block_size, self.granularity)
 
 
@@ -271,8 +271,9 @@ class TemporalWindowAttention(_BandedAttention):
         t, per = layout.grid[0], layout.tokens_per_frame
         return FrameBands(keep=tuple(d <= self.window for d in range(t)), width=(per,) * t, sink=self.sink)
 
-    def _make(self, layout: TokenLayout, device: torch.device, kernel: Attend) -> Attend:
-        if self.granularity == "frame":
+    def _make(self, layout: TokenLayout, device: torch.device, kernel: Attend | None) -> Attend:
+        if self.granularity == "frame":  # the process's dense kernel where the call names none
+            kernel = kernel or dense_attention(choose_backend())
             return FrameWindowAttention(layout, self.bands(layout), kernel, device)
         return super()._make(layout, device, kernel)
 

@@ -77,9 +77,10 @@ def download_line(folder: Path, start: dict[Path, int]) -> str | None:
     named by its path under ``folder``; None when nothing grows."""
     in_flight, done = [], 0
     for path in sorted(folder.rglob("*")):
-        name = str(path.relative_to(folder))
-        if any(part.startswith(".") for part in path.relative_to(folder).parts) or not path.is_file():
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
             continue  # the downloader's own records (hidden), folders
+        name = str(relative)
         size = path.stat().st_size
         if size == start.get(path):
             continue
