@@ -41,7 +41,6 @@ import argparse
 import gc
 import gzip
 import logging
-import os
 import re
 import shutil
 import statistics
@@ -58,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent / "tests"))
 from bench_generate import PROMPT, t5_xxl_encoder  # noqa: E402
-from common import environment, peak_gib, rel_err, reset_peak, write_json  # noqa: E402
+from common import environment, out_dir, peak_gib, rel_err, reset_peak, write_json  # noqa: E402
 
 from diffsynth_cog.configs import dit_preset, vae_preset  # noqa: E402
 from diffsynth_cog.denoise.windows import WindowSpec  # noqa: E402
@@ -298,7 +297,7 @@ def profile(label: str, fn, trace: bool = False) -> None:  # noqa: ANN001
     rank = dist.get_rank() if dist.is_initialized() else 0
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     text = f"{label}: {took:.3f} s under the profiler\n" + prof.key_averages().table(sort_by=sort, row_limit=40)
-    out = Path(os.environ.get("OUT", ".")) / f"profile_{label}_rank{rank}.txt"
+    out = out_dir() / f"profile_{label}_rank{rank}.txt"
     out.write_text(text)
     logger.info("profile written: %s", out)
     if trace:

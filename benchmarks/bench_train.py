@@ -35,7 +35,6 @@ import contextlib
 import csv
 import gc
 import logging
-import os
 import resource
 import statistics
 import sys
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import write_json  # noqa: E402
+from common import out_dir, write_json  # noqa: E402
 from tiny_models import PRESET_FLAGS, TINY_DIT  # noqa: E402
 
 from diffsynth_cog.configs import DiTConfig, dit_preset  # noqa: E402
@@ -307,7 +306,7 @@ def run_curve(args: argparse.Namespace, dit_config: DiTConfig, device: torch.dev
         logger.info("curve %s: %s", variant, {k: v for k, v in run.items() if k != "losses"})
         del module, optimizer, params
         write_json(args.prefix + "_curve.json", result)
-        out = Path(os.environ.get("OUT", ".")) / (args.prefix + "_curve.csv")
+        out = out_dir() / (args.prefix + "_curve.csv")
         with out.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["step", "variant", "loss"])

@@ -16,6 +16,14 @@ Runs (``--runs``, in order; one JSON ``bench_video_15.json`` under $OUT, rewritt
     python benchmarks/bench_video_15.py [--runs exact_81 fast_81 fast_81_frame window_161 window_161_frame] [--steps 50]
     python benchmarks/bench_video_15.py --runs exact_81 --warmup   # the compiler's first step outside the clock
     python benchmarks/bench_video_15.py --smoke     # CPU, tiny 1.5 model, every run (tests/test_bench_15.py)
+
+The exact and an approximate run may take two processes (two device calls of 10 minutes): ``--save-latents`` writes
+each run's final latents (``latents_<run>.safetensors`` beside the JSON, ~11 MB at 81 f); a later process given them
+with ``--compare FILE...`` decodes them with its own VAE (the same seed builds the same random weights) after
+``exact_81`` and reports their video's error against the exact one, under ``compared``:
+
+    python benchmarks/bench_video_15.py --runs fast_81_frame --warmup --save-latents
+    python benchmarks/bench_video_15.py --runs exact_81 --compare latents_fast_81_frame.safetensors
 """
 
 from __future__ import annotations
@@ -32,11 +40,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the offline tokenizer of the tests
-from common import rel_err, write_json  # noqa: E402
+from common import out_dir, rel_err, write_json  # noqa: E402
 
 from diffsynth_cog.configs import dit_preset, vae_preset  # noqa: E402
 from diffsynth_cog.denoise.masks import parse_attention  # noqa: E402
 from diffsynth_cog.denoise.teacache import make_step_skipper  # noqa: E402
+from diffsynth_cog.io.atomic import save_safetensors_atomic  # noqa: E402
 from diffsynth_cog.models.dit import CogDiT  # noqa: E402
 from diffsynth_cog.models.text_encoder import CogTextEncoder  # noqa: E402
 from diffsynth_cog.models.vae import CogVAE  # noqa: E402
@@ -109,8 +118,8 @@ def warm_up(pipe: CogVideoPipeline, frames: int, size: tuple[int, int], mask: st
 
 
 def whole_video(pipe: CogVideoPipeline, frames: int, size: tuple[int, int], steps: int, mask: str | None,
-                threshold: float | None) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
-    """One video from the prompt: its frames (float, [F, H, W, C]) and its timings."""
+                threshold: float | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:  # fmt: skip
+    """One video from the prompt: its final latents, its frames (float, [F, H, W, C]) and its timings."""
     computed: list[int] = []
     # TeaCache on the released 1.5 transformer (its published calibration); first-block on the smoke model
     step_cache = make_step_skipper(threshold, "auto", pipe.dit) if threshold else None
@@ -151,7 +160,35 @@ def whole_video(pipe: CogVideoPipeline, frames: int, size: tuple[int, int], step
     }
     if torch.cuda.is_available():
         timing["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return video.float().cpu(), timing
+    return latents, video.float().cpu(), timing
+
+
+def saved_latents(paths: list[str]) -> dict[str, torch.Tensor]:
+    """The runs' latents saved by ``--save-latents`` in another process, by run name; checked before any model."""
+    from safetensors.torch import load_file
+
+    found: dict[str, torch.Tensor] = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise SystemExit(f"--compare: {path} is not a file (give the latents_<run>.safetensors of --save-latents)")
+        tensors = load_file(path)
+        if set(tensors) != {"latents"}:
+            raise SystemExit(f"--compare: {path} holds {sorted(tensors)}, expected one tensor 'latents'")
+        found[Path(path).stem.removeprefix("latents_")] = tensors["latents"]
+    return found
+
+
+def compare_saved(pipe: CogVideoPipeline, compared: dict[str, torch.Tensor], exact: torch.Tensor) -> dict[str, Any]:
+    """Each saved run's video (decoded here) against this process's exact video."""
+    errors: dict[str, Any] = {}
+    for name, latents in compared.items():
+        video = pipe.decode_latents(latents.to(pipe.device, pipe.torch_dtype), tiled=True, progress=False)
+        video = video.float().cpu()
+        if video.shape != exact.shape:
+            errors[name] = {"error": f"video {tuple(video.shape)} is not the exact one's {tuple(exact.shape)}"}
+        else:
+            errors[name] = {"rel_err_vs_exact": rel_err(video, exact)}
+    return errors
 
 
 def main() -> None:
@@ -164,7 +201,15 @@ def main() -> None:
     )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny 1.5 model, tiny sizes, 2 steps")
     parser.add_argument("--json", default="bench_video_15.json")
+    parser.add_argument("--save-latents", action="store_true", help="write each run's final latents beside the JSON")
+    parser.add_argument(
+        "--compare", nargs="+", default=[], metavar="FILE",
+        help="latents saved by --save-latents in another process: decoded and held against exact_81",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.compare and "exact_81" not in args.runs:
+        parser.error("--compare needs exact_81 in --runs (the video the saved latents are held against)")
+    compared = saved_latents(args.compare)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     size, steps = ((768, 1360), args.steps) if not args.smoke else ((32, 48), 2)
     result: dict[str, Any] = {"note": NOTE, "size": size, "runs": {}}
@@ -181,7 +226,10 @@ def main() -> None:
             pipe = build_pipeline(args.smoke, quantize, compile_blocks=not args.no_compile and not args.smoke)
             built = quantize
         warmup_s = warm_up(pipe, frames, size, mask) if args.warmup else None
-        video, timing = whole_video(pipe, frames, size, steps, mask, threshold)
+        latents, video, timing = whole_video(pipe, frames, size, steps, mask, threshold)
+        if args.save_latents:
+            path = Path(args.json).with_name(f"latents_{name}.safetensors")
+            save_safetensors_atomic(out_dir() / path, {"latents": latents.detach().cpu().contiguous()})
         timing["frames"] = frames
         if warmup_s is not None:  # the first video of a process pays this once more (the compiler's work)
             timing["untimed_warmup_step_s"] = round(warmup_s, 3)
@@ -191,6 +239,9 @@ def main() -> None:
             timing["rel_err_vs_exact"] = rel_err(video, exact)
         result["runs"][name] = timing
         logger.info("%s: %s", name, timing)
+        if name == "exact_81" and compared:
+            result["compared"] = compare_saved(pipe, compared, exact)
+            logger.info("compared: %s", result["compared"])
         write_json(args.json, result)
 
 

@@ -59,9 +59,13 @@ def environment() -> dict[str, Any]:
     }
 
 
+def out_dir() -> Path:
+    """Where a benchmark writes its results: $OUT on the device (they come back), else the working folder."""
+    return Path(os.environ.get("OUT", "."))
+
+
 def write_json(name: str, data: dict[str, Any]) -> Path:
-    out = Path(os.environ.get("OUT", "."))
-    return write_json_atomic(out / name, data)
+    return write_json_atomic(out_dir() / name, data)
 
 
 def kernel_times(prof: Any, groups: Sequence[tuple[str, Sequence[str]]], top: int = 15) -> dict[str, Any]:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,3 +61,30 @@ def test_bench_15_refuses_a_bad_window_spec_and_compiled_only_without_compile_be
                               capture_output=True, text=True, timeout=300)  # fmt: skip
         assert done.returncode != 0 and expected in done.stderr, done.stderr[-2000:]
         assert not (tmp_path / "bench_15.json").exists()  # nothing was run, nothing written
+
+
+def test_whole_video_benchmark_holds_latents_saved_by_another_process_against_its_exact_video(tmp_path):
+    script = str(ROOT / "benchmarks" / "bench_video_15.py")
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    def bench(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, script, "--smoke", *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    refused = bench("--runs", "fast_81", "--compare", str(tmp_path / "latents_fast_81.safetensors"))
+    assert refused.returncode != 0 and "--compare needs exact_81" in refused.stderr
+    missing = bench("--runs", "exact_81", "--compare", str(tmp_path / "nowhere.safetensors"))
+    assert missing.returncode != 0 and "is not a file" in missing.stderr + missing.stdout
+    # one process: both runs, the approximate one's error computed in place
+    done = bench("--runs", "exact_81", "fast_81", "--json", "together.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    in_place = json.loads((tmp_path / "together.json").read_text())["runs"]["fast_81"]["rel_err_vs_exact"]
+    # two processes: the approximate run saves its latents, the exact one decodes and compares them
+    done = bench("--runs", "fast_81", "--save-latents", "--json", "first.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = tmp_path / "latents_fast_81.safetensors"
+    assert saved.is_file()
+    done = bench("--runs", "exact_81", "--compare", str(saved), "--json", "second.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    compared = json.loads((tmp_path / "second.json").read_text())["compared"]
+    assert compared["fast_81"]["rel_err_vs_exact"] == pytest.approx(in_place, rel=1e-4, abs=1e-6)
