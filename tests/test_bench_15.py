@@ -44,6 +44,8 @@ def test_whole_video_benchmark_smoke_times_every_run_and_compares_the_approximat
         assert run["untimed_warmup_step_s"] > 0  # the compiler's step is timed apart, outside total_s
     assert runs["fast_81"]["mask"] == "window:2" and runs["fast_81"]["step_cache"]["threshold"] == 0.2
     assert 0 < runs["fast_81"]["rel_err_vs_exact"] < 1  # approximate: not bitwise, not unrelated
+    assert isinstance(runs["fast_81"]["step_cache_signal"], dict)  # what the skipper saw (empty for first-block)
+    assert "step_cache_signal" not in runs["exact_81"]
     assert runs["window_161"]["frames"] > runs["exact_81"]["frames"]
     assert runs["window_161_frame"]["mask"] == "window:2:frame"
 
