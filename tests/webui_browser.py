@@ -167,8 +167,13 @@ def type_into(driver: Any, selector: str, text: str) -> None:
     from selenium.webdriver.common.keys import Keys
 
     found = field(driver, selector)
-    found.send_keys(Keys.CONTROL, "a")
-    found.send_keys(Keys.BACKSPACE, str(text))
+    for _ in range(3):  # a number field re-rendered mid-typing ("0." -> "0") can move the caret: type it again
+        found.send_keys(Keys.CONTROL, "a")
+        found.send_keys(Keys.BACKSPACE, str(text))
+        time.sleep(0.2)  # let the page's own update of the field land before reading it back
+        if found.get_attribute("value") == str(text):
+            return
+    raise AssertionError(f"{selector}: typed {text!r} three times, the field holds {found.get_attribute('value')!r}")
 
 
 def pick(driver: Any, control: str, value: str) -> None:
