@@ -47,6 +47,7 @@ from diffsynth_cog.configs import dit_preset, vae_preset  # noqa: E402
 from diffsynth_cog.denoise.masks import parse_attention  # noqa: E402
 from diffsynth_cog.denoise.teacache import make_step_skipper  # noqa: E402
 from diffsynth_cog.io.atomic import save_safetensors_atomic  # noqa: E402
+from diffsynth_cog.loading.state_dict import load_state_dict  # noqa: E402
 from diffsynth_cog.models.dit import CogDiT  # noqa: E402
 from diffsynth_cog.models.text_encoder import CogTextEncoder  # noqa: E402
 from diffsynth_cog.models.vae import CogVAE  # noqa: E402
@@ -181,13 +182,11 @@ def signal_summary(stats: dict[str, Any]) -> dict[str, float]:
 
 def saved_latents(paths: list[str]) -> dict[str, torch.Tensor]:
     """The runs' latents saved by ``--save-latents`` in another process, by run name; checked before any model."""
-    from safetensors.torch import load_file
-
     found: dict[str, torch.Tensor] = {}
     for path in paths:
         if not Path(path).is_file():
             raise SystemExit(f"--compare: {path} is not a file (give the latents_<run>.safetensors of --save-latents)")
-        tensors = load_file(path)
+        tensors = load_state_dict(path)  # the package's checked reader: a truncated file is named
         if set(tensors) != {"latents"}:
             raise SystemExit(f"--compare: {path} holds {sorted(tensors)}, expected one tensor 'latents'")
         found[Path(path).stem.removeprefix("latents_")] = tensors["latents"]
