@@ -26,6 +26,7 @@ from webui_browser import (
     TINY_FAMILY,
     TinyFactory,
     generate,
+    job_number,
     needs_chromium,
     open_page,
     open_section,
@@ -144,6 +145,8 @@ def test_every_control_set_in_the_page_reaches_the_job(studio) -> None:
 def test_an_image_makes_an_image_to_video_job_and_a_text_model_refuses_it(studio) -> None:
     driver, url, root, demo = studio
     wait = open_page(driver, url)
+    newest = demo.jobs.latest()  # a page opened after other tests' jobs shows the newest, not "No jobs yet"
+    assert job_number(status_text(driver)) == (newest.id if newest else 0)
     open_section(driver, "image")
     upload(driver, "opt-input-image", root / IMAGE)
     job = generate(driver, wait, "a boat")

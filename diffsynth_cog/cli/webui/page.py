@@ -15,7 +15,7 @@ from typing import Any
 from diffsynth_cog.cli.webui.bridge import PipelineFactory, UIOptions, job_arguments, run_job
 from diffsynth_cog.cli.webui.controls import SECTIONS, TOP, Control, control, page_words
 from diffsynth_cog.cli.webui.jobs import JobQueue, PageError, video_path
-from diffsynth_cog.cli.webui.views import CSS, gallery_html, jobs_html, status_html, videos_in
+from diffsynth_cog.cli.webui.views import CSS, STATUS_LOADING, gallery_html, jobs_html, status_html, videos_in
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def build_ui(factory: PipelineFactory, options: UIOptions | None = None) -> Any:
                     button = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
             with gr.Column(scale=1):
-                status = gr.HTML(status_html(jobs.latest()), elem_id="status")
+                status = gr.HTML(STATUS_LOADING, elem_id="status")  # the load event draws it
                 video = gr.Video(label="Video", buttons=["download"], elem_id="video", autoplay=True, loop=True)
                 file = gr.File(label="Download mp4", elem_id="video-file")
                 with gr.Accordion("Jobs", open=True, elem_id="jobs-section"):

@@ -76,6 +76,11 @@ def checks_html(checks: dict[str, Any] | None) -> str:
     )
 
 
+# The status panel as served, until the page's first refresh draws the queue's state: a snapshot taken when the page
+# was built would say "No jobs yet" to every tab opened after a job was submitted.
+STATUS_LOADING = '<div id="job-loading">Loading the jobs...</div>'
+
+
 def status_html(job: Job | None) -> str:
     """The panel of one job (this tab's, else the running or newest one)."""
     if job is None:
