@@ -148,9 +148,15 @@ def open_page(driver: Any, url: str) -> Any:
     driver.get(url)
     wait = WebDriverWait(driver, 60, poll_frequency=0.1)
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#opt-prompt textarea"))
-    # the page's first refresh has drawn the queue (until then the status is a placeholder, and reading the newest
+    # the page's first refresh has drawn the queue (before, the status is absent or a placeholder, and reading the newest
     # job from it would see none, so an earlier test's job would pass for the one a test is about to submit)
-    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#job-loading"), message="the status never loaded")
+    wait.until(
+        lambda d: (
+            d.find_elements(By.CSS_SELECTOR, "#status :is(#job-none, .job)")
+            and not d.find_elements(By.CSS_SELECTOR, "#job-loading")
+        ),
+        message="the status panel never drew the job queue",
+    )
     return wait
 
 
